@@ -1,0 +1,49 @@
+"""flashmath: the numerics under attention, exact and measured.
+
+The public API, re-exported; nothing is defined here. Shapes use the legend
+B batch, H query heads, H_kv key/value heads, Sq/Sk query/key lengths, D head dim.
+"""
+
+from flashmath import dtypes, naive
+from flashmath.attention.flash import flash_attention, flash_attention_backward
+from flashmath.attention.reference import attention_reference
+from flashmath.distributed.decode import flash_decode
+from flashmath.numerics import cross_entropy, log_softmax, logsumexp, softmax
+from flashmath.online import (
+    SoftmaxState,
+    merge,
+    merge_outputs,
+    softmax_online,
+    softmax_online_chunked,
+)
+from flashmath.safety import (
+    SafetyReport,
+    analyze_softmax_safety,
+    overflow_threshold,
+    underflow_threshold,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SafetyReport",
+    "SoftmaxState",
+    "__version__",
+    "analyze_softmax_safety",
+    "attention_reference",
+    "cross_entropy",
+    "dtypes",
+    "flash_attention",
+    "flash_attention_backward",
+    "flash_decode",
+    "log_softmax",
+    "logsumexp",
+    "merge",
+    "merge_outputs",
+    "naive",
+    "overflow_threshold",
+    "softmax",
+    "softmax_online",
+    "softmax_online_chunked",
+    "underflow_threshold",
+]

@@ -1,0 +1,1 @@
+"""flashmath.attention: masks, the reference oracle and the tiled NumPy kernels."""

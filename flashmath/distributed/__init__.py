@@ -1,0 +1,1 @@
+"""flashmath.distributed: split-KV decoding and ring attention over torch.distributed."""

@@ -1,0 +1,132 @@
+"""Dtype names, input promotion and the accumulate-dtype rule shared by every part.
+
+flashmath works on NumPy arrays in float64, float32, float16, bfloat16 and the
+float8 types of ml_dtypes. Rules (DESIGN.md):
+
+- Integer and bool input is promoted to float64.
+- Complex, object, string and other non-float input is a TypeError naming the dtype.
+- Arithmetic runs in the *accumulate dtype*: float64 for float64, float32 for
+  float32 and for every narrower float; ``accum_dtype=`` overrides it (the lab
+  uses this to show what narrow arithmetic does). Results return in the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "DTYPES",
+    "FLOAT8_DTYPES",
+    "NARROW_DTYPES",
+    "accumulate_dtype",
+    "as_dtype",
+    "as_float_array",
+    "dtype_name",
+    "finfo",
+]
+
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+
+#: Every float8 type ml_dtypes provides (names as ml_dtypes spells them).
+FLOAT8_DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(getattr(ml_dtypes, name))
+    for name in (
+        "float8_e3m4",
+        "float8_e4m3",
+        "float8_e4m3b11fnuz",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+    )
+    if hasattr(ml_dtypes, name)
+}
+
+#: Name -> dtype for every floating dtype flashmath accepts.
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float64": np.dtype(np.float64),
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": bfloat16,
+    **FLOAT8_DTYPES,
+}
+
+#: The dtypes narrower than float32 (computed with float32 accumulators by default).
+NARROW_DTYPES: tuple[np.dtype[Any], ...] = (
+    np.dtype(np.float16),
+    bfloat16,
+    *FLOAT8_DTYPES.values(),
+)
+
+_ALIASES = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
+            "double": "float64", "single": "float32", "half": "float16"}
+
+
+def as_dtype(dtype: npt.DTypeLike | str, *, name: str = "dtype") -> np.dtype[Any]:
+    """Resolve a dtype or a name ("float32", "fp16", "bfloat16", "float8_e4m3fn", ...).
+
+    Raises TypeError naming ``name`` when the dtype is not a floating type flashmath supports.
+    """
+    if isinstance(dtype, str):
+        key = _ALIASES.get(dtype.lower(), dtype.lower())
+        if key in DTYPES:
+            return DTYPES[key]
+        raise TypeError(f"{name}: unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"{name}: {dtype!r} is not a dtype") from exc
+    if dt not in DTYPES.values():
+        raise TypeError(f"{name}: dtype {dt} is not supported; expected one of {sorted(DTYPES)}")
+    return dt
+
+
+def dtype_name(dtype: npt.DTypeLike) -> str:
+    """The canonical name of a supported dtype ("float32", "bfloat16", "float8_e4m3fn", ...)."""
+    dt = np.dtype(dtype)
+    for key, value in DTYPES.items():
+        if value == dt:
+            return key
+    return str(dt)
+
+
+def as_float_array(x: Any, *, name: str = "x") -> np.ndarray:
+    """Return ``x`` as a NumPy array of a supported float dtype (no copy when already one).
+
+    Integer and bool input promotes to float64. Complex, object, string, datetime and
+    other dtypes raise TypeError naming ``name`` and the dtype.
+    """
+    arr = np.asarray(x)
+    dt = arr.dtype
+    if dt in DTYPES.values():
+        return arr
+    if dt.kind in "biu":
+        return arr.astype(np.float64)
+    raise TypeError(
+        f"{name}: dtype {dt} is not supported; flashmath takes float64, float32, float16, "
+        f"bfloat16, float8 (ml_dtypes), or integer/bool input (promoted to float64)"
+    )
+
+
+def accumulate_dtype(
+    dtype: npt.DTypeLike, accum_dtype: npt.DTypeLike | str | None = None
+) -> np.dtype[Any]:
+    """The dtype arithmetic runs in: ``accum_dtype`` if given, else float64 for float64
+    input and float32 for float32 and every narrower float."""
+    if accum_dtype is not None:
+        return as_dtype(accum_dtype, name="accum_dtype")
+    dt = np.dtype(dtype)
+    return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
+
+
+def finfo(dtype: npt.DTypeLike | str) -> Any:
+    """``np.finfo`` that also knows bfloat16 and the float8 types (via ml_dtypes.finfo)."""
+    dt = as_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    if dt in (np.float64, np.float32, np.float16):
+        return np.finfo(dt)
+    return ml_dtypes.finfo(dt)
