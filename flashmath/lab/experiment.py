@@ -10,7 +10,9 @@ Every experiment module under ``flashmath/lab/`` defines::
 
 ``run`` computes; it never writes files. The runner writes ``results.json``
 (records + summary), each figure as ``<name>.png``, and ``README.md`` (the
-experiment's interpretation, written from the measured numbers).
+experiment's interpretation, written from the measured numbers). An experiment
+that cannot run on this machine (no GPU, an optional package missing) raises
+``Skipped("why")``: the runner marks it skipped, not failed.
 
 Determinism: with the same seed, results.json is identical except for the
 values whose keys are volatile (timings and machine-dependent speed figures):
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VOLATILE_SUFFIXES", "Context", "Result", "strip_volatile"]
+__all__ = ["VOLATILE_SUFFIXES", "Context", "Result", "Skipped", "strip_volatile"]
 
 #: Keys with these endings hold timings or speeds: excluded from the same-seed guarantee.
 VOLATILE_SUFFIXES = ("_s", "_ms", "_us", "_seconds", "_gflops", "_tflops", "_per_s", "_ratio_time")
@@ -60,12 +62,19 @@ class Result:
     summary: JSON-ready headline figures.
     figures: name -> matplotlib Figure; written as <name>.png and closed by the runner.
     readme: Markdown that interprets the measured numbers (no hard-coded figures).
+    headline: one line for report.md (measured, like the readme); when empty the runner
+      uses summary["headline"] or else the readme's first line of prose.
     """
 
     records: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     readme: str = ""
+    headline: str = ""
+
+
+class Skipped(Exception):
+    """Raised by ``run`` when the experiment cannot run here; the message says why."""
 
 
 def strip_volatile(obj: Any) -> Any:

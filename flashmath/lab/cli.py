@@ -1,0 +1,71 @@
+"""`flashmath lab`: run the experiments and write results, plots and a report.
+
+    flashmath lab                      # every experiment -> ./lab-runs/<run-id>/report.md
+    flashmath lab --quick              # smaller grids, every section still measured
+    flashmath lab --only overflow      # some experiments (the others are marked skipped)
+    flashmath lab --seed 7 --out DIR   # another seed, another folder
+    flashmath lab --list               # names, titles and seed labs
+
+Exit codes: 0 all ran, 1 an experiment failed, 2 bad arguments, 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["configure", "main"]
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--seed must be >= 0, got {value}")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    parser.add_argument("--out", type=Path, default=Path("lab-runs"), metavar="DIR",
+                        help="where run folders are created (default: ./lab-runs)")
+    parser.add_argument("--only", nargs="+", action="extend", metavar="NAME",
+                        help="run only these experiments (see --list)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller grids and fewer trials (a few seconds in all)")
+    parser.add_argument("--seed", type=_seed, default=42,
+                        help="seed of every random stream (default: 42)")
+    parser.add_argument("--list", action="store_true",
+                        help="list the experiments and exit")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="hide the progress bar (by default shown on a terminal)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from flashmath.lab import registry, runner
+
+    modules = registry.experiments()
+    if args.list:
+        width = max((len(n) for n in modules), default=0)
+        for name, mod in modules.items():
+            seeds = ", ".join(getattr(mod, "SEEDS", ())) or "-"
+            print(f"{name:<{width}}  {mod.TITLE}  [seeds: {seeds}]")
+        return 0
+    try:
+        runner.select(list(modules), args.only)
+    except runner.UnknownExperimentError as exc:
+        print(f"flashmath lab: error: {exc}", file=sys.stderr)
+        return 2
+    config = {"out": str(args.out), "only": list(args.only or []), "quick": args.quick,
+              "seed": args.seed}
+    outcome = runner.run_lab(args.out, only=args.only, quick=args.quick, seed=args.seed,
+                             config=config, progress=args.progress)
+    counts: dict[str, int] = {}
+    for status in outcome.statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    print(f"flashmath lab: {summary} -> {outcome.run_dir / 'report.md'}")
+    if outcome.exit_code == runner.EXIT_INTERRUPTED:
+        print("flashmath lab: interrupted; finished experiments are kept", file=sys.stderr)
+    return outcome.exit_code

@@ -1,0 +1,434 @@
+"""The lab runner: runs experiments and owns every file they produce.
+
+Layout of one run (``<run-id>`` = UTC start time + seed, e.g. ``20250101T120000Z-seed42``,
+with ``-2``, ``-3`` ... appended when that folder already exists)::
+
+    <out>/<run-id>/manifest.json          seed, versions, machine, git, config, times, statuses
+    <out>/<run-id>/report.md              every experiment: headline, README, results, plots
+    <out>/<run-id>/<experiment>/results.json
+    <out>/<run-id>/<experiment>/<figure>.png
+    <out>/<run-id>/<experiment>/README.md
+    <out>/<run-id>/<experiment>/traceback.txt   (only when it failed)
+
+Guarantees:
+
+- Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``):
+  a reader never sees half a file.
+- An earlier run is never overwritten: the run folder is created with ``exist_ok=False``.
+- manifest.json and report.md are rewritten after every experiment, so a crash keeps
+  everything that finished. An experiment that raises is marked ``failed`` (its traceback
+  saved) and the others still run; one that raises ``Skipped`` is marked ``skipped``;
+  Ctrl-C marks the current and remaining ones ``interrupted`` and the run ends with 130.
+- results.json is deterministic for a given seed (keys sorted, NaN/inf as the strings
+  "nan"/"inf"/"-inf"); only keys ending in ``experiment.VOLATILE_SUFFIXES`` may differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from flashmath.lab import experiment, plotting, registry, report
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "RunOutcome",
+    "UnknownExperimentError",
+    "atomic_write",
+    "dumps_json",
+    "make_run_dir",
+    "run_lab",
+    "save_figure",
+    "select",
+    "to_jsonable",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+#: Packages whose versions go into the manifest (read from metadata: nothing is imported).
+VERSIONED_PACKAGES = ("flashmath", "numpy", "ml_dtypes", "matplotlib", "tqdm", "scipy",
+                      "mpmath", "torch", "triton")
+
+
+class UnknownExperimentError(ValueError):
+    """An --only name that no experiment has; the message lists the valid names."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What ``run_lab`` did: where it wrote, each experiment's status, the exit code."""
+
+    run_dir: Path
+    statuses: dict[str, str]
+    exit_code: int
+
+
+# --------------------------------------------------------------------------- files
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    Temporary file in the same folder, flush + fsync, then ``os.replace`` (atomic on POSIX and
+    Windows); the folder is fsynced too where the platform allows it.
+    """
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def to_jsonable(obj: Any, where: str = "$") -> Any:
+    """``obj`` as plain JSON values: NumPy (and ml_dtypes) scalars and arrays unpacked, tuples
+    as lists, non-finite floats as "nan" / "inf" / "-inf". Anything else is a TypeError that
+    names the path to the offending value (``where``, e.g. ``$.records[3].sum``)."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()  # numpy and ml_dtypes scalars -> bool / int / float / str
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return "nan"
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: dict key {key!r} is not a string")
+            out[key] = to_jsonable(value, f"{where}.{key}")
+        return out
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj[()] if obj.ndim == 0 else list(obj), where)
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    raise TypeError(f"{where}: cannot write a {type(obj).__name__} to JSON ({obj!r:.80})")
+
+
+def dumps_json(obj: Any) -> str:
+    """Stable JSON: keys sorted, two-space indent, shortest round-trip floats, final newline."""
+    return json.dumps(to_jsonable(obj), sort_keys=True, indent=2, ensure_ascii=False,
+                      allow_nan=False) + "\n"
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Render a matplotlib figure to PNG in memory, write it atomically, release the figure."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=plotting.DPI, metadata={"Software": None})
+    atomic_write(path, buf.getvalue())
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:  # a figure made with pyplot stays registered until closed
+        pyplot.close(fig)
+
+
+def make_run_dir(out: Path, seed: int, now: datetime | None = None) -> Path:
+    """Create ``<out>/<UTC time>-seed<N>`` (``-2``, ``-3``, ... if taken) and return it.
+
+    The folder is created with ``exist_ok=False``: an earlier run is never reused.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    base = f"{stamp}-seed{seed}"
+    for n in range(1, 10_000):
+        candidate = out / (base if n == 1 else f"{base}-{n}")
+        try:
+            candidate.mkdir(exist_ok=False)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{out}: no free run folder for {base}")
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions (from package metadata, without importing anything) and Python's."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _processor_name(),
+        "cpu_count": os.cpu_count(),
+        "python_implementation": platform.python_implementation(),
+    }
+
+
+def _processor_name() -> str | None:
+    """The CPU model: /proc/cpuinfo's "model name" on Linux, else platform.processor()."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or None
+
+
+def git_info() -> dict[str, Any] | None:
+    """The commit of the flashmath source tree and whether it has uncommitted changes.
+
+    None when git is missing or flashmath is not running from a git checkout (an installed
+    wheel inside some other repository does not count).
+    """
+    package_dir = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=package_dir, capture_output=True, text=True,
+                              timeout=10, check=True)
+        return done.stdout.strip()
+
+    try:
+        top = Path(git("rev-parse", "--show-toplevel")).resolve()
+        if top / "flashmath" != package_dir:
+            return None
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+# --------------------------------------------------------------------------- running
+
+
+def select(available: Sequence[str], only: Sequence[str] | None) -> list[str]:
+    """The experiments to run, in run order: all of them, or those named in ``only``.
+
+    Raises UnknownExperimentError (listing the valid names) for a name that does not exist.
+    """
+    if not only:
+        return list(available)
+    unknown = [name for name in only if name not in available]
+    if unknown:
+        raise UnknownExperimentError(
+            f"unknown experiment{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"valid names: {', '.join(available) or '(none)'}"
+        )
+    return [name for name in available if name in set(only)]
+
+
+class _Run:
+    """The state of one run: the manifest dict and the files it rewrites."""
+
+    def __init__(self, run_dir: Path, manifest: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.manifest = manifest
+        self.entries: dict[str, dict[str, Any]] = {e["name"]: e for e in manifest["experiments"]}
+
+    def save(self) -> None:
+        """Rewrite manifest.json and report.md (atomically) from the current state."""
+        atomic_write(self.run_dir / "manifest.json", dumps_json(self.manifest))
+        atomic_write(self.run_dir / "report.md", report.render_report(self.manifest))
+
+    def finish(self, status: str) -> None:
+        self.manifest["status"] = status
+        self.manifest["ended_at"] = _utc_now()
+        self.manifest["duration_s"] = round(time.perf_counter() - self._t0, 3)
+        self.save()
+
+    def start_clock(self) -> None:
+        self._t0 = time.perf_counter()
+
+
+def _new_manifest(run_dir: Path, modules: dict[str, ModuleType], chosen: list[str], *,
+                  seed: int, quick: bool, config: dict[str, Any]) -> dict[str, Any]:
+    entries = []
+    for name, mod in modules.items():
+        entry: dict[str, Any] = {
+            "name": name,
+            "title": str(getattr(mod, "TITLE", "")),
+            "seeds": list(getattr(mod, "SEEDS", ())),
+            "status": "pending" if name in chosen else "skipped",
+        }
+        if name not in chosen:
+            entry["reason"] = "not selected (--only)"
+        entries.append(entry)
+    return {
+        "run_id": run_dir.name,
+        "seed": seed,
+        "quick": quick,
+        "config": config,
+        "versions": package_versions(),
+        "machine": machine_info(),
+        "git": git_info(),
+        "started_at": _utc_now(),
+        "ended_at": None,
+        "status": "running",
+        "experiments": entries,
+    }
+
+
+def _write_result(exp_dir: Path, name: str, mod: ModuleType, result: experiment.Result, *,
+                  seed: int, quick: bool) -> tuple[list[str], str]:
+    """Write results.json, the PNGs and README.md; return (files written, headline)."""
+    if not isinstance(result, experiment.Result):
+        raise TypeError(f"{name}: run() returned {type(result).__name__}, not a Result")
+    headline = report.headline_of(result)
+    payload = {
+        "experiment": name,
+        "title": str(getattr(mod, "TITLE", "")),
+        "seeds": list(getattr(mod, "SEEDS", ())),
+        "seed": seed,
+        "quick": quick,
+        "headline": headline,
+        "records": result.records,
+        "summary": result.summary,
+    }
+    files: list[str] = []
+    text = dumps_json(payload)  # encode first: a bad record fails before anything is written
+    exp_dir.mkdir(exist_ok=True)
+    atomic_write(exp_dir / "results.json", text)
+    files.append("results.json")
+    for fig_name, fig in result.figures.items():
+        save_figure(fig, exp_dir / f"{fig_name}.png")
+        files.append(f"{fig_name}.png")
+    readme = result.readme.strip() or f"# {name}\n\n{headline}"
+    atomic_write(exp_dir / "README.md", readme + "\n")
+    files.append("README.md")
+    return files, headline
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, enabled: bool | None) -> Iterator[Any]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="exp", desc="flashmath lab",
+               disable=None if enabled is None else not enabled,
+               file=sys.stderr, dynamic_ncols=True, leave=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def run_lab(out: Path | str = "lab-runs", *, only: Sequence[str] | None = None,
+            quick: bool = False, seed: int = 42, config: dict[str, Any] | None = None,
+            progress: bool | None = None) -> RunOutcome:
+    """Run the chosen experiments and write ``<out>/<run-id>/``; see the module docstring.
+
+    progress: True shows the bar, False hides it, None shows it only on a terminal.
+    Raises UnknownExperimentError before creating anything when ``only`` names an unknown
+    experiment.
+    """
+    modules = registry.experiments()
+    chosen = select(list(modules), only)
+    run_dir = make_run_dir(Path(out), seed)
+    config = dict(config or {"out": str(out), "only": list(only or []), "quick": quick,
+                             "seed": seed})
+    run = _Run(run_dir, _new_manifest(run_dir, modules, chosen, seed=seed, quick=quick,
+                                      config=config))
+    run.start_clock()
+    run.save()
+    pending = list(chosen)
+    with _progress_bar(len(chosen), progress) as bar:
+        try:
+            while pending:
+                name = pending[0]
+                _run_one(run, name, modules[name], seed=seed, quick=quick, bar=bar)
+                pending.pop(0)
+                bar.update(1)
+        except KeyboardInterrupt:
+            for name in pending:  # the one running (if any) and those not started
+                if run.entries[name]["status"] in ("pending", "running"):
+                    run.entries[name]["status"] = "interrupted"
+            run.finish("interrupted")
+            return RunOutcome(run_dir, _statuses(run), EXIT_INTERRUPTED)
+    failed = any(e["status"] == "failed" for e in run.entries.values())
+    run.finish("failed" if failed else "ok")
+    return RunOutcome(run_dir, _statuses(run), EXIT_FAILED if failed else EXIT_OK)
+
+
+def _statuses(run: _Run) -> dict[str, str]:
+    return {name: entry["status"] for name, entry in run.entries.items()}
+
+
+def _run_one(run: _Run, name: str, mod: ModuleType, *, seed: int, quick: bool,
+             bar: Any) -> None:
+    """Run one experiment, write its files, record its status; KeyboardInterrupt propagates."""
+    entry = run.entries[name]
+    entry.update(status="running", started_at=_utc_now())
+    run.save()
+    bar.set_description(name)
+
+    def progress(msg: str) -> None:
+        bar.set_postfix_str(str(msg)[:60], refresh=False)
+        bar.update(0)  # redraws at most every mininterval
+
+    ctx = experiment.Context(name=name, seed=seed, quick=quick, progress=progress)
+    exp_dir = run.run_dir / name
+    t0 = time.perf_counter()
+    try:
+        with plotting.style():
+            result = mod.run(ctx)
+            files, headline = _write_result(exp_dir, name, mod, result, seed=seed, quick=quick)
+    except experiment.Skipped as exc:
+        entry.update(status="skipped", reason=str(exc) or "skipped by the experiment")
+    except Exception as exc:  # the experiment failed: record it, keep going
+        exp_dir.mkdir(exist_ok=True)
+        atomic_write(exp_dir / "traceback.txt", traceback.format_exc())
+        entry.update(status="failed", error={
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": f"{name}/traceback.txt",
+        })
+    else:
+        entry.update(status="ok", files=files, headline=headline)
+    finally:
+        entry.update(duration_s=round(time.perf_counter() - t0, 3), ended_at=_utc_now())
+    run.save()

@@ -1,0 +1,312 @@
+"""The lab runner: layout, manifest, atomic files, failures, Ctrl-C, determinism, CLI.
+
+Fake experiments (registered by monkeypatching ``registry.experiments``) make each
+behaviour happen on purpose; the real experiments are run end to end at the bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from flashmath import cli
+from flashmath.lab import experiment, plotting, registry, runner
+from flashmath.lab.experiment import Context, Result, Skipped, strip_volatile
+
+# --------------------------------------------------------------------------- fakes
+
+
+def fake(name: str, run: Any, title: str = "", seeds: tuple[str, ...] = ("000",)) -> Any:
+    return SimpleNamespace(NAME=name, TITLE=title or f"the {name} experiment", SEEDS=seeds,
+                           run=run)
+
+
+def ok_run(ctx: Context) -> Result:
+    rng = ctx.rng()
+    ctx.progress("drawing")
+    fig, ax = plotting.figure()
+    ax.plot([0, 1], [0, 1])
+    return Result(
+        records=[{"x": float(rng.normal()), "bad": float("nan"), "big": np.float32("inf"),
+                  "neg": -np.inf, "n": np.int64(3), "arr": np.arange(3), "flag": np.bool_(True),
+                  "elapsed_s": time.perf_counter()}],
+        summary={"headline": f"{ctx.name} measured {ctx.seed}", "quick": ctx.quick},
+        figures={"line": fig},
+        readme=f"# {ctx.name}\n\nIt measured things.\n",
+    )
+
+
+def boom_run(ctx: Context) -> Result:
+    raise ValueError("the experiment broke")
+
+
+def interrupt_run(ctx: Context) -> Result:
+    raise KeyboardInterrupt
+
+
+def skip_run(ctx: Context) -> Result:
+    raise Skipped("needs a GPU")
+
+
+@pytest.fixture
+def register(monkeypatch: pytest.MonkeyPatch):
+    def _register(*mods: Any) -> None:
+        table = {m.NAME: m for m in mods}
+        monkeypatch.setattr(registry, "experiments", lambda: dict(table))
+    return _register
+
+
+def lab(tmp_path: Path, *args: str) -> int:
+    return cli.main(["lab", "--out", str(tmp_path), "--no-progress", *args])
+
+
+def only_run(tmp_path: Path) -> Path:
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def read(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_layout_results_and_manifest(tmp_path: Path, register: Any) -> None:
+    register(fake("alpha", ok_run), fake("beta", ok_run))
+    assert lab(tmp_path, "--seed", "7") == 0
+    run_dir = only_run(tmp_path)
+    assert run_dir.name.endswith("Z-seed7")
+    for name in ("alpha", "beta"):
+        files = sorted(p.name for p in (run_dir / name).iterdir())
+        assert files == ["README.md", "line.png", "results.json"]
+        assert (run_dir / name / "line.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        res = read(run_dir / name / "results.json")
+        assert res["experiment"] == name and res["seed"] == 7 and res["quick"] is False
+        assert res["summary"]["headline"] == f"{name} measured 7"
+        (rec,) = res["records"]
+        assert (rec["bad"], rec["big"], rec["neg"]) == ("nan", "inf", "-inf")
+        assert rec["n"] == 3 and rec["arr"] == [0, 1, 2] and rec["flag"] is True
+    text = (run_dir / "alpha" / "results.json").read_text()
+    assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
+    assert not list(run_dir.rglob(".*.tmp")), "no temporary files are left behind"
+
+    m = read(run_dir / "manifest.json")
+    assert m["run_id"] == run_dir.name and m["seed"] == 7 and m["status"] == "ok"
+    assert m["config"] == {"out": str(tmp_path), "only": [], "quick": False, "seed": 7}
+    assert {"python", "flashmath", "numpy", "ml_dtypes", "matplotlib"} <= m["versions"].keys()
+    assert {"platform", "cpu_count", "processor"} <= m["machine"].keys()
+    assert m["git"] is None or {"commit", "dirty"} <= m["git"].keys()
+    assert m["started_at"] <= m["ended_at"]
+    assert [(e["name"], e["status"]) for e in m["experiments"]] == [("alpha", "ok"),
+                                                                    ("beta", "ok")]
+    assert all(e["duration_s"] >= 0 and e["files"] for e in m["experiments"])
+
+
+def test_report_links_every_file_with_a_headline(tmp_path: Path, register: Any) -> None:
+    register(fake("alpha", ok_run), fake("beta", boom_run))
+    lab(tmp_path)
+    run_dir = only_run(tmp_path)
+    report = (run_dir / "report.md").read_text()
+    for target in ("alpha/README.md", "alpha/results.json", "alpha/line.png",
+                   "beta/traceback.txt", "manifest.json"):
+        assert f"({target})" in report
+        assert (run_dir / target).is_file()
+    assert "alpha measured 42" in report
+    assert "ValueError: the experiment broke" in report
+
+
+def test_same_seed_same_results_json(tmp_path: Path, register: Any) -> None:
+    register(fake("alpha", ok_run))
+    lab(tmp_path / "a", "--seed", "3")
+    lab(tmp_path / "b", "--seed", "3")
+    lab(tmp_path / "c", "--seed", "4")
+    a, b, c = (read(only_run(tmp_path / d) / "alpha" / "results.json") for d in "abc")
+    assert a != b  # the timing differs ...
+    assert strip_volatile(a) == strip_volatile(b)  # ... and nothing else
+    assert strip_volatile(a) != strip_volatile(c)
+
+
+def test_never_overwrites_an_earlier_run(tmp_path: Path, register: Any) -> None:
+    register(fake("alpha", ok_run))
+    for _ in range(3):  # same second, same seed
+        assert lab(tmp_path, "--seed", "1") == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 3 and len(set(names)) == 3
+    from datetime import UTC, datetime
+    now = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    first = runner.make_run_dir(tmp_path, 9, now)
+    second = runner.make_run_dir(tmp_path, 9, now)
+    assert (first.name, second.name) == ("20250102T030405Z-seed9", "20250102T030405Z-seed9-2")
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_failing_experiment_is_recorded_and_the_rest_still_run(
+    tmp_path: Path, register: Any
+) -> None:
+    register(fake("alpha", boom_run), fake("beta", ok_run))
+    assert lab(tmp_path) == runner.EXIT_FAILED
+    run_dir = only_run(tmp_path)
+    m = read(run_dir / "manifest.json")
+    alpha, beta = m["experiments"]
+    assert m["status"] == "failed"
+    assert alpha["status"] == "failed" and beta["status"] == "ok"
+    assert alpha["error"]["type"] == "ValueError"
+    assert alpha["error"]["message"] == "the experiment broke"
+    tb = (run_dir / alpha["error"]["traceback"]).read_text()
+    assert "boom_run" in tb and "ValueError: the experiment broke" in tb
+    assert (run_dir / "beta" / "results.json").is_file()
+
+
+def test_unwritable_records_fail_that_experiment_only(tmp_path: Path, register: Any) -> None:
+    def bad(ctx: Context) -> Result:
+        return Result(records=[{"when": object()}])
+
+    register(fake("bad", bad), fake("good", ok_run))
+    assert lab(tmp_path) == runner.EXIT_FAILED
+    m = read(only_run(tmp_path) / "manifest.json")
+    assert [e["status"] for e in m["experiments"]] == ["failed", "ok"]
+    assert "$.records[0].when" in m["experiments"][0]["error"]["message"]
+
+
+def test_ctrl_c_keeps_finished_and_marks_the_rest(
+    tmp_path: Path, register: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    register(fake("alpha", ok_run), fake("beta", interrupt_run), fake("gamma", ok_run))
+    assert lab(tmp_path) == 130
+    run_dir = only_run(tmp_path)
+    m = read(run_dir / "manifest.json")
+    assert m["status"] == "interrupted" and m["ended_at"]
+    assert [e["status"] for e in m["experiments"]] == ["ok", "interrupted", "interrupted"]
+    assert (run_dir / "alpha" / "results.json").is_file()
+    assert not (run_dir / "gamma").exists()
+    assert "interrupted" in (run_dir / "report.md").read_text()
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_manifest_is_rewritten_after_each_experiment(tmp_path: Path, register: Any) -> None:
+    seen: dict[str, Any] = {}
+
+    def peek(ctx: Context) -> Result:  # what a crash at this moment would leave on disk
+        (run_dir,) = list(tmp_path.iterdir())
+        seen["manifest"] = read(run_dir / "manifest.json")
+        seen["report"] = (run_dir / "report.md").read_text()
+        return Result(records=[])
+
+    register(fake("alpha", ok_run), fake("beta", peek), fake("gamma", ok_run))
+    assert lab(tmp_path) == 0
+    statuses = [e["status"] for e in seen["manifest"]["experiments"]]
+    assert statuses == ["ok", "running", "pending"]
+    assert seen["manifest"]["status"] == "running"
+    assert "alpha/README.md" in seen["report"]
+
+
+def test_skipped_experiments(tmp_path: Path, register: Any) -> None:
+    register(fake("alpha", ok_run), fake("beta", skip_run), fake("gamma", ok_run))
+    assert lab(tmp_path, "--only", "beta", "alpha", "--quick") == 0
+    run_dir = only_run(tmp_path)
+    m = read(run_dir / "manifest.json")
+    by_name = {e["name"]: e for e in m["experiments"]}
+    assert by_name["alpha"]["status"] == "ok"
+    assert (by_name["beta"]["status"], by_name["beta"]["reason"]) == ("skipped", "needs a GPU")
+    assert (by_name["gamma"]["status"], by_name["gamma"]["reason"]) == (
+        "skipped", "not selected (--only)")
+    assert m["config"]["only"] == ["beta", "alpha"] and m["quick"] is True
+    assert read(run_dir / "alpha" / "results.json")["quick"] is True
+
+
+def test_unknown_only_name_is_a_clear_error(
+    tmp_path: Path, register: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    register(fake("alpha", ok_run), fake("beta", ok_run))
+    assert lab(tmp_path, "--only", "alpha", "nope") == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "valid names: alpha, beta" in err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir()), "nothing is created"
+
+
+def test_list(register: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    register(fake("alpha", ok_run, "Alpha things", ("001",)),
+             fake("beta", ok_run, "Beta things", ("003", "004")))
+    assert cli.main(["lab", "--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["alpha  Alpha things  [seeds: 001]", "beta   Beta things  [seeds: 003, 004]"]
+
+
+def test_progress_bar_shows_experiment_messages(
+    tmp_path: Path, register: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    register(fake("alpha", ok_run))
+    runner.run_lab(tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "alpha" in err and "1/1" in err
+
+
+def test_bad_seed_is_an_argument_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        lab(tmp_path, "--seed", "-1")
+    assert info.value.code == 2
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (float("nan"), "nan"), (float("inf"), "inf"), (-np.inf, "-inf"), (np.float16(0.5), 0.5),
+    (np.array(2.0), 2.0), (np.array([[1, 2]]), [[1, 2]]), ((1, "a"), [1, "a"]),
+    (np.array([np.nan], dtype=np.float32), ["nan"]), (np.bool_(False), False),
+])
+def test_to_jsonable(value: Any, expected: Any) -> None:
+    assert runner.to_jsonable(value) == expected
+
+
+def test_to_jsonable_ml_dtypes_scalars() -> None:
+    from flashmath.dtypes import DTYPES
+    assert runner.to_jsonable(np.array([1.5, np.inf], dtype=DTYPES["bfloat16"])) == [1.5, "inf"]
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "f.txt"
+    runner.atomic_write(target, "old")
+    runner.atomic_write(target, b"new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_atomic_write_failure_leaves_old_file(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "f.txt"
+    runner.atomic_write(target, "old")
+
+    def broken_replace(src: Any, dst: Any) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(runner.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        runner.atomic_write(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_versions_do_not_import_torch() -> None:
+    code = ("import sys; from flashmath.lab import runner; v = runner.package_versions(); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(v['numpy'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == np.__version__
+
+
+def test_strip_volatile_keeps_everything_else() -> None:
+    data = {"a_s": 1, "b": [{"c_ms": 2, "d": 3}], "e_gflops": 4.0}
+    assert strip_volatile(data) == {"b": [{"d": 3}]}
+    assert experiment.VOLATILE_SUFFIXES  # the documented list exists
