@@ -160,18 +160,19 @@ def key_intervals(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per query row i, the keys [lo[i], hi[i]) the masks allow (empty when lo >= hi).
 
-    The diagonal is bottom-right aligned (query i sits at key i + sk - sq) for
-    causal=True and for a window without causal, top-left (key i) for
-    causal="top_left" (DESIGN.md). window=(left, right) keeps keys within left
-    before and right after the diagonal, None unbounded; causal caps right at 0.
-    Rows >= q_len are empty and keys >= kv_len are dropped (padded batches).
+    The diagonal is bottom-right aligned (query i sits at key i + kv_len - q_len,
+    the valid lengths defaulting to sk and sq) for causal=True and for a window
+    without causal, top-left (key i) for causal="top_left": the rule of DESIGN.md
+    and flashmath.attention.masks, restated here row by row. window=(left, right)
+    keeps keys within left before and right after the diagonal, None unbounded;
+    causal caps right at 0. Rows >= q_len are empty; keys >= kv_len are dropped.
     """
+    kv = sk if kv_len is None else kv_len
     i = np.arange(sq, dtype=np.int64)
-    diag = i if causal == "top_left" else i + (sk - sq)
+    diag = i if causal == "top_left" else i + (kv - (sq if q_len is None else q_len))
     left, right = (None, None) if window is None else window
     if causal:
         right = 0 if right is None else min(right, 0)
-    kv = sk if kv_len is None else kv_len
     lo = np.zeros(sq, np.int64) if left is None else np.maximum(diag - left, 0)
     hi = np.full(sq, kv, np.int64) if right is None else np.clip(diag + right + 1, 0, kv)
     if q_len is not None:

@@ -105,8 +105,10 @@ def test_fa1_hand_count_and_closed_form():
         ({"window": (1, 1)}, [1, 2, 3], [4, 5, 5]),  # diagonal at i + 2, clipped at Sk
         ({"window": (1, None), "causal": True}, [1, 2, 3], [3, 4, 5]),
         ({"window": (None, 0)}, [0, 0, 0], [3, 4, 5]),
-        ({"causal": True, "kv_len": 4}, [0, 0, 0], [3, 4, 4]),
+        ({"causal": True, "kv_len": 4}, [0, 0, 0], [2, 3, 4]),  # diagonal i + 1
         ({"q_len": 2}, [0, 0, 0], [5, 5, 0]),
+        ({"causal": True, "q_len": 2, "kv_len": 4}, [0, 0, 0], [3, 4, 0]),  # diagonal i + 2
+        ({"causal": True, "q_len": 2, "kv_len": 2}, [0, 0, 0], [1, 2, 0]),  # diagonal i
     ],
 )
 def test_key_intervals(kw, lo, hi):
