@@ -299,7 +299,8 @@ class SoftmaxState:
 def merge(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
     """Combine two states into the state of both sets of entries.
 
-    Associative up to rounding and commutative exactly (every step is symmetric in a and b).
+    Associative up to rounding; commutative exactly (every step is symmetric in a and b;
+    only a tie between maxima +0 and -0 may keep either sign).
     A row that is empty on one side comes back from the other side unchanged, bit for bit
     (alpha is exactly 1 there and nothing is added); two empty rows stay empty, never NaN.
     The batch shapes broadcast; d must agree. The result's dtype is the wider of the two
