@@ -61,10 +61,9 @@ def random_problem(seed: int, n: int, d: int, dtype: np.dtype, scale: float = 3.
     return s, V
 
 
-def split(x: np.ndarray, cuts: list[int]) -> list[np.ndarray]:
-    """x cut along its first axis at the given positions (sorted, unique, inside 1..n-1)."""
-    bounds = [0, *cuts, len(x)]
-    return [x[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+def split(x: np.ndarray, cuts: list[int], axis: int = 0) -> list[np.ndarray]:
+    """x cut along ``axis`` at the given positions (sorted, unique, inside 1..n-1)."""
+    return np.split(x, cuts, axis=axis)
 
 
 @st.composite
@@ -200,10 +199,7 @@ def test_batched_rows_agree_with_row_by_row(dtype):
     scores[0, 1, 2] = -np.inf  # one empty row
     V = rng.standard_normal((B, H, 1, N, d)).astype(dtype)  # shared by the S rows of a head
     cuts = [3, 4, 9]
-    bounds = [0, *cuts, N]
-    batched = fm.softmax_online_chunked(
-        [scores[..., a:b] for a, b in zip(bounds, bounds[1:], strict=False)],
-        [V[..., a:b, :] for a, b in zip(bounds, bounds[1:], strict=False)])
+    batched = fm.softmax_online_chunked(split(scores, cuts, axis=-1), split(V, cuts, axis=-2))
     assert batched.shape == (B, H, S, d)
     for b, h, q in np.ndindex(B, H, S):
         row = fm.softmax_online_chunked(split(scores[b, h, q], cuts), split(V[b, h, 0], cuts))
