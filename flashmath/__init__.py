@@ -6,7 +6,7 @@ B batch, H query heads, H_kv key/value heads, Sq/Sk query/key lengths, D head di
 
 from flashmath import dtypes, naive
 from flashmath.attention.flash import flash_attention, flash_attention_backward
-from flashmath.attention.reference import attention_reference
+from flashmath.attention.reference import attention_reference, attention_reference_backward
 from flashmath.distributed.decode import flash_decode
 from flashmath.numerics import cross_entropy, log_softmax, logsumexp, softmax
 from flashmath.online import (
@@ -31,6 +31,7 @@ __all__ = [
     "__version__",
     "analyze_softmax_safety",
     "attention_reference",
+    "attention_reference_backward",
     "cross_entropy",
     "dtypes",
     "flash_attention",

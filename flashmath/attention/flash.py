@@ -1,8 +1,434 @@
-"""PLACEHOLDER: replaced by its owner (work in progress)."""
+"""FlashAttention in NumPy: exact tiled attention, forward and backward, that never
+materialises the Sq x Sk score matrix.
 
-def flash_attention(*args, **kwargs):  # type: ignore[no-untyped-def]
-    raise NotImplementedError("flash_attention")
+Legend: B batch, H query heads, H_kv key/value heads, Sq/Sk query/key lengths, D the q/k
+head dim, Dv the v head dim; a tile is ``block_q`` query rows x ``block_k`` keys.
 
-def flash_attention_backward(*args, **kwargs):  # type: ignore[no-untyped-def]
-    raise NotImplementedError("flash_attention_backward")
+The loop (one shape for forward and backward, :func:`_schedule`)::
 
+    for each (batch b, query head h), in parallel threads:
+        for each block of query rows (clipped to the valid rows):
+            for each key tile the mask leaves non-empty (clipped to the band):
+                s = scale * q k^T -> softcap -> + bias -> mask (PARTIAL tiles only)
+                forward:  online softmax (m, l, o) with flashmath.online's rule
+                backward: p = exp(s - lse); dv += p^T do; ds = p (do v^T - delta);
+                          dq += ds k; dk += ds^T q
+
+Tiles that a causal, window or length mask leaves empty are skipped (never read,
+never computed); FULL tiles build no mask (:class:`~flashmath.attention.masks.MaskSpec`).
+Speed: the scale is folded into q, exp runs in place in a reused tile buffer, the
+matmuls are BLAS calls on whole tiles, and the (b, h) slices run on a thread per core
+(NumPy releases the GIL in BLAS and in ufunc loops). Extra memory is a few tile buffers
+per thread plus one (Sq, D) copy of q per slice: linear in S.
+
+Dtypes: float64 computes in float64; float32, float16, bfloat16 and float8 compute in
+float32 accumulators (``accum_dtype`` overrides) and return the input dtype. lse is
+float32 (float64 for float64 input). The backward rejects float8.
+
+Internal API (for shards and measurements; private, but stable within flashmath):
+
+``_forward(q, k, v, *, <options>, block_q, block_k, accum_dtype, q_offset=0, k_offset=0,
+q_total=None, k_total=None, stats=None) -> (out, lse)`` and
+``_backward(dout, q, k, v, out, lse, *, <same>) -> (dq, dk, dv)``
+    q_offset / k_offset: global position of the local q row 0 / k row 0, for arrays that
+    are shards of longer sequences (ring attention, split-KV decoding): causal, window
+    and lengths are evaluated at global positions. q_total / k_total: the global lengths
+    (default offset + local length); they place the bottom-right diagonal, so pass them
+    whenever the shards do not end at the sequence end. q_lengths / kv_lengths are global;
+    mask and bias are local (sliced to the shard). For the backward of a shard pass the
+    merged (global) out and lse of its query rows: the gradients are then the shard's
+    exact contributions (sum dk, dv over query shards; sum dq over key shards).
+``stats``: a dict, filled (added to) with the bytes the forward moved between the full
+    arrays and its tiles, at the input's itemsize, for comparison with
+    :mod:`flashmath.iomodel` (FlashAttention-2 loop order): ``read_q_bytes`` (each query
+    block with a visited tile, once), ``read_k_bytes``/``read_v_bytes`` (the key rows of
+    each visited tile, clipped to the mask's band and lengths), ``read_mask_bytes``,
+    ``read_bias_bytes``, ``write_o_bytes``/``write_lse_bytes`` (every row once),
+    ``read_bytes``, ``write_bytes``, ``total_bytes``, and the tile counts ``tiles``
+    (visited), ``tiles_full``, ``tiles_partial``, ``tiles_total`` (the grid). None (the
+    default) counts nothing and costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flashmath.attention.masks import TileKind, block_of
+from flashmath.attention.options import (
+    AttentionOptions,
+    check_backward_inputs,
+    check_blocks,
+    resolve,
+)
+from flashmath.dtypes import accumulate_dtype
+from flashmath.online import rescale, row_shift
+
+__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "flash_attention", "flash_attention_backward"]
+
+#: Default tile sizes (query rows, keys), chosen by measurement (``flashmath bench``):
+#: large enough to keep BLAS busy, small enough that a float32 tile stays in L2.
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 1024
+
+
+def flash_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool | str = False,
+    window: tuple[int | None, int | None] | None = None,
+    mask: Any = None,
+    bias: Any = None,
+    kv_lengths: Any = None,
+    q_lengths: Any = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    accum_dtype: Any = None,
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Exact attention, tiled: never materialises the (Sq, Sk) scores.
+
+    Parameters
+    ----------
+    q : (B, H, Sq, D); k : (B, H_kv, Sk, D); v : (B, H_kv, Sk, Dv)
+        One float dtype; H % H_kv == 0 (GQA/MQA: query head h reads head h // (H // H_kv)).
+    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale
+        As :func:`flashmath.attention_reference`: causal True is bottom-right aligned
+        (query i sees key j iff j <= i + Sk - Sq; with lengths, i + kv_len - q_len),
+        "top_left" is torch's; scores are softcap(scale * q . k) + bias, then masked.
+    block_q, block_k : tile sizes (default DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K).
+    accum_dtype : the dtype of the tile arithmetic (default float32, float64 for float64).
+    return_lse : also return lse, the natural-log log-sum-exp of each row's scores.
+
+    Returns
+    -------
+    out : (B, H, Sq, Dv) in the input dtype; rows with nothing to attend to are 0.
+    lse : (B, H, Sq), float32 (float64 for float64 input); -inf for those rows.
+    """
+    out, lse = _forward(
+        q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
+        q_lengths=q_lengths, softcap=softcap, scale=scale, block_q=block_q, block_k=block_k,
+        accum_dtype=accum_dtype,
+    )
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    *,
+    causal: bool | str = False,
+    window: tuple[int | None, int | None] | None = None,
+    mask: Any = None,
+    bias: Any = None,
+    kv_lengths: Any = None,
+    q_lengths: Any = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    accum_dtype: Any = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients (dq, dk, dv) of sum(dout * out), recomputing the scores tile by tile.
+
+    out and lse are the forward's (``flash_attention(..., return_lse=True)``); the
+    probabilities are rebuilt from lse (p = exp(s - lse)) and never stored; delta =
+    rowsum(dout * out). Options must be the forward's. dout is (B, H, Sq, Dv).
+
+    Returns dq (B, H, Sq, D), dk (B, H_kv, Sk, D), dv (B, H_kv, Sk, Dv) in the input
+    dtype; dk and dv sum the query heads sharing a key/value head. Padding queries, rows
+    with nothing to attend to and keys no query sees get exactly 0. The bias is a
+    constant (no gradient). float8 input is rejected (TypeError).
+    """
+    return _backward(
+        dout, q, k, v, out, lse, causal=causal, window=window, mask=mask, bias=bias,
+        kv_lengths=kv_lengths, q_lengths=q_lengths, softcap=softcap, scale=scale,
+        block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
+    )
+
+
+# --- The shared pieces: plan, schedule, scores, threads ---
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """One call: validated inputs, options, accumulate dtype and tile sizes."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    opts: AttentionOptions
+    acc: np.dtype[Any]
+    bq: int
+    bk: int
+
+    @classmethod
+    def build(cls, q: Any, k: Any, v: Any, *, block_q: Any, block_k: Any, accum_dtype: Any,
+              **options: Any) -> _Plan:
+        q, k, v, opts = resolve(q, k, v, **options)
+        check_blocks(block_q, block_k)
+        return cls(
+            q=q, k=k, v=v, opts=opts,
+            acc=accumulate_dtype(opts.dtype, accum_dtype),
+            bq=max(1, min(block_q or DEFAULT_BLOCK_Q, opts.sq)),
+            bk=max(1, min(block_k or DEFAULT_BLOCK_K, opts.sk)),
+        )
+
+    def q_block(self, b: int, h: int, i0: int, i1: int) -> np.ndarray:
+        """scale * q[b, h, i0:i1] in the accumulate dtype, (ni, D): the scale folded into q."""
+        return np.multiply(self.q[b, h, i0:i1], self.opts.scale, dtype=self.acc)
+
+    def kv(self, b: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+        """k[b, kv head], v[b, kv head] in the accumulate dtype (views when no cast is needed)."""
+        hk = h // self.opts.group
+        return np.asarray(self.k[b, hk], self.acc), np.asarray(self.v[b, hk], self.acc)
+
+
+def _schedule(plan: _Plan, b: int) -> Iterator[tuple[int, int, list[tuple[int, int, TileKind]]]]:
+    """The loop shape of forward and backward for batch entry b.
+
+    Yields (i0, i1, tiles) per block of query rows (blocks start at multiples of block_q
+    and stop at the valid rows); tiles lists (j0, j1, kind) for every key tile of the
+    block_k grid that the mask does not leave empty, clipped to the keys the block can see.
+    """
+    spec, bq, bk = plan.opts.spec, plan.bq, plan.bk
+    q_valid = int(spec.q_valid[b])
+    for i0 in range(0, q_valid, bq):
+        i1 = min(i0 + bq, q_valid)
+        lo, hi = spec.key_span(b, i0, i1)
+        tiles: list[tuple[int, int, TileKind]] = []
+        for g0 in range(max(lo, 0) // bk * bk, hi, bk):
+            j0, j1 = max(g0, lo), min(g0 + bk, hi)
+            kind = spec.classify(b, i0, i1, j0, j1)
+            if kind is not TileKind.EMPTY:
+                tiles.append((j0, j1, kind))
+        yield i0, i1, tiles
+
+
+def _scores(
+    plan: _Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
+    j0: int, j1: int, kind: TileKind, buf: np.ndarray, tanh_buf: np.ndarray | None = None,
+) -> np.ndarray:
+    """The tile's scores softcap(scale q k^T) + bias, masked with -inf, in ``buf``.
+
+    qs is the scaled query block (ni, D), k the slice's keys (Sk, D). Returns the
+    (ni, nj) view of buf. With a softcap and tanh_buf given, tanh(scale q k^T / c) is
+    kept there for the backward.
+    """
+    opts = plan.opts
+    s = buf[: i1 - i0, : j1 - j0]
+    np.matmul(qs, k[j0:j1].T, out=s)
+    if opts.softcap is not None:
+        s *= 1.0 / opts.softcap
+        np.tanh(s, out=s)
+        if tanh_buf is not None:
+            np.copyto(tanh_buf[: i1 - i0, : j1 - j0], s)
+        s *= opts.softcap
+    if opts.bias is not None:
+        s += block_of(opts.bias, b, h, i0, i1, j0, j1)
+    if kind is TileKind.PARTIAL:
+        np.copyto(s, -np.inf, where=~opts.spec.block(b, h, i0, i1, j0, j1))
+    return s
+
+
+def _threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _run(units: list[tuple[int, int]], work: Callable[[int, int], None]) -> None:
+    """work(b, h) for every unit, on up to one thread per core (the units write disjoint
+    slices of the outputs, so they need no locks)."""
+    workers = min(len(units), _threads())
+    if workers <= 1:
+        for b, h in units:
+            work(b, h)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(work, b, h) for b, h in units]:
+            future.result()
+
+
+def _units(opts: AttentionOptions) -> list[tuple[int, int]]:
+    return [(b, h) for b in range(opts.batch) for h in range(opts.heads)]
+
+
+# --- Forward ---
+
+
+def _forward(
+    q: Any, k: Any, v: Any, *, block_q: int | None = None, block_k: int | None = None,
+    accum_dtype: Any = None, stats: dict[str, int] | None = None, **options: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The tiled forward: (out (B, H, Sq, Dv) input dtype, lse (B, H, Sq)). See the module
+    docs for the shard options (q_offset, k_offset, q_total, k_total) and ``stats``."""
+    plan = _Plan.build(q, k, v, block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
+                       **options)
+    opts = plan.opts
+    out = np.zeros((opts.batch, opts.heads, opts.sq, opts.dv), opts.dtype)
+    lse = np.full((opts.batch, opts.heads, opts.sq), -np.inf, opts.lse_dtype)
+    counts: Counter[str] | None = None if stats is None else Counter()
+    lock = threading.Lock()
+
+    def work(b: int, h: int) -> None:
+        unit_counts: Counter[str] | None = None if counts is None else Counter()
+        _forward_unit(plan, b, h, out, lse, unit_counts)
+        if counts is not None and unit_counts is not None:
+            with lock:
+                counts.update(unit_counts)
+
+    with np.errstate(all="ignore"):  # NaN/inf inputs give NaN rows by contract, not warnings
+        _run(_units(opts), work)
+    if stats is not None and counts is not None:
+        _finish_stats(plan, counts, stats)
+    return out, lse
+
+
+def _forward_unit(
+    plan: _Plan, b: int, h: int, out: np.ndarray, lse: np.ndarray, counts: Counter[str] | None
+) -> None:
+    """Forward of slice (b, h): out[b, h] and lse[b, h] for the rows that see any key."""
+    acc, dv = plan.acc, plan.opts.dv
+    k, v = plan.kv(b, h)
+    buf = np.empty((plan.bq, plan.bk), acc)  # the score tile, reused
+    pv = np.empty((plan.bq, dv), acc)
+    for i0, i1, tiles in _schedule(plan, b):
+        if not tiles:
+            continue  # nothing visible: out stays 0, lse -inf
+        ni = i1 - i0
+        qs = plan.q_block(b, h, i0, i1)  # (ni, D)
+        m = np.full(ni, -np.inf, acc)  # running max
+        l = np.zeros(ni, acc)  # running sum of exp(s - m)
+        o = np.zeros((ni, dv), acc)  # running sum of exp(s - m) v
+        for j0, j1, kind in tiles:
+            s = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf)  # (ni, nj)
+            # --- online softmax step (flashmath.online's rule) ---
+            m_new = np.maximum(m, s.max(axis=1))
+            alpha = rescale(m, m_new)
+            s -= row_shift(m_new)[:, None]
+            np.exp(s, out=s)  # p~ = exp(s - m_new), in place
+            l *= alpha
+            l += s.sum(axis=1)
+            o *= alpha[:, None]
+            o += np.matmul(s, v[j0:j1], out=pv[:ni])
+            m = m_new
+            if counts is not None:
+                _count_tile(plan, b, h, i0, i1, j0, j1, kind, counts)
+        # --- finalise: o / l and m + log l; an empty row (l = 0, m = -inf) gives 0, -inf ---
+        out[b, h, i0:i1] = o * np.divide(1, l, out=np.zeros_like(l), where=l != 0)[:, None]
+        lse[b, h, i0:i1] = m + np.log(l)
+        if counts is not None:
+            counts["read_q_bytes"] += ni * plan.opts.d * plan.q.itemsize
+
+
+def _count_tile(plan: _Plan, b: int, h: int, i0: int, i1: int, j0: int, j1: int,
+                kind: TileKind, counts: Counter[str]) -> None:
+    opts, nj = plan.opts, j1 - j0
+    counts["tiles"] += 1
+    counts["tiles_full" if kind is TileKind.FULL else "tiles_partial"] += 1
+    counts["read_k_bytes"] += nj * opts.d * plan.k.itemsize
+    counts["read_v_bytes"] += nj * opts.dv * plan.v.itemsize
+    for name, arr in (("mask", opts.spec.mask), ("bias", opts.bias)):
+        if arr is not None and (name == "bias" or kind is TileKind.PARTIAL):
+            counts[f"read_{name}_bytes"] += block_of(arr, b, h, i0, i1, j0, j1).nbytes
+
+
+def _finish_stats(plan: _Plan, counts: Counter[str], stats: dict[str, int]) -> None:
+    opts = plan.opts
+    rows = opts.batch * opts.heads * opts.sq
+    counts["write_o_bytes"] += rows * opts.dv * plan.q.itemsize
+    counts["write_lse_bytes"] += rows * opts.lse_dtype.itemsize
+    counts["tiles_total"] += (
+        opts.batch * opts.heads * -(-opts.sq // plan.bq) * -(-opts.sk // plan.bk)
+    )
+    keys = ("read_q_bytes", "read_k_bytes", "read_v_bytes", "read_mask_bytes",
+            "read_bias_bytes", "write_o_bytes", "write_lse_bytes")
+    for key in (*keys, "tiles", "tiles_full", "tiles_partial", "tiles_total"):
+        stats[key] = stats.get(key, 0) + counts[key]
+    for total, prefix in (("read_bytes", "read_"), ("write_bytes", "write_")):
+        stats[total] = stats.get(total, 0) + sum(counts[x] for x in keys if x.startswith(prefix))
+    stats["total_bytes"] = stats.get("total_bytes", 0) + sum(counts[x] for x in keys)
+
+
+# --- Backward ---
+
+
+def _backward(
+    dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *, block_q: int | None = None,
+    block_k: int | None = None, accum_dtype: Any = None, **options: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tiled backward: (dq, dk, dv) in the input dtype. Shard options as _forward."""
+    plan = _Plan.build(q, k, v, block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
+                       **options)
+    opts = plan.opts
+    dout, out, lse = check_backward_inputs(dout, out, lse, opts)
+    dq = np.zeros(plan.q.shape, opts.dtype)
+    # Per query head; summed over each group of heads below (disjoint writes per thread).
+    dk = np.zeros((opts.batch, opts.heads, opts.sk, opts.d), plan.acc)
+    dv = np.zeros((opts.batch, opts.heads, opts.sk, opts.dv), plan.acc)
+
+    def work(b: int, h: int) -> None:
+        _backward_unit(plan, b, h, dout, out, lse, dq, dk, dv)
+
+    with np.errstate(all="ignore"):
+        _run(_units(opts), work)
+    shape = (opts.batch, opts.kv_heads, opts.group, opts.sk)
+    dk = dk.reshape(*shape, opts.d).sum(axis=2) if opts.group > 1 else dk
+    dv = dv.reshape(*shape, opts.dv).sum(axis=2) if opts.group > 1 else dv
+    return dq, dk.astype(opts.dtype), dv.astype(opts.dtype)
+
+
+def _backward_unit(
+    plan: _Plan, b: int, h: int, dout: np.ndarray, out: np.ndarray, lse: np.ndarray,
+    dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+) -> None:
+    """Gradients of slice (b, h): dq[b, h], and this head's dk[b, h], dv[b, h]."""
+    acc, opts = plan.acc, plan.opts
+    k, v = plan.kv(b, h)
+    buf = np.empty((plan.bq, plan.bk), acc)  # scores, then p
+    dbuf = np.empty((plan.bq, plan.bk), acc)  # dp, then ds
+    tanh_buf = None if opts.softcap is None else np.empty((plan.bq, plan.bk), acc)
+    dk_h, dv_h = dk[b, h], dv[b, h]  # (Sk, D), (Sk, Dv) accumulators
+    for i0, i1, tiles in _schedule(plan, b):
+        if not tiles:
+            continue
+        ni = i1 - i0
+        qs = plan.q_block(b, h, i0, i1)  # scale * q, (ni, D)
+        do = np.asarray(dout[b, h, i0:i1], acc)  # (ni, Dv)
+        delta = np.einsum("id,id->i", do, np.asarray(out[b, h, i0:i1], acc))[:, None]
+        shift = row_shift(np.asarray(lse[b, h, i0:i1], acc))[:, None]
+        dq_blk = np.zeros((ni, opts.d), acc)
+        for j0, j1, kind in tiles:
+            nj = j1 - j0
+            p = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf, tanh_buf)
+            p -= shift
+            np.exp(p, out=p)  # the probabilities, rebuilt from lse
+            dv_h[j0:j1] += p.T @ do
+            ds = np.matmul(do, v[j0:j1].T, out=dbuf[:ni, :nj])  # dp
+            ds -= delta
+            ds *= p  # ds = p * (dp - delta)
+            if tanh_buf is not None:  # through the softcap: d(c tanh(x / c)) = 1 - tanh^2
+                t = tanh_buf[:ni, :nj]
+                np.multiply(t, t, out=t)
+                np.subtract(1, t, out=t)
+                ds *= t
+            dq_blk += ds @ k[j0:j1]
+            dk_h[j0:j1] += ds.T @ qs  # scale * ds^T q
+        dq[b, h, i0:i1] = dq_blk * opts.scale

@@ -1,5 +1,222 @@
-"""PLACEHOLDER: replaced by its owner (work in progress)."""
+"""The O(Sq * Sk) attention oracle: materialises the scores, in float64 or in the input dtype.
 
-def attention_reference(*args, **kwargs):  # type: ignore[no-untyped-def]
-    raise NotImplementedError("attention_reference")
+Everything else in flashmath is tested against :func:`attention_reference` (forward) and
+:func:`attention_reference_backward` (gradients). Both write the textbook formulas down
+with the whole (B, H, Sq, Sk) score and probability matrices in memory, so keep them to
+small shapes. The score of query i and key j of head h is
 
+    s = softcap(scale * q_i . k_j) + bias[b, h, i, j]      softcap(x) = c * tanh(x / c)
+
+then the masks of :mod:`flashmath.attention.masks` remove pairs (probability exactly 0),
+P = softmax(s) over the keys, out = P @ V, lse = log(sum_j exp(s_ij)).
+
+Two modes:
+
+``upcast=True`` (the oracle)
+    Every operation in float64; returns float64 (out, lse and gradients), whatever the
+    input dtype, so callers compare against full precision.
+``upcast=False`` (the naive same-dtype baseline of the accuracy rule)
+    Every operation's result is rounded to the input dtype, one operation at a time:
+    matmuls (accumulated in float32, as GPU kernels and np.matmul on float16 do), the
+    scale, softcap, bias, the shift by the row max, exp, the row sum and the division.
+    Returns the input dtype; lse is float32 (float64 for float64 input). For float32
+    input this is plain float32 arithmetic.
+
+Edge cases (DESIGN.md): a row with nothing to attend to (causal/window/lengths/mask/
+bias = -inf) gives out 0 and lse -inf, and its gradients are 0; keys no query sees get
+dk = dv = 0; +inf or NaN in a row's scores makes that row NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from flashmath.attention.options import AttentionOptions, check_backward_inputs, resolve
+from flashmath.dtypes import accumulate_dtype
+from flashmath.online import row_shift
+
+__all__ = ["attention_reference", "attention_reference_backward"]
+
+
+def attention_reference(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool | str = False,
+    window: tuple[int | None, int | None] | None = None,
+    mask: Any = None,
+    bias: Any = None,
+    kv_lengths: Any = None,
+    q_lengths: Any = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    upcast: bool = True,
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Attention by the textbook formula, materialising the (B, H, Sq, Sk) scores.
+
+    Parameters
+    ----------
+    q : (B, H, Sq, D); k : (B, H_kv, Sk, D); v : (B, H_kv, Sk, Dv)
+        One float dtype; H % H_kv == 0 and query head h reads key/value head h // (H // H_kv).
+    causal : False, True (bottom-right aligned: query i sees key j iff j <= i + Sk - Sq) or
+        "top_left" (j <= i, torch SDPA). With lengths, the diagonal follows the valid
+        lengths: offset kv_lengths[b] - q_lengths[b].
+    window : (left, right), None unbounded: query i sees keys from left before to right
+        after its diagonal (the causal diagonal, bottom-right unless causal="top_left").
+    mask : bool, broadcastable to (B, H, Sq, Sk); True = may attend.
+    bias : float, broadcastable to (B, H, Sq, Sk); added to the scores after the softcap.
+    kv_lengths, q_lengths : (B,) ints; keys j >= kv_lengths[b] are masked, queries
+        i >= q_lengths[b] are padding (output 0, lse -inf).
+    softcap : c > 0: scores scale * q . k become c * tanh(scale * q . k / c).
+    scale : the factor on q . k; default 1 / sqrt(D).
+    upcast : True: compute and return float64 (the oracle). False: round every
+        operation to the input dtype (the naive same-dtype baseline).
+    return_lse : also return the natural-log log-sum-exp of each row's scores, (B, H, Sq).
+
+    Returns
+    -------
+    out : (B, H, Sq, Dv), float64 if upcast else the input dtype; and lse when asked
+        (float64 if upcast or for float64 input, else float32).
+
+    Examples
+    --------
+    >>> import numpy as np, flashmath as fm
+    >>> q = k = v = np.eye(2).reshape(1, 1, 2, 2)
+    >>> fm.attention_reference(q, k, v, causal=True)[0, 0]
+    array([[1.        , 0.        ],
+           [0.33023845, 0.66976155]])
+    """
+    q, k, v, opts = resolve(
+        q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
+        q_lengths=q_lengths, softcap=softcap, scale=scale,
+    )
+    ar = _Arith(opts, upcast)
+    fwd = _forward(ar, q, k, v, opts)
+    out = ar.result(fwd.out)
+    if not return_lse:
+        return out
+    return out, fwd.lse.astype(np.float64 if upcast else opts.lse_dtype)
+
+
+def attention_reference_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool | str = False,
+    window: tuple[int | None, int | None] | None = None,
+    mask: Any = None,
+    bias: Any = None,
+    kv_lengths: Any = None,
+    q_lengths: Any = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    upcast: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients (dq, dk, dv) of sum(dout * attention(q, k, v)), with P materialised.
+
+    The explicit formula: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+    through the softcap dS *= 1 - tanh^2, then dQ = scale dS K and dK = scale dS^T Q.
+    dk and dv have H_kv heads: the query heads sharing a key/value head are summed.
+    The bias is a constant (no gradient). Options as :func:`attention_reference`;
+    dout is (B, H, Sq, Dv). Returns float64 if upcast, else the input dtype with every
+    operation rounded to it (the same-dtype gradient baseline).
+    """
+    q, k, v, opts = resolve(
+        q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
+        q_lengths=q_lengths, softcap=softcap, scale=scale,
+    )
+    dout, _, _ = check_backward_inputs(
+        dout, np.zeros((opts.batch, opts.heads, opts.sq, opts.dv), np.float32),
+        np.zeros((opts.batch, opts.heads, opts.sq), np.float32), opts,
+    )
+    ar = _Arith(opts, upcast)
+    fwd = _forward(ar, q, k, v, opts)
+    r, mm = ar.round, ar.matmul
+    do = ar.input(dout)
+    p = fwd.p  # (B, H, Sq, Sk)
+    dv = _group_sum(mm(p.swapaxes(-1, -2), do), opts)  # (B, H_kv, Sk, Dv)
+    dp = mm(do, fwd.v.swapaxes(-1, -2))  # (B, H, Sq, Sk)
+    delta = r(np.sum(r(do * fwd.out), axis=-1, keepdims=True))  # (B, H, Sq, 1)
+    ds = r(p * r(dp - delta))
+    if fwd.tanh is not None:
+        ds = r(ds * r(1 - r(fwd.tanh * fwd.tanh)))
+    dq = r(mm(ds, fwd.k) * opts.scale)  # (B, H, Sq, D)
+    dk = r(_group_sum(mm(ds.swapaxes(-1, -2), fwd.q), opts) * opts.scale)
+    return ar.result(dq), ar.result(r(dk)), ar.result(r(dv))
+
+
+class _Arith:
+    """The arithmetic of one reference call: the compute dtype, rounding and matmul.
+
+    Arrays live in ``compute`` (float64 when upcasting or for float64 input, else float32);
+    ``round`` rounds an operation's result to the input dtype (identity when upcasting or
+    when the input dtype is the compute dtype).
+    """
+
+    def __init__(self, opts: AttentionOptions, upcast: bool) -> None:
+        self.upcast = upcast
+        self.dtype = opts.dtype
+        self.compute = np.dtype(np.float64) if upcast else accumulate_dtype(opts.dtype)
+        narrow = not upcast and self.dtype != self.compute
+        self.round: Callable[[np.ndarray], np.ndarray] = (
+            (lambda x: np.asarray(x).astype(self.dtype).astype(self.compute))
+            if narrow else (lambda x: x)
+        )
+
+    def input(self, x: np.ndarray) -> np.ndarray:
+        return self.round(np.asarray(x, self.compute))
+
+    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.round(np.matmul(a, b))
+
+    def result(self, x: np.ndarray) -> np.ndarray:
+        return x if self.upcast else x.astype(self.dtype)
+
+
+class _Forward:
+    """What the forward leaves for the backward (all (B, H, ...), compute dtype)."""
+
+    def __init__(self, **arrays: Any) -> None:
+        self.q: np.ndarray = arrays["q"]
+        self.k: np.ndarray = arrays["k"]  # repeated to H heads
+        self.v: np.ndarray = arrays["v"]  # repeated to H heads
+        self.tanh: np.ndarray | None = arrays["tanh"]  # tanh(scale q.k / c) under softcap
+        self.p: np.ndarray = arrays["p"]  # (B, H, Sq, Sk) probabilities, 0 where masked
+        self.out: np.ndarray = arrays["out"]
+        self.lse: np.ndarray = arrays["lse"]
+
+
+def _forward(ar: _Arith, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+             opts: AttentionOptions) -> _Forward:
+    r, mm = ar.round, ar.matmul
+    q, k, v = ar.input(q), ar.input(k), ar.input(v)
+    k, v = np.repeat(k, opts.group, axis=1), np.repeat(v, opts.group, axis=1)  # GQA -> H heads
+    s = r(mm(q, k.swapaxes(-1, -2)) * opts.scale)  # (B, H, Sq, Sk)
+    tanh = None
+    if opts.softcap is not None:
+        tanh = r(np.tanh(r(s / opts.softcap)))
+        s = r(opts.softcap * tanh)
+    if opts.bias is not None:
+        s = r(s + ar.input(opts.bias))
+    ok = opts.spec.dense()  # (B, H|1, Sq, Sk)
+    m = np.max(np.where(ok, s, -np.inf), axis=-1, initial=-np.inf)  # (B, H, Sq)
+    e = np.where(ok, r(np.exp(r(s - row_shift(m)[..., None]))), 0)
+    l = r(np.sum(e, axis=-1))
+    p = r(e / np.where(l == 0, 1, l)[..., None])
+    out = mm(p, v)  # (B, H, Sq, Dv)
+    with np.errstate(divide="ignore"):
+        lse = m + np.log(l)  # -inf where l == 0 (nothing to attend to)
+    lse = np.where(l == 0, -np.inf, lse)
+    return _Forward(q=q, k=k, v=v, tanh=tanh, p=p, out=out, lse=lse)
+
+
+def _group_sum(x: np.ndarray, opts: AttentionOptions) -> np.ndarray:
+    """(B, H, ...) -> (B, H_kv, ...): sum the query heads that share a key/value head."""
+    return x.reshape(opts.batch, opts.kv_heads, opts.group, *x.shape[2:]).sum(axis=2)

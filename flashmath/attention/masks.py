@@ -1,0 +1,234 @@
+"""Which (query, key) pairs may attend: the one mask builder every attention backend uses.
+
+Every positional mask in flashmath is a statement about *absolute positions*. Query row i
+and key column j of the arrays a backend holds sit at global positions
+
+    gi = q_offset + i        gj = k_offset + j
+
+(offsets are 0 unless the arrays are shards of longer sequences, as in ring attention and
+split-KV decoding). Pair (gi, gj) of batch entry b may attend iff all of
+
+    gi < q_len[b]                              padding queries attend to nothing
+    gj < kv_len[b]                             padding keys are never attended
+    lo <= gj - gi - diag[b] <= hi              causal / sliding-window band
+    mask[b, h, i, j]                           the caller's boolean mask (True = attend)
+
+hold. ``diag[b]`` places the diagonal: ``kv_len[b] - q_len[b]`` for bottom-right alignment
+(``causal=True``, FlashAttention >= 2.1 and its varlen API: the last valid query sees
+every valid key) and 0 for ``causal="top_left"`` (torch SDPA). A window without causal
+uses the bottom-right diagonal, as flash-attn does. ``window=(left, right)`` gives
+``lo = -left``, ``hi = right`` (None: unbounded); ``causal`` caps ``hi`` at 0::
+
+    causal=True, Sq=3, Sk=5          causal="top_left"          window=(1, 0)
+       keys 0 1 2 3 4                   keys 0 1 2 3 4            keys 0 1 2 3 4
+    q0      x x x . .                q0      x . . . .         q0      . . x x .
+    q1      x x x x .                q1      x x . . .         q1      . . . x x
+    q2      x x x x x                q2      x x x . .         q2      . . . . x
+                                                                 (bottom-right, Sq=3, Sk=5)
+
+The tiled loops never build a mask they do not need: :meth:`MaskSpec.key_span` and
+:meth:`MaskSpec.query_span` give the contiguous range a tile row/column can see (so
+whole tiles outside it are skipped), :meth:`MaskSpec.classify` says whether a tile is
+EMPTY, FULL (no mask needed) or PARTIAL, and :meth:`MaskSpec.block` builds the boolean
+mask of one tile from index ranges. The reference oracle materialises the whole
+(B, H|1, Sq, Sk) mask with :meth:`MaskSpec.dense`, from the same positional rule.
+
+The boolean ``mask`` (and the float ``bias``, which is a score term, not a mask) are
+given in the coordinates of the arrays the backend holds; lengths and offsets are global.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = ["Alignment", "MaskSpec", "TileKind", "block_of"]
+
+Alignment = Literal["bottom_right", "top_left"]
+
+
+class TileKind(enum.IntEnum):
+    """What a tile of (query, key) pairs needs: nothing, no mask, or a mask."""
+
+    EMPTY = 0  # no pair may attend: skip the tile
+    FULL = 1  # every pair may attend: compute it, build no mask
+    PARTIAL = 2  # some pairs may attend: compute it and apply MaskSpec.block
+
+
+def block_of(arr: np.ndarray, b: int, h: int, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+    """The [b, h, i0:i1, j0:j1] block of a 4-D array broadcastable to (B, H, Sq, Sk).
+
+    Broadcast (size-1) axes are read at index 0 and stay size 1 in the 2-D result, so the
+    block broadcasts against a (i1 - i0, j1 - j0) tile. Used for the boolean mask and the bias.
+    """
+    return arr[
+        b if arr.shape[0] != 1 else 0,
+        h if arr.shape[1] != 1 else 0,
+        slice(i0, i1) if arr.shape[2] != 1 else slice(None),
+        slice(j0, j1) if arr.shape[3] != 1 else slice(None),
+    ]
+
+
+@dataclass(frozen=True, eq=False)
+class MaskSpec:
+    """The attention mask of one call, in the local coordinates of the arrays it covers.
+
+    Build it with :meth:`create`. Fields (local coordinates, offsets already applied):
+
+    sq, sk: the local query and key counts.
+    q_valid, k_valid: (B,) int64, the local rows/columns before the padding starts
+        (``clip(q_len - q_offset, 0, sq)``, likewise for keys).
+    diag: (B,) int64, the band's diagonal in local coordinates: pair (i, j) is in the
+        band iff ``lo <= j - i - diag[b] <= hi``.
+    lo, hi: the band's bounds; None is unbounded.
+    mask: the caller's boolean mask as a 4-D array broadcastable to (B, H, sq, sk), or None.
+    """
+
+    sq: int
+    sk: int
+    q_valid: np.ndarray
+    k_valid: np.ndarray
+    diag: np.ndarray
+    lo: int | None
+    hi: int | None
+    mask: np.ndarray | None
+
+    @classmethod
+    def create(
+        cls,
+        batch: int,
+        sq: int,
+        sk: int,
+        *,
+        causal: Alignment | None = None,
+        window: tuple[int | None, int | None] | None = None,
+        mask: np.ndarray | None = None,
+        q_lengths: np.ndarray | None = None,
+        kv_lengths: np.ndarray | None = None,
+        q_offset: int = 0,
+        k_offset: int = 0,
+        q_total: int | None = None,
+        k_total: int | None = None,
+    ) -> MaskSpec:
+        """The spec for local arrays of sq queries and sk keys (options already validated).
+
+        causal: None, "bottom_right" (``causal=True``) or "top_left".
+        window: (left, right), each a non-negative int or None (unbounded).
+        mask: boolean, 4-D, broadcastable to (batch, H, sq, sk); True = may attend.
+        q_lengths, kv_lengths: (batch,) global valid lengths; None means q_total, k_total.
+        q_offset, k_offset: global position of local query row 0 and key column 0.
+        q_total, k_total: global sequence lengths (default q_offset + sq, k_offset + sk);
+            they place the bottom-right diagonal when no lengths are given.
+        """
+        q_total = q_offset + sq if q_total is None else q_total
+        k_total = k_offset + sk if k_total is None else k_total
+        q_len = np.full(batch, q_total, np.int64) if q_lengths is None else q_lengths
+        kv_len = np.full(batch, k_total, np.int64) if kv_lengths is None else kv_lengths
+        q_len = np.asarray(q_len, np.int64)
+        kv_len = np.asarray(kv_len, np.int64)
+        left, right = (None, None) if window is None else window
+        hi = right
+        if causal is not None:
+            hi = 0 if hi is None else min(hi, 0)
+        diag = kv_len - q_len if causal != "top_left" else np.zeros(batch, np.int64)
+        return cls(
+            sq=sq,
+            sk=sk,
+            q_valid=np.clip(q_len - q_offset, 0, sq),
+            k_valid=np.clip(kv_len - k_offset, 0, sk),
+            diag=diag + (q_offset - k_offset),
+            lo=None if left is None else -left,
+            hi=hi,
+            mask=mask,
+        )
+
+    @property
+    def banded(self) -> bool:
+        """True when a causal or window band restricts the pairs."""
+        return self.lo is not None or self.hi is not None
+
+    def key_span(self, b: int, i0: int, i1: int) -> tuple[int, int]:
+        """Keys [j0, j1) that query rows [i0, i1) of batch b may see (j0 >= j1: none).
+
+        Clipped to the valid keys; the rows are taken as given (clip them to
+        ``q_valid[b]`` first). Every key outside the span is masked for every row.
+        """
+        j0, j1 = 0, int(self.k_valid[b])
+        if i0 >= i1:
+            return 0, 0
+        d = int(self.diag[b])
+        if self.lo is not None:
+            j0 = max(j0, i0 + d + self.lo)
+        if self.hi is not None:
+            j1 = min(j1, i1 - 1 + d + self.hi + 1)
+        return j0, j1
+
+    def query_span(self, b: int, j0: int, j1: int) -> tuple[int, int]:
+        """Query rows [i0, i1) that may see any of keys [j0, j1) (i0 >= i1: none).
+
+        Clipped to the valid rows; the keys are taken as given.
+        """
+        i0, i1 = 0, int(self.q_valid[b])
+        if j0 >= j1:
+            return 0, 0
+        d = int(self.diag[b])
+        if self.hi is not None:
+            i0 = max(i0, j0 - d - self.hi)
+        if self.lo is not None:
+            i1 = min(i1, j1 - 1 - d - self.lo + 1)
+        return i0, i1
+
+    def classify(self, b: int, i0: int, i1: int, j0: int, j1: int) -> TileKind:
+        """EMPTY, FULL or PARTIAL for query rows [i0, i1) x keys [j0, j1) of batch b.
+
+        Costs a few integer comparisons. A boolean mask makes every non-empty tile PARTIAL.
+        """
+        if i0 >= min(i1, self.q_valid[b]) or j0 >= min(j1, self.k_valid[b]):
+            return TileKind.EMPTY
+        d = int(self.diag[b])
+        rel_min, rel_max = j0 - (i1 - 1) - d, (j1 - 1) - i0 - d  # extremes of j - i - diag
+        if (self.lo is not None and rel_max < self.lo) or (
+            self.hi is not None and rel_min > self.hi
+        ):
+            return TileKind.EMPTY
+        inside = (self.lo is None or rel_min >= self.lo) and (self.hi is None or rel_max <= self.hi)
+        within_lengths = i1 <= self.q_valid[b] and j1 <= self.k_valid[b]
+        if inside and within_lengths and self.mask is None:
+            return TileKind.FULL
+        return TileKind.PARTIAL
+
+    def block(self, b: int, h: int, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+        """Boolean (i1 - i0, j1 - j0) mask of query rows [i0, i1) x keys [j0, j1) of batch
+        entry b, query head h; True = may attend."""
+        ok = self._positions(self.diag[b], self.q_valid[b], self.k_valid[b], i0, i1, j0, j1)
+        if self.mask is not None:
+            ok = ok & block_of(self.mask, b, h, i0, i1, j0, j1)
+        return ok
+
+    def dense(self) -> np.ndarray:
+        """The whole boolean mask, (B, H|1, sq, sk): the head axis has size 1 unless the
+        caller's mask varies by head. What the reference oracle materialises."""
+        diag, q_valid, k_valid = (x[:, None, None] for x in (self.diag, self.q_valid, self.k_valid))
+        ok = self._positions(diag, q_valid, k_valid, 0, self.sq, 0, self.sk)[:, None]  # (B,1,sq,sk)
+        if self.mask is not None:
+            ok = ok & self.mask
+        return ok
+
+    def _positions(
+        self, diag: Any, q_valid: Any, k_valid: Any, i0: int, i1: int, j0: int, j1: int
+    ) -> np.ndarray:
+        """Lengths and band for rows [i0, i1) x keys [j0, j1); diag, q_valid, k_valid are
+        scalars (result (ni, nj)) or (B, 1, 1) arrays (result (B, ni, nj)). Built from
+        outer comparisons of index ranges, never from an (ni, nj) integer array."""
+        rows = np.arange(i0, i1)[:, None]
+        cols = np.arange(j0, j1)[None, :]
+        ok = (rows < q_valid) & (cols < k_valid)
+        # lo <= j - i - diag  <=>  i <= j - diag - lo;   j - i - diag <= hi  <=>  i >= j - diag - hi
+        if self.lo is not None:
+            ok = ok & (rows <= cols - diag - self.lo)
+        if self.hi is not None:
+            ok = ok & (rows >= cols - diag - self.hi)
+        return ok

@@ -1,0 +1,260 @@
+"""Validation of an attention call and the normalised option set every backend reads.
+
+:func:`resolve` checks q, k, v and the keyword options of ``attention_reference``,
+``flash_attention`` and ``flash_attention_backward`` once, and returns an
+:class:`AttentionOptions`: shapes, scale, softcap, the bias as a 4-D array and the
+:class:`~flashmath.attention.masks.MaskSpec`. Bad input raises ValueError (shapes, ranges)
+or TypeError (dtypes, types), naming the argument and what it got.
+
+Legend: B batch, H query heads, H_kv key/value heads (H % H_kv == 0; query head h reads
+key/value head h // (H // H_kv)), Sq/Sk query/key lengths, D the q/k head dim, Dv the v
+head dim.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flashmath.attention.masks import Alignment, MaskSpec
+from flashmath.dtypes import FLOAT8_DTYPES, as_float_array
+
+__all__ = ["AttentionOptions", "check_backward_inputs", "check_blocks", "resolve"]
+
+Window = tuple[int | None, int | None] | None
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionOptions:
+    """The validated options of one attention call.
+
+    batch, heads, kv_heads, sq, sk, d, dv: the shapes (local ones for a shard).
+    dtype: the input dtype shared by q, k and v.
+    scale: the factor on q . k (1/sqrt(D) unless given).
+    softcap: c in s -> c * tanh(s / c), applied to scale * q . k before the bias; or None.
+    bias: float, 4-D, broadcastable to (B, H, Sq, Sk), added after the softcap; or None.
+    spec: which pairs may attend (causal, window, boolean mask, lengths, offsets).
+    """
+
+    batch: int
+    heads: int
+    kv_heads: int
+    sq: int
+    sk: int
+    d: int
+    dv: int
+    dtype: np.dtype[Any]
+    scale: float
+    softcap: float | None
+    bias: np.ndarray | None
+    spec: MaskSpec
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (1 for multi-head, H for multi-query attention)."""
+        return self.heads // self.kv_heads
+
+    @property
+    def lse_dtype(self) -> np.dtype[Any]:
+        """float64 for float64 input, float32 otherwise (DESIGN.md)."""
+        return np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
+
+
+def _as_4d(x: Any, name: str, legend: str) -> np.ndarray:
+    arr = as_float_array(x, name=name)
+    if arr.ndim != 4:
+        raise ValueError(f"{name}: expected a 4-D array {legend}, got shape {arr.shape}")
+    return arr
+
+
+def _causal(causal: Any) -> Alignment | None:
+    if causal is None or causal is False or causal is np.False_:
+        return None
+    if causal is True or causal is np.True_ or causal == "bottom_right":
+        return "bottom_right"
+    if causal == "top_left":
+        return "top_left"
+    raise ValueError(
+        f'causal: expected False, True (bottom-right aligned), "bottom_right" or "top_left", '
+        f"got {causal!r}"
+    )
+
+
+def _window(window: Any) -> Window:
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window: expected (left, right) with ints or None, got {window!r}")
+    sides: list[int | None] = []
+    for side, value in zip(("left", "right"), window, strict=True):
+        if value is None:
+            sides.append(None)
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"window: {side} must be an int or None, got {value!r}")
+        if value < 0:
+            raise ValueError(
+                f"window: {side}={value} is negative; use None for an unbounded side "
+                f"(flash-attn's -1)"
+            )
+        sides.append(int(value))
+    return sides[0], sides[1]
+
+
+def _broadcastable(x: Any, name: str, target: tuple[int, ...], *, boolean: bool) -> np.ndarray:
+    arr = np.asarray(x)
+    if boolean and arr.dtype != np.bool_:
+        raise TypeError(
+            f"{name}: expected a boolean array (True = may attend), got dtype {arr.dtype}; "
+            f"pass additive float masks as bias="
+        )
+    if not boolean:
+        arr = as_float_array(arr, name=name)
+    if arr.ndim > 4:
+        raise ValueError(f"{name}: shape {arr.shape} has more than 4 axes; expected "
+                         f"a shape broadcastable to (B, H, Sq, Sk) = {target}")
+    try:
+        np.broadcast_shapes(arr.shape, target)
+    except ValueError:
+        raise ValueError(
+            f"{name}: shape {arr.shape} does not broadcast to (B, H, Sq, Sk) = {target}"
+        ) from None
+    return arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
+
+
+def _lengths(x: Any, name: str, batch: int, upper: int) -> np.ndarray | None:
+    if x is None:
+        return None
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
+    if arr.shape != (batch,):
+        raise ValueError(f"{name}: expected shape (B,) = ({batch},), got {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() > upper):
+        raise ValueError(f"{name}: values must lie in [0, {upper}], got {arr.tolist()}")
+    return arr.astype(np.int64)
+
+
+def _positive_float(x: Any, name: str, *, allow_negative: bool = False) -> float:
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {x!r}")
+    value = float(x)
+    if not math.isfinite(value) or (value <= 0 and not allow_negative):
+        raise ValueError(f"{name}: expected a finite {'' if allow_negative else 'positive '}"
+                         f"number, got {x!r}")
+    return value
+
+
+def resolve(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: Any = False,
+    window: Any = None,
+    mask: Any = None,
+    bias: Any = None,
+    kv_lengths: Any = None,
+    q_lengths: Any = None,
+    softcap: Any = None,
+    scale: Any = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    q_total: int | None = None,
+    k_total: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, AttentionOptions]:
+    """Validate an attention call; return (q, k, v) as float arrays and the options.
+
+    q: (B, H, Sq, D); k: (B, H_kv, Sk, D); v: (B, H_kv, Sk, Dv); one float dtype (integer
+    and bool input promotes to float64). See the module docs of ``masks`` for causal,
+    window, mask, lengths and the shard arguments q_offset, k_offset, q_total, k_total.
+    """
+    q = _as_4d(q, "q", "(B, H, Sq, D)")
+    k = _as_4d(k, "k", "(B, H_kv, Sk, D)")
+    v = _as_4d(v, "v", "(B, H_kv, Sk, Dv)")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    (batch, heads, sq, d), (_, kv_heads, sk, _), dv = q.shape, k.shape, v.shape[3]
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[3] != d:
+        raise ValueError(f"head dims differ: q {q.shape} has D={d}, k {k.shape} has D={k.shape[3]}")
+    if v.shape[1:3] != k.shape[1:3]:
+        raise ValueError(f"k {k.shape} and v {v.shape} must share (H_kv, Sk)")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"q has H={heads} heads, not a multiple of H_kv={kv_heads} (k {k.shape})"
+        )
+    if d == 0:
+        raise ValueError(f"q: head dim D must be positive, got shape {q.shape}")
+    for name, off in (("q_offset", q_offset), ("k_offset", k_offset)):
+        if off < 0:
+            raise ValueError(f"{name}: must be >= 0, got {off}")
+    q_total = q_offset + sq if q_total is None else q_total
+    k_total = k_offset + sk if k_total is None else k_total
+    if q_total < q_offset + sq or k_total < k_offset + sk:
+        raise ValueError(
+            f"q_total={q_total}, k_total={k_total} do not cover the shard "
+            f"(q_offset={q_offset}, Sq={sq}; k_offset={k_offset}, Sk={sk})"
+        )
+    target = (batch, heads, sq, sk)
+    mask_arr = None if mask is None else _broadcastable(mask, "mask", target, boolean=True)
+    bias_arr = None if bias is None else _broadcastable(bias, "bias", target, boolean=False)
+    spec = MaskSpec.create(
+        batch, sq, sk,
+        causal=_causal(causal),
+        window=_window(window),
+        mask=mask_arr,
+        q_lengths=_lengths(q_lengths, "q_lengths", batch, q_total),
+        kv_lengths=_lengths(kv_lengths, "kv_lengths", batch, k_total),
+        q_offset=q_offset, k_offset=k_offset, q_total=q_total, k_total=k_total,
+    )
+    opts = AttentionOptions(
+        batch=batch, heads=heads, kv_heads=kv_heads, sq=sq, sk=sk, d=d, dv=dv,
+        dtype=q.dtype,
+        scale=1.0 / math.sqrt(d) if scale is None else _positive_float(
+            scale, "scale", allow_negative=True),
+        softcap=None if softcap is None else _positive_float(softcap, "softcap"),
+        bias=bias_arr,
+        spec=spec,
+    )
+    return q, k, v, opts
+
+
+def check_blocks(block_q: Any, block_k: Any) -> None:
+    """block_q, block_k: None (the default) or positive ints."""
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if value is None:
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name}: expected a positive int or None, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name}: expected a positive int or None, got {value}")
+
+
+def check_backward_inputs(
+    dout: Any, out: Any, lse: Any, opts: AttentionOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate the backward's extra arrays against the forward's options.
+
+    dout, out: (B, H, Sq, Dv); lse: (B, H, Sq). float8 is rejected (the backward is
+    defined for float64, float32, float16 and bfloat16).
+    """
+    if opts.dtype in FLOAT8_DTYPES.values():
+        raise TypeError(
+            f"flash_attention_backward: float8 input ({opts.dtype}) is forward-only; "
+            f"cast q, k, v, dout to bfloat16 or float16 for gradients"
+        )
+    want = (opts.batch, opts.heads, opts.sq, opts.dv)
+    arrays = []
+    for name, x, shape in (("dout", dout, want), ("out", out, want), ("lse", lse, want[:3])):
+        arr = as_float_array(x, name=name)
+        if arr.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape} for q (B, H, Sq) and "
+                             f"v (Dv), got {arr.shape}")
+        arrays.append(arr)
+    return arrays[0], arrays[1], arrays[2]
