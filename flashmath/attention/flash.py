@@ -255,14 +255,21 @@ def _threads() -> int:
 
 def _run(units: list[tuple[int, int]], work: Callable[[int, int], None]) -> None:
     """work(b, h) for every unit, on up to one thread per core (the units write disjoint
-    slices of the outputs, so they need no locks)."""
+    slices of the outputs, so they need no locks). NaN/inf inputs give NaN rows and empty
+    rows give lse = log(0) = -inf by contract, so NumPy's floating-point warnings are off
+    inside (np.errstate is per thread)."""
+
+    def quiet(b: int, h: int) -> None:
+        with np.errstate(all="ignore"):
+            work(b, h)
+
     workers = min(len(units), _threads())
     if workers <= 1:
         for b, h in units:
-            work(b, h)
+            quiet(b, h)
         return
     with ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(work, b, h) for b, h in units]:
+        for future in [pool.submit(quiet, b, h) for b, h in units]:
             future.result()
 
 
@@ -294,8 +301,7 @@ def _forward(
             with lock:
                 counts.update(unit_counts)
 
-    with np.errstate(all="ignore"):  # NaN/inf inputs give NaN rows by contract, not warnings
-        _run(_units(opts), work)
+    _run(_units(opts), work)
     if stats is not None and counts is not None:
         _finish_stats(plan, counts, stats)
     return out, lse
@@ -378,7 +384,7 @@ def _backward(
     plan = _Plan.build(q, k, v, block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
                        **options)
     opts = plan.opts
-    dout, out, lse = check_backward_inputs(dout, out, lse, opts)
+    dout, out, lse = check_backward_inputs(opts, dout=dout, out=out, lse=lse)
     dq = np.zeros(plan.q.shape, opts.dtype)
     # Per query head; summed over each group of heads below (disjoint writes per thread).
     dk = np.zeros((opts.batch, opts.heads, opts.sk, opts.d), plan.acc)
@@ -387,8 +393,7 @@ def _backward(
     def work(b: int, h: int) -> None:
         _backward_unit(plan, b, h, dout, out, lse, dq, dk, dv)
 
-    with np.errstate(all="ignore"):
-        _run(_units(opts), work)
+    _run(_units(opts), work)
     shape = (opts.batch, opts.kv_heads, opts.group, opts.sk)
     dk = dk.reshape(*shape, opts.d).sum(axis=2) if opts.group > 1 else dk
     dv = dv.reshape(*shape, opts.dv).sum(axis=2) if opts.group > 1 else dv

@@ -236,25 +236,27 @@ def check_blocks(block_q: Any, block_k: Any) -> None:
             raise ValueError(f"{name}: expected a positive int or None, got {value}")
 
 
-def check_backward_inputs(
-    dout: Any, out: Any, lse: Any, opts: AttentionOptions
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate the backward's extra arrays against the forward's options.
+def check_backward_inputs(opts: AttentionOptions, **arrays: Any) -> list[np.ndarray]:
+    """Validate the backward's arrays, given by name, against the forward's options.
 
-    dout, out: (B, H, Sq, Dv); lse: (B, H, Sq). float8 is rejected (the backward is
-    defined for float64, float32, float16 and bfloat16).
+    dout, out: (B, H, Sq, Dv); lse: (B, H, Sq). Returns them as float arrays, in the order
+    given. float8 is rejected: the backward is defined for float64, float32, float16 and
+    bfloat16.
     """
     if opts.dtype in FLOAT8_DTYPES.values():
         raise TypeError(
             f"flash_attention_backward: float8 input ({opts.dtype}) is forward-only; "
             f"cast q, k, v, dout to bfloat16 or float16 for gradients"
         )
-    want = (opts.batch, opts.heads, opts.sq, opts.dv)
-    arrays = []
-    for name, x, shape in (("dout", dout, want), ("out", out, want), ("lse", lse, want[:3])):
+    rows = (opts.batch, opts.heads, opts.sq)
+    shapes = {"dout": (*rows, opts.dv), "out": (*rows, opts.dv), "lse": rows}
+    checked = []
+    for name, x in arrays.items():
         arr = as_float_array(x, name=name)
-        if arr.shape != shape:
-            raise ValueError(f"{name}: expected shape {shape} for q (B, H, Sq) and "
-                             f"v (Dv), got {arr.shape}")
-        arrays.append(arr)
-    return arrays[0], arrays[1], arrays[2]
+        if arr.shape != shapes[name]:
+            raise ValueError(
+                f"{name}: expected shape {shapes[name]} from q {(*rows, opts.d)} and "
+                f"v (Dv={opts.dv}), got {arr.shape}"
+            )
+        checked.append(arr)
+    return checked

@@ -96,7 +96,8 @@ def attention_reference(
         q_lengths=q_lengths, softcap=softcap, scale=scale,
     )
     ar = _Arith(opts, upcast)
-    fwd = _forward(ar, q, k, v, opts)
+    with np.errstate(all="ignore"):  # NaN/inf give NaN rows, empty rows log(0), by contract
+        fwd = _forward(ar, q, k, v, opts)
     out = ar.result(fwd.out)
     if not return_lse:
         return out
@@ -132,14 +133,17 @@ def attention_reference_backward(
         q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
         q_lengths=q_lengths, softcap=softcap, scale=scale,
     )
-    dout, _, _ = check_backward_inputs(
-        dout, np.zeros((opts.batch, opts.heads, opts.sq, opts.dv), np.float32),
-        np.zeros((opts.batch, opts.heads, opts.sq), np.float32), opts,
-    )
+    (dout,) = check_backward_inputs(opts, dout=dout)
     ar = _Arith(opts, upcast)
+    with np.errstate(all="ignore"):
+        dq, dk, dv = _backward(ar, ar.input(dout), q, k, v, opts)
+    return ar.result(dq), ar.result(dk), ar.result(dv)
+
+
+def _backward(ar: _Arith, do: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+              opts: AttentionOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     fwd = _forward(ar, q, k, v, opts)
     r, mm = ar.round, ar.matmul
-    do = ar.input(dout)
     p = fwd.p  # (B, H, Sq, Sk)
     dv = _group_sum(mm(p.swapaxes(-1, -2), do), opts)  # (B, H_kv, Sk, Dv)
     dp = mm(do, fwd.v.swapaxes(-1, -2))  # (B, H, Sq, Sk)
@@ -149,7 +153,7 @@ def attention_reference_backward(
         ds = r(ds * r(1 - r(fwd.tanh * fwd.tanh)))
     dq = r(mm(ds, fwd.k) * opts.scale)  # (B, H, Sq, D)
     dk = r(_group_sum(mm(ds.swapaxes(-1, -2), fwd.q), opts) * opts.scale)
-    return ar.result(dq), ar.result(r(dk)), ar.result(r(dv))
+    return dq, dk, r(dv)
 
 
 class _Arith:
@@ -206,14 +210,13 @@ def _forward(ar: _Arith, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     if opts.bias is not None:
         s = r(s + ar.input(opts.bias))
     ok = opts.spec.dense()  # (B, H|1, Sq, Sk)
-    m = np.max(np.where(ok, s, -np.inf), axis=-1, initial=-np.inf)  # (B, H, Sq)
+    s = np.where(ok, s, -np.inf)  # masked pairs: probability exactly 0
+    m = np.max(s, axis=-1, initial=-np.inf)  # (B, H, Sq)
     e = np.where(ok, r(np.exp(r(s - row_shift(m)[..., None]))), 0)
     l = r(np.sum(e, axis=-1))
     p = r(e / np.where(l == 0, 1, l)[..., None])
     out = mm(p, v)  # (B, H, Sq, Dv)
-    with np.errstate(divide="ignore"):
-        lse = m + np.log(l)  # -inf where l == 0 (nothing to attend to)
-    lse = np.where(l == 0, -np.inf, lse)
+    lse = m + np.log(l)  # l == 0 (nothing to attend to) only when m = -inf: lse = -inf
     return _Forward(q=q, k=k, v=v, tanh=tanh, p=p, out=out, lse=lse)
 
 
