@@ -388,8 +388,11 @@ def softmax_online_chunked(
     The state is kept in the accumulate dtype (float32 for float32 and narrower input,
     float64 for float64; ``accum_dtype`` overrides it, e.g. float16 to watch it fail); the
     result is returned in the input dtype (the common dtype of the chunks and V_chunks).
-    Error: for outputs of order one, within a few units of the accumulate dtype's epsilon
-    times log2(N) of the float64 result, plus the final rounding to the input dtype.
+    Accuracy (tested, for any split and any merge order): max |result - softmax(s) @ V|,
+    the reference in float64 on the exact input values, is below 1e-12 for float64 input,
+    1e-6 for float32, 1e-3 for float16 and 5e-3 for bfloat16 (seed 000's bounds), times
+    max(1, max|result|). The narrow bounds are the final rounding to the input dtype; the
+    float32 state itself gathers about (number of chunks) x eps(float32) of error.
     """
     chunks, V_chunks = list(chunks), list(V_chunks)
     if len(chunks) != len(V_chunks):

@@ -65,11 +65,7 @@ def _quiet() -> Any:
 
 def _batched64(s: np.ndarray, V: np.ndarray) -> np.ndarray:
     """Seed 000's Block A, softmax(s) @ V, in float64 on the exact values of s and V."""
-    s64 = s.astype(np.float64)
-    m = np.max(s64, axis=-1, keepdims=True)
-    e = np.exp(s64 - np.where(np.isneginf(m), 0.0, m))
-    total = e.sum(axis=-1, keepdims=True)
-    p = np.divide(e, total, out=np.zeros_like(e), where=total != 0)
+    p = fm.softmax(s.astype(np.float64))  # (..., N); all -inf rows give zeros
     return (p[..., None, :] @ V.astype(np.float64))[..., 0, :]
 
 
@@ -191,8 +187,7 @@ def _realistic(ctx: Context) -> list[dict[str, Any]]:
     rng, records = ctx.rng(4), []
     s64 = 5.0 * rng.standard_normal((trials, n))
     V64 = rng.standard_normal((trials, n, d))
-    p = np.exp(s64 - s64.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    p = fm.softmax(s64)
     _, trace = fm.softmax_online(s64, chunk)
     ms = np.stack([m for m, _ in trace])  # (blocks, trials)
     alphas = np.exp(ms[:-1] - ms[1:])
@@ -248,8 +243,7 @@ def _above_11(ctx: Context) -> list[dict[str, Any]]:
 def _trace() -> list[dict[str, Any]]:
     scores = np.array(SEED_002_SCORES)
     probs, trace = fm.softmax_online(scores, SEED_002_BLOCK)
-    exact = np.exp(scores - scores.max())
-    exact /= exact.sum()
+    exact = fm.softmax(scores)  # the stable two-pass softmax
     return [{"section": "trace", "block": i,
              "entries": list(scores[i * SEED_002_BLOCK:(i + 1) * SEED_002_BLOCK]),
              "m": m, "l": l, "probs": list(probs),
