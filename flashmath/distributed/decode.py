@@ -1,5 +1,186 @@
-"""PLACEHOLDER: replaced by its owner (work in progress)."""
+"""Split-KV decoding ("flash-decoding"): a few queries against a long KV cache, the cache
+cut into key ranges that are attended to independently and merged by log-sum-exp.
 
-def flash_decode(*args, **kwargs):  # type: ignore[no-untyped-def]
-    raise NotImplementedError("flash_decode")
+Legend: B batch, H query heads, H_kv key/value heads (H % H_kv == 0), Sq new queries
+(small: 1 for plain decoding), Sk cache capacity, D head dim, Dv value head dim.
 
+Why split: one decoding step has B * H_kv * Sq rows of work. When that is fewer than the
+cores, the tiled kernel (which parallelises over (batch, head) slices) leaves cores idle
+while it streams the whole cache through one of them. Cutting the keys into ranges gives
+every core a range; each range returns (out_i, lse_i) and ``fm.merge_outputs`` combines
+them exactly (the online-softmax rule), so the result does not depend on the split.
+
+Semantics follow flash-attn's ``flash_attn_with_kvcache`` (without appending new keys):
+batch entry b attends to the first ``cache_lengths[b]`` keys of its cache; later slots
+are padding. Non-causal by default: every query sees every valid key. ``causal=True``
+aligns the queries bottom-right to the valid length (query i of Sq sees keys
+j <= cache_lengths[b] - Sq + i: the Sq queries are the last Sq tokens of the cache, as
+in speculative decoding). An entry with cache_lengths[b] == 0 gives zeros and lse -inf.
+
+When the query heads share K/V heads (GQA/MQA) and the mask does not depend on the
+query's row (non-causal, or Sq == 1), the group's queries are folded into the rows of
+one K/V head, as flash-attn's decoding kernels do: the cache is then read once per K/V
+head instead of once per query head, and each tile is a matrix product, not a vector one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from flashmath.attention import flash
+from flashmath.dtypes import accumulate_dtype, as_float_array
+from flashmath.online import merge_outputs
+
+__all__ = ["MIN_SPLIT_KEYS", "choose_num_splits", "flash_decode"]
+
+#: The shortest key range worth a split of its own (measured on 2 cores with
+#: benchmarks/bench_decode.py: below this the per-split overhead eats the gain).
+MIN_SPLIT_KEYS = 8192
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def choose_num_splits(rows: int, keys: int, *, cores: int | None = None) -> int:
+    """The default number of key ranges (flash-attn's heuristic, sized for CPU cores).
+
+    rows: the independent work slices (B * H_kv after folding GQA groups, else B * H);
+    keys: the longest valid cache length. One split when the slices already occupy every
+    core or the cache is short; else enough splits to give each idle core a range of at
+    least MIN_SPLIT_KEYS keys, at most ``cores`` per slice.
+    """
+    cores = _cores() if cores is None else cores
+    if rows >= cores or keys < 2 * MIN_SPLIT_KEYS:
+        return 1
+    want = -(-cores // rows)  # ceil(cores / rows) ranges per slice fill the cores
+    return max(1, min(want, keys // MIN_SPLIT_KEYS))
+
+
+def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: Any,
+           num_splits: Any) -> np.ndarray:
+    for name, arr, legend in (("q", q, "(B, H, Sq, D)"), ("k_cache", k, "(B, H_kv, Sk, D)"),
+                              ("v_cache", v, "(B, H_kv, Sk, Dv)")):
+        if arr.ndim != 4:
+            raise ValueError(f"{name}: expected a 4-D array {legend}, got shape {arr.shape}")
+    (b, h, _, d), (bk, hk, sk, dk), (bv, hv, sv, _) = q.shape, k.shape, v.shape
+    if bk != b or bv != b:
+        raise ValueError(f"k_cache, v_cache: batch must be q's B={b}; got k_cache {k.shape}, "
+                         f"v_cache {v.shape}")
+    if (hk, sk) != (hv, sv):
+        raise ValueError(f"v_cache: shape {v.shape} must share (H_kv, Sk) with k_cache {k.shape}")
+    if hk == 0 or h % hk:
+        raise ValueError(f"k_cache: H_kv={hk} must divide q's H={h} (q {q.shape}, k_cache "
+                         f"{k.shape})")
+    if dk != d:
+        raise ValueError(f"k_cache: head dim {dk} differs from q's D={d}")
+    lengths = np.asarray(lengths)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"cache_lengths: expected integers, got dtype {lengths.dtype}")
+    if lengths.shape != (b,):
+        raise ValueError(f"cache_lengths: expected shape (B,) = ({b},), got {lengths.shape}")
+    if lengths.size and (lengths.min() < 0 or lengths.max() > sk):
+        raise ValueError(f"cache_lengths: values must lie in [0, Sk={sk}], got {lengths.tolist()}")
+    if num_splits is not None and (
+        isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer))
+        or not 1 <= num_splits <= max(sk, 1)
+    ):
+        raise ValueError(f"num_splits: expected None or an int in [1, Sk={sk}], got {num_splits!r}")
+    return lengths.astype(np.int64)
+
+
+def flash_decode(
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    *,
+    cache_lengths: Any,
+    num_splits: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    causal: bool = False,
+) -> np.ndarray:
+    """Attention of a few new queries to a KV cache, the keys split into ranges and merged.
+
+    Parameters
+    ----------
+    q : (B, H, Sq, D) the new queries (Sq small; any Sq works).
+    k_cache, v_cache : (B, H_kv, Sk, D) and (B, H_kv, Sk, Dv); one float dtype with q.
+    cache_lengths : (B,) ints in [0, Sk]: entry b attends to keys [0, cache_lengths[b]).
+    num_splits : how many key ranges [0, max(cache_lengths)) is cut into (equal widths;
+        ranges of zero width are dropped, so num_splits up to Sk is allowed). None picks
+        ``choose_num_splits`` (one split unless cores would otherwise sit idle).
+    scale : score scale, default 1/sqrt(D). softcap : s -> softcap * tanh(s / softcap).
+    causal : False (default, as flash_attn_with_kvcache): every valid key; True: the
+        queries are the cache's last Sq tokens (bottom-right aligned to cache_lengths[b]).
+
+    Returns
+    -------
+    (B, H, Sq, Dv) in the input dtype: equal to ``fm.attention_reference(q, k_cache,
+    v_cache, kv_lengths=cache_lengths, causal=causal, ...)`` within the accuracy rule, for
+    every num_splits. Ranges with no valid key for a row contribute lse = -inf and nothing
+    else; rows with no valid key at all are 0. Never NaN unless the input holds NaN/inf.
+
+    Narrow inputs (float16, bfloat16) compute in float32, merge in float32 and round once.
+
+    Examples
+    --------
+    >>> import numpy as np, flashmath as fm
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((1, 8, 1, 64))
+    >>> k, v = rng.standard_normal((2, 1, 2, 4096, 64))
+    >>> out = fm.flash_decode(q, k, v, cache_lengths=[3000], num_splits=4)
+    >>> ref = fm.attention_reference(q, k, v, kv_lengths=[3000])
+    >>> bool(np.abs(out - ref).max() < 1e-12)
+    True
+    """
+    q = as_float_array(q, name="q")
+    k = as_float_array(k_cache, name="k_cache")
+    v = as_float_array(v_cache, name="v_cache")
+    lengths = _check(q, k, v, cache_lengths, num_splits)
+    b, h, sq, _ = q.shape
+    hk, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    acc = accumulate_dtype(q.dtype)
+    out_dtype = q.dtype
+    if q.dtype != acc:  # narrow: upcast once, exactly, so only the final result rounds
+        q = q.astype(acc)
+    causal = bool(causal) and sq > 1  # one query is the last token: it sees every valid key
+    group = h // hk
+    fold = group > 1 and not causal
+    if fold:  # (B, H, Sq, D) -> (B, H_kv, group * Sq, D): rows of one K/V head together
+        q = q.reshape(b, hk, group * sq, q.shape[3])
+    span = int(lengths.max()) if b else 0
+    rows = b * (hk if fold or group == 1 else h)
+    n = choose_num_splits(rows, span) if num_splits is None else int(num_splits)
+    edges = np.unique(np.linspace(0, span, n + 1).round().astype(np.int64))
+    ranges = [(int(a), int(z)) for a, z in itertools.pairwise(edges) if z > a]
+
+    def part(r: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        a, z = r
+        ks, vs = k[:, :, a:z], v[:, :, a:z]
+        if ks.dtype != acc:
+            ks, vs = ks.astype(acc), vs.astype(acc)
+        return flash._forward(q, ks, vs, kv_lengths=lengths, k_offset=a, k_total=sk,
+                              causal=causal, scale=scale, softcap=softcap)
+
+    if not ranges:  # every cache is empty
+        out = np.zeros((b, h, sq, dv), out_dtype)
+        return out
+    if len(ranges) > 1 and rows < _cores():  # idle cores: one range per thread
+        with ThreadPoolExecutor(min(len(ranges), _cores())) as pool:
+            parts = list(pool.map(part, ranges))
+    else:
+        parts = [part(r) for r in ranges]
+    if len(parts) == 1:
+        o = parts[0][0]
+    else:
+        o, _ = merge_outputs([p[0] for p in parts], [p[1] for p in parts])
+    return o.reshape(b, h, sq, dv).astype(out_dtype, copy=False)
