@@ -19,10 +19,12 @@ What moves (one entry per tensor in :class:`Traffic`):
 standard (Algorithm 0 of the paper)
     read Q, K; write S = Q K^T; read S, write P = softmax(S); read P, V; write O.
     Masks do not change it: the full Sq x Sk matrices are materialised.
-flash, ``loop_order="fa2"`` (FlashAttention-2; what a NumPy or Triton forward does)
+flash, ``loop_order="fa2"`` (FlashAttention-2; what flashmath's NumPy forward does)
     outer loop over Q blocks, inner over K/V blocks. Each Q block that has at
-    least one visited tile is read once; each visited tile reads its K and V
-    rows (clipped at Sk) once; O and lse are written once for every row.
+    least one visited tile is read once (its rows below q_len); each visited tile
+    reads the K and V rows it holds of the keys its Q block can see (the union of
+    the block's rows' allowed keys: whole tiles without a mask, clipped to the
+    causal/window band and kv_len with one); O and lse are written once per row.
 flash, ``loop_order="fa1"`` (Algorithm 1 of the paper)
     O, l, m are initialised in HBM (written once); outer loop over K/V blocks,
     each read once if it has a visited tile; inner loop over Q blocks: every
@@ -187,17 +189,27 @@ def visited_tiles(
 
     Blocks start at multiples of the block size; the last ones are clipped at Sq, Sk.
     """
-    sq = lo.shape[0]
-    n_q, n_k = -(-sq // block_q), -(-sk // block_k)
+    return np.array([vis for _, _, vis in _block_spans(lo, hi, sk, block_q, block_k)])
+
+
+def _block_spans(
+    lo: np.ndarray, hi: np.ndarray, sk: int, block_q: int, block_k: int
+) -> list[tuple[int, int, np.ndarray]]:
+    """Per Q block: the keys [j0, j1) its rows may see (their union; 0, 0 when none) and
+    the (n_k_blocks,) boolean row of visited tiles."""
+    n_k = -(-sk // block_k)
     k0 = np.arange(n_k) * block_k
     k1 = np.minimum(k0 + block_k, sk)
-    out = np.zeros((n_q, n_k), bool)
-    for bi in range(n_q):
-        rl, rh = lo[bi * block_q:(bi + 1) * block_q], hi[bi * block_q:(bi + 1) * block_q]
+    out = []
+    for i0 in range(0, lo.shape[0], block_q):
+        rl, rh = lo[i0:i0 + block_q], hi[i0:i0 + block_q]
         keep = rl < rh
-        if keep.any():
-            rl, rh = rl[keep, None], rh[keep, None]
-            out[bi] = ((rl < k1) & (rh > k0)).any(axis=0)
+        if not keep.any():
+            out.append((0, 0, np.zeros(n_k, bool)))
+            continue
+        rl, rh = rl[keep, None], rh[keep, None]
+        vis = ((rl < k1) & (rh > k0)).any(axis=0)
+        out.append((int(rl.min()), int(rh.max()), vis))
     return out
 
 
@@ -220,8 +232,9 @@ def flash_attention_bytes(
         elem * (Sk (d + dv) + n_k Sq (d + 2 dv) + Sq dv) + stat * 2 Sq (2 n_k + 1)
                  K, V once    Q, O read, O written  O init   l, m read + written, init
 
-    With masks, only visited tiles count (see :func:`visited_tiles`); lengths are
-    per batch entry, so ``q_lengths`` / ``kv_lengths`` have ``batch`` entries.
+    With masks, only visited tiles count (see :func:`visited_tiles`), and in the FA2
+    order their K/V rows are clipped to the keys the Q block can see; lengths are per
+    batch entry, so ``q_lengths`` / ``kv_lengths`` have ``batch`` entries.
     """
     dv = d if dv is None else dv
     if loop_order not in ("fa1", "fa2"):
@@ -232,29 +245,31 @@ def flash_attention_bytes(
         if lens is not None and len(lens) != batch:
             raise ValueError(f"{name} has {len(lens)} entries for batch={batch}")
     n_q, n_k = -(-sq // block_q), -(-sk // block_k)
-    q_rows = np.minimum(np.arange(n_q) * block_q + block_q, sq) - np.arange(n_q) * block_q
-    k_rows = np.minimum(np.arange(n_k) * block_k + block_k, sk) - np.arange(n_k) * block_k
+    k0 = np.arange(n_k) * block_k
+    k1 = np.minimum(k0 + block_k, sk)
     fa2 = loop_order == "fa2"
     reads = dict.fromkeys(("q", "k", "v") if fa2 else ("q", "k", "v", "o", "l", "m"), 0)
     writes = dict.fromkeys(("o", "lse") if fa2 else ("o", "l", "m"), 0)
     tiles = 0
     for b in range(batch):
-        lo, hi = key_intervals(
-            sq, sk, causal=causal, window=window,
-            q_len=None if q_lengths is None else int(q_lengths[b]),
-            kv_len=None if kv_lengths is None else int(kv_lengths[b]),
-        )
-        vis = visited_tiles(lo, hi, sk, block_q, block_k)
+        q_len = sq if q_lengths is None else int(q_lengths[b])
+        lo, hi = key_intervals(sq, sk, causal=causal, window=window, q_len=q_len,
+                               kv_len=None if kv_lengths is None else int(kv_lengths[b]))
+        spans = _block_spans(lo, hi, sk, block_q, block_k)
+        vis = np.array([v for _, _, v in spans])
         tiles += int(vis.sum())
         if fa2:
-            reads["q"] += int(q_rows[vis.any(axis=1)].sum()) * d
-            kv_rows = int((vis * k_rows[None, :]).sum())
-            reads["k"] += kv_rows * d
-            reads["v"] += kv_rows * dv
+            for bi, (j0, j1, row) in enumerate(spans):
+                if row.any():
+                    reads["q"] += (min(bi * block_q + block_q, q_len) - bi * block_q) * d
+                    kv_rows = int((np.minimum(k1, j1) - np.maximum(k0, j0))[row].sum())
+                    reads["k"] += kv_rows * d
+                    reads["v"] += kv_rows * dv
             writes["o"] += sq * dv
             writes["lse"] += sq
-        else:
-            kv_rows = int(k_rows[vis.any(axis=0)].sum())
+        else:  # whole tiles, as Algorithm 1 loads them
+            q_rows = np.minimum(np.arange(n_q) * block_q + block_q, sq) - np.arange(n_q) * block_q
+            kv_rows = int((k1 - k0)[vis.any(axis=0)].sum())
             reads["k"] += kv_rows * d
             reads["v"] += kv_rows * dv
             q_visits = int((vis * q_rows[:, None]).sum())  # rows of Q_i re-read per visit
@@ -265,6 +280,7 @@ def flash_attention_bytes(
             writes["o"] += (sq + q_visits) * dv  # initialised, then written per visit
             writes["l"] += sq + q_visits
             writes["m"] += sq + q_visits
+
     def to_bytes(counts: dict[str, int]) -> dict[str, int]:
         size = {"lse": stat_bytes, "l": stat_bytes, "m": stat_bytes}
         return {k: v * heads * size.get(k, elem_bytes) for k, v in counts.items()}

@@ -66,10 +66,15 @@ def test_fa2_hand_count_causal_skips_the_upper_tile():
 
 
 def test_fa2_ragged_tiles_causal():
-    # Q blocks [0,4) [4,8) [8,10); K tiles [0,3) [3,6) [6,9) [9,10); row i sees keys <= i.
-    # Visited K rows per Q block: 3+3, 3+3+3, 3+3+3+1 -> 25 rows, 9 of 12 tiles.
+    # Q blocks [0,4) [4,8) [8,10); K tiles [0,3) [3,6) [6,9) [9,10); row i sees keys <= i,
+    # so the blocks see keys [0,4), [0,8), [0,10). Visited tiles 2 + 3 + 4 = 9 of 12; the
+    # K rows read are the tiles' rows inside those spans: 3+1, 3+3+2, 3+3+3+1 = 22.
     t = flash_attention_bytes(10, 10, 1, block_q=4, block_k=3, causal=True, elem_bytes=1)
-    assert (t.reads["k"], t.tiles, t.tiles_total) == (25, 9, 12)
+    assert (t.reads["k"], t.tiles, t.tiles_total) == (22, 9, 12)
+    # Algorithm 1 loads whole K blocks, once each
+    t1 = flash_attention_bytes(10, 10, 1, block_q=4, block_k=3, causal=True, elem_bytes=1,
+                               loop_order="fa1")
+    assert (t1.reads["k"], t1.tiles) == (10, 9)
 
 
 def test_fa2_dense_closed_form():
@@ -131,13 +136,17 @@ def test_window_tiles_by_hand():
 
 
 def test_lengths_are_per_batch_entry():
-    # batch 0 sees everything (4 tiles); batch 1 has 3 keys (first key tile) and 4 queries
-    # (first Q block): 1 tile, and its empty Q block is not read. O and lse are written whole.
+    # batch 0 sees everything (4 tiles); batch 1 has 3 keys (first key tile, 3 of its rows
+    # read) and 4 queries (first Q block): 1 tile, and its empty Q block is not read.
+    # O and lse are written whole.
     t = flash_attention_bytes(8, 8, 1, block_q=4, block_k=4, batch=2, kv_lengths=[8, 3],
                               q_lengths=[8, 4], elem_bytes=1, stat_bytes=1)
     assert (t.tiles, t.tiles_total) == (5, 8)
-    assert t.reads == {"q": 8 + 4, "k": 16 + 4, "v": 16 + 4}
+    assert t.reads == {"q": 8 + 4, "k": 16 + 3, "v": 16 + 3}
     assert t.writes == {"o": 16, "lse": 16}
+    # q rows past q_len inside a read block are not read: q_len 6 reads rows 0..5
+    t = flash_attention_bytes(8, 8, 1, block_q=4, block_k=4, q_lengths=[6], elem_bytes=1)
+    assert t.reads["q"] == 6
     with pytest.raises(ValueError, match="kv_lengths has 1 entries for batch=2"):
         flash_attention_bytes(8, 8, 1, block_q=4, block_k=4, batch=2, kv_lengths=[8])
 
