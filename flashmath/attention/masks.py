@@ -21,9 +21,9 @@ uses the bottom-right diagonal, as flash-attn does. ``window=(left, right)`` giv
 
     causal=True, Sq=3, Sk=5          causal="top_left"          window=(1, 0)
        keys 0 1 2 3 4                   keys 0 1 2 3 4            keys 0 1 2 3 4
-    q0      x x x . .                q0      x . . . .         q0      . . x x .
-    q1      x x x x .                q1      x x . . .         q1      . . . x x
-    q2      x x x x x                q2      x x x . .         q2      . . . . x
+    q0      x x x . .                q0      x . . . .         q0      . x x . .
+    q1      x x x x .                q1      x x . . .         q1      . . x x .
+    q2      x x x x x                q2      x x x . .         q2      . . . x x
                                                                  (bottom-right, Sq=3, Sk=5)
 
 The tiled loops never build a mask they do not need: :meth:`MaskSpec.key_span` and
