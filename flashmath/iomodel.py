@@ -200,7 +200,7 @@ def _block_spans(
     n_k = -(-sk // block_k)
     k0 = np.arange(n_k) * block_k
     k1 = np.minimum(k0 + block_k, sk)
-    out = []
+    out: list[tuple[int, int, np.ndarray]] = []
     for i0 in range(0, lo.shape[0], block_q):
         rl, rh = lo[i0:i0 + block_q], hi[i0:i0 + block_q]
         keep = rl < rh
@@ -208,8 +208,8 @@ def _block_spans(
             out.append((0, 0, np.zeros(n_k, bool)))
             continue
         rl, rh = rl[keep, None], rh[keep, None]
-        vis = ((rl < k1) & (rh > k0)).any(axis=0)
-        out.append((int(rl.min()), int(rh.max()), vis))
+        vis = np.any((rl < k1) & (rh > k0), axis=0)
+        out.append((int(rl.min()), int(rh.max()), np.asarray(vis)))
     return out
 
 
