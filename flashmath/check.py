@@ -1,0 +1,320 @@
+"""`flashmath check softmax|attention TARGET`: run the conformance battery on a kernel.
+
+TARGET is ``MODULE:FUNC`` (FUNC may be dotted: ``pkg.mod:Class.method``; the current
+folder is importable, as with ``python -m``) or one of the built-in targets:
+
+- ``flashmath``: fm.softmax / fm.flash_attention (+ fm.flash_attention_backward);
+- ``torch``: torch.softmax / torch.nn.functional.scaled_dot_product_attention (+ autograd),
+  when torch is installed;
+- ``naive``: fm.naive.softmax / the textbook exp(s) / sum exp(s) attention in the input
+  dtype without the max shift -- it must fail the overflow cases.
+
+Every case of :func:`flashmath.testing.softmax_battery` or ``attention_battery`` is run and
+judged by the accuracy rule and the NaN policy (see :mod:`flashmath.testing`). A table is
+printed (case, dtype, max error, baseline error, ratio, NaN policy, verdict), then the
+message of every failure. Exit status: 0 when every case that ran passed, 1 when one failed
+(or none ran), 2 when the target cannot be imported or called (one line on stderr, no
+traceback). ``--json FILE`` writes the same results atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flashmath import testing
+
+__all__ = ["BUILTIN_TARGETS", "TargetError", "configure", "format_table", "load_target", "main"]
+
+BUILTIN_TARGETS = ("flashmath", "torch", "naive")
+
+
+class TargetError(Exception):
+    """The target cannot be imported or called: the message is the one line to print."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add `check`'s arguments: the kind (softmax | attention) and its options."""
+    sub = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind in ("softmax", "attention"):
+        p = sub.add_parser(kind, help=f"check a {kind} implementation against the oracle",
+                           description=f"Run the {kind} battery on TARGET and judge every case.")
+        p.add_argument("target", metavar="TARGET",
+                       help="MODULE:FUNC, or a built-in: flashmath, torch, naive")
+        p.add_argument("--dtype", action="append", metavar="DTYPE",
+                       choices=testing.BATTERY_DTYPES,
+                       help="only these dtypes (repeatable; default: all of "
+                            f"{', '.join(testing.BATTERY_DTYPES)})")
+        if kind == "attention":
+            p.add_argument("--grads", action="store_true",
+                           help="also judge dq, dk, dv (torch autograd, or the impl's backward)")
+        p.add_argument("--json", type=Path, metavar="FILE",
+                       help="also write the results as JSON (atomically)")
+        p.add_argument("--backend", choices=("numpy", "torch"),
+                       help="what the target takes (default: its `backend` attribute, torch "
+                            "for callables from torch modules, else numpy)")
+        p.add_argument("--supports", metavar="OPTS",
+                       help="comma-separated options the target supports, overriding what is "
+                            "declared or read from its signature (e.g. causal,mask,gqa)")
+
+
+def main(args: argparse.Namespace) -> int:
+    kind: testing.Kind = args.kind
+    try:
+        kernel = load_target(args.target, kind)
+        overrides: dict[str, Any] = {}
+        if args.backend:
+            overrides["backend"] = args.backend
+        if args.supports is not None:
+            overrides["supports"] = [s.strip() for s in args.supports.split(",") if s.strip()]
+        kernel = testing.validate_kernel(testing.declare(kernel, **overrides), kind)
+    except (TargetError, TypeError, ValueError) as exc:
+        print(f"flashmath check: {exc}", file=sys.stderr)
+        return 2
+    grads = bool(getattr(args, "grads", False))
+    if kind == "softmax":
+        results = testing.check_softmax(kernel, dtypes=args.dtype)
+    else:
+        results = testing.check_attention(kernel, dtypes=args.dtype, grads=grads)
+    print(f"flashmath check {kind} {args.target}" + (" --grads" if grads else "")
+          + f"  ({kernel.name}, {kernel.backend})")
+    print(format_table(results))
+    failures = [r for r in results if r.verdict in ("FAIL", "ERROR")]
+    for r in failures:
+        print(f"\n{r.verdict}: {r.message}")
+    counts = {v: sum(r.verdict == v for r in results) for v in ("PASS", "FAIL", "ERROR", "SKIP")}
+    ran = counts["PASS"] + counts["FAIL"] + counts["ERROR"]
+    ok = ran > 0 and not failures
+    print(f"\n{counts['PASS']} passed, {counts['FAIL']} failed, {counts['ERROR']} errors, "
+          f"{counts['SKIP']} skipped: {'PASS' if ok else 'FAIL'}")
+    if args.json is not None:
+        _write_json(args.json, kind, args.target, kernel, grads, results, counts, ok)
+    return 0 if ok else 1
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def load_target(target: str, kind: str) -> testing.Kernel:
+    """A built-in target's Kernel, or the callable named by ``MODULE:FUNC``.
+
+    Raises TargetError with a one-line reason when the module cannot be imported (any
+    exception while importing counts), the attribute is missing or is not callable.
+    """
+    if target in BUILTIN_TARGETS:
+        return _BUILTINS[target](kind)
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise TargetError(f"target {target!r}: expected MODULE:FUNC or one of "
+                          f"{', '.join(BUILTIN_TARGETS)}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `flashmath check attention mykernel:attn` from here
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise TargetError(f"cannot import module {module_name!r}: "
+                          f"{type(exc).__name__}: {exc}") from None
+    for i, part in enumerate(attr.split(".")):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            owner = ".".join([module_name, *attr.split(".")[:i]])
+            raise TargetError(f"{owner!r} has no attribute {part!r}") from None
+    if not callable(obj) and not isinstance(obj, tuple):
+        raise TargetError(f"{target} is a {type(obj).__name__}, not a callable")
+    try:
+        kernel = testing.as_kernel(obj)
+    except TypeError as exc:
+        raise TargetError(f"{target}: {exc}") from None
+    return testing.declare(kernel, name=target)
+
+
+def _flashmath_target(kind: str) -> testing.Kernel:
+    import flashmath as fm
+
+    if kind == "softmax":
+        return testing.declare(fm.softmax, name="flashmath.softmax")
+
+    def backward(dout: Any, q: Any, k: Any, v: Any, **options: Any) -> Any:
+        out, lse = fm.flash_attention(q, k, v, return_lse=True, **options)
+        return fm.flash_attention_backward(dout, q, k, v, out, lse, **options)
+
+    return testing.declare(
+        fm.flash_attention, supports=testing.ATTENTION_OPTIONS, backward=backward,
+        name="flashmath.flash_attention")
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except Exception as exc:  # ImportError, or a broken install
+        raise TargetError(f"the torch target needs torch, which cannot be imported "
+                          f"({type(exc).__name__}: {exc}); pip install 'flashmath[torch]'"
+                          ) from None
+    return torch
+
+
+def _torch_target(kind: str) -> testing.Kernel:
+    torch = _import_torch()
+    if kind == "softmax":
+        def torch_softmax(x: Any, axis: int = -1) -> Any:
+            return torch.softmax(x, dim=axis)
+
+        return testing.declare(torch_softmax, backend="torch",
+                               name="torch.softmax")
+    return testing.declare(
+        sdpa, backend="torch", name="torch.nn.functional.scaled_dot_product_attention",
+        supports={"causal", "causal_top_left", "window", "mask", "bias", "kv_lengths",
+                  "q_lengths", "scale", "gqa", "dv"})
+
+
+def sdpa(q: Any, k: Any, v: Any, *, causal: bool | str = False, window: Any = None,
+         mask: Any = None, bias: Any = None, kv_lengths: Any = None, q_lengths: Any = None,
+         scale: float | None = None) -> Any:
+    """torch's scaled_dot_product_attention with flashmath's options (torch tensors in).
+
+    ``causal="top_left"`` (and ``causal=True`` when Sq == Sk) is SDPA's own ``is_causal``;
+    everything else that removes pairs (bottom-right causal with Sq != Sk, window, boolean
+    mask, lengths) is expressed as SDPA's boolean ``attn_mask``, built by flashmath's one
+    mask builder; a bias becomes a float ``attn_mask`` (-inf where masked). softcap is not
+    expressible in SDPA and is not declared.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from flashmath.attention.options import resolve
+
+    B, H, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    native_causal = causal == "top_left" or (causal is True and Sq == Sk)
+    rest = {"window": window, "mask": mask, "kv_lengths": kv_lengths, "q_lengths": q_lengths}
+    attn_mask = None
+    if any(x is not None for x in rest.values()) or (causal and not native_causal):
+        rest = {n: (x.cpu().numpy() if isinstance(x, torch.Tensor) else x)
+                for n, x in rest.items()}
+        shapes = [np.empty((B, H, Sq, D), np.float32), np.empty((B, Hkv, Sk, D), np.float32),
+                  np.empty((B, Hkv, Sk, Dv), np.float32)]
+        *_, opts = resolve(*shapes, causal=causal, **rest)
+        attn_mask = torch.from_numpy(opts.spec.dense()).to(q.device)
+        native_causal = False
+    if bias is not None:
+        float_mask = bias.to(q.dtype).expand(B, H, Sq, Sk)
+        if attn_mask is not None:
+            float_mask = float_mask.masked_fill(~attn_mask, float("-inf"))
+        if native_causal:  # is_causal and attn_mask cannot be combined
+            keep = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril()
+            float_mask = float_mask.masked_fill(~keep, float("-inf"))
+            native_causal = False
+        attn_mask = float_mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=native_causal,
+                                          scale=scale, enable_gqa=Hkv != H)
+
+
+def _naive_target(kind: str) -> testing.Kernel:
+    import flashmath as fm
+
+    if kind == "softmax":
+        return testing.declare(fm.naive.softmax, name="flashmath.naive.softmax")
+    return testing.declare(
+        textbook_attention, name="textbook attention (no max shift)",
+        supports={"causal", "causal_top_left", "window", "mask", "bias", "kv_lengths",
+                  "q_lengths", "softcap", "scale", "gqa", "dv"})
+
+
+def textbook_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, **options: Any) -> Any:
+    """softmax(s) V with softmax = exp(s) / sum exp(s), every step in the input dtype and
+    no max shift: what the accuracy rule's naive formula looks like before anyone makes it
+    stable. exp overflows to inf (inf / inf = NaN) once a score passes the dtype's overflow
+    threshold, and 0 / 0 = NaN when every score underflows or a row is fully masked."""
+    from flashmath.attention.options import resolve
+
+    q, k, v, opts = resolve(q, k, v, **options)
+    dt = q.dtype
+    k, v = np.repeat(k, opts.group, axis=1), np.repeat(v, opts.group, axis=1)
+    s = (q @ k.swapaxes(-1, -2)) * dt.type(opts.scale)
+    if opts.softcap is not None:
+        c = dt.type(opts.softcap)
+        s = c * np.tanh(s / c)
+    if opts.bias is not None:
+        s = s + opts.bias.astype(dt)
+    e = np.where(opts.spec.dense(), np.exp(s), dt.type(0))
+    return ((e / e.sum(axis=-1, keepdims=True)) @ v).astype(dt)
+
+
+_BUILTINS: dict[str, Callable[[str], testing.Kernel]] = {
+    "flashmath": _flashmath_target,
+    "torch": _torch_target,
+    "naive": _naive_target,
+}
+
+
+# --------------------------------------------------------------------------- output
+
+
+COLUMNS = ("case", "dtype", "max error", "baseline error", "ratio", "NaN policy", "verdict")
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.2e}"
+
+
+def _row(r: testing.CheckResult) -> tuple[str, ...]:
+    baseline = _num(r.baseline_error)
+    if r.baseline_error is not None and not math.isfinite(r.baseline_error):
+        baseline += " (floor)"
+    policy = "-" if r.nan_policy_ok is None else ("ok" if r.nan_policy_ok else "BROKEN")
+    verdict: str = r.verdict
+    if r.verdict == "SKIP":
+        verdict += ": " + r.message.split("]: ", 1)[-1]
+    elif r.quantity not in (None, "out"):
+        verdict += f" ({r.quantity})"
+    return (r.case, r.dtype, _num(r.max_error), baseline, _num(r.ratio), policy, verdict)
+
+
+def format_table(results: Sequence[testing.CheckResult]) -> str:
+    """A fixed-width text table, one row per result (columns as ``COLUMNS``)."""
+    rows = [COLUMNS, *(_row(r) for r in results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+                 enumerate(zip(row[:-1], widths, strict=True))]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in [*widths, len(COLUMNS[-1])]))
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, kind: str, target: str, kernel: testing.Kernel, grads: bool,
+                results: Sequence[testing.CheckResult], counts: dict[str, int],
+                ok: bool) -> None:
+    from flashmath.lab.runner import atomic_write, dumps_json
+
+    doc = {
+        "kind": kind,
+        "target": target,
+        "impl": kernel.name,
+        "backend": kernel.backend,
+        "grads": grads,
+        "rule": {"out_limit": testing.OUT_LIMIT, "grad_limit": testing.GRAD_LIMIT,
+                 "floor_ulps": testing.FLOOR_ULPS},
+        "results": [r.to_dict() for r in results],
+        "counts": {k.lower(): v for k, v in counts.items()},
+        "passed": ok,
+    }
+    atomic_write(path, dumps_json(doc))
+
