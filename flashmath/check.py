@@ -51,7 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="MODULE:FUNC, or a built-in: flashmath, torch, naive")
         p.add_argument("--dtype", action="append", metavar="DTYPE",
                        choices=testing.BATTERY_DTYPES,
-                       help="only these dtypes (repeatable; default: all of "
+                       help="only these dtypes (repeatable; default: those the target "
+                            "declares, else all of "
                             f"{', '.join(testing.BATTERY_DTYPES)})")
         if kind == "attention":
             p.add_argument("--grads", action="store_true",
@@ -80,10 +81,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"flashmath check: {exc}", file=sys.stderr)
         return 2
     grads = bool(getattr(args, "grads", False))
+    dtypes = args.dtype
+    if dtypes is None and kernel.dtypes is not None:  # what the impl declares, nothing else
+        dtypes = [d for d in testing.BATTERY_DTYPES if d in kernel.dtypes]
     if kind == "softmax":
-        results = testing.check_softmax(kernel, dtypes=args.dtype)
+        results = testing.check_softmax(kernel, dtypes=dtypes)
     else:
-        results = testing.check_attention(kernel, dtypes=args.dtype, grads=grads)
+        results = testing.check_attention(kernel, dtypes=dtypes, grads=grads)
     print(f"flashmath check {kind} {args.target}" + (" --grads" if grads else "")
           + f"  ({kernel.name}, {kernel.backend})")
     print(format_table(results))

@@ -492,7 +492,13 @@ class _Judged:
 
 
 def _fmt(x: float) -> str:
+    """An error or a ratio."""
     return f"{x:.6g}"
+
+
+def _val(x: float) -> str:
+    """A value: enough digits to tell float32 neighbours apart."""
+    return f"{x:.9g}"
 
 
 def _judge(label: str, got: np.ndarray, oracle: np.ndarray, base: np.ndarray, *,
@@ -538,8 +544,8 @@ def _judge(label: str, got: np.ndarray, oracle: np.ndarray, base: np.ndarray, *,
             why = "the input row holds NaN or +inf, so this row must be NaN"
         else:
             why = "NaN/inf where the oracle is finite"
-        text = (f"NaN policy broken at {where}: the impl gives {_fmt(gv)} where the float64 "
-                f"oracle says {_fmt(ov)} ({why}); {int(bad.sum())} element(s) break it. "
+        text = (f"NaN policy broken at {where}: the impl gives {_val(gv)} where the float64 "
+                f"oracle says {_val(ov)} ({why}); {int(bad.sum())} element(s) break it. "
                 f"Max error elsewhere {_fmt(max_error)}, {baseline_text}, ratio {_fmt(ratio)}.")
         return _Judged(label, False, False, max_error, baseline_error, floor, ratio, limit,
                        where, text)
@@ -548,8 +554,8 @@ def _judge(label: str, got: np.ndarray, oracle: np.ndarray, base: np.ndarray, *,
     if err.size:
         idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(err)), err.shape))
         worst = f"{label}{list(idx)}"
-        at = (f"at {worst} the impl gives {_fmt(g[idx])} where the float64 oracle says "
-              f"{_fmt(o[idx])}")
+        at = (f"at {worst} the impl gives {_val(g[idx])} where the float64 oracle says "
+              f"{_val(o[idx])}")
     ok = ratio <= limit
     verdict = "breaks" if not ok else "meets"
     text = (f"{label}: {verdict} the accuracy rule: max error {_fmt(max_error)} ({at}); "

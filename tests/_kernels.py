@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from flashmath.attention.reference import attention_reference_backward
+from flashmath.testing import declare
 
 
 def _acc(x: np.ndarray) -> np.ndarray:
@@ -135,3 +136,10 @@ def uniform_empty_softmax(x: np.ndarray) -> np.ndarray:
 def sloppy_softmax(x: np.ndarray) -> np.ndarray:
     """Off by 1% everywhere: fails even where the naive baseline overflowed."""
     return (good_softmax(x).astype(np.float64) * 1.01).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- declared
+
+
+bfloat16_only_attention = declare(good_attention, supports={"causal", "scale"},
+                                  dtypes={"bfloat16"})

@@ -110,6 +110,12 @@ def test_a_user_kernel_by_module_and_name(capsys, tmp_path) -> None:
     assert "needs gqa (not declared by the impl)" in out
 
 
+def test_the_dtypes_a_kernel_declares_are_the_default(capsys, tmp_path) -> None:
+    code, _, _, doc = _run(capsys, tmp_path, "attention",
+                           "tests._kernels:bfloat16_only_attention")
+    assert code == 0 and {r["dtype"] for r in doc["results"]} == {"bfloat16"}
+
+
 def test_supports_and_grads_from_the_command_line(capsys, tmp_path) -> None:
     code, out, _, doc = _run(capsys, tmp_path, "attention", "tests._kernels:bad_dk_attention",
                              "--dtype", "float32", "--grads", "--supports", "")
