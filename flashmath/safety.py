@@ -178,7 +178,8 @@ def analyze_softmax_safety(scores: npt.ArrayLike, dtype: DTypeArg = "float32") -
         (``has_inf`` in its ``exp``, ``has_nan`` in its output).
     """
     dt = as_dtype(dtype)
-    x = as_float_array(scores, name="scores").astype(dt, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # past the dtype's range: inf or NaN
+        x = as_float_array(scores, name="scores").astype(dt, copy=False)
     threshold = overflow_threshold(dt)
     e, p = _exp_and_softmax(x, -1) if x.ndim else _exp_and_softmax(x.reshape(1), -1)
     empty = x.size == 0
