@@ -265,9 +265,16 @@ def test_bad_seed_is_an_argument_error(tmp_path: Path) -> None:
     (float("nan"), "nan"), (float("inf"), "inf"), (-np.inf, "-inf"), (np.float16(0.5), 0.5),
     (np.array(2.0), 2.0), (np.array([[1, 2]]), [[1, 2]]), ((1, "a"), [1, "a"]),
     (np.array([np.nan], dtype=np.float32), ["nan"]), (np.bool_(False), False),
+    ({1: "a", np.int64(2): "b"}, {"1": "a", "2": "b"}),
 ])
 def test_to_jsonable(value: Any, expected: Any) -> None:
     assert runner.to_jsonable(value) == expected
+
+
+@pytest.mark.parametrize("bad", [{(1, 2): 0}, {1.5: 0}, {1: 0, "1": 1}, {"k": object()}])
+def test_to_jsonable_refuses(bad: Any) -> None:
+    with pytest.raises(TypeError, match=r"\$"):
+        runner.to_jsonable(bad)
 
 
 def test_to_jsonable_ml_dtypes_scalars() -> None:
@@ -310,3 +317,34 @@ def test_strip_volatile_keeps_everything_else() -> None:
     data = {"a_s": 1, "b": [{"c_ms": 2, "d": 3}], "e_gflops": 4.0}
     assert strip_volatile(data) == {"b": [{"d": 3}]}
     assert experiment.VOLATILE_SUFFIXES  # the documented list exists
+
+
+# --------------------------------------------------------------------------- the real ones
+
+
+def test_real_experiments_end_to_end_and_deterministic(tmp_path: Path) -> None:
+    names = ["softmax-stability", "overflow"]
+    for out in ("a", "b"):
+        assert lab(tmp_path / out, "--quick", "--seed", "5", "--only", *names) == 0
+    run_a, run_b = only_run(tmp_path / "a"), only_run(tmp_path / "b")
+    m = read(run_a / "manifest.json")
+    assert {e["name"]: e["status"] for e in m["experiments"] if e["name"] in names} == {
+        n: "ok" for n in names}
+    expected = {"softmax-stability": ["README.md", "results.json", "softmax_break.png"],
+                "overflow": ["README.md", "exp_vs_dtype_max.png", "results.json",
+                             "score_histograms.png"]}
+    report = (run_a / "report.md").read_text()
+    for name, files in expected.items():
+        assert sorted(p.name for p in (run_a / name).iterdir()) == files
+        for f in files:
+            assert f"({name}/{f})" in report
+        a, b = (read(r / name / "results.json") for r in (run_a, run_b))
+        assert strip_volatile(a) == strip_volatile(b)
+        assert (a["experiment"], a["seed"], a["quick"]) == (name, 5, True)
+
+
+def test_list_names_the_real_experiments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["lab", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "softmax-stability" in out and "[seeds: 001]" in out
+    assert "overflow" in out and "[seeds: 004]" in out

@@ -6,11 +6,14 @@ every experiment and the page always matches manifest.json.
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import numpy as np
 
 from flashmath.lab.experiment import Result
 
-__all__ = ["headline_of", "render_report"]
+__all__ = ["fmt_value", "headline_of", "render_report"]
 
 _STATUS_ORDER = ("ok", "failed", "interrupted", "skipped", "running", "pending")
 
@@ -32,6 +35,31 @@ def headline_of(result: Result, limit: int = 240) -> str:
             break
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def fmt_value(v: Any) -> str:
+    """A measured value as README tables and sentences show it.
+
+    None "–", bools "yes"/"no", strings as they are, NaN/inf spelled out, integral floats
+    below 1e6 as integers, 6 significant digits in [1e-3, 1e5), else 4 in e-notation;
+    lists and arrays element by element in brackets.
+    """
+    if v is None:
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return "[" + ", ".join(fmt_value(x) for x in v) + "]"
+    f = float(v)
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "inf" if f > 0 else "-inf"
+    if f == int(f) and abs(f) < 1e6:
+        return str(int(f))
+    return f"{f:.6g}" if 1e-3 <= abs(f) < 1e5 else f"{f:.4g}"
 
 
 def _cell(text: Any) -> str:

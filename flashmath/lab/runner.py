@@ -121,8 +121,9 @@ def _fsync_dir(folder: Path) -> None:
 
 def to_jsonable(obj: Any, where: str = "$") -> Any:
     """``obj`` as plain JSON values: NumPy (and ml_dtypes) scalars and arrays unpacked, tuples
-    as lists, non-finite floats as "nan" / "inf" / "-inf". Anything else is a TypeError that
-    names the path to the offending value (``where``, e.g. ``$.records[3].sum``)."""
+    as lists, int dict keys as strings, non-finite floats as "nan" / "inf" / "-inf". Anything
+    else is a TypeError that names the path to the offending value (``where``, e.g.
+    ``$.records[3].sum``)."""
     if isinstance(obj, np.generic):
         obj = obj.item()  # numpy and ml_dtypes scalars -> bool / int / float / str
     if obj is None or isinstance(obj, (bool, int, str)):
@@ -136,8 +137,12 @@ def to_jsonable(obj: Any, where: str = "$") -> Any:
     if isinstance(obj, dict):
         out = {}
         for key, value in obj.items():
+            if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+                key = str(int(key))  # as json.dumps writes int keys
             if not isinstance(key, str):
-                raise TypeError(f"{where}: dict key {key!r} is not a string")
+                raise TypeError(f"{where}: dict key {key!r} is neither a string nor an int")
+            if key in out:
+                raise TypeError(f"{where}: dict key {key!r} appears twice (int and string)")
             out[key] = to_jsonable(value, f"{where}.{key}")
         return out
     if isinstance(obj, np.ndarray):

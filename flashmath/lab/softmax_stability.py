@@ -1,0 +1,456 @@
+"""Seed 001: break naive softmax on an adversarial battery; the stable one survives it.
+
+The battery is seed 001's eight logit vectors (five tenses; y = 1 is "present simple"),
+each run in float32 (the seed's dtype), float16 and bfloat16 through ``fm.naive`` (the
+textbook formulas in the input dtype) and the stable ``fm`` functions, and compared with
+an exact oracle (mpmath at 50 digits on the same, dtype-rounded, input). A float64 pass
+checks flashmath against scipy.special.
+
+Error measure: ``err`` is max_i |p_i - p*_i| / max_i p*_i against the oracle's p* (absolute
+error relative to the largest probability, DESIGN.md's rule for outputs rounded back to a
+narrow dtype; element-wise relative error is meaningless for probabilities that underflow).
+A result "diverges" from the oracle when it has NaN/inf or ``err`` > DIVERGE_EPS x eps(dtype).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+import flashmath as fm
+from flashmath import dtypes
+from flashmath.lab import plotting
+from flashmath.lab.experiment import Context, Result
+from flashmath.lab.report import fmt_value as fmt
+from flashmath.lab.tables import markdown_table
+
+NAME = "softmax-stability"
+TITLE = "Break naive softmax on the adversarial battery; the stable one survives"
+SEEDS = ("001",)
+
+#: Seed 001's battery, in its order: (case, logits).
+CASES: tuple[tuple[str, np.ndarray], ...] = (
+    ("small magnitudes", np.array([0.1, 0.2, 0.3, 0.4, 0.5])),
+    ("mixed magnitudes", np.array([-3.0, 0.0, 1.0, 2.0, 5.0])),
+    ("large positive", np.array([1.0, 92.0, 3.0, 0.0, 2.0])),
+    ("large negative", np.array([-100.0, -200.0, -300.0, -400.0, -500.0])),
+    ("all identical", np.array([5.0, 5.0, 5.0, 5.0, 5.0])),
+    ("masked entry", np.array([1.0, -np.inf, 3.0, 0.0, 2.0])),
+    ("single element", np.array([42.0])),
+    ("verb vocabulary", np.zeros(600)),
+)
+#: The true label of the cross-entropy battery (index 1, "present simple").
+LABEL = 1
+#: float32 is the seed's dtype; float16 and bfloat16 are the narrow versions of each case.
+BATTERY_DTYPES = ("float32", "float16", "bfloat16")
+#: A result diverges when its error exceeds this many epsilons of its dtype.
+DIVERGE_EPS = 16
+#: Seed 001's Block D predictions (its own hand-written table), checked against measurement.
+SEED_PREDICTIONS: dict[str, dict[str, Any]] = {
+    "small magnitudes": {"naive_nan": False, "stable_nan": False, "ce": "~1.50"},
+    "mixed magnitudes": {"naive_nan": False, "stable_nan": False, "ce": None},
+    "large positive": {"naive_nan": True, "stable_nan": False, "ce": "~91"},
+    "large negative": {"naive_nan": True, "stable_nan": False, "ce": "~0"},
+}
+#: Vectors up to this length keep their full probabilities in results.json.
+KEEP_VECTOR = 8
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+def _oracle(x: np.ndarray) -> tuple[np.ndarray, float, float | None, str]:
+    """(probabilities, logsumexp, cross-entropy at LABEL or None, source) of float64 ``x``,
+    each exact to float64 rounding.
+
+    mpmath at 50 digits when installed (a test extra); otherwise flashmath in float64.
+    """
+    has_label = LABEL < x.size
+    try:
+        import mpmath
+    except ImportError:
+        lse = float(fm.logsumexp(x))
+        return (np.asarray(fm.softmax(x), dtype=np.float64), lse,
+                lse - float(x[LABEL]) if has_label else None,
+                "flashmath float64 (mpmath not installed)")
+    with mpmath.workdps(50):
+        xs = [mpmath.mpf(float(v)) for v in x]
+        m = max(xs)
+        lse = m + mpmath.log(mpmath.fsum(mpmath.exp(v - m) for v in xs))
+        probs = np.array([float(mpmath.exp(v - lse)) for v in xs])
+        ce = float(lse - xs[LABEL]) if has_label else None
+        return probs, float(lse), ce, "mpmath, 50 digits"
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _quiet() -> Any:
+    return np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore")
+
+
+def _err(p: np.ndarray, oracle: np.ndarray) -> float:
+    """max |p - oracle| / max oracle (inf when p has NaN or inf)."""
+    p64 = p.astype(np.float64)
+    if not np.all(np.isfinite(p64)):
+        return math.inf
+    return float(np.max(np.abs(p64 - oracle)) / np.max(np.abs(oracle)))
+
+
+def _rel_diff_where_valid(naive: np.ndarray, stable: np.ndarray) -> float | None:
+    """max |naive - stable| / |stable| over the entries where naive is finite (0/0 counts 0);
+    None when no entry is valid."""
+    n, s = naive.astype(np.float64), stable.astype(np.float64)
+    valid = np.isfinite(n)
+    if not valid.any():
+        return None
+    n, s = n[valid], s[valid]
+    with _quiet():
+        rel = np.where(n == s, 0.0, np.abs(n - s) / np.abs(s))
+    return float(np.max(rel))
+
+
+def _mechanism(x: np.ndarray, dt: np.dtype[Any], naive: np.ndarray, err: float) -> str | None:
+    """Why the textbook formula went wrong in ``dt``, read off its intermediates (exp, sum)."""
+    eps = float(dtypes.finfo(dt).eps)
+    if np.all(np.isfinite(naive.astype(np.float64))) and err <= DIVERGE_EPS * eps:
+        return None
+    with _quiet():
+        e = np.exp(x)  # x is already in dt: exp runs in dt, as in the textbook formula
+        total = np.sum(e)
+    e64, total64 = e.astype(np.float64), float(total)
+    name = dtypes.dtype_name(dt)
+    if np.isinf(e64).any():
+        bad = x.astype(np.float64)[np.isinf(e64)]
+        return (f"overflow: exp({fmt(bad.min())}) = inf in {name} (exp overflows above "
+                f"{fmt(fm.overflow_threshold(dt))}), so the sum is inf and inf/inf = NaN")
+    if np.isnan(e64).any():
+        bad = x.astype(np.float64)[np.isnan(e64)]
+        return f"exp({fmt(bad.min())}) is NaN in {name} (no inf to overflow to)"
+    if total64 == 0.0:
+        return (f"underflow: every exp(x) rounds to 0 in {name} (largest is exp("
+                f"{fmt(x.astype(np.float64).max())}); exp underflows below "
+                f"{fmt(fm.underflow_threshold(dt))}), so 0/0 = NaN")
+    if math.isinf(total64):
+        return f"the sum of exp(x) overflows to inf in {name}, so every p = x/inf = 0"
+    exact = float(np.sum(e64))
+    if total64 != exact:
+        bits = int(dtypes.finfo(dt).nmant) + 1
+        return (f"accumulation: the {name} sum of exp(x) is {fmt(total64)}, not "
+                f"{fmt(exact)} ({name} carries {bits} significant bits and every addition to "
+                "the running sum rounds to them)")
+    return f"rounding: error {fmt(err)} = {fmt(err / eps)} eps of {name}"
+
+
+def _cross_entropy(fn: Any, x: np.ndarray, n: int) -> tuple[float | None, str | None]:
+    """(loss, None) or (None, why it is undefined) for label LABEL."""
+    if LABEL >= n:
+        try:
+            with _quiet():
+                fn(x, LABEL)
+        except (ValueError, IndexError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        return None, f"label {LABEL} is out of range for {n} class(es), yet no error was raised"
+    with _quiet():
+        return float(np.asarray(fn(x, LABEL), dtype=np.float64)), None
+
+
+def _battery_record(case: str, x64: np.ndarray, dt: np.dtype[Any]) -> tuple[dict[str, Any],
+                                                                            dict[str, Any]]:
+    """One (case, dtype) measurement: a JSON record and the arrays the heatmap needs."""
+    x = x64.astype(dt)
+    xin = x.astype(np.float64)  # the exact values the dtype holds
+    oracle, _, oracle_ce, source = _oracle(xin)
+    with _quiet():
+        naive = np.asarray(fm.naive.softmax(x))
+    stable = np.asarray(fm.softmax(x))
+    n = x.size
+    name = dtypes.dtype_name(dt)
+    rec: dict[str, Any] = {"section": "battery", "case": case, "dtype": name, "n": n,
+                           "label": LABEL, "oracle_source": source}
+    for kind, p in (("naive", naive), ("stable", stable)):
+        p64 = p.astype(np.float64)
+        err = _err(p, oracle)
+        rec |= {
+            f"{kind}_nan": bool(np.isnan(p64).any()),
+            f"{kind}_inf": bool(np.isinf(p64).any()),
+            f"{kind}_sum": float(np.sum(p64)),
+            f"{kind}_max": float(np.max(p64)),
+            f"{kind}_err": err,
+            f"{kind}_diverged": bool(not math.isfinite(err)
+                                     or err > DIVERGE_EPS * float(dtypes.finfo(dt).eps)),
+        }
+    rec["naive_mechanism"] = _mechanism(x, dt, naive, rec["naive_err"])
+    rec["rel_diff_where_naive_valid"] = _rel_diff_where_valid(naive, stable)
+    rec["oracle_ce"] = oracle_ce
+    rec["naive_ce"], rec["naive_ce_undefined"] = _cross_entropy(fm.naive.cross_entropy, x, n)
+    rec["stable_ce"], rec["stable_ce_undefined"] = _cross_entropy(fm.cross_entropy, x, n)
+    if n <= KEEP_VECTOR:
+        rec |= {"input": xin, "oracle_p": oracle, "naive_p": naive.astype(np.float64),
+                "stable_p": stable.astype(np.float64)}
+    return rec, {"naive": naive.astype(np.float64), "stable": stable.astype(np.float64)}
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    """max |a - b|, with equal infinities counting as 0."""
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    with _quiet():
+        d = np.where(a64 == b64, 0.0, np.abs(a64 - b64))
+    return float(np.max(d))
+
+
+def _scipy_records() -> tuple[list[dict[str, Any]], str | None]:
+    """float64: flashmath against scipy.special and against the oracle, per case."""
+    try:
+        from scipy import special
+    except ImportError:
+        return [], "scipy is not installed (it is a test extra): cross-check skipped"
+    records = []
+    for case, x in CASES:
+        oracle, lse, _, _ = _oracle(x)
+        p, lp, l = fm.softmax(x), fm.log_softmax(x), fm.logsumexp(x)
+        records.append({
+            "section": "float64", "case": case, "dtype": "float64",
+            "scipy_softmax_max_abs_diff": _max_abs_diff(p, special.softmax(x)),
+            "scipy_log_softmax_max_abs_diff": _max_abs_diff(lp, special.log_softmax(x)),
+            "scipy_logsumexp_abs_diff": _max_abs_diff(l, special.logsumexp(x)),
+            "stable_err": _err(np.asarray(p), oracle),
+            "logsumexp_rel_err": abs(float(l) - lse) / max(1.0, abs(lse)),
+        })
+    return records, None
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def _heatmap(vectors: dict[tuple[str, str], dict[str, np.ndarray]]) -> Any:
+    """softmax_break.png: rows = cases, one (naive | stable) pair of panels per dtype."""
+    import matplotlib as mpl
+
+    width = 5
+    cmap, norm = mpl.colormaps["viridis"], mpl.colors.Normalize(0.0, 1.0)
+    fig, axes = plotting.figure(len(BATTERY_DTYPES), 2, width=9.5,
+                                height=3.4 * len(BATTERY_DTYPES), sharey=True)
+    labels = [f"{c} (first {width} of {x.size})" if x.size > width else c for c, x in CASES]
+    for row, dname in enumerate(BATTERY_DTYPES):
+        for col, kind in enumerate(("naive", "stable")):
+            ax = axes[row, col]
+            rgba = np.ones((len(CASES), width, 4)) * 0.92  # grey: no such entry
+            for i, (case, _) in enumerate(CASES):
+                p = vectors[(case, dname)][kind][:width]
+                for j, v in enumerate(p):
+                    rgba[i, j] = mpl.colors.to_rgba(plotting.NAN_COLOR) if np.isnan(v) \
+                        else cmap(norm(v))
+                    light = np.isnan(v) or v > 0.6
+                    ax.text(j, i, "NaN" if np.isnan(v) else f"{v:.2g}", ha="center",
+                            va="center", fontsize=7, color="black" if light else "white")
+            ax.imshow(rgba, aspect="auto", interpolation="nearest")
+            ax.set_xticks(range(width), [f"p[{j}]" for j in range(width)])
+            ax.set_yticks(range(len(CASES)), labels)
+            ax.grid(False)
+            ax.set_title(f"{kind} softmax, {dname}")
+    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.5,
+                 label="probability (red: NaN, grey: no entry)")
+    fig.suptitle("Seed 001 battery: naive (textbook) vs stable softmax")
+    return fig
+
+
+# --------------------------------------------------------------------------- readme
+
+
+def _readme(battery: list[dict[str, Any]], f64: list[dict[str, Any]],
+            scipy_note: str | None, summary: dict[str, Any]) -> str:
+    by = {(r["case"], r["dtype"]): r for r in battery}
+    lines = [
+        "# softmax-stability (seed 001)",
+        "",
+        summary["headline"],
+        "",
+        f"Seed 001's eight logit vectors, label y = {LABEL} for cross-entropy, in "
+        f"{', '.join(BATTERY_DTYPES)}. Naive: `fm.naive` (the textbook formulas, computed in "
+        "the input dtype). Stable: `fm.softmax` / `fm.cross_entropy` (max-shift, float32 "
+        f"accumulators for narrow input, result in the input dtype). Oracle: "
+        f"{summary['oracle']} on the dtype-rounded input. `err` is the largest absolute "
+        "error relative to the largest probability; a result *diverges* when it has NaN/inf "
+        f"or err > {DIVERGE_EPS} eps of its dtype.",
+        "",
+        "## Predictions (Block D): the oracle's exact values stand",
+        "",
+        "Seed 001 asks for predictions before running. Measured columns are float32 (the "
+        "seed's dtype); the exact CE is the oracle's; the seed's own guesses (its Block D "
+        "table) stand beside them.",
+        "",
+        markdown_table(
+            [by[(case, "float32")] | {f"seed_{k}": v for k, v in SEED_PREDICTIONS.get(
+                case, {}).items()} for case, _ in CASES],
+            [("case", "case"), ("seed: naive NaN?", "seed_naive_nan"), ("naive NaN", "naive_nan"),
+             ("seed: stable NaN?", "seed_stable_nan"), ("stable NaN", "stable_nan"),
+             ("seed: CE", "seed_ce"), ("exact CE (oracle)", "oracle_ce"),
+             ("naive CE", lambda r: _ce(r["naive_ce"], r["naive_ce_undefined"])),
+             ("stable CE", lambda r: _ce(r["stable_ce"], r["stable_ce_undefined"]))],
+            fmt=fmt),
+    ]
+    lines += ["", *_prediction_notes(by), "", "## Where naive diverged from the oracle, and why",
+              ""]
+    diverged = [r for r in battery if r["naive_diverged"]]
+    for r in diverged:
+        lines.append(f"- **{r['case']}, {r['dtype']}**: "
+                     f"{'NaN' if r['naive_nan'] else 'err ' + fmt(r['naive_err'])}; "
+                     f"{r['naive_mechanism']}.")
+    if not diverged:
+        lines.append("- nowhere: every naive result stayed within the divergence bound.")
+    stable_bad = [r for r in battery if r["stable_diverged"]]
+    lines += ["", "Stable softmax diverged in "
+              f"{len(stable_bad)} of {len(battery)} (case, dtype) pairs"
+              + (": " + ", ".join(f"{r['case']} ({r['dtype']})" for r in stable_bad)
+                 if stable_bad else "")
+              + "; its largest error per dtype: "
+              + ", ".join(f"{d} {fmt(v)} ({fmt(v / float(dtypes.finfo(d).eps))} eps)"
+                          for d, v in summary["max_err_stable"].items()) + ".", ""]
+    lines += _cross_entropy_notes(battery)
+    columns = [("case", "case"), *((f"{kind} {what}", f"{kind}_{what}")
+                                   for kind in ("naive", "stable")
+                                   for what in ("nan", "sum", "max", "err")),
+               ("max rel diff (naive valid)", "rel_diff_where_naive_valid")]
+    for dname in BATTERY_DTYPES:
+        lines += ["", f"## Results, {dname}", "",
+                  markdown_table([by[(case, dname)] for case, _ in CASES], columns, fmt=fmt)]
+    lines += ["", "## float64: flashmath against scipy.special and the oracle", ""]
+    if scipy_note:
+        lines.append(scipy_note + ".")
+    else:
+        lines += [markdown_table(f64, [
+            ("case", "case"), ("softmax", "scipy_softmax_max_abs_diff"),
+            ("log_softmax", "scipy_log_softmax_max_abs_diff"),
+            ("logsumexp", "scipy_logsumexp_abs_diff"), ("err vs oracle", "stable_err"),
+            ("logsumexp rel err", "logsumexp_rel_err")], fmt=fmt),
+            "", "The first three columns are max absolute differences from scipy.special."]
+    lines += ["", "## Figure", "",
+              "![softmax_break](softmax_break.png)", "",
+              "Rows are the cases (the verb vocabulary shows its first entries), each dtype a "
+              "pair of panels: naive left, stable right. Red cells are NaN."]
+    return "\n".join(lines)
+
+
+def _ce(value: float | None, undefined: str | None) -> str:
+    return f"undefined ({undefined})" if undefined else fmt(value)
+
+
+def _prediction_notes(by: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """Sentences for each seed prediction the float32 measurement or the oracle contradicts."""
+    notes = []
+    for case, pred in SEED_PREDICTIONS.items():
+        r = by[(case, "float32")]
+        if pred["naive_nan"] != r["naive_nan"]:
+            notes.append(f"- {case}: the seed predicted naive NaN = {fmt(pred['naive_nan'])}"
+                         f", float32 measured {fmt(r['naive_nan'])}: "
+                         + (r["naive_mechanism"] or _why_no_nan(r)) + ". In float16 and "
+                         f"bfloat16 naive NaN = {fmt(by[(case, 'float16')]['naive_nan'])} / "
+                         f"{fmt(by[(case, 'bfloat16')]['naive_nan'])}.")
+        ce = pred.get("ce")
+        if ce is not None and r["oracle_ce"] is not None:
+            guess = float(ce.lstrip("~"))
+            if abs(guess - r["oracle_ce"]) > 0.05 * max(1.0, abs(r["oracle_ce"])):
+                lse = r["oracle_ce"] + r["input"][LABEL]
+                notes.append(f"- {case}: the seed guessed CE {ce}; exact CE = logsumexp(x) - "
+                             f"x[{LABEL}] = {fmt(lse)} - ({fmt(r['input'][LABEL])}) = "
+                             f"{fmt(r['oracle_ce'])}.")
+    return notes or ["- Every seed prediction held."]
+
+
+def _why_no_nan(r: dict[str, Any]) -> str:
+    """Why the textbook formula stayed NaN-free in float32: exp of the largest logit."""
+    xmax = float(np.max(r["input"]))
+    with _quiet():
+        e = float(np.exp(np.float32(xmax)))
+    f32 = dtypes.finfo("float32")
+    kind = f"a subnormal (below {fmt(float(f32.tiny))})" if 0 < e < float(f32.tiny) else "finite"
+    return (f"exp({fmt(xmax)}) = {fmt(e)} in float32 is {kind} and non-zero, so the sum is "
+            "neither 0 nor inf and no 0/0 or inf/inf occurs")
+
+
+def _cross_entropy_notes(battery: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Cross-entropy (y = 1)", ""]
+    for r in battery:
+        if r["dtype"] != "float32":
+            continue
+        if r["stable_ce_undefined"]:
+            lines.append(f"- {r['case']}: undefined; stable says {r['stable_ce_undefined']}; "
+                         f"naive says {r['naive_ce_undefined']}.")
+        elif r["oracle_ce"] is not None and math.isinf(r["oracle_ce"]):
+            lines.append(f"- {r['case']}: the label's logit is -inf, so the exact loss is "
+                         f"{fmt(r['oracle_ce'])}; naive {fmt(r['naive_ce'])}, stable "
+                         f"{fmt(r['stable_ce'])}. Probability 0 for the truth is infinite "
+                         "loss: a mask must never cover the true label.")
+    bad = [r for r in battery if r["naive_ce"] is not None and r["oracle_ce"] is not None
+           and not math.isclose(r["naive_ce"], r["oracle_ce"], rel_tol=1e-2, abs_tol=1e-6)]
+    if bad:
+        lines.append("- naive CE = -log(softmax(x)[y]) is off by more than 1% from the exact "
+                     "value in:")
+        lines += [f"  - {r['case']}, {r['dtype']}: {fmt(r['naive_ce'])} instead of "
+                  f"{fmt(r['oracle_ce'])}: {_ce_mechanism(r)}" for r in bad]
+    return lines
+
+
+def _ce_mechanism(r: dict[str, Any]) -> str:
+    """Why -log(softmax(x)[y]) missed, from the measured softmax of the same record."""
+    if r["naive_nan"]:
+        return "its softmax was already NaN (see above)."
+    if r["naive_ce"] == math.inf:
+        return (f"softmax(x)[{LABEL}] underflowed to 0 in {r['dtype']} (exact "
+                f"probability exp(-{fmt(r['oracle_ce'])})), and -log(0) = inf; the stable "
+                f"logsumexp(x) - x[{LABEL}] never forms that probability.")
+    return (f"its softmax was off (err {fmt(r['naive_err'])}"
+            + (f"; {r['naive_mechanism']}" if r["naive_mechanism"] else "") + ").")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(ctx: Context) -> Result:
+    battery, vectors = [], {}
+    for dname in BATTERY_DTYPES:
+        ctx.progress(f"battery {dname}")
+        for case, x in CASES:
+            rec, vec = _battery_record(case, x, dtypes.DTYPES[dname])
+            battery.append(rec)
+            vectors[(case, dname)] = vec
+    ctx.progress("scipy cross-check")
+    f64, scipy_note = _scipy_records()
+    ctx.progress("heatmap")
+    fig = _heatmap(vectors)
+
+    nan_cases = {d: [r["case"] for r in battery if r["dtype"] == d and r["naive_nan"]]
+                 for d in BATTERY_DTYPES}
+    stable_nan = sum(r["stable_nan"] for r in battery)
+    summary: dict[str, Any] = {
+        "oracle": battery[0]["oracle_source"],
+        "naive_nan_cases": nan_cases,
+        "naive_diverged_cases": {d: [r["case"] for r in battery
+                                     if r["dtype"] == d and r["naive_diverged"]]
+                                 for d in BATTERY_DTYPES},
+        "stable_nan_count": stable_nan,
+        "stable_diverged_count": sum(r["stable_diverged"] for r in battery),
+        "max_err_stable": {d: max(r["stable_err"] for r in battery if r["dtype"] == d)
+                           for d in BATTERY_DTYPES},
+        "float64_max_err_stable": max((r["stable_err"] for r in f64), default=None),
+        "scipy_max_abs_diff": {
+            fn: max((r[f"scipy_{fn}_{'abs' if fn == 'logsumexp' else 'max_abs'}_diff"]
+                     for r in f64), default=None)
+            for fn in ("softmax", "log_softmax", "logsumexp")},
+        "scipy_note": scipy_note,
+    }
+    n = len(CASES)
+    summary["headline"] = (
+        "naive softmax gives NaN in "
+        + ", ".join(f"{len(v)}/{n} {d}" for d, v in nan_cases.items())
+        + f" cases; stable in {stable_nan}/{len(battery)}; "
+        + "stable max error " + ", ".join(f"{d} {fmt(v)}"
+                                          for d, v in summary["max_err_stable"].items())
+        + (f"; float64 agrees with scipy to {fmt(max(summary['scipy_max_abs_diff'].values()))}"
+           if not scipy_note else ""))
+    readme = _readme(battery, f64, scipy_note, summary)
+    return Result(records=battery + f64, summary=summary, figures={"softmax_break": fig},
+                  readme=readme, headline=summary["headline"])

@@ -1,0 +1,102 @@
+"""overflow (seed 004): thresholds, naive breaking points, the stress test, the README."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+import flashmath as fm
+from flashmath import dtypes
+from flashmath.lab import overflow as ov
+from flashmath.lab import runner
+from flashmath.lab.experiment import Context, Result
+
+
+@pytest.fixture(scope="module")
+def result() -> Result:
+    return ov.run(Context(name=ov.NAME, seed=0, quick=True))
+
+
+def section(result: Result, name: str) -> list[dict[str, Any]]:
+    return [r for r in result.records if r["section"] == name]
+
+
+def test_protocol() -> None:
+    assert (ov.NAME, ov.SEEDS) == ("overflow", ("004",))
+    assert ov.SEQ_LENS == (32, 64, 128, 256) and ov.D_MODELS == (32, 64, 128)
+    assert ov.QUICK_TRIALS < ov.TRIALS
+
+
+def test_thresholds_for_every_dtype(result: Result) -> None:
+    rows = section(result, "thresholds")
+    assert [r["dtype"] for r in rows] == list(dtypes.DTYPES)
+    for r in rows:
+        assert r["overflow_found"] == float(fm.overflow_threshold(r["dtype"]))
+        assert r["overflow_closed_form"] == math.log(float(dtypes.finfo(r["dtype"]).max))
+        assert r["overflow_verified"] is True, r["dtype"]
+        assert r["underflow_verified"] is not False, r["dtype"]
+        assert abs(r["overflow_gap"]) <= r["overflow_step"], r["dtype"]
+    by = {r["dtype"]: r for r in rows}
+    assert by["float64"]["overflow_found"] == pytest.approx(709.78, abs=0.01)
+    assert by["float16"]["overflow_found"] == 11.0859375
+    assert by["float32"]["underflow_gap"] == pytest.approx(-math.log(2), abs=1e-3)
+
+
+@pytest.mark.parametrize(("dtype", "m"), [("float64", 710), ("float32", 89), ("float16", 12),
+                                           ("bfloat16", 89), ("float8_e4m3fn", 7)])
+def test_naive_breaking_point(result: Result, dtype: str, m: int) -> None:
+    r = {r["dtype"]: r for r in section(result, "breaking_point")}[dtype]
+    assert r["break_at"] == m and r["agrees"]
+    x = np.array([0.0, m, 0.0, 0.0]).astype(dtypes.DTYPES[dtype])
+    before = np.array([0.0, m - 1, 0.0, 0.0]).astype(dtypes.DTYPES[dtype])
+    assert not np.all(np.isfinite(fm.naive.softmax(x).astype(np.float64)))
+    assert np.all(np.isfinite(fm.naive.softmax(before).astype(np.float64)))
+
+
+def test_breaking_points_follow_the_thresholds(result: Result) -> None:
+    for r in section(result, "breaking_point"):
+        assert r["break_at"] is not None
+        assert r["agrees"] or not r["zero_representable"], r["dtype"]
+
+
+def test_stress_grid(result: Result) -> None:
+    rows = section(result, "stress")
+    grid = {(r["seq_len"], r["d_model"], r["scores"]) for r in rows}
+    assert grid == {(s, d, k) for s in ov.SEQ_LENS for d in ov.D_MODELS
+                    for k in ("unscaled", "scaled")}
+    assert all(r["trials"] == ov.QUICK_TRIALS and r["dtype"] == "float16" for r in rows)
+    by = {(r["seq_len"], r["d_model"], r["scores"]): r for r in rows}
+    for s in ov.SEQ_LENS:
+        for d in ov.D_MODELS:
+            unscaled, scaled = by[(s, d, "unscaled")], by[(s, d, "scaled")]
+            assert unscaled["mean_max_score"] > scaled["mean_max_score"]
+            assert unscaled["failure_rate"] >= scaled["failure_rate"]
+    # the prediction is exact: max score above the threshold <=> exp overflowed in float16
+    assert result.summary["prediction_matches"] == result.summary["stress_trials"]
+    for r in rows:
+        assert r["predicted_overflow_rate"] == r["naive_failure_rate"]
+        assert r["mismatch_max_scores"] == []
+
+
+def test_figures_and_readme(result: Result) -> None:
+    assert set(result.figures) == {"exp_vs_dtype_max", "score_histograms"}
+    hist = result.figures["score_histograms"].get_axes()
+    assert any("float16 exp overflow" in t.get_text()
+               for ax in hist for t in ax.get_legend().get_texts())
+    for name in dtypes.DTYPES:
+        assert f"| {name} |" in result.readme
+    assert result.headline.startswith("exp overflows above 11.0859 (float16)")
+    runner.dumps_json(result.records)
+
+
+def test_quick_and_full_differ_only_in_trials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ov, "SEQ_LENS", (32,))
+    monkeypatch.setattr(ov, "D_MODELS", (32,))
+    monkeypatch.setattr(ov, "HISTOGRAM_CONFIG", (32, 32))
+    full = ov.run(Context(name=ov.NAME, seed=3, quick=False))
+    again = ov.run(Context(name=ov.NAME, seed=3, quick=False))
+    assert {r["trials"] for r in section(full, "stress")} == {ov.TRIALS}
+    assert runner.dumps_json(full.records) == runner.dumps_json(again.records)
