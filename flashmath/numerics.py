@@ -571,7 +571,7 @@ def _softmax(a: np.ndarray, axes: tuple[int, ...], empty: str, *, owned: bool) -
     # s >= 1 wherever the row has anything left (its max contributes exp(0) = 1), and
     # s = 0 for a dead row: dividing by max(s, 1) gives that row 0 / 1 = 0, no branch.
     out = np.divide(e, np.maximum(s, 1), out=e)
-    if empty != "zeros":
+    if empty != "zeros" and out.size:  # (a zero-length row has no entries to fill)
         dead = s == 0
         if dead.any():
             n = math.prod(a.shape[i] for i in axes)

@@ -390,7 +390,8 @@ def test_zero_length_axis(shape, axis, lse_shape) -> None:  # type: ignore[no-un
     lse = fm.logsumexp(x, axis=axis)
     assert np.shape(lse) == lse_shape
     np.testing.assert_array_equal(lse, -INF)
-    assert fm.softmax(x, axis=axis).shape == shape
+    for empty in ("zeros", "uniform", "nan"):
+        assert fm.softmax(x, axis=axis, empty=empty).shape == shape
     assert fm.log_softmax(x, axis=axis).shape == shape
     assert fm.logsumexp(x, axis=axis, keepdims=True).shape == tuple(
         1 if i in np.atleast_1d(np.array(axis) % len(shape)) else n for i, n in enumerate(shape)
@@ -485,6 +486,17 @@ def test_non_contiguous_inputs_give_the_contiguous_result_and_are_not_modified(v
     np.testing.assert_allclose(fm.cross_entropy(x, y, reduction="none"),
                                fm.cross_entropy(dense, y, reduction="none"), rtol=tol)
     np.testing.assert_array_equal(x, before)
+
+
+def test_torch_tensors_are_read_not_written() -> None:
+    torch = pytest.importorskip("torch")
+    t = torch.tensor([[1.0, 2.0, -3.0]], dtype=torch.float64)
+    before = t.clone()
+    np.testing.assert_array_equal(fm.softmax(t), fm.softmax(before.numpy()))
+    fm.log_softmax(t)
+    fm.logsumexp(t)
+    fm.cross_entropy(t, np.array([0]))
+    assert torch.equal(t, before)
 
 
 def test_inputs_are_never_written_to() -> None:
