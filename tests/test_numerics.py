@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import ml_dtypes
+import mpmath
 import numpy as np
 import pytest
 import scipy.special as sp
@@ -978,3 +979,47 @@ def test_bad_b() -> None:
         fm.logsumexp(np.zeros((2, 3)), b=np.ones(4))
     with pytest.raises(TypeError, match=r"b: dtype complex128"):
         fm.logsumexp(np.zeros(3), b=np.ones(3, complex))
+
+
+def test_logsumexp_return_sign_without_weights() -> None:
+    lse, sign = fm.logsumexp(np.array([[-INF, -INF], [0.0, 0.0], [INF, 0.0]]), return_sign=True)
+    np.testing.assert_array_equal(lse, [-INF, math.log(2), NAN])
+    np.testing.assert_array_equal(sign, [0.0, 1.0, NAN])
+
+
+def test_logsumexp_where_and_b_together() -> None:
+    x = np.array([1.0, 2.0, 3.0, NAN])
+    keep = np.array([True, True, False, False])
+    b = np.array([2.0, -1.0, 5.0, 1.0])
+    lse, sign = fm.logsumexp(x, where=keep, b=b, return_sign=True)  # 2e - e^2 < 0
+    assert sign == -1.0
+    assert lse == pytest.approx(math.log(math.e**2 - 2 * math.e), rel=4 * EPS)
+
+
+# --------------------------------------------------------------------------------------
+# The oracle itself (tests/mp_oracle.py): regressions named after the bugs they caught.
+# --------------------------------------------------------------------------------------
+
+
+def test_oracle_keeps_a_dominant_entrys_tiny_log_probability() -> None:
+    # At 50 digits 1 + 1e-304 is 1: the oracle once returned log_softmax = 0 here, and
+    # -3.72007794e-44 (cancelled digits) for x - (m + log(1 + 3.7e-44)) below.
+    x = np.array([0.1, 0.1 - 700.6])
+    with mpmath.workdps(400):
+        want = float(-mpmath.log1p(mpmath.exp(mpmath.mpf(float(x[1])) - mpmath.mpf(0.1))))
+    assert oracle.log_softmax(x)[0] == want != 0.0
+    y = np.array([-100.0, -200.0])
+    assert oracle.log_softmax(y)[0] == -math.exp(-100.0)
+
+
+@pytest.mark.parametrize(
+    ("x", "want"),
+    [
+        ([0.0, -50.0], math.log1p(math.exp(-50.0))),
+        ([1000.0, 1000.0], 1000.0 + math.log(2.0)),
+        ([-INF, -INF], -INF),
+        ([1.0, INF], NAN),
+    ],
+)
+def test_oracle_logsumexp_closed_forms(x: list[float], want: float) -> None:
+    np.testing.assert_array_equal(oracle.logsumexp(np.array(x)), want)
