@@ -194,6 +194,47 @@ def test_ctrl_c_keeps_finished_and_marks_the_rest(
     assert "interrupted" in capsys.readouterr().err
 
 
+SIGINT_SCRIPT = """
+import sys, time, types
+from flashmath import cli
+from flashmath.lab import registry
+from flashmath.lab.experiment import Result
+
+def fast(ctx):
+    return Result(records=[{"x": 1}])
+
+def slow(ctx):
+    time.sleep(60)
+    return Result(records=[])
+
+mods = {n: types.SimpleNamespace(NAME=n, TITLE=n, SEEDS=(), run=f)
+        for n, f in (("fast", fast), ("slow", slow), ("after", fast))}
+registry.experiments = lambda: mods
+sys.exit(cli.main(["lab", "--out", sys.argv[1], "--no-progress"]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_real_sigint_exits_130_and_keeps_what_finished(tmp_path: Path) -> None:
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", SIGINT_SCRIPT, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until "slow" is running
+        manifests = list(tmp_path.glob("*/manifest.json"))
+        if manifests and read(manifests[0])["experiments"][1]["status"] == "running":
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    m = read(only_run(tmp_path) / "manifest.json")
+    assert m["status"] == "interrupted"
+    assert [e["status"] for e in m["experiments"]] == ["ok", "interrupted", "interrupted"]
+    assert (only_run(tmp_path) / "fast" / "results.json").is_file()
+
+
 def test_manifest_is_rewritten_after_each_experiment(tmp_path: Path, register: Any) -> None:
     seen: dict[str, Any] = {}
 
