@@ -1,0 +1,81 @@
+"""flash-attention lab experiment: equivalence grid, memory and speed sections, determinism."""
+
+from __future__ import annotations
+
+import pytest
+
+from flashmath.lab import flash_attention
+from flashmath.lab.experiment import Context, strip_volatile
+from flashmath.lab.runner import to_jsonable
+
+
+def _quick_run():
+    return flash_attention.run(Context(name=flash_attention.NAME, seed=3, quick=True))
+
+
+@pytest.fixture(scope="module")
+def quick():
+    return _quick_run()
+
+
+def _section(result, name):
+    return [r for r in result.records if r["section"] == name]
+
+
+def test_the_grid_covers_every_option_and_ragged_tiles():
+    cases = flash_attention._cases()
+    options = {k for c in cases for k in c.options}
+    assert {"causal", "window", "kv_lengths", "q_lengths", "bias", "mask", "softcap"} <= options
+    assert {c.options.get("causal") for c in cases} >= {True, "top_left"}
+    shapes = [c.shape for c in cases]  # (B, H, H_kv, Sq, Sk, D, Dv)
+    assert any(s[1] != s[2] for s in shapes)  # GQA
+    assert any(s[3] < s[4] for s in shapes) and any(s[3] > s[4] for s in shapes)
+    assert any(s[3] == 1 for s in shapes) and any(s[4] == 1 for s in shapes)
+    assert any(s[5] != s[6] for s in shapes)  # Dv != D
+    assert any(c.shape[3] % c.tiles[0] or c.shape[4] % c.tiles[1] for c in cases)
+    quick_names = {c.name for c in cases if c.quick}
+    assert any(n.startswith("seed 003") for n in quick_names)
+
+
+def test_every_case_meets_the_2x_rule(quick):
+    eq = _section(quick, "equivalence")
+    assert {r["dtype"] for r in eq} == set(flash_attention.DTYPES)
+    failing = [(r["case"], r["dtype"], r["ratio"]) for r in eq if not r["passes_2x"]]
+    assert not failing
+    assert all(r["lse_inf_agree"] for r in eq)
+    assert quick.summary["pass_2x"] == quick.summary["cases"] == len(eq)
+
+
+def test_memory_is_bounded_by_tiles(quick):
+    mem = _section(quick, "memory")
+    assert [r["S"] for r in mem] == sorted(r["S"] for r in mem)
+    biggest = mem[-1]
+    assert biggest["flash_peak_bytes"] < biggest["score_matrix_bytes"]
+    assert biggest["flash_peak_bytes"] < biggest["reference_peak_bytes"] / 4
+    ratios = [r["flash_over_reference"] for r in mem]
+    assert ratios == sorted(ratios, reverse=True)  # the gap widens with S
+
+
+def test_speed_rows_are_volatile_timings(quick):
+    speed = _section(quick, "speed")
+    assert speed and {r["causal"] for r in speed} == {False, True}
+    for r in speed:
+        assert r["flash_s"] > 0 and r["reference_s"] > 0
+        assert (r["torch_s"] is None) == (not r["torch"])
+        timing_keys = {"flash_s", "reference_s", "torch_s", "flash_gflops",
+                       "flash_vs_reference_ratio_time", "flash_vs_torch_ratio_time"}
+        assert timing_keys.isdisjoint(strip_volatile(r))
+
+
+def test_report(quick):
+    assert set(quick.figures) == {"equivalence", "memory"}
+    assert quick.headline and quick.headline in quick.readme
+    assert "FAIL" not in quick.readme and "nan" not in quick.readme.lower()
+    to_jsonable(quick.records)
+    to_jsonable(quick.summary)
+
+
+def test_same_seed_same_results(quick):
+    again = _quick_run()
+    assert strip_volatile(again.records) == strip_volatile(quick.records)
+    assert strip_volatile(again.summary) == strip_volatile(quick.summary)
