@@ -275,6 +275,7 @@ class _Run:
         self.run_dir = run_dir
         self.manifest = manifest
         self.entries: dict[str, dict[str, Any]] = {e["name"]: e for e in manifest["experiments"]}
+        self._t0 = time.perf_counter()
 
     def save(self) -> None:
         """Rewrite manifest.json and report.md (atomically) from the current state."""
@@ -286,9 +287,6 @@ class _Run:
         self.manifest["ended_at"] = _utc_now()
         self.manifest["duration_s"] = round(time.perf_counter() - self._t0, 3)
         self.save()
-
-    def start_clock(self) -> None:
-        self._t0 = time.perf_counter()
 
 
 def _new_manifest(run_dir: Path, modules: dict[str, ModuleType], chosen: list[str], *,
@@ -355,7 +353,7 @@ def _progress_bar(total: int, enabled: bool | None) -> Iterator[Any]:
 
     bar = tqdm(total=total, unit="exp", desc="flashmath lab",
                disable=None if enabled is None else not enabled,
-               file=sys.stderr, dynamic_ncols=True, leave=True)
+               file=sys.stderr, leave=True)
     try:
         yield bar
     finally:
@@ -378,7 +376,6 @@ def run_lab(out: Path | str = "lab-runs", *, only: Sequence[str] | None = None,
                              "seed": seed})
     run = _Run(run_dir, _new_manifest(run_dir, modules, chosen, seed=seed, quick=quick,
                                       config=config))
-    run.start_clock()
     run.save()
     pending = list(chosen)
     with _progress_bar(len(chosen), progress) as bar:
@@ -387,6 +384,7 @@ def run_lab(out: Path | str = "lab-runs", *, only: Sequence[str] | None = None,
                 name = pending[0]
                 _run_one(run, name, modules[name], seed=seed, quick=quick, bar=bar)
                 pending.pop(0)
+                bar.set_postfix_str(run.entries[name]["status"], refresh=False)
                 bar.update(1)
         except KeyboardInterrupt:
             for name in pending:  # the one running (if any) and those not started
