@@ -18,7 +18,8 @@ Tiles that a causal, window or length mask leaves empty are skipped (never read,
 never computed); FULL tiles build no mask (:class:`~flashmath.attention.masks.MaskSpec`).
 Speed: the scale is folded into q, exp runs in place in a reused tile buffer, the
 matmuls are BLAS calls on whole tiles, and the (b, h) slices run on a thread per core
-(NumPy releases the GIL in BLAS and in ufunc loops). Extra memory is a few tile buffers
+(NumPy releases the GIL in BLAS and in ufunc loops; BLAS itself runs one thread per worker,
+see :mod:`flashmath.attention.threads`). Extra memory is a few tile buffers
 per thread plus one (Sq, D) copy of q per slice: linear in S.
 
 Dtypes: float64 computes in float64; float32, float16, bfloat16 and float8 compute in
@@ -51,11 +52,9 @@ q_total=None, k_total=None, stats=None) -> (out, lse)`` and
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +67,7 @@ from flashmath.attention.options import (
     check_blocks,
     resolve,
 )
+from flashmath.attention.threads import run_units
 from flashmath.dtypes import accumulate_dtype
 from flashmath.online import rescale, row_shift
 
@@ -246,34 +246,8 @@ def _scores(
     return s
 
 
-def _threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _run(units: list[tuple[int, int]], work: Callable[[int, int], None]) -> None:
-    """work(b, h) for every unit, on up to one thread per core (the units write disjoint
-    slices of the outputs, so they need no locks). NaN/inf inputs give NaN rows and empty
-    rows give lse = log(0) = -inf by contract, so NumPy's floating-point warnings are off
-    inside (np.errstate is per thread)."""
-
-    def quiet(b: int, h: int) -> None:
-        with np.errstate(all="ignore"):
-            work(b, h)
-
-    workers = min(len(units), _threads())
-    if workers <= 1:
-        for b, h in units:
-            quiet(b, h)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(quiet, b, h) for b, h in units]:
-            future.result()
-
-
 def _units(opts: AttentionOptions) -> list[tuple[int, int]]:
+    """The (batch, head) slices: the work units of forward and backward."""
     return [(b, h) for b in range(opts.batch) for h in range(opts.heads)]
 
 
@@ -294,14 +268,15 @@ def _forward(
     counts: Counter[str] | None = None if stats is None else Counter()
     lock = threading.Lock()
 
-    def work(b: int, h: int) -> None:
+    def work(unit: tuple[int, int]) -> None:
+        b, h = unit
         unit_counts: Counter[str] | None = None if counts is None else Counter()
         _forward_unit(plan, b, h, out, lse, unit_counts)
         if counts is not None and unit_counts is not None:
             with lock:
                 counts.update(unit_counts)
 
-    _run(_units(opts), work)
+    run_units(_units(opts), work)
     if stats is not None and counts is not None:
         _finish_stats(plan, counts, stats)
     return out, lse
@@ -390,10 +365,10 @@ def _backward(
     dk = np.zeros((opts.batch, opts.heads, opts.sk, opts.d), plan.acc)
     dv = np.zeros((opts.batch, opts.heads, opts.sk, opts.dv), plan.acc)
 
-    def work(b: int, h: int) -> None:
-        _backward_unit(plan, b, h, dout, out, lse, dq, dk, dv)
+    def work(unit: tuple[int, int]) -> None:
+        _backward_unit(plan, *unit, dout, out, lse, dq, dk, dv)
 
-    _run(_units(opts), work)
+    run_units(_units(opts), work)
     shape = (opts.batch, opts.kv_heads, opts.group, opts.sk)
     dk = dk.reshape(*shape, opts.d).sum(axis=2) if opts.group > 1 else dk
     dv = dv.reshape(*shape, opts.dv).sum(axis=2) if opts.group > 1 else dv
