@@ -16,7 +16,6 @@ speed        forward time of flashmath, the reference and torch's CPU
 
 from __future__ import annotations
 
-import math
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -172,14 +171,18 @@ def _memory(ctx: Context, S: int, D: int = 64) -> dict[str, Any]:
 # --- speed ----------------------------------------------------------------------------------
 
 
-def _best_time(fn: Callable[[], Any], repeat: int) -> float:
+def _best_time(fn: Callable[[], Any], repeat: int, budget_s: float = 0.5) -> float:
+    """The best of ``repeat`` timed calls after a warm-up, and of more (up to 3 * repeat)
+    while the total stays within ``budget_s``: the minimum is the least disturbed run."""
     fn()  # warm-up (imports, thread pools, caches)
-    best = math.inf
-    for _ in range(repeat):
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeat or (time.perf_counter() - start < budget_s
+                                  and len(times) < 3 * repeat):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def _torch_sdpa() -> Callable[..., Any] | None:
