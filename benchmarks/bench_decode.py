@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 import flashmath as fm
-from flashmath.distributed.decode import _cores, choose_num_splits
+from flashmath.attention.threads import cores
+from flashmath.distributed.decode import choose_num_splits
 
 SHAPES = [  # (B, H, H_kv): one head; MQA; GQA; many heads
     (1, 1, 1),
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     lengths = [4096, 16384] if args.quick else [4096, 16384, 65536, 262144]
     rng = np.random.default_rng(0)
     d = 64
-    print(f"cores: {_cores()}; D={d}, float32, Sq=1; entries: time / flash_attention's time")
+    print(f"cores: {cores()}; D={d}, float32, Sq=1; entries: time / flash_attention's time")
     head = "  ".join(f"{'auto' if n is None else f'n={n}':>7}" for n in SPLITS)
     print(f"{'B':>2} {'H':>3} {'Hkv':>3} {'Sk':>7} {'flash ms':>9}  {head}  auto n")
     for b, h, hk in SHAPES:

@@ -108,8 +108,8 @@ def test_splits_with_no_valid_key_do_not_poison_the_merge() -> None:
     (2, 10**6, 2, 1),  # the slices already fill the cores
     (1, 2 * MIN_SPLIT_KEYS - 1, 2, 1),  # too short to pay for a split
     (1, 2 * MIN_SPLIT_KEYS, 2, 2),  # one slice, two cores
-    (1, 10**6, 8, 8),
-    (3, 10**6, 8, 3),  # ceil(8 / 3) ranges per slice
+    (1, 8 * MIN_SPLIT_KEYS, 8, 8),
+    (3, 8 * MIN_SPLIT_KEYS, 8, 3),  # ceil(8 / 3) ranges per slice
     (1, 3 * MIN_SPLIT_KEYS, 8, 3),  # each range keeps MIN_SPLIT_KEYS keys
     (1, 0, 2, 1),
 ])

@@ -4,11 +4,14 @@ cut into key ranges that are attended to independently and merged by log-sum-exp
 Legend: B batch, H query heads, H_kv key/value heads (H % H_kv == 0), Sq new queries
 (small: 1 for plain decoding), Sk cache capacity, D head dim, Dv value head dim.
 
-Why split: one decoding step has B * H_kv * Sq rows of work. When that is fewer than the
-cores, the tiled kernel (which parallelises over (batch, head) slices) leaves cores idle
-while it streams the whole cache through one of them. Cutting the keys into ranges gives
-every core a range; each range returns (out_i, lse_i) and ``fm.merge_outputs`` combines
-them exactly (the online-softmax rule), so the result does not depend on the split.
+Why split: one decoding step has B * H_kv independent (batch, K/V head) slices. When they
+are fewer than the cores, the tiled kernel (which parallelises over slices) leaves cores
+idle while it streams the whole cache through one of them. Cutting the keys into ranges
+gives every core a range; each range returns (out_i, lse_i) and ``fm.merge_outputs``
+combines them exactly (the online-softmax rule), so the result does not depend on the
+split. Whether it is faster depends on the machine: a one-query step is bound by memory
+bandwidth, and a second core only helps where it brings bandwidth of its own (see
+MIN_SPLIT_KEYS for what this repository's 2-core machine measured).
 
 Semantics follow flash-attn's ``flash_attn_with_kvcache`` (without appending new keys):
 batch entry b attends to the first ``cache_lengths[b]`` keys of its cache; later slots
@@ -26,28 +29,46 @@ head instead of once per query head, and each tile is a matrix product, not a ve
 from __future__ import annotations
 
 import itertools
-import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from flashmath.attention import flash
+from flashmath.attention import flash, threads
 from flashmath.dtypes import accumulate_dtype, as_float_array
 from flashmath.online import merge_outputs
 
 __all__ = ["MIN_SPLIT_KEYS", "choose_num_splits", "flash_decode"]
 
-#: The shortest key range worth a split of its own (measured on 2 cores with
-#: benchmarks/bench_decode.py: below this the per-split overhead eats the gain).
-MIN_SPLIT_KEYS = 8192
+R = TypeVar("R")
+T = TypeVar("T")
+
+#: The shortest key range worth a split of its own. Measured with benchmarks/bench_decode.py
+#: on the 2-core CI machine (shared with other jobs): no split count beat one split up to
+#: Sk = 262144, one head, Sq = 1 (n=2 at 0.9-1.6x one split's time). Decoding one query is
+#: a matrix-vector product, bound by memory bandwidth, and there one thread streamed 10-16
+#: GB/s while two streamed 5-10 GB/s in all. So the default splits only beyond the range
+#: measured; on machines where each core adds bandwidth (many-core servers) lower it.
+MIN_SPLIT_KEYS = 2**19
+
+_POOL: ThreadPoolExecutor | None = None
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def _pool() -> ThreadPoolExecutor:
+    """One worker per core, kept for the process: starting threads per call cost more than
+    a short split's whole compute (about 1 ms a thread on a busy 2-core machine)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(threads.cores(), thread_name_prefix="flashmath-decode")
+    return _POOL
+
+
+def _one_blas_thread(fn: Callable[[R], T]) -> Callable[[R], T]:
+    def wrapped(arg: R) -> T:
+        with threads.one_blas_thread(), np.errstate(all="ignore"):
+            return fn(arg)
+    return wrapped
 
 
 def choose_num_splits(rows: int, keys: int, *, cores: int | None = None) -> int:
@@ -58,7 +79,7 @@ def choose_num_splits(rows: int, keys: int, *, cores: int | None = None) -> int:
     core or the cache is short; else enough splits to give each idle core a range of at
     least MIN_SPLIT_KEYS keys, at most ``cores`` per slice.
     """
-    cores = _cores() if cores is None else cores
+    cores = threads.cores() if cores is None else cores
     if rows >= cores or keys < 2 * MIN_SPLIT_KEYS:
         return 1
     want = -(-cores // rows)  # ceil(cores / rows) ranges per slice fill the cores
@@ -174,9 +195,8 @@ def flash_decode(
     if not ranges:  # every cache is empty
         out = np.zeros((b, h, sq, dv), out_dtype)
         return out
-    if len(ranges) > 1 and rows < _cores():  # idle cores: one range per thread
-        with ThreadPoolExecutor(min(len(ranges), _cores())) as pool:
-            parts = list(pool.map(part, ranges))
+    if len(ranges) > 1 and rows < threads.cores():  # idle cores: the ranges run on a thread each
+        parts = list(_pool().map(_one_blas_thread(part), ranges))
     else:
         parts = [part(r) for r in ranges]
     if len(parts) == 1:
