@@ -24,6 +24,7 @@ import numpy as np
 
 import flashmath as fm
 from flashmath import dtypes, safety
+from flashmath.attention.threads import one_blas_thread
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result
 from flashmath.lab.report import fmt_value as fmt
@@ -134,7 +135,8 @@ def _stress(ctx: Context, threshold: float) -> tuple[list[dict[str, Any]], dict[
             for t in range(trials):
                 q = rng.standard_normal((seq, d))  # (Sq, D)
                 k = rng.standard_normal((seq, d))  # (Sk, D)
-                unscaled = q @ k.T  # (Sq, Sk)
+                with one_blas_thread():  # small product: BLAS threads only oversubscribe
+                    unscaled = q @ k.T  # (Sq, Sk)
                 for kind, scores in (("unscaled", unscaled),
                                      ("scaled", unscaled / math.sqrt(d))):
                     # the prediction, and what fm.naive.softmax did in the dtype (has_inf/has_nan)
