@@ -25,7 +25,7 @@ EXTRAS = {"lab": "torch", "test": "test"}
 
 def _ensure_env(extra: str) -> None:
     """Create .venv and `pip install -e .[extra]` unless the same install is already there."""
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 (a clear message on old Pythons)
         sys.exit(f"flashmath needs Python >= 3.11; this is {sys.version.split()[0]}")
     if not PY.exists():
         print(f"creating {VENV} ...", flush=True)
