@@ -12,20 +12,21 @@ memory       tracemalloc's peak during one forward vs S (B = H = 1, D = 64, floa
              tiled forward against the reference, which materialises the S x S scores.
 speed        forward time of flashmath, the reference and torch's CPU
              scaled_dot_product_attention (when torch is importable), float32.
+
+The forward's timing and peak memory come from :mod:`flashmath.bench`, the accuracy rule
+from :mod:`flashmath.attention.accuracy`.
 """
 
 from __future__ import annotations
 
-import time
 import tracemalloc
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 import flashmath as fm
-from flashmath import dtypes
+from flashmath import bench, dtypes
 from flashmath.attention.accuracy import accuracy_rule
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result
@@ -143,82 +144,54 @@ def _equivalence(ctx: Context, case: Case, dtype: str, seed: int) -> dict[str, A
 # --- memory ---------------------------------------------------------------------------------
 
 
-def _peak_bytes(fn: Callable[[], Any]) -> int:
-    """tracemalloc's peak of the bytes allocated while ``fn`` runs (inputs excluded)."""
+def _reference_peak_bytes(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> int:
+    """tracemalloc's peak while the float32 reference runs, measured as
+    flashmath.bench.peak_memory measures the tiled forward (inputs excluded, output included)."""
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        fn()
-        return tracemalloc.get_traced_memory()[1] - base
+        fm.attention_reference(q, k, v, upcast=False, return_lse=True)
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
 
 
 def _memory(ctx: Context, S: int, D: int = 64) -> dict[str, Any]:
+    flash = bench.peak_memory(S, d=D)  # B = H = 1, float32, no mask
     rng = ctx.rng(S)
     q, k, v = (rng.standard_normal((1, 1, S, D)).astype(np.float32) for _ in range(3))
-    flash = _peak_bytes(lambda: fm.flash_attention(q, k, v))
-    ref = _peak_bytes(lambda: fm.attention_reference(q, k, v, upcast=False))
-    scores = S * S * 4
+    ref = _reference_peak_bytes(q, k, v)
+    scores = flash["scores_bytes"]
     return {"section": "memory", "S": S, "D": D, "dtype": "float32",
-            "flash_peak_bytes": flash, "reference_peak_bytes": ref,
-            "score_matrix_bytes": scores, "output_bytes": S * D * 4,
-            "flash_over_scores": flash / scores, "reference_over_scores": ref / scores,
-            "flash_over_reference": flash / ref}
+            "flash_peak_bytes": flash["peak_bytes"], "reference_peak_bytes": ref,
+            "score_matrix_bytes": scores, "output_bytes": flash["output_bytes"],
+            "flash_over_scores": flash["peak_bytes"] / scores,
+            "reference_over_scores": ref / scores,
+            "flash_over_reference": flash["peak_bytes"] / ref}
 
 
 # --- speed ----------------------------------------------------------------------------------
 
 
-def _best_time(fn: Callable[[], Any], repeat: int, budget_s: float = 0.5) -> float:
-    """The best of ``repeat`` timed calls after a warm-up, and of more (up to 3 * repeat)
-    while the total stays within ``budget_s``: the minimum is the least disturbed run."""
-    fn()  # warm-up (imports, thread pools, caches)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeat or (time.perf_counter() - start < budget_s
-                                  and len(times) < 3 * repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def _torch_sdpa() -> Callable[..., Any] | None:
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        return None
-
-    def sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool) -> Any:
-        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
-        with torch.inference_mode():
-            return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-
-    return sdpa
-
-
 def _speed(ctx: Context, B: int, H: int, S: int, D: int, causal: bool,
            repeat: int) -> dict[str, Any]:
+    """flashmath and torch SDPA side by side (flashmath.bench.time_attention), then the
+    reference timed the same way (best of ``repeat`` after a warm-up)."""
+    t = bench.time_attention(B, H, S, D, causal=causal, repeat=repeat, backward=False)
     rng = ctx.rng(10_000 + S)
     q, k, v = (rng.standard_normal((B, H, S, D)).astype(np.float32) for _ in range(3))
-    flops = 4 * B * H * S * S * D / (2 if causal else 1)
-    t_flash = _best_time(lambda: fm.flash_attention(q, k, v, causal=causal), repeat)
-    t_ref = _best_time(lambda: fm.attention_reference(q, k, v, causal=causal, upcast=False),
-                       repeat)
-    sdpa = _torch_sdpa()
-    t_torch = None if sdpa is None else _best_time(lambda: sdpa(q, k, v, causal), repeat)
-    rec: dict[str, Any] = {
+    ref = bench._alternate(
+        {"ref": lambda: fm.attention_reference(q, k, v, causal=causal, upcast=False)}, repeat)
+    t_ref = min(ref["ref"])
+    has_torch = t["torch_fwd_s"] is not None
+    return {
         "section": "speed", "B": B, "H": H, "S": S, "D": D, "causal": causal,
-        "dtype": "float32", "torch": sdpa is not None,
-        "flash_s": t_flash, "reference_s": t_ref, "torch_s": t_torch,
-        "flash_gflops": flops / t_flash / 1e9,
-        "flash_vs_reference_ratio_time": t_flash / t_ref,
-        "flash_vs_torch_ratio_time": None if t_torch is None else t_flash / t_torch,
+        "dtype": "float32", "torch": has_torch,
+        "flash_s": t["fm_fwd_s"], "reference_s": t_ref, "torch_s": t["torch_fwd_s"],
+        "flash_gflops": t["fm_fwd_gflops"],
+        "flash_vs_reference_ratio_time": t["fm_fwd_s"] / t_ref,
+        "flash_vs_torch_ratio_time": t["fwd_ratio_time"],
     }
-    return rec
 
 
 # --- the experiment --------------------------------------------------------------------------
@@ -239,7 +212,7 @@ def run(ctx: Context) -> Result:
     for B, H, S in speed_grid:
         for causal in (False, True):
             ctx.progress(f"speed: B={B} H={H} S={S} causal={causal}")
-            records.append(_speed(ctx, B, H, S, 64, causal, repeat=2 if ctx.quick else 3))
+            records.append(_speed(ctx, B, H, S, 64, causal, repeat=3 if ctx.quick else 5))
     summary = _summary(records)
     return Result(records=records, summary=summary,
                   figures={"equivalence": _plot_equivalence(records),
@@ -315,7 +288,7 @@ def _plot_memory(records: list[dict[str, Any]]) -> Any:
     ax.plot(S, [r["flash_peak_bytes"] for r in mem], "s-", label="flash_attention (tiled)")
     ax.plot(S, [r["score_matrix_bytes"] for r in mem], "k:", label="one S x S float32 matrix")
     ax.plot(S, [r["output_bytes"] for r in mem], color="#888888", ls="--",
-            label="the output (S x D)")
+            label="the output (out and lse)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length S (B = H = 1, D = 64)")
