@@ -52,7 +52,7 @@ def test_memory_is_bounded_by_tiles(quick):
     biggest = mem[-1]
     assert biggest["flash_peak_bytes"] < biggest["score_matrix_bytes"]
     assert biggest["flash_peak_bytes"] < biggest["reference_peak_bytes"] / 4
-    ratios = [r["flash_over_reference"] for r in mem]
+    ratios = [r["flash_peak_bytes"] / r["reference_peak_bytes"] for r in mem]
     assert ratios == sorted(ratios, reverse=True)  # the gap widens with S
 
 
@@ -75,7 +75,20 @@ def test_report(quick):
     to_jsonable(quick.summary)
 
 
+def _deterministic(obj):
+    """strip_volatile, and the tracemalloc peaks too: the interpreter's own allocations move
+    them by tens of bytes between runs (everything derived from them in results.json is
+    rounded to two digits)."""
+    obj = strip_volatile(obj)
+    if isinstance(obj, dict):
+        return {k: _deterministic(v) for k, v in obj.items() if not k.endswith("_peak_bytes")}
+    if isinstance(obj, list):
+        return [_deterministic(v) for v in obj]
+    return obj
+
+
 def test_same_seed_same_results(quick):
     again = _quick_run()
-    assert strip_volatile(again.records) == strip_volatile(quick.records)
-    assert strip_volatile(again.summary) == strip_volatile(quick.summary)
+    assert _deterministic(again.records) == _deterministic(quick.records)
+    assert _deterministic(again.summary) == _deterministic(quick.summary)
+    assert again.headline == quick.headline
