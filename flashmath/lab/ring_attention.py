@@ -100,11 +100,16 @@ def _accuracy(ctx: Context) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- memory
 
 
+def _memory_seq(ctx: Context) -> int:
+    """The fixed S of the memory section, and of the real process groups (full run)."""
+    return 2048 if ctx.quick else 4096
+
+
 def _memory(ctx: Context) -> tuple[list[dict[str, Any]], float]:
     """Rows per W, and this CPU's measured attention throughput (FLOP/s, W = 1 pass)."""
     from flashmath.distributed.ring import replay_rank_memory
 
-    s = 2048 if ctx.quick else 8192
+    s = _memory_seq(ctx)
     worlds = (1, 2, 4, 8) if ctx.quick else (1, 2, 4, 8, 16)
     b, h, d = 1, 4, 64
     q, k, v, _ = _inputs(ctx, 2, b, h, h, s, d, "float32")
@@ -162,7 +167,8 @@ def _processes(ctx: Context) -> list[dict[str, Any]]:
     from flashmath.distributed.launch import run_local
 
     rows = []
-    cfg = DemoConfig(seq=2048, heads=4, dim=64, causal=True, layout="zigzag", dtype="float32",
+    cfg = DemoConfig(seq=_memory_seq(ctx), heads=4, dim=64, causal=True, layout="zigzag",
+                     dtype="float32",
                      seed=ctx.seed)
     for w in (2, 4):
         ctx.progress(f"processes W={w}")
