@@ -275,7 +275,7 @@ def _plot_equivalence(records: list[dict[str, Any]]) -> Any:
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("max error / same-dtype naive error (vs float64 oracle)")
+    ax.set_xlabel("max error / same-dtype naive error (vs float64 oracle); 0 drawn at 1e-3")
     ax.set_title("flash_attention accuracy: the 2x rule")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
