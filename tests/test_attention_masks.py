@@ -79,8 +79,9 @@ def test_block_is_the_dense_mask_sliced(batch, sq, sk, kw):
 @pytest.mark.parametrize(("batch", "sq", "sk", "kw"), CASES)
 @pytest.mark.parametrize(("bq", "bk"), [(1, 1), (2, 3), (4, 4)])
 def test_classify_and_spans_agree_with_the_mask(batch, sq, sk, kw, bq, bk):
-    """EMPTY tiles hold no allowed pair, FULL tiles only allowed pairs; the key span of a
-    row block and the query span of a key block contain every allowed pair."""
+    """EMPTY tiles hold no allowed pair, FULL tiles only allowed pairs, PARTIAL tiles only
+    allowed pairs outside their masked columns; the key span of a row block and the query
+    span of a key block contain every allowed pair."""
     spec = MaskSpec.create(batch, sq, sk, **spec_kwargs(kw))
     dense = spec.dense()[:, 0]
     for b in range(batch):
@@ -90,6 +91,11 @@ def test_classify_and_spans_agree_with_the_mask(batch, sq, sk, kw, bq, bk):
             kind = spec.classify(b, i0, i1, j0, j1)
             assert kind != TileKind.EMPTY or not tile.any()
             assert kind != TileKind.FULL or tile.all()
+            if kind == TileKind.PARTIAL:  # outside the masked columns, every pair attends
+                unmasked = np.ones(j1 - j0, bool)
+                for c0, c1 in spec.masked_columns(b, i0, i1, j0, j1):
+                    unmasked[c0 - j0:c1 - j0] = False
+                assert tile[:, unmasked].all()
             if not tile.any():
                 continue
             lo, hi = spec.key_span(b, i0, i1)

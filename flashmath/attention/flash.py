@@ -16,11 +16,12 @@ The loop (one shape for forward and backward, :func:`_schedule`)::
 
 Tiles that a causal, window or length mask leaves empty are skipped (never read,
 never computed); FULL tiles build no mask (:class:`~flashmath.attention.masks.MaskSpec`).
-Speed: the scale is folded into q, exp runs in place in a reused tile buffer, the
-matmuls are BLAS calls on whole tiles, and the (b, h) slices run on a thread per core
-(NumPy releases the GIL in BLAS and in ufunc loops; BLAS itself runs one thread per worker,
-see :mod:`flashmath.attention.threads`). Extra memory is a few tile buffers
-per thread plus one (Sq, D) copy of q per slice: linear in S.
+Speed: the scale is folded into q (when a power of two), exp runs in place in a reused
+tile buffer, row sums are BLAS matrix-vector products, the matmuls are BLAS calls on
+whole tiles, and the (b, h) slices run on a thread per core (NumPy releases the GIL in
+BLAS and in ufunc loops; BLAS itself runs one thread per worker, see
+:mod:`flashmath.attention.threads`). Extra memory is a few tile buffers per thread plus
+per-block accumulators: linear in S.
 
 Dtypes: float64 computes in float64; float32, float16, bfloat16 and float8 compute in
 float32 accumulators (``accum_dtype`` overrides) and return the input dtype. lse is
@@ -52,6 +53,7 @@ q_total=None, k_total=None, stats=None) -> (out, lse)`` and
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -167,7 +169,14 @@ def flash_attention_backward(
 
 @dataclass(frozen=True, eq=False)
 class _Plan:
-    """One call: validated inputs, options, accumulate dtype and tile sizes."""
+    """One call: validated inputs, options, dtypes and tile sizes.
+
+    acc: the dtype of the tile arithmetic (scores, exp, the tile matmuls).
+    state: the dtype of what is summed across tiles (the forward's m, l, o; the backward's
+        dq, dk, dv): float64 when acc is float32 or wider (a few (rows, D) arrays per tile,
+        so it is nearly free and removes the rounding of the running sums and rescales),
+        acc itself when acc is narrower (``accum_dtype="float16"`` shows narrow sums).
+    """
 
     q: np.ndarray
     k: np.ndarray
@@ -176,6 +185,10 @@ class _Plan:
     acc: np.dtype[Any]
     bq: int
     bk: int
+
+    @property
+    def state(self) -> np.dtype[Any]:
+        return np.dtype(np.float64) if self.acc.itemsize >= 4 else self.acc
 
     @classmethod
     def build(cls, q: Any, k: Any, v: Any, *, block_q: Any, block_k: Any, accum_dtype: Any,
@@ -189,9 +202,20 @@ class _Plan:
             bk=max(1, min(block_k or DEFAULT_BLOCK_K, opts.sk)),
         )
 
+    @property
+    def folds_scale(self) -> bool:
+        """Whether the scale is folded into q: only when it is a power of two, so that
+        scale * q is exact (D = 16, 64, 256). Otherwise rounding each q element once
+        perturbs every score of the row alike, and with large scores that made the
+        output up to 10x less accurate than the naive formula; the scale is then applied
+        to the score tile instead (one more pass over it)."""
+        mantissa = math.frexp(self.opts.scale)[0]
+        return abs(mantissa) == 0.5
+
     def q_block(self, b: int, h: int, i0: int, i1: int) -> np.ndarray:
-        """scale * q[b, h, i0:i1] in the accumulate dtype, (ni, D): the scale folded into q."""
-        return np.multiply(self.q[b, h, i0:i1], self.opts.scale, dtype=self.acc)
+        """q[b, h, i0:i1] in the accumulate dtype, (ni, D), times the scale if folded."""
+        factor = self.opts.scale if self.folds_scale else 1.0
+        return np.multiply(self.q[b, h, i0:i1], factor, dtype=self.acc)
 
     def kv(self, b: int, h: int) -> tuple[np.ndarray, np.ndarray]:
         """k[b, kv head], v[b, kv head] in the accumulate dtype (views when no cast is needed)."""
@@ -226,13 +250,15 @@ def _scores(
 ) -> np.ndarray:
     """The tile's scores softcap(scale q k^T) + bias, masked with -inf, in ``buf``.
 
-    qs is the scaled query block (ni, D), k the slice's keys (Sk, D). Returns the
+    qs is the query block (ni, D) from plan.q_block, k the slice's keys (Sk, D). Returns the
     (ni, nj) view of buf. With a softcap and tanh_buf given, tanh(scale q k^T / c) is
     kept there for the backward.
     """
     opts = plan.opts
     s = buf[: i1 - i0, : j1 - j0]
     np.matmul(qs, k[j0:j1].T, out=s)
+    if not plan.folds_scale:
+        s *= opts.scale
     if opts.softcap is not None:
         s *= 1.0 / opts.softcap
         np.tanh(s, out=s)
@@ -242,7 +268,9 @@ def _scores(
     if opts.bias is not None:
         s += block_of(opts.bias, b, h, i0, i1, j0, j1)
     if kind is TileKind.PARTIAL:
-        np.copyto(s, -np.inf, where=~opts.spec.block(b, h, i0, i1, j0, j1))
+        for c0, c1 in opts.spec.masked_columns(b, i0, i1, j0, j1):
+            np.copyto(s[:, c0 - j0 : c1 - j0], -np.inf,
+                      where=~opts.spec.block(b, h, i0, i1, c0, c1))
     return s
 
 
@@ -286,37 +314,51 @@ def _forward_unit(
     plan: _Plan, b: int, h: int, out: np.ndarray, lse: np.ndarray, counts: Counter[str] | None
 ) -> None:
     """Forward of slice (b, h): out[b, h] and lse[b, h] for the rows that see any key."""
-    acc, dv = plan.acc, plan.opts.dv
     k, v = plan.kv(b, h)
-    buf = np.empty((plan.bq, plan.bk), acc)  # the score tile, reused
-    pv = np.empty((plan.bq, dv), acc)
+    buf = np.empty((plan.bq, plan.bk), plan.acc)  # the score tile, reused
     for i0, i1, tiles in _schedule(plan, b):
         if not tiles:
             continue  # nothing visible: out stays 0, lse -inf
-        ni = i1 - i0
         qs = plan.q_block(b, h, i0, i1)  # (ni, D)
-        m = np.full(ni, -np.inf, acc)  # running max
-        l = np.zeros(ni, acc)  # running sum of exp(s - m)
-        o = np.zeros((ni, dv), acc)  # running sum of exp(s - m) v
-        for j0, j1, kind in tiles:
-            s = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf)  # (ni, nj)
-            # --- online softmax step (flashmath.online's rule) ---
-            m_new = np.maximum(m, s.max(axis=1))
-            alpha = rescale(m, m_new)
-            s -= row_shift(m_new)[:, None]
-            np.exp(s, out=s)  # p~ = exp(s - m_new), in place
-            l *= alpha
-            l += s.sum(axis=1)
-            o *= alpha[:, None]
-            o += np.matmul(s, v[j0:j1], out=pv[:ni])
-            m = m_new
-            if counts is not None:
-                _count_tile(plan, b, h, i0, i1, j0, j1, kind, counts)
-        # --- finalise: o / l and m + log l; an empty row (l = 0, m = -inf) gives 0, -inf ---
-        out[b, h, i0:i1] = o * np.divide(1, l, out=np.zeros_like(l), where=l != 0)[:, None]
+        m, l, o = _online(plan, b, h, qs, k, v, i0, i1, tiles, buf, counts)
+        # o / l and m + log l; an empty row (l = 0, m = -inf) gives 0 and -inf
+        out[b, h, i0:i1] = np.divide(o, l[:, None], out=np.zeros_like(o), where=l[:, None] != 0)
         lse[b, h, i0:i1] = m + np.log(l)
         if counts is not None:
-            counts["read_q_bytes"] += ni * plan.opts.d * plan.q.itemsize
+            counts["read_q_bytes"] += (i1 - i0) * plan.opts.d * plan.q.itemsize
+
+
+def _online(
+    plan: _Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, v: np.ndarray | None,
+    i0: int, i1: int, tiles: list[tuple[int, int, TileKind]], buf: np.ndarray,
+    counts: Counter[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The online softmax of query rows [i0, i1) over their tiles (flashmath.online's rule).
+
+    Returns (m, l, o) in the state dtype: the row max, sum_j exp(s_j - m) and, given v,
+    sum_j exp(s_j - m) v_j ((ni, 0) without v: the backward needs only m and l).
+    """
+    acc, st, ni = plan.acc, plan.state, i1 - i0
+    dv = 0 if v is None else v.shape[1]
+    m = np.full(ni, -np.inf, st)  # running max (values of acc: exact in st)
+    l = np.zeros(ni, st)  # running sum of exp(s - m)
+    o = np.zeros((ni, dv), st)  # running sum of exp(s - m) v
+    ones = np.ones(plan.bk, acc)  # row sums as a BLAS matrix-vector product
+    for j0, j1, kind in tiles:
+        s = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf)  # (ni, nj)
+        m_new = np.maximum(m, s.max(axis=1))
+        alpha = rescale(m, m_new)
+        s -= row_shift(m_new).astype(acc)[:, None]
+        np.exp(s, out=s)  # p~ = exp(s - m_new), in place
+        l *= alpha
+        l += s @ ones[: j1 - j0]
+        if v is not None:
+            o *= alpha[:, None]
+            o += s @ v[j0:j1]
+        m = m_new
+        if counts is not None:
+            _count_tile(plan, b, h, i0, i1, j0, j1, kind, counts)
+    return m, l, o
 
 
 def _count_tile(plan: _Plan, b: int, h: int, i0: int, i1: int, j0: int, j1: int,
@@ -362,13 +404,15 @@ def _backward(
     dout, out, lse = check_backward_inputs(opts, dout=dout, out=out, lse=lse)
     dq = np.zeros(plan.q.shape, opts.dtype)
     # Per query head; summed over each group of heads below (disjoint writes per thread).
-    dk = np.zeros((opts.batch, opts.heads, opts.sk, opts.d), plan.acc)
-    dv = np.zeros((opts.batch, opts.heads, opts.sk, opts.dv), plan.acc)
+    dk = np.zeros((opts.batch, opts.heads, opts.sk, opts.d), plan.state)
+    dv = np.zeros((opts.batch, opts.heads, opts.sk, opts.dv), plan.state)
 
     def work(unit: tuple[int, int]) -> None:
         _backward_unit(plan, *unit, dout, out, lse, dq, dk, dv)
 
     run_units(_units(opts), work)
+    if not plan.folds_scale:
+        dk *= opts.scale
     shape = (opts.batch, opts.kv_heads, opts.group, opts.sk)
     dk = dk.reshape(*shape, opts.d).sum(axis=2) if opts.group > 1 else dk
     dv = dv.reshape(*shape, opts.dv).sum(axis=2) if opts.group > 1 else dv
@@ -379,36 +423,72 @@ def _backward_unit(
     plan: _Plan, b: int, h: int, dout: np.ndarray, out: np.ndarray, lse: np.ndarray,
     dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
 ) -> None:
-    """Gradients of slice (b, h): dq[b, h], and this head's dk[b, h], dv[b, h]."""
-    acc, opts = plan.acc, plan.opts
+    """Gradients of slice (b, h): dq[b, h], and this head's dk[b, h], dv[b, h].
+
+    With p = exp(s - shift) * f (f per row, see :func:`_probabilities`), the row factor f
+    is folded into the small operands instead of the tile: dv += p~^T (f do),
+    ds~ = p~ (dp - delta), dq = scale f (ds~ k), dk += ds~^T (f scale q).
+    """
+    acc, st, opts = plan.acc, plan.state, plan.opts
     k, v = plan.kv(b, h)
-    buf = np.empty((plan.bq, plan.bk), acc)  # scores, then p
-    dbuf = np.empty((plan.bq, plan.bk), acc)  # dp, then ds
+    buf = np.empty((plan.bq, plan.bk), acc)  # scores, then p~
+    dbuf = np.empty((plan.bq, plan.bk), acc)  # dp, then ds~
     tanh_buf = None if opts.softcap is None else np.empty((plan.bq, plan.bk), acc)
     dk_h, dv_h = dk[b, h], dv[b, h]  # (Sk, D), (Sk, Dv) accumulators
     for i0, i1, tiles in _schedule(plan, b):
         if not tiles:
             continue
         ni = i1 - i0
-        qs = plan.q_block(b, h, i0, i1)  # scale * q, (ni, D)
+        qs = plan.q_block(b, h, i0, i1)  # (ni, D), scaled if folded
         do = np.asarray(dout[b, h, i0:i1], acc)  # (ni, Dv)
-        delta = np.einsum("id,id->i", do, np.asarray(out[b, h, i0:i1], acc))[:, None]
-        shift = row_shift(np.asarray(lse[b, h, i0:i1], acc))[:, None]
-        dq_blk = np.zeros((ni, opts.d), acc)
+        delta = np.einsum("id,id->i", do, out[b, h, i0:i1], dtype=st).astype(acc)[:, None]
+        shift, f = _probabilities(plan, b, h, qs, k, i0, i1, tiles, lse[b, h, i0:i1], buf)
+        do_f = do if f is None else np.multiply(do, f[:, None], dtype=acc)
+        qs_f = qs if f is None else np.multiply(qs, f[:, None], dtype=acc)
+        dq_blk = np.zeros((ni, opts.d), st)
         for j0, j1, kind in tiles:
             nj = j1 - j0
             p = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf, tanh_buf)
             p -= shift
-            np.exp(p, out=p)  # the probabilities, rebuilt from lse
-            dv_h[j0:j1] += p.T @ do
+            np.exp(p, out=p)  # p~ = exp(s - shift)
+            dv_h[j0:j1] += p.T @ do_f
             ds = np.matmul(do, v[j0:j1].T, out=dbuf[:ni, :nj])  # dp
             ds -= delta
-            ds *= p  # ds = p * (dp - delta)
+            ds *= p  # ds~ = p~ (dp - delta)
             if tanh_buf is not None:  # through the softcap: d(c tanh(x / c)) = 1 - tanh^2
                 t = tanh_buf[:ni, :nj]
                 np.multiply(t, t, out=t)
                 np.subtract(1, t, out=t)
                 ds *= t
             dq_blk += ds @ k[j0:j1]
-            dk_h[j0:j1] += ds.T @ qs  # scale * ds^T q
+            dk_h[j0:j1] += ds.T @ qs_f  # f ds~^T q (times scale: folded, or below)
+        if f is not None:
+            dq_blk *= f[:, None]
         dq[b, h, i0:i1] = dq_blk * opts.scale
+
+
+def _probabilities(
+    plan: _Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
+    tiles: list[tuple[int, int, TileKind]], lse: np.ndarray, buf: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(shift, f) such that a row block's probabilities are p = exp(s - shift) * f.
+
+    Narrow inputs (float16, bfloat16, float8 are narrower than the float32 lse): shift =
+    lse, f = None (1), FlashAttention's p = exp(s - lse); lse's rounding is far below the
+    inputs' precision. Inputs as wide as lse (float32, float64): exp(s - lse) would carry
+    lse's rounding, |lse| eps / 2, into every p of the row, and the rounding of s - lse,
+    up to |s - m| + log l ulps, where the naive exp(s - m) / l has |s - m|. So one extra
+    online pass over the block's tiles recomputes the row max m and l = sum exp(s - m)
+    (state dtype), and shift = m with f = 1 / l when the keys are the whole sequence, or
+    f = exp(m - lse) for a shard (whose row sums are not 1: lse is the global one).
+    Empty rows get shift 0 and f 0.
+    """
+    opts = plan.opts
+    if opts.dtype.itemsize < opts.lse_dtype.itemsize:
+        return row_shift(np.asarray(lse, plan.acc))[:, None], None
+    m, l, _ = _online(plan, b, h, qs, k, None, i0, i1, tiles, buf)
+    if opts.all_keys:
+        f = np.divide(1, l, out=np.zeros_like(l), where=l != 0)
+    else:
+        f = np.exp(m - row_shift(np.asarray(lse, plan.state)))  # 0 where m = -inf
+    return row_shift(m).astype(plan.acc)[:, None], f

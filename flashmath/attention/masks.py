@@ -200,6 +200,21 @@ class MaskSpec:
             return TileKind.FULL
         return TileKind.PARTIAL
 
+    def masked_columns(self, b: int, i0: int, i1: int, j0: int, j1: int) -> list[tuple[int, int]]:
+        """The column ranges of a PARTIAL tile that need a mask; every pair outside them
+        may attend. A causal tile needs only the columns right of its first row's diagonal
+        (at most block_q - 1 of them once clipped to the key span), not the whole tile.
+        """
+        if self.mask is not None or i1 > self.q_valid[b] or j1 > self.k_valid[b]:
+            return [(j0, j1)]
+        d = int(self.diag[b])
+        # Column j is allowed for every row i in [i0, i1) iff i1 - 1 + d + lo <= j <= i0 + d + hi.
+        full0 = j0 if self.lo is None else max(j0, i1 - 1 + d + self.lo)
+        full1 = j1 if self.hi is None else min(j1, i0 + d + self.hi + 1)
+        if full0 >= full1:
+            return [(j0, j1)]
+        return [(a, z) for a, z in ((j0, full0), (full1, j1)) if a < z]
+
     def block(self, b: int, h: int, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
         """Boolean (i1 - i0, j1 - j0) mask of query rows [i0, i1) x keys [j0, j1) of batch
         entry b, query head h; True = may attend."""

@@ -38,6 +38,8 @@ class AttentionOptions:
     softcap: c in s -> c * tanh(s / c), applied to scale * q . k before the bias; or None.
     bias: float, 4-D, broadcastable to (B, H, Sq, Sk), added after the softcap; or None.
     spec: which pairs may attend (causal, window, boolean mask, lengths, offsets).
+    all_keys: the local keys are the whole key sequence (not a shard of it), so a row's
+        probabilities over them sum to 1.
     """
 
     batch: int
@@ -52,6 +54,7 @@ class AttentionOptions:
     softcap: float | None
     bias: np.ndarray | None
     spec: MaskSpec
+    all_keys: bool = True
 
     @property
     def group(self) -> int:
@@ -221,6 +224,7 @@ def resolve(
         softcap=None if softcap is None else _positive_float(softcap, "softcap"),
         bias=bias_arr,
         spec=spec,
+        all_keys=k_offset == 0 and k_total == sk,
     )
     return q, k, v, opts
 
