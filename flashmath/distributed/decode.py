@@ -23,7 +23,12 @@ in speculative decoding). An entry with cache_lengths[b] == 0 gives zeros and ls
 When the query heads share K/V heads (GQA/MQA) and the mask does not depend on the
 query's row (non-causal, or Sq == 1), the group's queries are folded into the rows of
 one K/V head, as flash-attn's decoding kernels do: the cache is then read once per K/V
-head instead of once per query head, and each tile is a matrix product, not a vector one.
+head instead of once per query head, and each tile is a matrix product, not a vector one
+(2-6x faster in benchmarks/bench_decode.py). Except in float32: there the folded tiles'
+float32 matrix products measured up to 4.3x the naive float32 formula's error (GEMM's
+long sequential sums, where the one-row product is a dot product), past the accuracy
+rule's 2x; float32 keeps one row per query head. float64 is exact either way, and
+float16/bfloat16 compute in float32 and round once, so the rounding dominates.
 """
 
 from __future__ import annotations
@@ -175,7 +180,7 @@ def flash_decode(
         q = q.astype(acc)
     causal = bool(causal) and sq > 1  # one query is the last token: it sees every valid key
     group = h // hk
-    fold = group > 1 and not causal
+    fold = group > 1 and not causal and out_dtype != np.float32
     if fold:  # (B, H, Sq, D) -> (B, H_kv, group * Sq, D): rows of one K/V head together
         q = q.reshape(b, hk, group * sq, q.shape[3])
     span = int(lengths.max()) if b else 0
@@ -202,5 +207,5 @@ def flash_decode(
     if len(parts) == 1:
         o = parts[0][0]
     else:
-        o, _ = merge_outputs([p[0] for p in parts], [p[1] for p in parts])
+        o, _ = merge_outputs([p[0] for p in parts], [p[1] for p in parts], accum_dtype=np.float64)
     return o.reshape(b, h, sq, dv).astype(out_dtype, copy=False)
