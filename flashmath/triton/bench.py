@@ -1,0 +1,200 @@
+"""TFLOP/s of flashmath.triton against torch SDPA (flash and cuDNN backends), one CUDA device.
+
+The grid (issue 6): B * S = 16k tokens, H * D = 2048, D in {64, 128}, S in 512 .. 16384,
+causal and not, float16 and bfloat16; forward, backward and both. FLOPs from DESIGN.md:
+forward 4 * B * H * Sq * Sk * D (halved for square causal), backward 2.5x the forward.
+
+Every implementation runs in the same process on the same tensors; a row's ratio is
+flashmath's TFLOP/s over the peer's (above 1: flashmath is faster). A backend torch cannot
+run for a shape is recorded as unavailable, not as zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = [
+    "DTYPES",
+    "HEAD_DIMS",
+    "HIDDEN",
+    "IMPLS",
+    "MODES",
+    "SEQ_LENS",
+    "TOKENS",
+    "Shape",
+    "attention_flops",
+    "format_table",
+    "main",
+    "run",
+    "shapes",
+]
+
+TOKENS = 16 * 1024  # B * S
+HIDDEN = 2048  # H * D
+HEAD_DIMS = (64, 128)
+SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
+DTYPES = ("float16", "bfloat16")
+MODES = ("fwd", "bwd", "fwd_bwd")
+#: flashmath first; the peers are torch SDPA pinned to one backend each.
+IMPLS = ("flashmath", "sdpa_flash", "sdpa_cudnn")
+SKIPPED = "skipped: no CUDA device"
+
+
+def attention_flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, *,
+                    causal: bool, mode: str) -> float:
+    """DESIGN.md's count: forward 4*B*H*Sq*Sk*D (halved for square causal), backward 2.5x."""
+    fwd = 4.0 * batch * heads * seq_q * seq_k * head_dim
+    if causal and seq_q == seq_k:
+        fwd /= 2
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}[mode]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark problem: q, k, v of shape (batch, heads, seq, head_dim)."""
+
+    batch: int
+    heads: int
+    seq: int
+    head_dim: int
+    causal: bool
+    dtype: str
+
+
+def shapes(*, head_dims: Sequence[int] = HEAD_DIMS, seq_lens: Sequence[int] = SEQ_LENS,
+           dtypes: Sequence[str] = DTYPES, causal: Sequence[bool] = (False, True)) -> list[Shape]:
+    """The grid at B * S = TOKENS and H * D = HIDDEN."""
+    return [Shape(TOKENS // s, HIDDEN // d, s, d, c, dt)
+            for dt in dtypes for d in head_dims for c in causal for s in seq_lens]
+
+
+def _impl(name: str) -> Callable[[Any, Any, Any, bool], Any]:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name == "flashmath":
+        from flashmath.triton import flash_attention
+
+        return lambda q, k, v, causal: flash_attention(q, k, v, causal=causal)
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION,
+               "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+    def sdpa(q: Any, k: Any, v: Any, causal: bool) -> Any:
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return sdpa
+
+
+def _time_ms(impl: Callable[..., Any], shape: Shape, mode: str, tensors: tuple[Any, ...]) -> float:
+    """Median milliseconds of one call (triton.testing.do_bench: warm-up, L2 flushed)."""
+    import torch
+    from triton.testing import do_bench
+
+    q, k, v, dout = tensors
+    if mode == "fwd":
+        with torch.no_grad():
+            return float(do_bench(lambda: impl(q, k, v, shape.causal)))
+    if mode == "bwd":
+        out = impl(q, k, v, shape.causal)
+        return float(do_bench(
+            lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)))
+    return float(do_bench(
+        lambda: torch.autograd.grad(impl(q, k, v, shape.causal), (q, k, v), dout)))
+
+
+def run(grid: Sequence[Shape], *, modes: Sequence[str] = MODES, impls: Sequence[str] = IMPLS,
+        progress: Callable[[str], None] = lambda _msg: None, device: str = "cuda",
+        ) -> list[dict[str, Any]]:
+    """One record per (shape, mode): time and TFLOP/s of each implementation, and ratios.
+
+    Keys: the Shape's fields, ``mode``, ``flops``, ``<impl>_ms``, ``<impl>_tflops`` (None where
+    the backend cannot run the shape, with ``<impl>_error``) and ``<peer>_ratio_time``, the
+    peer's time over flashmath's (TFLOP/s ratio; above 1 flashmath is faster).
+    """
+    import torch
+
+    fns = {name: _impl(name) for name in impls}
+    records = []
+    for shape in grid:
+        dtype = getattr(torch, shape.dtype)
+        gen = torch.Generator(device=device).manual_seed(0)
+        dims = (shape.batch, shape.heads, shape.seq, shape.head_dim)
+        q, k, v, dout = (torch.randn(dims, device=device, dtype=dtype, generator=gen)
+                         for _ in range(4))
+        tensors = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout)
+        for mode in modes:
+            progress(f"{shape.dtype} D={shape.head_dim} S={shape.seq} "
+                     f"{'causal' if shape.causal else 'full'} {mode}")
+            rec: dict[str, Any] = {**asdict(shape), "mode": mode}
+            rec["flops"] = attention_flops(shape.batch, shape.heads, shape.seq, shape.seq,
+                                           shape.head_dim, causal=shape.causal, mode=mode)
+            for name, fn in fns.items():
+                try:
+                    ms = _time_ms(fn, shape, mode, tensors)
+                except RuntimeError as exc:  # e.g. a backend that does not take this shape
+                    rec[f"{name}_ms"] = rec[f"{name}_tflops"] = None
+                    rec[f"{name}_error"] = str(exc).splitlines()[0][:200]
+                    continue
+                rec[f"{name}_ms"] = ms
+                rec[f"{name}_tflops"] = rec["flops"] / (ms * 1e-3) / 1e12
+            for name in impls[1:]:
+                ours, theirs = rec.get("flashmath_ms"), rec.get(f"{name}_ms")
+                peer = name.removeprefix("sdpa_")
+                rec[f"{peer}_ratio_time"] = theirs / ours if ours and theirs else None
+            records.append(rec)
+    return records
+
+
+def format_table(records: Sequence[dict[str, Any]], impls: Sequence[str] = IMPLS) -> str:
+    """A Markdown table: TFLOP/s per implementation and flashmath's ratio to each peer."""
+    peers = [name.removeprefix("sdpa_") for name in impls[1:]]
+    head = (["dtype", "D", "S", "B", "H", "causal", "mode"]
+            + [f"{name} TFLOP/s" for name in impls] + [f"vs {p}" for p in peers])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def num(x: float | None, fmt: str) -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    for r in records:
+        cells = [r["dtype"], str(r["head_dim"]), str(r["seq"]), str(r["batch"]), str(r["heads"]),
+                 "yes" if r["causal"] else "no", r["mode"]]
+        cells += [num(r.get(f"{name}_tflops"), ".1f") for name in impls]
+        cells += [num(r.get(f"{p}_ratio_time"), ".2f") + "x" for p in peers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cuda_available() -> bool:
+    """True when torch is installed and sees a CUDA device."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the table (``benchmarks/bench_triton.py``); 'skipped: no CUDA device' without one."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dim", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument("--seq", type=int, nargs="+", default=list(SEQ_LENS))
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    args = parser.parse_args(argv)
+    if not cuda_available():
+        print(SKIPPED)
+        return 0
+    causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    grid = shapes(head_dims=args.head_dim, seq_lens=args.seq, dtypes=args.dtype, causal=causal)
+    import torch
+
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    records = run(grid, modes=args.mode, progress=lambda msg: print("  ..", msg, flush=True))
+    print(format_table(records))
+    return 0

@@ -1,0 +1,587 @@
+"""The Triton kernels of FlashAttention-2: forward, backward preprocess, dK/dV and dQ.
+
+Shapes (B batch, H query heads, H_kv key/value heads, Sq/Sk lengths, D/Dv head dims)::
+
+    Q (B, H, Sq, D)   K (B, H_kv, Sk, D)   V (B, H_kv, Sk, Dv)   O, dO (B, H, Sq, Dv)
+    M2, L2, Delta (B, H, Sq) float32      KvLen (B,) int32
+
+Every kernel takes strides, so no input needs to be contiguous. The host side
+(launch, validation, autograd) is ``op.py``; the conventions are DESIGN.md's.
+
+How the mask family becomes integer arithmetic: query ``i`` may attend key ``j`` iff
+
+    i + diag - win_left  <=  j  <=  i + diag + win_right     and     j < kv_len
+
+where ``diag = kv_len - Sq`` for the bottom-right alignment (``causal=True``, and a
+window without ``causal``) and ``0`` for top-left. ``causal`` makes ``win_right`` 0;
+an unbounded side is a large sentinel. ``kv_len`` is ``Sk`` without ``kv_lengths``.
+This is :class:`flashmath.attention.masks.MaskSpec`'s rule (no q_lengths, no offsets);
+its ``key_span``/``query_span``/``classify`` are the NumPy twins of the tile ranges here.
+
+Each program walks a band of tiles in three runs: boundary tiles that the mask
+cuts (score mask and bounds checks), the full tiles in between (no mask, no bounds
+checks on the streamed side: the fast path) and the boundary tiles at the far end.
+Tiles the mask leaves empty are never visited; :func:`_key_blocks` and
+:func:`_query_blocks` compute the band for the two loop orders.
+
+Scores live in log2 units: ``s2 = (q . k) * scale * log2(e)``, one multiply with the
+constant folded in, then ``exp2``. The forward stores each row's max ``m2`` and ``l2 =
+log2(l)`` (``op.py`` hands users ``lse = (m2 + l2) ln 2``) and the backward recomputes
+``P = exp2((s2 - m2) - l2)`` tile by tile. Kept apart, not summed into one lse: rounding
+m2 + l2 at its own magnitude would cost the recomputed P several ulps where scores are
+large, enough to break the accuracy rule in float32.
+
+A row with nothing to attend to keeps ``m2 = -inf``, ``l = 0``; it finishes as output 0
+and ``l2 = -inf`` (lse -inf), and its probabilities are 0 in the backward (never NaN), so
+its gradients and its share of dK/dV are exactly 0.
+
+Determinism: no atomics. dK/dV for a key block is owned by one program, which sums
+over every query head of its GQA group; dQ has its own pass over key blocks.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = [
+    "BWD_DKDV_CONFIGS",
+    "BWD_DQ_CONFIGS",
+    "FWD_CONFIGS",
+    "INTERPRETED",
+    "LOG2E",
+    "attn_bwd_dkdv",
+    "attn_bwd_dkdv_tuned",
+    "attn_bwd_dq",
+    "attn_bwd_dq_tuned",
+    "attn_bwd_preprocess",
+    "attn_fwd",
+    "attn_fwd_tuned",
+]
+
+LOG2E = 1.4426950408889634
+
+#: True when these kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1
+#: when this module was imported): they then run on CPU torch tensors, slowly.
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers shared by every kernel
+# ---------------------------------------------------------------------------------------
+#
+# Dots: operands are cast to DOT, the kernels' matmul input dtype. That is the input dtype
+# itself (the casts are no-ops) except in Triton's CPU interpreter with bfloat16, which
+# multiplies bfloat16 bit patterns as integers (triton-lang/triton#11584): there DOT is
+# float32, exact for bfloat16 values, and probabilities are still rounded to bfloat16 first
+# (``p.to(DTYPE).to(DOT)``) so the interpreter computes what the GPU does.
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in float32 from exp2, to a few ulps (the interpreter has no libdevice tanh).
+    Odd Taylor series to x^9 below |x| = 0.25, where 1 - e^(-2|x|) would cancel."""
+    ax = tl.abs(x)
+    e = tl.math.exp2(-2.0 * 1.4426950408889634 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0
+                                                                   + x2 * (62.0 / 2835.0)))))
+    return tl.where(ax < 0.25, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _scores(a, b, qk_scale, cap_scale, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores a @ b in log2 units, and t = tanh(scale * a @ b / softcap) for the softcap
+    backward (t is the raw product when SOFTCAP is off, and unused).
+
+    qk_scale = scale * log2(e), or softcap * log2(e) with SOFTCAP; cap_scale = scale / softcap.
+    """
+    qk = tl.dot(a, b, input_precision=PRECISION)
+    if SOFTCAP:
+        t = _tanh(qk * cap_scale)
+        return t * qk_scale, t
+    else:
+        return qk * qk_scale, qk
+
+
+@triton.jit
+def _allowed(offs_m, offs_n, diag, win_left, win_right, kv_len):
+    """The score mask of a tile (True = may attend); offs_m/offs_n arrive broadcastable."""
+    rel = offs_n - offs_m - diag  # key position relative to the query's diagonal
+    return (rel >= -win_left) & (rel <= win_right) & (offs_n < kv_len)
+
+
+@triton.jit
+def _dim_mask(BLOCK: tl.constexpr, DIM: tl.constexpr):
+    """offs < DIM over a head dim padded to BLOCK; a constant True when nothing is padded,
+    which the compiler folds away (unpredicated, vectorised loads)."""
+    if BLOCK == DIM:
+        return tl.full([BLOCK], 1, tl.int1)
+    else:
+        return tl.arange(0, BLOCK) < DIM
+
+
+@triton.jit
+def _diagonal(KvLen, b, Sk, Sq, HAS_KV_LEN: tl.constexpr, ALIGN_BOTTOM: tl.constexpr):
+    """(kv_len, diag) of batch b: the valid key count and the offset of the causal diagonal."""
+    if HAS_KV_LEN:
+        kv_len = tl.load(KvLen + b)
+    else:
+        kv_len = Sk
+    if ALIGN_BOTTOM:
+        diag = kv_len - Sq
+    else:
+        diag = kv_len * 0
+    return kv_len, diag
+
+
+@triton.jit
+def _key_blocks(m0, diag, win_left, win_right, kv_len, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The key blocks that queries m0 .. m0+BLOCK_M-1 see, as lo <= full_lo <= full_hi <= hi:
+    [lo, full_lo) and [full_hi, hi) are cut by the mask, [full_lo, full_hi) are whole."""
+    m1 = m0 + BLOCK_M - 1
+    lo_key = tl.maximum(m0 + diag - win_left, 0)
+    hi_key = tl.maximum(tl.minimum(m1 + diag + win_right + 1, kv_len), lo_key)
+    # whole tiles: every row of the block may see every key of the tile
+    full_lo_key = tl.maximum(m1 + diag - win_left, lo_key)
+    full_hi_key = tl.maximum(tl.minimum(m0 + diag + win_right + 1, kv_len), 0)
+    lo = lo_key // BLOCK_N
+    hi = (hi_key + BLOCK_N - 1) // BLOCK_N
+    full_lo = tl.minimum((full_lo_key + BLOCK_N - 1) // BLOCK_N, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi_key // BLOCK_N, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_blocks(n0, diag, win_left, win_right, kv_len, Sq, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The query blocks that see keys n0 .. n0+BLOCK_N-1, as lo <= full_lo <= full_hi <= hi
+    (same meaning as :func:`_key_blocks`). Whole blocks also lie inside Sq and kv_len."""
+    n1 = n0 + BLOCK_N - 1
+    lo_q = tl.maximum(n0 - diag - win_right, 0)
+    hi_q = tl.minimum(n1 - diag + win_left + 1, Sq)
+    hi_q = tl.where(n0 < kv_len, tl.maximum(hi_q, lo_q), lo_q)
+    full_lo_q = tl.maximum(n1 - diag - win_right, lo_q)
+    full_hi_q = tl.minimum(n0 - diag + win_left + 1, Sq)
+    full_hi_q = tl.where(n1 < kv_len, tl.maximum(full_hi_q, 0), 0)
+    lo = lo_q // BLOCK_M
+    hi = (hi_q + BLOCK_M - 1) // BLOCK_M
+    full_lo = tl.minimum((full_lo_q + BLOCK_M - 1) // BLOCK_M, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi_q // BLOCK_M, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_step, v_step, d_ok, dv_ok, offs_m,
+               blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sk, qk_scale, cap_scale,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
+               PRECISION: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr):
+    """The online-softmax loop over key blocks [blk_lo, blk_hi); returns (acc, l, m).
+    kT_ptrs/v_ptrs address key block 0; block j is k_step/v_step * j further on."""
+    kT_ptrs += blk_lo * k_step
+    v_ptrs += blk_lo * v_step
+    for blk in tl.range(blk_lo, blk_hi):
+        # -- scores of this tile, in log2 units; masked entries -> -inf -------------------
+        if MASKED:
+            offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < Sk
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+        s, _t = _scores(q, kT.to(DOT), qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BM, BN)
+        if MASKED:
+            ok = _allowed(offs_m[:, None], offs_n[None, :], diag, win_left, win_right, kv_len)
+            s = tl.where(ok, s, float("-inf"))
+        # -- new running max; a row that has seen nothing yet subtracts 0, so p = 0 -------
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)  # rescales what was accumulated so far
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- acc <- acc * alpha + P V ---------------------------------------------------------
+        if MASKED:
+            v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE).to(DOT), v.to(DOT),
+                                            input_precision=PRECISION)
+        m_i = m_new
+        kT_ptrs += k_step
+        v_ptrs += v_step
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd(Q, K, V, Out, M2, L2, KvLen,
+             stride_qb, stride_qh, stride_qm, stride_qd,
+             stride_kb, stride_kh, stride_kn, stride_kd,
+             stride_vb, stride_vh, stride_vn, stride_vd,
+             stride_ob, stride_oh, stride_om, stride_od,
+             H, GROUP, Sq, Sk, qk_scale, cap_scale, win_left, win_right,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+             SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+             DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query block, batch * head): O, m2 and l2 of BLOCK_M query rows."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP  # GQA: query head h reads K/V head h // (H / H_kv)
+    kv_len, diag = _diagonal(KvLen, b, Sk, Sq, HAS_KV_LEN, ALIGN_BOTTOM)
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
+    dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
+    row_ok = offs_m < Sq
+    q = tl.load(Q + b * stride_qb + h * stride_qh
+                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
+    kT_ptrs = (K + b * stride_kb + hkv * stride_kh
+               + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)  # (BLOCK_D, BLOCK_N)
+    v_ptrs = (V + b * stride_vb + hkv * stride_vh
+              + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)  # (BLOCK_N, BLOCK_DV)
+    k_step = BLOCK_N * stride_kn
+    v_step = BLOCK_N * stride_vn
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _key_blocks(m0, diag, win_left, win_right, kv_len,
+                                           BLOCK_M, BLOCK_N)
+    # -- leading boundary tiles, whole tiles, trailing boundary tiles ---------------------
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_step, v_step, d_ok, dv_ok,
+                               offs_m, lo, full_lo, diag, win_left, win_right, kv_len, Sk,
+                               qk_scale, cap_scale, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE,
+                               DOT)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_step, v_step, d_ok, dv_ok,
+                               offs_m, full_lo, full_hi, diag, win_left, win_right, kv_len, Sk,
+                               qk_scale, cap_scale, BLOCK_N, False, SOFTCAP, PRECISION, DTYPE,
+                               DOT)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_step, v_step, d_ok, dv_ok,
+                               offs_m, full_hi, hi, diag, win_left, win_right, kv_len, Sk,
+                               qk_scale, cap_scale, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE,
+                               DOT)
+
+    # -- epilogue: O = acc / l (0 where nothing was seen), l2 = log2(l) (-inf there) --------
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(M2 + bh * Sq + offs_m, m_i, mask=row_ok)
+    tl.store(L2 + bh * Sq + offs_m, tl.where(empty, float("-inf"), tl.math.log2(l_safe)),
+             mask=row_ok)
+    tl.store(Out + b * stride_ob + h * stride_oh
+             + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             out.to(DTYPE), mask=row_ok[:, None] & dv_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Backward: Delta = rowsum(dO * O) - dLse, then dK/dV (per key block) and dQ (per query block)
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def attn_bwd_preprocess(Out, DO, DLse, Delta,
+                        stride_ob, stride_oh, stride_om, stride_od,
+                        stride_dob, stride_doh, stride_dom, stride_dod,
+                        H, Sq, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta_i = sum_d dO[i, d] * O[i, d] (float32), less dLse_i when lse has a gradient:
+    d lse_i / d s_ij = P_ij, so that gradient folds into the same correction."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq
+    tile_ok = row_ok[:, None] & _dim_mask(BLOCK_DV, HEAD_DIM_V)[None, :]
+    o = tl.load(Out + b * stride_ob + h * stride_oh
+                + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                mask=tile_ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=tile_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + bh * Sq + offs_m, mask=row_ok, other=0.0)
+    tl.store(Delta + bh * Sq + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, m_ptrs, l_ptrs, delta_ptrs, q_step, do_step,
+                d_ok, dv_ok, offs_n, blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sq,
+                qk_scale, cap_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+                DOT: tl.constexpr):
+    """dK and dV of one key block over query blocks [blk_lo, blk_hi), transposed
+    (keys along rows): P^T = exp2((S^T - m2) - l2), dV += P^T dO, dS^T = P^T (dP^T - Delta).
+    qT_ptrs/do_ptrs address query block 0; m_ptrs/l_ptrs/delta_ptrs its rows."""
+    qT_ptrs += blk_lo * q_step
+    do_ptrs += blk_lo * do_step
+    m_ptrs += blk_lo * BLOCK_M
+    l_ptrs += blk_lo * BLOCK_M
+    delta_ptrs += blk_lo * BLOCK_M
+    for blk in tl.range(blk_lo, blk_hi):
+        if MASKED:
+            offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < Sq
+            qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0).to(DOT)
+            m2 = tl.load(m_ptrs, mask=row_ok, other=0.0)
+            l2 = tl.load(l_ptrs, mask=row_ok, other=0.0)
+        else:
+            qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0).to(DOT)
+            m2 = tl.load(m_ptrs)
+            l2 = tl.load(l_ptrs)
+        sT, tT = _scores(k, qT, qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BN, BM)
+        pT = tl.math.exp2((sT - m2[None, :]) - l2[None, :])
+        if MASKED:  # also drops rows past Sq and rows with m2 = -inf (nothing to attend)
+            ok = _allowed(offs_m[None, :], offs_n[:, None], diag, win_left, win_right, kv_len)
+            pT = tl.where(ok & row_ok[None, :], pT, 0.0)
+        # -- dV += P^T dO ---------------------------------------------------------------
+        if MASKED:
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(DOT)
+            delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+        else:
+            do = tl.load(do_ptrs, mask=dv_ok[None, :], other=0.0).to(DOT)
+            delta = tl.load(delta_ptrs)
+        dv += tl.dot(pT.to(DTYPE).to(DOT), do, input_precision=PRECISION)
+        # -- dS^T = P^T * (dP^T - Delta), through the softcap's tanh ---------------------
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        # -- dK += dS^T Q  (the softmax scale is applied once, at the end) -------------------
+        dk += tl.dot(dsT.to(DTYPE).to(DOT), tl.trans(qT), input_precision=PRECISION)
+        qT_ptrs += q_step
+        do_ptrs += do_step
+        m_ptrs += BLOCK_M
+        l_ptrs += BLOCK_M
+        delta_ptrs += BLOCK_M
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen,
+                  stride_qb, stride_qh, stride_qm, stride_qd,
+                  stride_kb, stride_kh, stride_kn, stride_kd,
+                  stride_vb, stride_vh, stride_vn, stride_vd,
+                  stride_dob, stride_doh, stride_dom, stride_dod,
+                  stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                  stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                  H, GROUP, Sq, Sk, qk_scale, cap_scale, sm_scale, win_left, win_right,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+                  SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+                  DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (key block, batch * K/V head): dK, dV of BLOCK_N keys, summed over
+    the GROUP query heads that share this K/V head, in registers (deterministic)."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    H_kv = H // GROUP
+    b = bhk // H_kv
+    hkv = bhk % H_kv
+    kv_len, diag = _diagonal(KvLen, b, Sk, Sq, HAS_KV_LEN, ALIGN_BOTTOM)
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
+    dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
+    key_ok = offs_n < Sk
+    k = tl.load(K + b * stride_kb + hkv * stride_kh
+                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
+    v = tl.load(V + b * stride_vb + hkv * stride_vh
+                + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=key_ok[:, None] & dv_ok[None, :], other=0.0).to(DOT)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    q_step = BLOCK_M * stride_qm
+    do_step = BLOCK_M * stride_dom
+    lo, full_lo, full_hi, hi = _query_blocks(n0, diag, win_left, win_right, kv_len, Sq,
+                                             BLOCK_M, BLOCK_N)
+    for g in range(GROUP):
+        h = hkv * GROUP + g
+        qT_ptrs = (Q + b * stride_qb + h * stride_qh
+                   + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd)  # (BD, BM)
+        do_ptrs = (DO + b * stride_dob + h * stride_doh
+                   + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod)  # (BM, BDV)
+        m_ptrs = M2 + (b * H + h) * Sq + offs_m
+        l_ptrs = L2 + (b * H + h) * Sq + offs_m
+        delta_ptrs = Delta + (b * H + h) * Sq + offs_m
+        dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, m_ptrs, l_ptrs, delta_ptrs, q_step,
+                             do_step, d_ok, dv_ok, offs_n, lo, full_lo, diag, win_left,
+                             win_right, kv_len, Sq, qk_scale, cap_scale, BLOCK_M, True,
+                             SOFTCAP, PRECISION, DTYPE, DOT)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, m_ptrs, l_ptrs, delta_ptrs, q_step,
+                             do_step, d_ok, dv_ok, offs_n, full_lo, full_hi, diag, win_left,
+                             win_right, kv_len, Sq, qk_scale, cap_scale, BLOCK_M, False,
+                             SOFTCAP, PRECISION, DTYPE, DOT)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, m_ptrs, l_ptrs, delta_ptrs, q_step,
+                             do_step, d_ok, dv_ok, offs_n, full_hi, hi, diag, win_left,
+                             win_right, kv_len, Sq, qk_scale, cap_scale, BLOCK_M, True,
+                             SOFTCAP, PRECISION, DTYPE, DOT)
+
+    dk *= sm_scale
+    tl.store(DK + b * stride_dkb + hkv * stride_dkh
+             + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DTYPE), mask=key_ok[:, None] & d_ok[None, :])
+    tl.store(DV + b * stride_dvb + hkv * stride_dvh
+             + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DTYPE), mask=key_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, m2, l2, delta, kT_ptrs, vT_ptrs, k_step, v_step, d_ok, dv_ok, offs_m,
+              blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sk, qk_scale, cap_scale,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
+              PRECISION: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr):
+    """dQ of one query block over key blocks [blk_lo, blk_hi): dQ += dS K."""
+    kT_ptrs += blk_lo * k_step
+    vT_ptrs += blk_lo * v_step
+    for blk in tl.range(blk_lo, blk_hi):
+        if MASKED:
+            offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < Sk
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0).to(DOT)
+            vT = tl.load(vT_ptrs, mask=dv_ok[:, None] & key_ok[None, :], other=0.0).to(DOT)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0).to(DOT)
+            vT = tl.load(vT_ptrs, mask=dv_ok[:, None], other=0.0).to(DOT)
+        s, t = _scores(q, kT, qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BM, BN)
+        p = tl.math.exp2((s - m2[:, None]) - l2[:, None])
+        if MASKED:
+            ok = _allowed(offs_m[:, None], offs_n[None, :], diag, win_left, win_right, kv_len)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(DTYPE).to(DOT), tl.trans(kT), input_precision=PRECISION)
+        kT_ptrs += k_step
+        vT_ptrs += v_step
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen,
+                stride_qb, stride_qh, stride_qm, stride_qd,
+                stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd,
+                stride_dob, stride_doh, stride_dom, stride_dod,
+                stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                H, GROUP, Sq, Sk, qk_scale, cap_scale, sm_scale, win_left, win_right,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+                SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+                DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query block, batch * head): dQ of BLOCK_M rows (no atomics)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    kv_len, diag = _diagonal(KvLen, b, Sk, Sq, HAS_KV_LEN, ALIGN_BOTTOM)
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
+    dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
+    row_ok = offs_m < Sq
+    q = tl.load(Q + b * stride_qb + h * stride_qh
+                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
+    do = tl.load(DO + b * stride_dob + h * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(DOT)
+    m2 = tl.load(M2 + bh * Sq + offs_m, mask=row_ok, other=0.0)
+    l2 = tl.load(L2 + bh * Sq + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
+    kT_ptrs = (K + b * stride_kb + hkv * stride_kh
+               + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)  # (BLOCK_D, BLOCK_N)
+    vT_ptrs = (V + b * stride_vb + hkv * stride_vh
+               + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd)  # (BLOCK_DV, BLOCK_N)
+    k_step = BLOCK_N * stride_kn
+    v_step = BLOCK_N * stride_vn
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _key_blocks(m0, diag, win_left, win_right, kv_len,
+                                           BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, m2, l2, delta, kT_ptrs, vT_ptrs, k_step, v_step, d_ok, dv_ok,
+                   offs_m, lo, full_lo, diag, win_left, win_right, kv_len, Sk, qk_scale,
+                   cap_scale, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE, DOT)
+    dq = _dq_tiles(dq, q, do, m2, l2, delta, kT_ptrs, vT_ptrs, k_step, v_step, d_ok, dv_ok,
+                   offs_m, full_lo, full_hi, diag, win_left, win_right, kv_len, Sk, qk_scale,
+                   cap_scale, BLOCK_N, False, SOFTCAP, PRECISION, DTYPE, DOT)
+    dq = _dq_tiles(dq, q, do, m2, l2, delta, kT_ptrs, vT_ptrs, k_step, v_step, d_ok, dv_ok,
+                   offs_m, full_hi, hi, diag, win_left, win_right, kv_len, Sk, qk_scale,
+                   cap_scale, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE, DOT)
+
+    dq *= sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh
+             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DTYPE), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Autotuning (GPU): block sizes, warps and pipeline stages, pruned by shared-memory need
+# ---------------------------------------------------------------------------------------
+
+
+def _configs(pairs: list[tuple[int, int]], warps: tuple[int, ...], stages: tuple[int, ...],
+             ) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn in pairs for w in warps for s in stages]
+
+
+#: Forward: wide query blocks (one Q tile resident), key tiles streamed (FA2's split).
+FWD_CONFIGS = _configs([(64, 64), (128, 32), (128, 64), (128, 128)], (4, 8), (2, 3, 4))
+#: dK/dV: a key block resident, query tiles streamed: the mirror of the forward.
+BWD_DKDV_CONFIGS = _configs([(32, 64), (32, 128), (64, 64), (64, 128)], (4, 8), (2, 3))
+#: dQ: a query block resident, key tiles streamed.
+BWD_DQ_CONFIGS = _configs([(64, 32), (64, 64), (128, 32), (128, 64)], (4, 8), (2, 3))
+
+#: Shared memory a streamed tile may take: what an H100/H200 SM offers (228 KiB), less headroom.
+_SMEM_BUDGET = 200 * 1024
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose resident tile and pipelined stages cannot fit in shared memory."""
+    args = {**named_args, **kwargs}
+    d = max(int(args.get("BLOCK_D", 128)), int(args.get("BLOCK_DV", 128)))
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        smem = 2 * d * (max(bm, bn) + c.num_stages * 2 * min(bm, bn))  # 2-byte elements
+        if smem <= _SMEM_BUDGET:
+            kept.append(c)
+    return kept or configs[:1]
+
+
+_TUNE_KEY = ["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "ALIGN_BOTTOM", "HAS_KV_LEN", "SOFTCAP",
+             "GROUP"]
+
+attn_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_TUNE_KEY,
+                                 prune_configs_by={"early_config_prune": _prune})(attn_fwd)
+attn_bwd_dkdv_tuned = triton.autotune(BWD_DKDV_CONFIGS, key=_TUNE_KEY,
+                                      prune_configs_by={"early_config_prune": _prune}
+                                      )(attn_bwd_dkdv)
+attn_bwd_dq_tuned = triton.autotune(BWD_DQ_CONFIGS, key=_TUNE_KEY,
+                                    prune_configs_by={"early_config_prune": _prune})(attn_bwd_dq)

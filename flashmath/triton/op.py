@@ -1,0 +1,316 @@
+"""``flash_attention`` on torch tensors: validation, kernel launches, the autograd Function.
+
+Shape legend: B batch, H query heads, H_kv key/value heads (H % H_kv == 0), Sq/Sk query/key
+lengths, D the q/k head dim, Dv the v head dim. The kernels are in ``kernels.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import triton
+import triton.language as tl
+
+from flashmath.attention.options import _causal, _lengths, _positive_float, _window
+from flashmath.triton import kernels
+
+__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "Blocks", "fixed_blocks", "flash_attention"]
+
+#: Input dtypes the kernels take; float32 runs exact float32 dots (no TF32), slower.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: The largest head dim (D and Dv); smaller ones are padded to a power of two >= 16 in-kernel.
+MAX_HEAD_DIM = 256
+#: Stands for an unbounded window side: larger than any distance between a query and a key.
+_UNBOUNDED = 1 << 30
+_LN2 = math.log(2.0)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+Causal = bool | Literal["top_left", "bottom_right"]
+
+
+# ---------------------------------------------------------------------------------------
+# Tile sizes: autotuned on a GPU; fixed in the interpreter or when a caller pins them
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Fixed tile sizes for every kernel (BLOCK_M query rows, BLOCK_N key rows per tile)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"{name}: tile sizes are powers of two >= 16, got {size}")
+
+
+#: What the interpreter uses when nothing is pinned (autotuning there would only cost time).
+_INTERPRETER_BLOCKS = Blocks(32, 32)
+_pinned: Blocks | None = None
+
+
+@contextlib.contextmanager
+def fixed_blocks(block_m: int, block_n: int) -> Iterator[Blocks]:
+    """Within the block, every kernel runs with these tile sizes instead of autotuning
+    (tests use it to cover tiles that do and do not divide the lengths); the backward of a
+    forward run inside the block uses them too, wherever it runs."""
+    global _pinned
+    previous, _pinned = _pinned, Blocks(block_m, block_n)
+    try:
+        yield _pinned
+    finally:
+        _pinned = previous
+
+
+def _blocks() -> Blocks | None:
+    """The tiles a call uses: pinned ones, the interpreter's, or None (autotune)."""
+    return _pinned or (_INTERPRETER_BLOCKS if kernels.INTERPRETED else None)
+
+
+def _launch(kernel: Any, tuned: Any, fixed: Blocks | None, length: int, axis_block: str,
+            programs: int, *args: Any, **consts: Any) -> None:
+    """Launch over (ceil(length / axis_block), programs); autotuned unless blocks are fixed."""
+    if length == 0 or programs == 0:
+        return
+    if fixed is None:
+        tuned[lambda meta: (triton.cdiv(length, meta[axis_block]), programs)](*args, **consts)
+        return
+    meta = {"BLOCK_M": fixed.block_m, "BLOCK_N": fixed.block_n}
+    kernel[(triton.cdiv(length, meta[axis_block]), programs)](
+        *args, **consts, **meta, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
+
+
+# ---------------------------------------------------------------------------------------
+# Options -> kernel arguments
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """The validated options, as the kernels take them."""
+
+    align_bottom: bool  # diagonal at kv_len - Sq (True) or at 0 (top-left)
+    win_left: int  # keys allowed left of the diagonal (_UNBOUNDED: all)
+    win_right: int  # keys allowed right of the diagonal (0 when causal)
+    scale: float
+    softcap: float | None
+
+    def scalars(self) -> tuple[float, float]:
+        """(qk_scale, cap_scale): scores in log2 units are qk * qk_scale, or with a softcap
+        tanh(qk * cap_scale) * qk_scale."""
+        if self.softcap is None:
+            return self.scale * kernels.LOG2E, 1.0
+        return self.softcap * kernels.LOG2E, self.scale / self.softcap
+
+
+def _consts(q: torch.Tensor, v: torch.Tensor, spec: _Spec, kv_len: torch.Tensor | None,
+            ) -> dict[str, Any]:
+    d, dv = q.shape[-1], v.shape[-1]
+    return {
+        "HEAD_DIM": d,
+        "HEAD_DIM_V": dv,
+        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+        "BLOCK_DV": max(16, triton.next_power_of_2(dv)),
+        "ALIGN_BOTTOM": spec.align_bottom,
+        "HAS_KV_LEN": kv_len is not None,
+        "SOFTCAP": spec.softcap is not None,
+        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "DTYPE": _TL_DTYPES[q.dtype],
+        # the interpreter multiplies bfloat16 bit patterns (see kernels.py): dots in float32
+        "DOT": tl.float32 if kernels.INTERPRETED else _TL_DTYPES[q.dtype],
+    }
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor | None,
+             spec: _Spec, blocks: Blocks | None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (B, H, Sq, Dv) in q's dtype, m2 and l2 (B, H, Sq) float32): each row's max score
+    and log2 of its softmax denominator, in log2 units (kernels.py: why they stay apart)."""
+    B, H, Sq, _ = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    out = q.new_empty((B, H, Sq, v.shape[-1]))
+    m2 = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    l2 = torch.empty_like(m2)
+    qk_scale, cap_scale = spec.scalars()
+    _launch(kernels.attn_fwd, kernels.attn_fwd_tuned, blocks, Sq, "BLOCK_M", B * H,
+            q, k, v, out, m2, l2, kv_len,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, H // H_kv, Sq, Sk, qk_scale, cap_scale, spec.win_left, spec.win_right,
+            **_consts(q, v, spec, kv_len))
+    return out, m2, l2
+
+
+def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor, out: torch.Tensor, m2: torch.Tensor, l2: torch.Tensor,
+              kv_len: torch.Tensor | None, spec: _Spec, blocks: Blocks | None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv): the Delta preprocess, then the dK/dV and dQ passes (no atomics)."""
+    B, H, Sq, _ = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    consts = _consts(q, v, spec, kv_len)
+    delta = torch.empty_like(m2)
+    if Sq and B * H:
+        kernels.attn_bwd_preprocess[(triton.cdiv(Sq, 64), B * H)](
+            out, do, dlse, delta, *out.stride(), *do.stride(), H, Sq,
+            HEAD_DIM_V=consts["HEAD_DIM_V"], BLOCK_DV=consts["BLOCK_DV"],
+            HAS_DLSE=dlse is not None, BLOCK_M=64)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    qk_scale, cap_scale = spec.scalars()
+    scalars = (H, H // H_kv, Sq, Sk, qk_scale, cap_scale, spec.scale, spec.win_left,
+               spec.win_right)
+    _launch(kernels.attn_bwd_dkdv, kernels.attn_bwd_dkdv_tuned, blocks, Sk, "BLOCK_N", B * H_kv,
+            q, k, v, do, dk, dv, m2, l2, delta, kv_len,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            *scalars, **consts)
+    _launch(kernels.attn_bwd_dq, kernels.attn_bwd_dq_tuned, blocks, Sq, "BLOCK_M", B * H,
+            q, k, v, do, dq, m2, l2, delta, kv_len,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            *scalars, **consts)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    """out, lse = f(q, k, v); the backward recomputes P from lse (never stores it)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_len: torch.Tensor | None, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = _blocks()  # the backward tiles as the forward did
+        out, m2, l2 = _forward(q, k, v, kv_len, spec, blocks)
+        ctx.save_for_backward(q, k, v, out, m2, l2, kv_len)
+        ctx.spec, ctx.blocks = spec, blocks
+        ctx.set_materialize_grads(False)
+        return out, (m2 + l2) * _LN2  # users get the natural log (DESIGN.md)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, m2, l2, kv_len = ctx.saved_tensors
+        if dout is None:  # only lse was used downstream
+            dout = torch.zeros_like(out)
+        if dlse is not None:
+            dlse = dlse.to(torch.float32).contiguous()
+        dq, dk, dv = _backward(dout, dlse, q, k, v, out, m2, l2, kv_len, ctx.spec, ctx.blocks)
+        return dq, dk, dv, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# The public function
+# ---------------------------------------------------------------------------------------
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: Causal = False,
+    window: tuple[int | None, int | None] | None = None,
+    kv_lengths: torch.Tensor | Sequence[int] | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention ``softmax(scale * q k^T + mask) v`` by Triton kernels, differentiable.
+
+    Shapes: q (B, H, Sq, D), k (B, H_kv, Sk, D), v (B, H_kv, Sk, Dv) -> out (B, H, Sq, Dv);
+    query head h reads K/V head ``h // (H // H_kv)`` (GQA, MQA). lse: (B, H, Sq), natural log,
+    float32.
+
+    dtypes: float16, bfloat16 (float32 accumulators, output in the input dtype) and float32
+    (exact float32 dots, no TF32). D and Dv go up to 256; any size is padded in-kernel to the
+    next power of two (at least 16), so 64 and 128 waste nothing.
+
+    Options (DESIGN.md's conventions, the same as ``flashmath.flash_attention``)::
+
+        causal=True / "bottom_right"   the last query sees every key    (FlashAttention >= 2.1)
+        causal="top_left"              query i sees keys 0..i           (torch SDPA's is_causal)
+
+            Sq=2, Sk=4:   bottom_right   1 1 1 0      top_left   1 0 0 0
+                                         1 1 1 1                 1 1 0 0
+
+        window=(left, right)  keys within left before .. right after the same diagonal;
+                              None for an unbounded side (causal caps right at 0)
+        kv_lengths            (B,) ints: keys >= kv_lengths[b] are padding; the diagonal is
+                              kv_lengths[b] - Sq for the bottom-right alignment
+        softcap               scores s -> softcap * tanh(s / softcap), s already scaled
+        scale                 defaults to 1 / sqrt(D)
+        return_lse            also return lse (it is differentiable too)
+
+    A query row with no key to attend gives output 0, lse -inf and zero gradients, never NaN.
+    The backward is deterministic (no atomics): GQA's dK/dV are summed per K/V head in-kernel.
+
+    Raises TypeError / ValueError naming the argument and the shapes it got.
+    """
+    spec, kv_len = _validate(q, k, v, causal, window, kv_lengths, softcap, scale)
+    out, lse = _FlashAttention.apply(q, k, v, kv_len, spec)
+    return (out, lse) if return_lse else out
+
+
+def _validate(q: Any, k: Any, v: Any, causal: Any, window: Any, kv_lengths: Any, softcap: Any,
+              scale: Any) -> tuple[_Spec, torch.Tensor | None]:
+    """Check every argument; return the kernel spec and kv_lengths as int32 on q's device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name}: expected shape (B, H, S, D), got {tuple(t.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"q: dtype {q.dtype} is not supported by flashmath.triton (float16, bfloat16, "
+            f"float32); flashmath.flash_attention (NumPy) takes float64")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k, v: dtypes must match q's {q.dtype}; got k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v: must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not kernels.INTERPRETED:
+        raise ValueError(
+            f"q: the Triton kernels need CUDA tensors, got a tensor on {q.device} (for tests, "
+            f"TRITON_INTERPRET=1 before importing flashmath.triton runs Triton's CPU interpreter)")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    B, H, _, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"q, k, v: batch sizes differ: {shapes}")
+    if k.shape[1] != v.shape[1] or k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(f"k, v: heads H_kv must be equal and divide q's H: {shapes}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k, v: key lengths Sk differ: {shapes}")
+    if k.shape[3] != D:
+        raise ValueError(f"q, k: head dims D differ: {shapes}")
+    for name, d in (("head_dim (q, k)", D), ("head_dim (v)", v.shape[3])):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}: flashmath.triton supports 1 .. {MAX_HEAD_DIM}, got {d}: "
+                             f"{shapes}")
+
+    # the options' rules and messages are the NumPy API's (flashmath.attention.options)
+    alignment = _causal(causal)
+    left, right = _window(window) or (None, None)
+    if alignment is not None:
+        right = 0 if right is None else min(right, 0)
+    spec = _Spec(
+        align_bottom=alignment != "top_left",
+        win_left=_UNBOUNDED if left is None else left,
+        win_right=_UNBOUNDED if right is None else right,
+        scale=1.0 / math.sqrt(D) if scale is None else _positive_float(
+            scale, "scale", allow_negative=True),
+        softcap=None if softcap is None else _positive_float(softcap, "softcap"),
+    )
+    return spec, _kv_lengths(kv_lengths, B, k.shape[2], q.device)
+
+
+def _kv_lengths(kv_lengths: Any, B: int, Sk: int, device: torch.device) -> torch.Tensor | None:
+    """kv_lengths checked (B integers in 0 .. Sk), as int32 on the device; None stays None."""
+    if isinstance(kv_lengths, torch.Tensor):
+        kv_lengths = kv_lengths.detach().cpu()  # one host sync, to check the range
+    lengths = _lengths(kv_lengths, "kv_lengths", B, Sk)
+    return None if lengths is None else torch.as_tensor(lengths, dtype=torch.int32, device=device)

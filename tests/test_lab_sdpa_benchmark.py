@@ -1,0 +1,50 @@
+"""The sdpa-benchmark lab experiment: without a CUDA device it says so, at once, and never fails."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from flashmath.lab import registry, sdpa_benchmark
+from flashmath.lab.experiment import Context, Result
+
+
+def test_registered_under_its_name():
+    assert "sdpa_benchmark" in registry.EXPERIMENT_MODULES
+    assert sdpa_benchmark.NAME == "sdpa-benchmark" and sdpa_benchmark.SEEDS == ("002",)
+
+
+def test_without_cuda_it_is_skipped_quickly_and_says_so(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    start = time.perf_counter()
+    result = sdpa_benchmark.run(Context(name=sdpa_benchmark.NAME, quick=True))
+    assert time.perf_counter() - start < 1.0
+    assert isinstance(result, Result)
+    assert result.records == [{"status": "skipped: no CUDA device"}]
+    assert result.summary["status"] == "skipped: no CUDA device"
+    assert "skipped: no CUDA device" in result.readme and not result.figures
+    json.dumps({"records": result.records, "summary": result.summary})
+
+
+def test_without_torch_it_is_skipped(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    result = sdpa_benchmark.run(Context(name=sdpa_benchmark.NAME))
+    assert result.summary["status"].startswith("skipped: no CUDA device")
+    assert "pip install 'flashmath[gpu]'" in result.readme
+
+
+@pytest.mark.gpu
+def test_quick_run_on_gpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pytest.importorskip("triton")
+    result = sdpa_benchmark.run(Context(name=sdpa_benchmark.NAME, quick=True))
+    assert result.summary["status"] == "measured" and result.records
+    assert all(r["flashmath_tflops"] for r in result.records)
+    assert "| float16 |" in result.readme
