@@ -3,13 +3,14 @@
     python benchmarks/bench_decode.py            # Sk up to 262144 (about a minute)
     python benchmarks/bench_decode.py --quick    # Sk up to 16384
 
-For each shape (B, H, H_kv, D = 64, float32) and cache length Sk (every entry's cache
+For each shape (B, H, H_kv, D = 64; float32 unless --dtype) and cache length Sk (every entry's cache
 full), prints the time of ``fm.flash_attention(q, k, v, kv_lengths=...)`` (the tiled
 kernel, parallel over (batch, head) slices) and of ``fm.flash_decode`` with num_splits
 1, 2, 4, 8 and the default (None: ``choose_num_splits``), as ratios to flash_attention's
 time (< 1: faster). It shows where splitting pays on this machine's cores: when the
 (batch, K/V head) slices are fewer than the cores and the cache is long. num_splits=1
-isolates the other gain, folding the query heads of a GQA/MQA group into one K/V head.
+isolates the other gain, folding the query heads of a GQA/MQA group into one K/V head
+(float64 and the narrow dtypes; float32 does not fold, see flashmath.distributed.decode).
 """
 
 from __future__ import annotations
@@ -56,20 +57,22 @@ def time_case(q: np.ndarray, k: np.ndarray, v: np.ndarray,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), float16, ...")
     args = parser.parse_args(argv)
+    dt = fm.dtypes.as_dtype(args.dtype)
     lengths = [4096, 16384] if args.quick else [4096, 16384, 65536, 262144]
     rng = np.random.default_rng(0)
     d = 64
-    print(f"cores: {cores()}; D={d}, float32, Sq=1; entries: time / flash_attention's time")
+    print(f"cores: {cores()}; D={d}, {args.dtype}, Sq=1; entries: time / flash_attention's time")
     head = "  ".join(f"{'auto' if n is None else f'n={n}':>7}" for n in SPLITS)
     print(f"{'B':>2} {'H':>3} {'Hkv':>3} {'Sk':>7} {'flash ms':>9}  {head}  auto n")
     for b, h, hk in SHAPES:
         for sk in lengths:
-            if b * hk * sk * d * 4 * 2 > 2**31:  # keep K + V under 2 GiB
+            if b * hk * sk * d * dt.itemsize * 2 > 2**31:  # keep K + V under 2 GiB
                 continue
-            q = rng.standard_normal((b, h, 1, d), dtype=np.float32)
-            k = rng.standard_normal((b, hk, sk, d), dtype=np.float32)
-            v = rng.standard_normal((b, hk, sk, d), dtype=np.float32)
+            q = rng.standard_normal((b, h, 1, d), dtype=np.float32).astype(dt)
+            k = rng.standard_normal((b, hk, sk, d), dtype=np.float32).astype(dt)
+            v = rng.standard_normal((b, hk, sk, d), dtype=np.float32).astype(dt)
             base, times = time_case(q, k, v, np.full(b, sk))
             ratios = [t / base for t in times]
             auto = choose_num_splits(b * hk, sk)

@@ -155,7 +155,8 @@ def flash_decode(
     every num_splits. Ranges with no valid key for a row contribute lse = -inf and nothing
     else; rows with no valid key at all are 0. Never NaN unless the input holds NaN/inf.
 
-    Narrow inputs (float16, bfloat16) compute in float32, merge in float32 and round once.
+    Narrow inputs (float16, bfloat16) compute in float32; ranges merge in float64; the
+    result rounds once to the input dtype.
 
     Examples
     --------
@@ -174,10 +175,7 @@ def flash_decode(
     lengths = _check(q, k, v, cache_lengths, num_splits)
     b, h, sq, _ = q.shape
     hk, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-    acc = accumulate_dtype(q.dtype)
     out_dtype = q.dtype
-    if q.dtype != acc:  # narrow: upcast once, exactly, so only the final result rounds
-        q = q.astype(acc)
     causal = bool(causal) and sq > 1  # one query is the last token: it sees every valid key
     group = h // hk
     fold = group > 1 and not causal and out_dtype != np.float32
@@ -188,18 +186,19 @@ def flash_decode(
     n = choose_num_splits(rows, span) if num_splits is None else int(num_splits)
     edges = np.unique(np.linspace(0, span, n + 1).round().astype(np.int64))
     ranges = [(int(a), int(z)) for a, z in itertools.pairwise(edges) if z > a]
+    if not ranges:  # every cache is empty
+        return np.zeros((b, h, sq, dv), out_dtype)
+    # Narrow inputs with several ranges: upcast (exactly) so that the ranges' results are
+    # not rounded before the merge; one range leaves the upcast to the kernel.
+    acc = accumulate_dtype(out_dtype) if len(ranges) > 1 else out_dtype
+    q = q.astype(acc, copy=False)
 
     def part(r: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         a, z = r
-        ks, vs = k[:, :, a:z], v[:, :, a:z]
-        if ks.dtype != acc:
-            ks, vs = ks.astype(acc), vs.astype(acc)
+        ks, vs = k[:, :, a:z].astype(acc, copy=False), v[:, :, a:z].astype(acc, copy=False)
         return flash._forward(q, ks, vs, kv_lengths=lengths, k_offset=a, k_total=sk,
                               causal=causal, scale=scale, softcap=softcap)
 
-    if not ranges:  # every cache is empty
-        out = np.zeros((b, h, sq, dv), out_dtype)
-        return out
     if len(ranges) > 1 and rows < threads.cores():  # idle cores: the ranges run on a thread each
         parts = list(_pool().map(_one_blas_thread(part), ranges))
     else:
