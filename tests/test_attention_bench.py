@@ -1,0 +1,66 @@
+"""`flashmath bench attention` and the functions the lab calls: they run at small sizes and
+return what they promise (no timing is asserted), and seed 003's loop really is attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import flashmath as fm
+from flashmath import bench, cli
+from flashmath.attention.threads import one_blas_thread, run_units
+
+
+def test_seed003_loop_is_attention():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 40, 8)) for _ in range(3))
+    for causal in (True, False):
+        np.testing.assert_allclose(bench.seed003_forward(q, k, v, 16, causal),
+                                   fm.attention_reference(q, k, v, causal=causal), atol=1e-13)
+
+
+def test_flops_follow_design():
+    assert bench.attention_flops(2, 8, 4096, 4096, 64, causal=False) == 4 * 2 * 8 * 4096**2 * 64
+    assert bench.attention_flops(1, 1, 8, 8, 2, causal=True) == 4 * 8 * 8 * 2 / 2
+    assert bench.attention_flops(1, 1, 4, 8, 2, causal=True) == 4 * 4 * 8 * 2  # not square
+    assert bench.attention_flops(1, 1, 8, 8, 2, causal=False, backward=True) == 3.5 * 4 * 64 * 2
+
+
+@pytest.mark.parametrize("use_torch", [True, False])
+def test_time_attention_record(use_torch):
+    rec = bench.time_attention(1, 2, 64, 8, causal=True, repeat=1, torch=use_torch)
+    for key in ("fm_fwd_s", "fm_fwdbwd_s", "fm_fwd_gflops", "fwd_ratio_time", "fwdbwd_ratio_time"):
+        assert key in rec
+    assert rec["fm_fwd_s"] > 0
+    assert (rec["torch_fwd_s"] is not None) == (use_torch and bench._torch() is not None)
+
+
+def test_seed003_and_memory_records():
+    rec = bench.time_seed003(1, 1, 64, 8, tile=16)
+    assert rec["seed003_fwd_s"] > 0 and rec["seed003_vs_fm_ratio_time"] > 0
+    mem = bench.peak_memory(512, d=16)
+    assert mem["scores_bytes"] == 512 * 512 * 4
+    assert 0 < mem["peak_bytes"] < mem["scores_bytes"]
+    assert mem["scratch_bytes"] == mem["peak_bytes"] - mem["output_bytes"]
+
+
+def test_cli_prints_the_table(capsys):
+    code = cli.main(["bench", "attention", "--seq", "64", "--batch", "1", "--heads", "1",
+                     "--dim", "8", "--repeat", "1", "--seed003-seq", "32", "--memory-seq", "64"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "fm fwd ms" in text and "seed 003's loop" in text and "peak/scores" in text
+
+
+def test_threads_run_every_unit_and_raise():
+    seen: list[int] = []
+    run_units(list(range(7)), seen.append)
+    assert sorted(seen) == list(range(7))
+
+    def boom(unit: int) -> None:
+        raise RuntimeError(f"unit {unit}")
+
+    with pytest.raises(RuntimeError, match="unit"):
+        run_units([1, 2, 3], boom)
+    with one_blas_thread():  # a no-op where NumPy's BLAS is not OpenBLAS
+        assert np.allclose(np.ones((3, 3)) @ np.ones(3), 3)
