@@ -373,6 +373,43 @@ class _ReplayExchange:
 # --------------------------------------------------------------------------- the ring passes
 
 
+class _KVRing:
+    """The K/V shard a rank holds, and the next one arriving: double-buffered.
+
+    ``start(step)`` sends the shard held to rank+1 and receives the next from rank-1 into
+    a spare pair (none at the last step); ``finish()`` waits and makes the new shard
+    current. The rank's own k, v (step 0) are sent but never written into; two spare
+    pairs are allocated at most.
+    """
+
+    def __init__(self, ex: _Exchange, k: torch.Tensor, v: torch.Tensor):
+        self.ex = ex
+        self.kv = (k.contiguous(), v.contiguous())
+        self.spare: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pending: _Pending | None = None
+        self.next: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.own = True
+
+    def start(self, step: int) -> None:
+        if step == self.ex.world_size - 1:
+            self.pending = None
+            return
+        if not self.spare:
+            self.spare.append((_empty_like(self.kv[0]), _empty_like(self.kv[1])))
+        self.next = self.spare.pop(0)
+        self.pending = self.ex.start(self.kv, self.next, "K/V", step)
+
+    def finish(self) -> tuple[torch.Tensor, ...]:
+        """Wait for the transfer started last; returns what was sent (for the stats)."""
+        if self.pending is None or self.next is None:
+            return ()
+        self.pending.wait()
+        if not self.own:
+            self.spare.append(self.kv)
+        self.kv, self.next, self.own = self.next, None, False
+        return self.kv
+
+
 def _record(stats: RingStats | None, phase: str, step: int, compute: float, wait: float,
             sent: Sequence[torch.Tensor]) -> None:
     if stats is not None:
@@ -393,17 +430,11 @@ def _ring_forward(ex: _Exchange, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     qn = _host(q, acc)
     out = np.zeros((*q.shape[:-1], v.shape[-1]), acc)  # (B, H, S_r, Dv)
     lse = np.full(q.shape[:-1], -np.inf, acc)  # (B, H, S_r)
-    kv = (k.contiguous(), v.contiguous())
-    spare: list[tuple[torch.Tensor, torch.Tensor]] = []
+    ring = _KVRing(ex, k, v)
     for step in range(w):
-        pending = None
-        if step < w - 1:  # start the next transfer before computing on this shard
-            if not spare:
-                spare.append((_empty_like(k), _empty_like(v)))
-            nxt = spare.pop(0)
-            pending = ex.start(kv, nxt, "K/V", step)
+        ring.start(step)  # the next transfer runs while this shard is computed on
         t0 = time.perf_counter()
-        kn, vn = _host(kv[0], acc), _host(kv[1], acc)
+        kn, vn = _host(ring.kv[0], acc), _host(ring.kv[1], acc)
         k_ranges = shard_ranges(seq, w, (r - step) % w, layout)
         for qs, ks, qo, ko, masked in _block_pairs(q_ranges, k_ranges, causal):
             o_b, lse_b = _block_forward(qn[..., qs, :], kn[..., ks, :], vn[..., ks, :],
@@ -412,13 +443,8 @@ def _ring_forward(ex: _Exchange, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             o_m, lse_m = merge_outputs([out[..., qs, :], o_b], [lse[..., qs], lse_b])
             out[..., qs, :], lse[..., qs] = o_m, lse_m
         t1 = time.perf_counter()
-        if pending is not None:
-            pending.wait()
-            if step > 0:
-                spare.append(kv)  # this rank's own k, v (step 0) are never written into
-            kv = nxt
-        _record(stats, "forward", step, t1 - t0, time.perf_counter() - t1,
-                kv if pending else ())
+        sent = ring.finish()
+        _record(stats, "forward", step, t1 - t0, time.perf_counter() - t1, sent)
     return _torch(out, q.dtype, q.device), _torch(lse, _torch_dtype(acc), q.device)
 
 
@@ -437,20 +463,14 @@ def _ring_backward(ex: _Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.
     acc = _accum(q.dtype)
     qn, don, on, lsen = (_host(t, acc) for t in (q, dout, out, lse))
     dq = np.zeros(q.shape, acc)
-    kv = (k.contiguous(), v.contiguous())
-    spare: list[tuple[torch.Tensor, torch.Tensor]] = []
+    ring = _KVRing(ex, k, v)
     dkv_in: tuple[torch.Tensor, torch.Tensor] | None = None  # grads arriving from rank-1
     dkv_pending: _Pending | None = None
     dkv_sent: tuple[torch.Tensor, ...] = ()
     for step in range(w):
-        kv_pending = None
-        if step < w - 1:
-            if not spare:
-                spare.append((_empty_like(k), _empty_like(v)))
-            nxt = spare.pop(0)
-            kv_pending = ex.start(kv, nxt, "K/V", step)
+        ring.start(step)
         t0 = time.perf_counter()
-        kn, vn = _host(kv[0], acc), _host(kv[1], acc)
+        kn, vn = _host(ring.kv[0], acc), _host(ring.kv[1], acc)
         dk = np.zeros(k.shape, acc)
         dv = np.zeros(v.shape, acc)
         k_ranges = shard_ranges(seq, w, (r - step) % w, layout)
@@ -474,13 +494,9 @@ def _ring_backward(ex: _Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.
             if dkv_in is None:
                 dkv_in = (_empty_like(dkv_sent[0]), _empty_like(dkv_sent[1]))
             dkv_pending = ex.start(dkv_sent, dkv_in, "dK/dV", step)
-        if kv_pending is not None:
-            kv_pending.wait()
-            if step > 0:
-                spare.append(kv)
-            kv = nxt
+        sent = ring.finish()
         _record(stats, "backward", step, t1 - t0, time.perf_counter() - t1,
-                (*(kv if kv_pending else ()), *dkv_sent))
+                (*sent, *dkv_sent))
     if w > 1:
         t1 = time.perf_counter()
         assert dkv_pending is not None and dkv_in is not None
