@@ -30,9 +30,10 @@ CASES = [  # (B, H, H_kv, Sq, Sk, D, option set, input scale, block_q, block_k)
 
 #: Floors for how often flashmath's error is at or below 1x the naive one, over every
 #: (case, quantity) pair. float16/bfloat16: the naive formula rounds at every step,
-#: flashmath once at the end, so it is nearly always below. float32: both compute in
-#: float32 and the ratio scatters around 1 (out mostly below, gradients 1-2x).
-FLOOR_AT_OR_BELOW_1X = {"float32": 0.3, "float16": 0.9, "bfloat16": 0.9}
+#: flashmath once at the end, so it is nearly always below (measured: every pair, worst
+#: 1.0x). float32: both compute in float32 and the ratio scatters around 1 (measured:
+#: 79% of pairs at or below 1x, worst 1.19x, median 0.95).
+FLOOR_AT_OR_BELOW_1X = {"float32": 0.6, "float16": 0.9, "bfloat16": 0.9}
 QUANTITIES = ("out", "dq", "dk", "dv")
 
 
