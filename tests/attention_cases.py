@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from hypothesis import strategies as st
 
 import flashmath as fm
 
@@ -108,3 +109,21 @@ def check_against_reference(
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
         assert np.isfinite(g).all(), f"{name}: not finite"
         assert_close(g, w, rel=10 * rel, what=name)
+
+
+@st.composite
+def problems(draw: Any, max_len: int = 24, max_block: int = 12) -> dict[str, Any]:
+    """A hypothesis-drawn attention problem: q, k, v (float64, GQA groups, Dv != D
+    allowed), tile sizes and a combination of one to three named option sets (later
+    sets override earlier ones key by key)."""
+    b, h_kv, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    sq, sk = draw(st.integers(1, max_len)), draw(st.integers(1, max_len))
+    d, dv = draw(st.integers(1, 9)), draw(st.integers(1, 5))
+    names = draw(st.lists(st.sampled_from(sorted(OPTIONS)), min_size=1, max_size=3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    q, k, v = qkv(rng, b, h_kv * group, sq, sk, d, h_kv=h_kv, dv=dv)
+    opts: dict[str, Any] = {}
+    for name in names:
+        opts |= options(name, rng, b, h_kv * group, sq, sk)
+    return {"q": q, "k": k, "v": v, "block_q": draw(st.integers(1, max_block)),
+            "block_k": draw(st.integers(1, max_block)), "rng": rng, **opts}

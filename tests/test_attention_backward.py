@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 import flashmath as fm
 from flashmath.attention import flash
-from tests.attention_cases import OPTIONS, assert_close, check_against_reference, options, qkv
+from tests.attention_cases import (
+    OPTIONS,
+    assert_close,
+    check_against_reference,
+    options,
+    problems,
+    qkv,
+)
 
 SHAPES = [  # (B, H, H_kv, Sq, Sk, D, Dv)
     (2, 2, 2, 12, 12, 6, 6),  # square
@@ -31,20 +37,9 @@ def test_gradients_match_reference(shape, name, bq, bk):
                             **options(name, rng, b, h, sq, sk))
 
 
-@given(
-    b=st.integers(1, 2), h_kv=st.integers(1, 2), group=st.integers(1, 3),
-    sq=st.integers(1, 20), sk=st.integers(1, 20), d=st.integers(1, 8), dv=st.integers(1, 5),
-    bq=st.integers(1, 10), bk=st.integers(1, 10),
-    names=st.lists(st.sampled_from(sorted(OPTIONS)), min_size=1, max_size=3),
-    seed=st.integers(0, 2**16),
-)
-def test_gradients_hypothesis(b, h_kv, group, sq, sk, d, dv, bq, bk, names, seed):
-    rng = np.random.default_rng(seed)
-    q, k, v = qkv(rng, b, h_kv * group, sq, sk, d, h_kv=h_kv, dv=dv)
-    opts = {}
-    for name in names:
-        opts |= options(name, rng, b, h_kv * group, sq, sk)
-    check_against_reference(q, k, v, block_q=bq, block_k=bk, rng=rng, **opts)
+@given(problems(max_len=20, max_block=10))
+def test_gradients_hypothesis(problem):
+    check_against_reference(**problem)
 
 
 @pytest.mark.parametrize("case", [
