@@ -82,7 +82,7 @@ def test_quick_run_memory_per_rank_falls_with_world_size(quick: Result) -> None:
     peaks = [r["peak_bytes"] for r in mem]
     assert [r["W"] for r in mem] == [1, 2, 4, 8]
     assert peaks == sorted(peaks, reverse=True)
-    assert mem[-1]["peak_over_w1"] < 0.35  # 8 ranks: well under half of one rank's peak
+    assert mem[-1]["fraction_of_w1_peak_bytes"] < 0.35  # 8 ranks: well under half of W = 1
     assert all(r["peak_bytes"] < r["score_matrix_bytes"] for r in mem)
     assert not _section(quick, "processes")  # the quick run stays in-process
 

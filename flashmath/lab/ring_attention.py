@@ -130,7 +130,7 @@ def _memory(ctx: Context) -> tuple[list[dict[str, Any]], float]:
                      "score_matrix_bytes": b * h * s * s * 4, "replay_s": seconds})
     base = rows[0]["peak_bytes"]
     for r in rows:
-        r["peak_over_w1"] = r["peak_bytes"] / base
+        r["fraction_of_w1_peak_bytes"] = r["peak_bytes"] / base
         r["ideal_over_w1"] = 1.0 / r["W"]
     return rows, flops_per_s
 
@@ -319,8 +319,9 @@ def _summary(acc: list[dict[str, Any]], memory: list[dict[str, Any]],
     f32 = [r for r in acc if r["dtype"] == "float32"]
     rule = max(max(r[f"err_{n}"] / r[f"naive_err_{n}"] for n in ("out", "dq", "dk", "dv"))
                for r in f32)
-    cross = {r["setup"]: r["crossover_shard_len"] for r in mrows
-             if r["H_kv"] == r["H"] and not r["causal"] and r["pass"] == "forward"}
+    cross = {r["setup"]: r["crossover_shard_len"] for r in mrows  # the presets: not timings
+             if not r["measured"] and r["H_kv"] == r["H"] and not r["causal"]
+             and r["pass"] == "forward"}
     m1, mlast = memory[0], memory[-1]
     headline = (
         f"ring attention equals the float64 oracle to {_g(worst64)} (relative, float64, W up "
@@ -332,7 +333,7 @@ def _summary(acc: list[dict[str, Any]], memory: list[dict[str, Any]],
     return {"headline": headline, "worst_float64_relative_error": worst64,
             "worst_float32_error_over_naive": rule, "cpu_flops_per_s": cpu_flops,
             "crossover_shard_len": cross, "processes_run": bool(procs),
-            "memory_peak_bytes_by_w": {r["W"]: r["peak_bytes"] for r in memory}}
+            "by_w_peak_bytes": {r["W"]: r["peak_bytes"] for r in memory}}
 
 
 def _readme(acc: list[dict[str, Any]], memory: list[dict[str, Any]],
@@ -349,7 +350,7 @@ def _readme(acc: list[dict[str, Any]], memory: list[dict[str, Any]],
         ("W", "W"), ("peak (fwd + bwd)", lambda r: fmt_bytes(r["peak_bytes"])),
         ("forward peak", lambda r: fmt_bytes(r["forward_peak_bytes"])),
         ("shards q, k, v", lambda r: fmt_bytes(r["shard_bytes"])),
-        ("peak / W=1 peak", "peak_over_w1"), ("ideal 1/W", "ideal_over_w1"),
+        ("peak / W=1 peak", "fraction_of_w1_peak_bytes"), ("ideal 1/W", "ideal_over_w1"),
     ])
     m1 = memory[0]
     fp = [r for r in mrows if r["pass"] == "forward"]
@@ -387,14 +388,15 @@ def _readme(acc: list[dict[str, Any]], memory: list[dict[str, Any]],
         + ("The quick run measures memory this way only; the full run also spawns real gloo "
            "process groups (section below). " if quick else "")
         + f"Going from 1 to {memory[-1]['W']} ranks the peak falls to "
-        f"{_g(memory[-1]['peak_over_w1'])} of the single-rank peak (ideal "
+        f"{_g(memory[-1]['fraction_of_w1_peak_bytes'])} of the single-rank peak (ideal "
         f"{_g(memory[-1]['ideal_over_w1'])}). Everything a rank holds is O(S_r): its "
         "outputs and gradients, and what only a ring needs, a K/V receive buffer (two, "
         "from W = 3) and the dK/dV arriving and leaving; those buffers are why W = 2 gives "
-        f"{_g(memory[1]['peak_over_w1'])} rather than 0.5. From W = 2 on, each doubling of "
-        f"W divides the peak by {_g(_doubling(memory))} on average (2 would be ideal; the "
-        "kernels' fixed-size tiles are the part that does not shrink). The float32 score "
-        f"matrix the tiled kernels never build would be {fmt_bytes(m1['score_matrix_bytes'])}.\n",
+        f"{_g(memory[1]['fraction_of_w1_peak_bytes'])} rather than 0.5. From W = 2 on, each "
+        f"doubling of W divides the peak by {_g(_doubling(memory))} on average (2 would be "
+        "ideal; the kernels' fixed-size tiles are the part that does not shrink). The "
+        "float32 score matrix the tiled kernels never build would be "
+        f"{fmt_bytes(m1['score_matrix_bytes'])}.\n",
         mem_table + "\n",
     ]
     if procs:
