@@ -276,12 +276,12 @@ def _run_attention(args: argparse.Namespace) -> int:
     modes = [True] if args.causal else [False] if args.non_causal else [False, True]
     bwd = not args.no_backward
     print(f"fm.flash_attention vs torch SDPA (CPU), B={args.batch} H={args.heads} "
-          f"D={args.dim} {args.dtype}; best of {args.repeat} alternating rounds; "
-          f"ratio = flashmath time / torch time")
-    head = (f"{'S':>6} {'causal':>6} | {'fm fwd ms':>9} {'torch ms':>9} {'ratio':>6} "
-            f"{'fm GF/s':>7} {'th GF/s':>7}")
+          f"D={args.dim} {args.dtype}; {args.repeat} alternating rounds; ratio = flashmath "
+          f"time / torch time, best / best and median / median")
+    cols = f"{'torch ms':>9} {'ratio':>6} {'median':>6} {'fm GF/s':>7} {'th GF/s':>7}"
+    head = f"{'S':>6} {'causal':>6} | {'fm fwd ms':>9} {cols}"
     if bwd:
-        head += f" | {'fm f+b ms':>9} {'torch ms':>9} {'ratio':>6} {'fm GF/s':>7} {'th GF/s':>7}"
+        head += f" | {'fm f+b ms':>9} {cols}"
     print(head, flush=True)
     for s in args.seq:
         for causal in modes:
@@ -294,6 +294,7 @@ def _run_attention(args: argparse.Namespace) -> int:
                       for w in ("fm", "torch")]
                 line += (f" | {_fmt(ms[0], '9.1f')} {_fmt(ms[1], '9.1f')} "
                          f"{_fmt(r[f'{what}_ratio_time'], '6.2f')} "
+                         f"{_fmt(r[f'{what}_median_ratio_time'], '6.2f')} "
                          f"{_fmt(r[f'fm_{what}_gflops'], '7.1f')} "
                          f"{_fmt(r[f'torch_{what}_gflops'], '7.1f')}")
             print(line, flush=True)
