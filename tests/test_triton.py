@@ -450,3 +450,51 @@ def test_lab_experiment_writes_up_gpu_records(monkeypatch):
     assert "worst ratio forward 1.00x" in result.headline
     assert "meets the 1.0x target" in result.readme and "| float16 | 64 |" in result.readme
     assert set(result.figures) == {"tflops"}
+
+
+# ---------------------------------------------------------------------------------------
+# The compiled path without a GPU: Triton compiles for an sm_90 target (H100/H200) on CPU
+# ---------------------------------------------------------------------------------------
+
+_COMPILE_FOR_HOPPER = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from flashmath.triton import kernels as K
+assert not K.INTERPRETED
+TENSORS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
+STATS = {"M2", "L2", "Delta", "DLse"}
+FLOATS = {"qk_scale", "cap_scale", "sm_scale"}
+def build(fn, consts, dt):
+    sig = {n: "constexpr" if n in consts else f"*{dt}" if n in TENSORS else "*fp32" if n in STATS
+           else "*i32" if n == "KvLen" else "fp32" if n in FLOATS else "i32" for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 2})
+    return "wgmma" in k.asm["ptx"]
+# every option on with padded head dims (64-row tiles: wgmma); then none, bfloat16, top-left
+for dt, dtype, d, dv, extras, block in (("fp16", tl.float16, 48, 24, True, 64),
+                                        ("bf16", tl.bfloat16, 64, 64, False, 32)):
+    c = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=64, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+             ALIGN_BOTTOM=extras, HAS_KV_LEN=extras, SOFTCAP=extras, PRECISION="tf32",
+             DTYPE=dtype, DOT=dtype, BLOCK_M=block, BLOCK_N=block)
+    for fn in (K.attn_fwd, K.attn_bwd_dkdv, K.attn_bwd_dq):
+        print(dt, fn.__name__, "wgmma" if build(fn, c, dt) else "no-wgmma")
+    build(K.attn_bwd_preprocess, dict(HEAD_DIM_V=dv, BLOCK_DV=c["BLOCK_DV"], HAS_DLSE=True,
+                                      BLOCK_M=64), dt)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter runs the kernels as Python; this compiles them as the GPU would (to
+    sm_90 machine code with ptxas), so compiled-mode-only mistakes fail here too."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    assert sum("wgmma" == line.split()[-1] for line in lines if line) == 3  # Hopper MMA

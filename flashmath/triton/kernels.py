@@ -179,18 +179,22 @@ def _query_blocks(n0, diag, win_left, win_right, kv_len, Sq, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_step, v_step, d_ok, dv_ok, offs_m,
-               blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sk, qk_scale, cap_scale,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
-               PRECISION: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr):
-    """The online-softmax loop over key blocks [blk_lo, blk_hi); returns (acc, l, m).
-    kT_ptrs/v_ptrs address key block 0; block j is k_step/v_step * j further on."""
-    kT_ptrs += blk_lo * k_step
-    v_ptrs += blk_lo * v_step
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+               offs_m, blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sk, qk_scale, cap_scale,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+               DOT: tl.constexpr):
+    """The online-softmax loop over key blocks [blk_lo, blk_hi); returns (acc, l, m)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
+    dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
     for blk in tl.range(blk_lo, blk_hi):
         # -- scores of this tile, in log2 units; masked entries -> -inf -------------------
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        kT_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
         if MASKED:
-            offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             key_ok = offs_n < Sk
             kT = tl.load(kT_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
         else:
@@ -206,6 +210,7 @@ def _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_step, v_step, d_ok, dv_ok, o
         alpha = tl.math.exp2(m_i - m_sub)  # rescales what was accumulated so far
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- acc <- acc * alpha + P V ---------------------------------------------------------
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
         if MASKED:
             v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         else:
@@ -213,8 +218,6 @@ def _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_step, v_step, d_ok, dv_ok, o
         acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE).to(DOT), v.to(DOT),
                                             input_precision=PRECISION)
         m_i = m_new
-        kT_ptrs += k_step
-        v_ptrs += v_step
     return acc, l_i, m_i
 
 
@@ -239,7 +242,6 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen,
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
@@ -248,12 +250,8 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen,
     q = tl.load(Q + b * stride_qb + h * stride_qh
                 + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
-    kT_ptrs = (K + b * stride_kb + hkv * stride_kh
-               + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)  # (BLOCK_D, BLOCK_N)
-    v_ptrs = (V + b * stride_vb + hkv * stride_vh
-              + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)  # (BLOCK_N, BLOCK_DV)
-    k_step = BLOCK_N * stride_kn
-    v_step = BLOCK_N * stride_vn
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -261,17 +259,20 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen,
     lo, full_lo, full_hi, hi = _key_blocks(m0, diag, win_left, win_right, kv_len,
                                            BLOCK_M, BLOCK_N)
     # -- leading boundary tiles, whole tiles, trailing boundary tiles ---------------------
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_step, v_step, d_ok, dv_ok,
-                               offs_m, lo, full_lo, diag, win_left, win_right, kv_len, Sk,
-                               qk_scale, cap_scale, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
+                               stride_vn, stride_vd, offs_m, lo, full_lo, diag, win_left,
+                               win_right, kv_len, Sk, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V,
+                               BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE,
                                DOT)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_step, v_step, d_ok, dv_ok,
-                               offs_m, full_lo, full_hi, diag, win_left, win_right, kv_len, Sk,
-                               qk_scale, cap_scale, BLOCK_N, False, SOFTCAP, PRECISION, DTYPE,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
+                               stride_vn, stride_vd, offs_m, full_lo, full_hi, diag, win_left,
+                               win_right, kv_len, Sk, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V,
+                               BLOCK_D, BLOCK_DV, BLOCK_N, False, SOFTCAP, PRECISION, DTYPE,
                                DOT)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, k_step, v_step, d_ok, dv_ok,
-                               offs_m, full_hi, hi, diag, win_left, win_right, kv_len, Sk,
-                               qk_scale, cap_scale, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
+                               stride_vn, stride_vd, offs_m, full_hi, hi, diag, win_left,
+                               win_right, kv_len, Sk, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V,
+                               BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE,
                                DOT)
 
     # -- epilogue: O = acc / l (0 where nothing was seen), l2 = log2(l) (-inf there) --------
@@ -320,30 +321,32 @@ def attn_bwd_preprocess(Out, DO, DLse, Delta,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, m_ptrs, l_ptrs, delta_ptrs, q_step, do_step,
-                d_ok, dv_ok, offs_n, blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sq,
-                qk_scale, cap_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, offs_n, blk_lo, blk_hi, diag,
+                win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
                 DOT: tl.constexpr):
     """dK and dV of one key block over query blocks [blk_lo, blk_hi), transposed
-    (keys along rows): P^T = exp2((S^T - m2) - l2), dV += P^T dO, dS^T = P^T (dP^T - Delta).
-    qT_ptrs/do_ptrs address query block 0; m_ptrs/l_ptrs/delta_ptrs its rows."""
-    qT_ptrs += blk_lo * q_step
-    do_ptrs += blk_lo * do_step
-    m_ptrs += blk_lo * BLOCK_M
-    l_ptrs += blk_lo * BLOCK_M
-    delta_ptrs += blk_lo * BLOCK_M
+    (keys along rows): P^T = exp2((S^T - m2) - l2), dV += P^T dO, dS^T = P^T (dP^T - Delta)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
+    dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
     for blk in tl.range(blk_lo, blk_hi):
+        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        qT_ptrs = q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd  # (BD, BM)
+        do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
         if MASKED:
-            offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = offs_m < Sq
             qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0).to(DOT)
-            m2 = tl.load(m_ptrs, mask=row_ok, other=0.0)
-            l2 = tl.load(l_ptrs, mask=row_ok, other=0.0)
+            m2 = tl.load(m_base + offs_m, mask=row_ok, other=0.0)
+            l2 = tl.load(l_base + offs_m, mask=row_ok, other=0.0)
         else:
             qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0).to(DOT)
-            m2 = tl.load(m_ptrs)
-            l2 = tl.load(l_ptrs)
+            m2 = tl.load(m_base + offs_m)
+            l2 = tl.load(l_base + offs_m)
         sT, tT = _scores(k, qT, qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BN, BM)
         pT = tl.math.exp2((sT - m2[None, :]) - l2[None, :])
         if MASKED:  # also drops rows past Sq and rows with m2 = -inf (nothing to attend)
@@ -352,10 +355,10 @@ def _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, m_ptrs, l_ptrs, delta_ptrs, q_st
         # -- dV += P^T dO ---------------------------------------------------------------
         if MASKED:
             do = tl.load(do_ptrs, mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(DOT)
-            delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         else:
             do = tl.load(do_ptrs, mask=dv_ok[None, :], other=0.0).to(DOT)
-            delta = tl.load(delta_ptrs)
+            delta = tl.load(delta_base + offs_m)
         dv += tl.dot(pT.to(DTYPE).to(DOT), do, input_precision=PRECISION)
         # -- dS^T = P^T * (dP^T - Delta), through the softcap's tanh ---------------------
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -364,11 +367,6 @@ def _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, m_ptrs, l_ptrs, delta_ptrs, q_st
             dsT = dsT * (1.0 - tT * tT)
         # -- dK += dS^T Q  (the softmax scale is applied once, at the end) -------------------
         dk += tl.dot(dsT.to(DTYPE).to(DOT), tl.trans(qT), input_precision=PRECISION)
-        qT_ptrs += q_step
-        do_ptrs += do_step
-        m_ptrs += BLOCK_M
-        l_ptrs += BLOCK_M
-        delta_ptrs += BLOCK_M
     return dk, dv
 
 
@@ -396,7 +394,6 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen,
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
@@ -410,31 +407,30 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen,
                 mask=key_ok[:, None] & dv_ok[None, :], other=0.0).to(DOT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    q_step = BLOCK_M * stride_qm
-    do_step = BLOCK_M * stride_dom
     lo, full_lo, full_hi, hi = _query_blocks(n0, diag, win_left, win_right, kv_len, Sq,
                                              BLOCK_M, BLOCK_N)
     for g in range(GROUP):
         h = hkv * GROUP + g
-        qT_ptrs = (Q + b * stride_qb + h * stride_qh
-                   + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd)  # (BD, BM)
-        do_ptrs = (DO + b * stride_dob + h * stride_doh
-                   + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod)  # (BM, BDV)
-        m_ptrs = M2 + (b * H + h) * Sq + offs_m
-        l_ptrs = L2 + (b * H + h) * Sq + offs_m
-        delta_ptrs = Delta + (b * H + h) * Sq + offs_m
-        dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, m_ptrs, l_ptrs, delta_ptrs, q_step,
-                             do_step, d_ok, dv_ok, offs_n, lo, full_lo, diag, win_left,
-                             win_right, kv_len, Sq, qk_scale, cap_scale, BLOCK_M, True,
-                             SOFTCAP, PRECISION, DTYPE, DOT)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, m_ptrs, l_ptrs, delta_ptrs, q_step,
-                             do_step, d_ok, dv_ok, offs_n, full_lo, full_hi, diag, win_left,
-                             win_right, kv_len, Sq, qk_scale, cap_scale, BLOCK_M, False,
-                             SOFTCAP, PRECISION, DTYPE, DOT)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, m_ptrs, l_ptrs, delta_ptrs, q_step,
-                             do_step, d_ok, dv_ok, offs_n, full_hi, hi, diag, win_left,
-                             win_right, kv_len, Sq, qk_scale, cap_scale, BLOCK_M, True,
-                             SOFTCAP, PRECISION, DTYPE, DOT)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        m_base = M2 + (b * H + h) * Sq
+        l_base = L2 + (b * H + h) * Sq
+        delta_base = Delta + (b * H + h) * Sq
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
+                             stride_qm, stride_qd, stride_dom, stride_dod, offs_n, lo, full_lo,
+                             diag, win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
+                             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, True, SOFTCAP,
+                             PRECISION, DTYPE, DOT)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
+                             stride_qm, stride_qd, stride_dom, stride_dod, offs_n, full_lo,
+                             full_hi, diag, win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
+                             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, SOFTCAP,
+                             PRECISION, DTYPE, DOT)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
+                             stride_qm, stride_qd, stride_dom, stride_dod, offs_n, full_hi, hi,
+                             diag, win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
+                             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, True, SOFTCAP,
+                             PRECISION, DTYPE, DOT)
 
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + hkv * stride_dkh
@@ -446,16 +442,23 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, m2, l2, delta, kT_ptrs, vT_ptrs, k_step, v_step, d_ok, dv_ok, offs_m,
-              blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sk, qk_scale, cap_scale,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
-              PRECISION: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr):
+def _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
+              stride_vd, offs_m, blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sk,
+              qk_scale, cap_scale,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+              DOT: tl.constexpr):
     """dQ of one query block over key blocks [blk_lo, blk_hi): dQ += dS K."""
-    kT_ptrs += blk_lo * k_step
-    vT_ptrs += blk_lo * v_step
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
+    dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
     for blk in tl.range(blk_lo, blk_hi):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        kT_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (BD, BN)
+        vT_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
         if MASKED:
-            offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             key_ok = offs_n < Sk
             kT = tl.load(kT_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0).to(DOT)
             vT = tl.load(vT_ptrs, mask=dv_ok[:, None] & key_ok[None, :], other=0.0).to(DOT)
@@ -472,8 +475,6 @@ def _dq_tiles(dq, q, do, m2, l2, delta, kT_ptrs, vT_ptrs, k_step, v_step, d_ok, 
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(DTYPE).to(DOT), tl.trans(kT), input_precision=PRECISION)
-        kT_ptrs += k_step
-        vT_ptrs += v_step
     return dq
 
 
@@ -499,7 +500,6 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen,
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
@@ -514,25 +514,24 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen,
     m2 = tl.load(M2 + bh * Sq + offs_m, mask=row_ok, other=0.0)
     l2 = tl.load(L2 + bh * Sq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
-    kT_ptrs = (K + b * stride_kb + hkv * stride_kh
-               + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)  # (BLOCK_D, BLOCK_N)
-    vT_ptrs = (V + b * stride_vb + hkv * stride_vh
-               + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd)  # (BLOCK_DV, BLOCK_N)
-    k_step = BLOCK_N * stride_kn
-    v_step = BLOCK_N * stride_vn
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_blocks(m0, diag, win_left, win_right, kv_len,
                                            BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, m2, l2, delta, kT_ptrs, vT_ptrs, k_step, v_step, d_ok, dv_ok,
-                   offs_m, lo, full_lo, diag, win_left, win_right, kv_len, Sk, qk_scale,
-                   cap_scale, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE, DOT)
-    dq = _dq_tiles(dq, q, do, m2, l2, delta, kT_ptrs, vT_ptrs, k_step, v_step, d_ok, dv_ok,
-                   offs_m, full_lo, full_hi, diag, win_left, win_right, kv_len, Sk, qk_scale,
-                   cap_scale, BLOCK_N, False, SOFTCAP, PRECISION, DTYPE, DOT)
-    dq = _dq_tiles(dq, q, do, m2, l2, delta, kT_ptrs, vT_ptrs, k_step, v_step, d_ok, dv_ok,
-                   offs_m, full_hi, hi, diag, win_left, win_right, kv_len, Sk, qk_scale,
-                   cap_scale, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE, DOT)
+    dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                   stride_vd, offs_m, lo, full_lo, diag, win_left, win_right, kv_len, Sk,
+                   qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True,
+                   SOFTCAP, PRECISION, DTYPE, DOT)
+    dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                   stride_vd, offs_m, full_lo, full_hi, diag, win_left, win_right, kv_len, Sk,
+                   qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False,
+                   SOFTCAP, PRECISION, DTYPE, DOT)
+    dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                   stride_vd, offs_m, full_hi, hi, diag, win_left, win_right, kv_len, Sk,
+                   qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True,
+                   SOFTCAP, PRECISION, DTYPE, DOT)
 
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh
