@@ -19,10 +19,12 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "ACCUMULATE_DTYPES",
     "DTYPES",
     "FLOAT8_DTYPES",
     "NARROW_DTYPES",
     "accumulate_dtype",
+    "as_accumulate_dtype",
     "as_dtype",
     "as_float_array",
     "dtype_name",
@@ -61,6 +63,11 @@ NARROW_DTYPES: tuple[np.dtype[Any], ...] = (
     np.dtype(np.float16),
     bfloat16,
     *FLOAT8_DTYPES.values(),
+)
+
+#: The dtypes arithmetic may run in: those that hold -inf (not the float8 "fn"/"fnu" types).
+ACCUMULATE_DTYPES: tuple[np.dtype[Any], ...] = tuple(
+    dt for dt in DTYPES.values() if np.isneginf(np.array(-np.inf).astype(dt)).item()
 )
 
 _ALIASES = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
@@ -113,13 +120,26 @@ def as_float_array(x: Any, *, name: str = "x") -> np.ndarray:
     )
 
 
+def as_accumulate_dtype(dtype: npt.DTypeLike | str, *, name: str = "accum_dtype") -> np.dtype[Any]:
+    """Resolve a dtype that arithmetic will run in: it must hold -inf (masked entries,
+    empty rows), so the float8 types without infinities are refused with a ValueError."""
+    dt = as_dtype(dtype, name=name)
+    if dt not in ACCUMULATE_DTYPES:
+        raise ValueError(
+            f"{name}: {dtype_name(dt)} has no -inf, so it cannot hold masked entries or empty "
+            f"rows; use one of {sorted(dtype_name(d) for d in ACCUMULATE_DTYPES)}"
+        )
+    return dt
+
+
 def accumulate_dtype(
     dtype: npt.DTypeLike, accum_dtype: npt.DTypeLike | str | None = None
 ) -> np.dtype[Any]:
-    """The dtype arithmetic runs in: ``accum_dtype`` if given, else float64 for float64
-    input and float32 for float32 and every narrower float."""
+    """The dtype arithmetic runs in: ``accum_dtype`` if given (it must hold -inf, see
+    :func:`as_accumulate_dtype`), else float64 for float64 input and float32 for float32
+    and every narrower float."""
     if accum_dtype is not None:
-        return as_dtype(accum_dtype, name="accum_dtype")
+        return as_accumulate_dtype(accum_dtype)
     dt = np.dtype(dtype)
     return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
 

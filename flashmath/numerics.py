@@ -108,7 +108,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from flashmath.dtypes import DTYPES, accumulate_dtype, as_float_array, dtype_name
+from flashmath.dtypes import accumulate_dtype, as_float_array
 from flashmath.online import row_shift
 
 __all__ = ["cross_entropy", "log_softmax", "logsumexp", "softmax"]
@@ -421,14 +421,10 @@ def _prepare(
     b: npt.ArrayLike | None = None,
 ) -> _Rows:
     """Promote ``x``, choose the accumulate dtype, normalise ``axis``, apply ``where``/``b``."""
+    given = np.asarray(x) if isinstance(x, np.ndarray) or hasattr(x, "__array__") else None
     arr = as_float_array(x, name=name)
     in_dtype = arr.dtype
-    acc = accumulate_dtype(in_dtype, accum_dtype)
-    if acc not in _ACCUM_OK:
-        raise ValueError(
-            f"accum_dtype: {dtype_name(acc)} has no -inf, so it cannot hold masked entries; "
-            f"use one of {sorted(dtype_name(d) for d in _ACCUM_OK)}"
-        )
+    acc = accumulate_dtype(in_dtype, accum_dtype)  # refuses dtypes without -inf
     weights = None
     if b is not None:
         weights = as_float_array(b, name="b")
@@ -448,7 +444,7 @@ def _prepare(
     a = arr.astype(acc, copy=False)
     # Fresh (ours to overwrite) only if made here: never a view of the caller's memory,
     # whether that is an ndarray, or a torch tensor seen through np.asarray.
-    owned = a.base is None and a is not x
+    owned = given is None or not np.may_share_memory(a, given)
     keep = None if where is None else _broadcast_where(where, shape, name).reshape(a.shape)
     if weights is not None:  # a zero weight removes the entry, even an inf or NaN one (scipy)
         nonzero = weights != 0
@@ -533,10 +529,6 @@ def _finish(out: np.ndarray, dtype: np.dtype[Any], shape: tuple[int, ...]) -> An
     return out.astype(dtype, copy=False).reshape(shape)[()]
 
 
-# The accumulate dtypes that hold -inf (masked entries): not the float8 "fn"/"fnu" types.
-_ACCUM_OK = tuple(
-    dt for dt in DTYPES.values() if np.isneginf(np.array(-np.inf).astype(dt)).item()
-)
 
 
 # --------------------------------------------------------------------------------------

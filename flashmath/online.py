@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from flashmath.dtypes import accumulate_dtype, as_dtype, as_float_array
+from flashmath.dtypes import accumulate_dtype, as_accumulate_dtype, as_dtype, as_float_array
 
 __all__ = [
     "SoftmaxState",
@@ -187,7 +187,7 @@ class SoftmaxState:
         d = operator.index(d)
         if d < 0 or any(n < 0 for n in shape):
             raise ValueError(f"SoftmaxState.empty: negative size in batch_shape {shape}, d={d}")
-        dt = as_dtype(dtype)
+        dt = as_accumulate_dtype(dtype, name="dtype")
         return cls(np.full(shape, -np.inf, dt), np.zeros(shape, dt), np.zeros((*shape, d), dt))
 
     @classmethod
@@ -252,7 +252,7 @@ class SoftmaxState:
         """
         s, v = _read_chunk(scores, values, self.d, s_name="scores", v_name="values")
         if accum_dtype is not None:
-            acc = as_dtype(accum_dtype, name="accum_dtype")
+            acc = as_accumulate_dtype(accum_dtype)
         elif np.dtype(np.float64) in (s.dtype, v.dtype):
             acc = np.dtype(np.float64)
         else:
@@ -436,6 +436,12 @@ def softmax_online(
     xa = as_float_array(x, name="x")
     if xa.ndim < 1:
         raise ValueError("x: expected at least one dimension, got a scalar")
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"axis: expected one int, got {axis!r}")
+    if not -xa.ndim <= axis < xa.ndim:
+        raise ValueError(f"axis: {axis} is out of range for x with shape {xa.shape}")
+    if isinstance(block_size, bool):
+        raise TypeError(f"block_size: expected an integer, got {block_size!r}")
     try:
         block = operator.index(block_size)
     except TypeError:

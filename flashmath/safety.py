@@ -100,11 +100,14 @@ class SafetyReport:
         :func:`overflow_threshold` of the dtype: ``exp`` of anything above overflows.
     scores_min, scores_max : float
         Extremes of the scores *as the dtype holds them* (rounded into it, which
-        is what the naive softmax sees; NaN for empty scores).
+        is what the naive softmax sees), NaN entries left out; NaN when no score is
+        left.
     will_overflow : bool
-        The prediction: ``scores_max > max_safe_input``.
+        The prediction: ``overflow_count > 0``.
     overflow_count : int
-        How many scores exceed ``max_safe_input``.
+        How many scores exceed ``max_safe_input`` as the dtype holds them, counting
+        scores above it that the dtype cannot hold at all (a float8 type without inf
+        rounds them to NaN).
     total : int
         How many scores there are.
     has_inf : bool
@@ -173,23 +176,27 @@ def analyze_softmax_safety(scores: npt.ArrayLike, dtype: DTypeArg = "float32") -
     Returns
     -------
     SafetyReport
-        The prediction (``will_overflow``: ``scores_max > overflow_threshold``)
+        The prediction (``will_overflow``: some score above ``overflow_threshold``)
         beside what :func:`flashmath.naive.softmax` did in that dtype
         (``has_inf`` in its ``exp``, ``has_nan`` in its output).
     """
     dt = as_dtype(dtype)
+    given = as_float_array(scores, name="scores")
     with np.errstate(over="ignore", invalid="ignore"):  # past the dtype's range: inf or NaN
-        x = as_float_array(scores, name="scores").astype(dt, copy=False)
+        x = given.astype(dt, copy=False)
     threshold = overflow_threshold(dt)
     e, p = _exp_and_softmax(x, -1) if x.ndim else _exp_and_softmax(x.reshape(1), -1)
-    empty = x.size == 0
+    # Above the threshold as the dtype holds it; a score the dtype cannot hold at all (a
+    # float8 "fn" type turns it into NaN) counts too when it was above the threshold.
+    over = (x > threshold) | (np.isnan(x) & (given > threshold))
+    finite_or_inf = x[~np.isnan(x)]
     return SafetyReport(
         dtype=dtype_name(dt),
         max_safe_input=float(threshold),
-        scores_min=math.nan if empty else float(np.min(x)),
-        scores_max=math.nan if empty else float(np.max(x)),
-        will_overflow=False if empty else bool(np.max(x) > threshold),
-        overflow_count=int(np.count_nonzero(x > threshold)),
+        scores_min=float(finite_or_inf.min()) if finite_or_inf.size else math.nan,
+        scores_max=float(finite_or_inf.max()) if finite_or_inf.size else math.nan,
+        will_overflow=bool(over.any()),
+        overflow_count=int(np.count_nonzero(over)),
         total=int(x.size),
         has_inf=bool(np.isinf(e).any()),
         has_nan=bool(np.isnan(p).any()),

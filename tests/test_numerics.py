@@ -1023,3 +1023,26 @@ def test_oracle_keeps_a_dominant_entrys_tiny_log_probability() -> None:
 )
 def test_oracle_logsumexp_closed_forms(x: list[float], want: float) -> None:
     np.testing.assert_array_equal(oracle.logsumexp(np.array(x)), want)
+
+
+class _ArrayLike:
+    """An array-like whose __array__ hands out its stored array (no copy)."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a = a
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        return self.a
+
+
+@pytest.mark.parametrize("fn", [fm.softmax, fm.log_softmax, fm.logsumexp])
+def test_regression_array_like_input_is_not_overwritten(fn) -> None:
+    wrapped = _ArrayLike(np.array([1.0, 2.0, 3.0]))
+    fn(wrapped)
+    np.testing.assert_array_equal(wrapped.a, [1.0, 2.0, 3.0])
+
+
+def test_regression_cross_entropy_array_like_logits_not_overwritten() -> None:
+    wrapped = _ArrayLike(np.array([[1.0, 2.0, 3.0]]))
+    fm.cross_entropy(wrapped, np.array([0]))
+    np.testing.assert_array_equal(wrapped.a, [[1.0, 2.0, 3.0]])

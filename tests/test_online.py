@@ -417,3 +417,25 @@ BAD_INPUTS = [  # (call, exception, message pattern)
 def test_bad_input_errors_name_argument_and_shapes(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
+
+
+@pytest.mark.parametrize("axis", [(0, 1), 1.0, 3, -4, True])
+def test_regression_softmax_online_bad_axis_names_axis(axis) -> None:
+    with pytest.raises((TypeError, ValueError), match="axis"):
+        fm.softmax_online(np.zeros((3, 10, 4)), 3, axis=axis)
+
+
+def test_regression_softmax_online_bool_block_size_refused() -> None:
+    with pytest.raises(TypeError, match="block_size"):
+        fm.softmax_online(np.zeros(4), True)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e4m3fnuz", "float8_e8m0fnu"])
+def test_regression_state_dtypes_without_neg_inf_refused(dtype) -> None:
+    """The identity needs m = -inf; a dtype without it would make every state NaN."""
+    with pytest.raises(ValueError, match=r"dtype: .* has no -inf"):
+        fm.SoftmaxState.empty(2, 3, dtype=dtype)
+    with pytest.raises(ValueError, match="accum_dtype"):
+        fm.SoftmaxState.empty(1, 2).update(np.ones(2), np.eye(2), accum_dtype=dtype)
+    with pytest.raises(ValueError, match="accum_dtype"):
+        fm.softmax_online(np.array([1.0, 2.0]), 1, accum_dtype=dtype)

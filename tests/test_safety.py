@@ -228,3 +228,16 @@ def test_prediction_matches_what_happens_on_attention_scores() -> None:
             assert r.has_nan == r.will_overflow  # no row here underflows entirely
         assert fm.analyze_softmax_safety(scores, "float16").will_overflow
         assert not fm.analyze_softmax_safety(scores / math.sqrt(d), "float16").will_overflow
+
+
+def test_regression_nan_score_does_not_hide_the_overflow() -> None:
+    report = fm.analyze_softmax_safety([[np.nan, 100.0]], "float32")
+    assert report.will_overflow and report.overflow_count == 1
+    assert report.scores_max == 100.0 and report.has_inf and report.has_nan
+
+
+def test_regression_score_beyond_a_float8_fn_range_is_predicted() -> None:
+    """float8_e4m3fn has no inf: 1000 rounds to NaN, and its exp overflows all the same."""
+    report = fm.analyze_softmax_safety([[1.0, 1000.0]], "float8_e4m3fn")
+    assert report.will_overflow and report.overflow_count == 1 and report.has_nan
+    assert report.scores_max == 1.0
