@@ -18,11 +18,15 @@ an unbounded side is a large sentinel. ``kv_len`` is ``Sk`` without ``kv_lengths
 This is :class:`flashmath.attention.masks.MaskSpec`'s rule (no q_lengths, no offsets);
 its ``key_span``/``query_span``/``classify`` are the NumPy twins of the tile ranges here.
 
-Each program walks a band of tiles in three runs: boundary tiles that the mask
+Each program walks a band of tiles in up to three runs: boundary tiles that the mask
 cuts (score mask and bounds checks), the full tiles in between (no mask, no bounds
 checks on the streamed side: the fast path) and the boundary tiles at the far end.
 Tiles the mask leaves empty are never visited; :func:`_key_blocks` and
-:func:`_query_blocks` compute the band for the two loop orders.
+:func:`_query_blocks` compute the band for the two loop orders. A boundary run that is
+empty for every program of a call (no band on that side, lengths the tiles divide) is
+not compiled at all (``LEAD``/``TRAIL``, set by :func:`_key_runs`/:func:`_query_runs`):
+every run held live through the others costs registers (ptxas: dK/dV at D = 128 spills
+with three runs, not with one).
 
 Scores live in log2 units: ``s2 = (q . k) * scale * log2(e)``, one multiply with the
 constant folded in, then ``exp2``. The forward stores each row's max ``m2`` and ``l2 =
@@ -50,6 +54,7 @@ __all__ = [
     "FWD_CONFIGS",
     "INTERPRETED",
     "LOG2E",
+    "UNBOUNDED",
     "attn_bwd_dkdv",
     "attn_bwd_dkdv_tuned",
     "attn_bwd_dq",
@@ -60,6 +65,8 @@ __all__ = [
 ]
 
 LOG2E = 1.4426950408889634
+#: An unbounded window side: larger than any distance between a query and a key.
+UNBOUNDED = 1 << 30
 
 #: True when these kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1
 #: when this module was imported): they then run on CPU torch tensors, slowly.
@@ -173,6 +180,27 @@ def _query_blocks(n0, diag, win_left, win_right, kv_len, Sq, BLOCK_M: tl.constex
     return lo, full_lo, full_hi, hi
 
 
+def _even(n: int, block: int) -> bool:
+    return n % block == 0
+
+
+#: Which boundary runs a call over key blocks (forward, dQ) can need: a leading one only
+#: with a left window edge; a trailing one unless nothing bounds the right side (no causal
+#: or right window edge, no kv_lengths, Sk a multiple of BLOCK_N).
+_key_runs = {
+    "LEAD": lambda a: a["win_left"] < UNBOUNDED,
+    "TRAIL": lambda a: a["win_right"] < UNBOUNDED or a["HAS_KV_LEN"]
+    or not _even(a["Sk"], a["BLOCK_N"]),
+}
+#: The same for dK/dV's walk over query blocks: leading with a right edge (causal), trailing
+#: with a left edge, kv_lengths, or lengths the tiles do not divide.
+_query_runs = {
+    "LEAD": lambda a: a["win_right"] < UNBOUNDED,
+    "TRAIL": lambda a: a["win_left"] < UNBOUNDED or a["HAS_KV_LEN"]
+    or not (_even(a["Sq"], a["BLOCK_M"]) and _even(a["Sk"], a["BLOCK_N"])),
+}
+
+
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
@@ -221,6 +249,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
     return acc, l_i, m_i
 
 
+@triton.heuristics(_key_runs)
 @triton.jit
 def attn_fwd(Q, K, V, Out, M2, L2, KvLen,
              stride_qb, stride_qh, stride_qm, stride_qd,
@@ -231,7 +260,8 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
              SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
-             DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (query block, batch * head): O, m2 and l2 of BLOCK_M query rows."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -259,21 +289,23 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen,
     lo, full_lo, full_hi, hi = _key_blocks(m0, diag, win_left, win_right, kv_len,
                                            BLOCK_M, BLOCK_N)
     # -- leading boundary tiles, whole tiles, trailing boundary tiles ---------------------
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
-                               stride_vn, stride_vd, offs_m, lo, full_lo, diag, win_left,
-                               win_right, kv_len, Sk, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V,
-                               BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE,
-                               DOT)
+    if LEAD:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
+                                   stride_vn, stride_vd, offs_m, lo, full_lo, diag, win_left,
+                                   win_right, kv_len, Sk, qk_scale, cap_scale, HEAD_DIM,
+                                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP,
+                                   PRECISION, DTYPE, DOT)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                stride_vn, stride_vd, offs_m, full_lo, full_hi, diag, win_left,
                                win_right, kv_len, Sk, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V,
                                BLOCK_D, BLOCK_DV, BLOCK_N, False, SOFTCAP, PRECISION, DTYPE,
                                DOT)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
-                               stride_vn, stride_vd, offs_m, full_hi, hi, diag, win_left,
-                               win_right, kv_len, Sk, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V,
-                               BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP, PRECISION, DTYPE,
-                               DOT)
+    if TRAIL:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
+                                   stride_vn, stride_vd, offs_m, full_hi, hi, diag, win_left,
+                                   win_right, kv_len, Sk, qk_scale, cap_scale, HEAD_DIM,
+                                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP,
+                                   PRECISION, DTYPE, DOT)
 
     # -- epilogue: O = acc / l (0 where nothing was seen), l2 = log2(l) (-inf there) --------
     empty = l_i == 0.0
@@ -370,6 +402,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
     return dk, dv
 
 
+@triton.heuristics(_query_runs)
 @triton.jit
 def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen,
                   stride_qb, stride_qh, stride_qm, stride_qd,
@@ -382,7 +415,8 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
-                  DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (key block, batch * K/V head): dK, dV of BLOCK_N keys, summed over
     the GROUP query heads that share this K/V head, in registers (deterministic)."""
     pid_n = tl.program_id(0)
@@ -416,21 +450,23 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen,
         m_base = M2 + (b * H + h) * Sq
         l_base = L2 + (b * H + h) * Sq
         delta_base = Delta + (b * H + h) * Sq
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
-                             stride_qm, stride_qd, stride_dom, stride_dod, offs_n, lo, full_lo,
-                             diag, win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
-                             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, True, SOFTCAP,
-                             PRECISION, DTYPE, DOT)
+        if LEAD:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, offs_n, lo,
+                                 full_lo, diag, win_left, win_right, kv_len, Sq, qk_scale,
+                                 cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+                                 True, SOFTCAP, PRECISION, DTYPE, DOT)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                              stride_qm, stride_qd, stride_dom, stride_dod, offs_n, full_lo,
                              full_hi, diag, win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
                              HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, SOFTCAP,
                              PRECISION, DTYPE, DOT)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
-                             stride_qm, stride_qd, stride_dom, stride_dod, offs_n, full_hi, hi,
-                             diag, win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
-                             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, True, SOFTCAP,
-                             PRECISION, DTYPE, DOT)
+        if TRAIL:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, offs_n, full_hi,
+                                 hi, diag, win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
+                                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, True, SOFTCAP,
+                                 PRECISION, DTYPE, DOT)
 
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + hkv * stride_dkh
@@ -478,6 +514,7 @@ def _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, st
     return dq
 
 
+@triton.heuristics(_key_runs)
 @triton.jit
 def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen,
                 stride_qb, stride_qh, stride_qm, stride_qd,
@@ -489,7 +526,8 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
-                DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (query block, batch * head): dQ of BLOCK_M rows (no atomics)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -520,18 +558,20 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_blocks(m0, diag, win_left, win_right, kv_len,
                                            BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                   stride_vd, offs_m, lo, full_lo, diag, win_left, win_right, kv_len, Sk,
-                   qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True,
-                   SOFTCAP, PRECISION, DTYPE, DOT)
+    if LEAD:
+        dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd,
+                       stride_vn, stride_vd, offs_m, lo, full_lo, diag, win_left, win_right,
+                       kv_len, Sk, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                       BLOCK_N, True, SOFTCAP, PRECISION, DTYPE, DOT)
     dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
                    stride_vd, offs_m, full_lo, full_hi, diag, win_left, win_right, kv_len, Sk,
                    qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False,
                    SOFTCAP, PRECISION, DTYPE, DOT)
-    dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                   stride_vd, offs_m, full_hi, hi, diag, win_left, win_right, kv_len, Sk,
-                   qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True,
-                   SOFTCAP, PRECISION, DTYPE, DOT)
+    if TRAIL:
+        dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd,
+                       stride_vn, stride_vd, offs_m, full_hi, hi, diag, win_left, win_right,
+                       kv_len, Sk, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                       BLOCK_N, True, SOFTCAP, PRECISION, DTYPE, DOT)
 
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh

@@ -25,8 +25,6 @@ __all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "Blocks", "fixed_blocks", "flash_
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: The largest head dim (D and Dv); smaller ones are padded to a power of two >= 16 in-kernel.
 MAX_HEAD_DIM = 256
-#: Stands for an unbounded window side: larger than any distance between a query and a key.
-_UNBOUNDED = 1 << 30
 _LN2 = math.log(2.0)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -100,7 +98,7 @@ class _Spec:
     """The validated options, as the kernels take them."""
 
     align_bottom: bool  # diagonal at kv_len - Sq (True) or at 0 (top-left)
-    win_left: int  # keys allowed left of the diagonal (_UNBOUNDED: all)
+    win_left: int  # keys allowed left of the diagonal (kernels.UNBOUNDED: all)
     win_right: int  # keys allowed right of the diagonal (0 when causal)
     scale: float
     softcap: float | None
@@ -299,8 +297,8 @@ def _validate(q: Any, k: Any, v: Any, causal: Any, window: Any, kv_lengths: Any,
         right = 0 if right is None else min(right, 0)
     spec = _Spec(
         align_bottom=alignment != "top_left",
-        win_left=_UNBOUNDED if left is None else left,
-        win_right=_UNBOUNDED if right is None else right,
+        win_left=kernels.UNBOUNDED if left is None else left,
+        win_right=kernels.UNBOUNDED if right is None else right,
         scale=1.0 / math.sqrt(D) if scale is None else _positive_float(
             scale, "scale", allow_negative=True),
         softcap=None if softcap is None else _positive_float(softcap, "softcap"),
