@@ -166,3 +166,28 @@ def test_everything_option_set_is_covered():
     assert keys == {"causal", "window", "mask", "bias", "kv_lengths", "q_lengths", "softcap",
                     "scale"}
     assert alibi(2, 3, 4).shape == (1, 2, 3, 4)
+
+
+def test_regression_nan_in_padding_values_stays_out():
+    """Keys beyond kv_lengths are never read: a NaN left in a cache's padding must not give
+    0 * NaN rows, in the oracle as in the tiled kernel and in split-KV decoding."""
+    from flashmath.attention.reference import attention_reference_backward
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, n, 4)) for n in (2, 4, 4))
+    v[0, 0, 3] = k[0, 0, 3] = np.nan
+    ref = fm.attention_reference(q, k, v, kv_lengths=[3])
+    clean = fm.attention_reference(q, k[:, :, :3], v[:, :, :3])
+    np.testing.assert_array_equal(ref, clean)
+    np.testing.assert_allclose(fm.flash_attention(q, k, v, kv_lengths=[3]), clean, rtol=1e-13)
+    np.testing.assert_allclose(fm.flash_decode(q, k, v, cache_lengths=[3]), clean, rtol=1e-13)
+    grads = attention_reference_backward(np.ones((1, 1, 2, 4)), q, k, v, kv_lengths=[3])
+    assert all(np.isfinite(g[:, :, :3]).all() for g in grads)
+
+
+def test_regression_boolean_bias_is_refused():
+    q, k, v = qkv(np.random.default_rng(0), 1, 1, 3, 4, 4)
+    with pytest.raises(TypeError, match="bias: got a boolean array"):
+        fm.attention_reference(q, k, v, bias=np.ones((3, 4), bool))
+    with pytest.raises(TypeError, match="bias: got a boolean array"):
+        fm.flash_attention(q, k, v, bias=np.ones((3, 4), bool))

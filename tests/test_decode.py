@@ -158,3 +158,9 @@ def test_docstring_example_runs() -> None:
     for test in finder.find(decode.flash_decode, "flash_decode", globs={}):
         runner.run(test)
     assert runner.failures == 0 and runner.tries > 0
+
+
+def test_regression_mixed_dtypes_refused() -> None:
+    q, k, v = (np.zeros((1, 1, n, 4)) for n in (1, 6, 6))
+    with pytest.raises(TypeError, match="share one dtype"):
+        fm.flash_decode(q.astype(np.float32), k, v, cache_lengths=[6])

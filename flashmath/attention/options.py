@@ -116,6 +116,9 @@ def _broadcastable(x: Any, name: str, target: tuple[int, ...], *, boolean: bool)
             f"pass additive float masks as bias="
         )
     if not boolean:
+        if arr.dtype == np.bool_:  # a mask passed as bias would be added as 0/1: refuse it
+            raise TypeError(f"{name}: got a boolean array; pass boolean masks as mask= "
+                            f"(True = may attend), additive float masks as bias=")
         arr = as_float_array(arr, name=name)
     if arr.ndim > 4:
         raise ValueError(f"{name}: shape {arr.shape} has more than 4 axes; expected "

@@ -202,6 +202,10 @@ def _forward(ar: _Arith, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     r, mm = ar.round, ar.matmul
     q, k, v = ar.input(q), ar.input(k), ar.input(v)
     k, v = np.repeat(k, opts.group, axis=1), np.repeat(v, opts.group, axis=1)  # GQA -> H heads
+    # Padding (keys beyond kv_lengths, queries beyond q_lengths) is never read, as in the
+    # tiled kernels: a cache left uninitialised (NaN) there must not make 0 * NaN rows.
+    (q,) = _zero_padding(q, valid=opts.spec.q_valid)
+    k, v = _zero_padding(k, v, valid=opts.spec.k_valid)
     s = r(mm(q, k.swapaxes(-1, -2)) * opts.scale)  # (B, H, Sq, Sk)
     tanh = None
     if opts.softcap is not None:
@@ -218,6 +222,14 @@ def _forward(ar: _Arith, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     out = mm(p, v)  # (B, H, Sq, Dv)
     lse = m + np.log(l)  # l == 0 (nothing to attend to) only when m = -inf: lse = -inf
     return _Forward(q=q, k=k, v=v, tanh=tanh, p=p, out=out, lse=lse)
+
+
+def _zero_padding(*xs: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, ...]:
+    """xs (B, H, S, .) with rows s >= valid[b] set to 0 (the arrays themselves if none is)."""
+    padded = np.arange(xs[0].shape[2]) >= valid[:, None]  # (B, S)
+    if not padded.any():
+        return xs
+    return tuple(np.where(padded[:, None, :, None], np.zeros((), x.dtype), x) for x in xs)
 
 
 def _group_sum(x: np.ndarray, opts: AttentionOptions) -> np.ndarray:

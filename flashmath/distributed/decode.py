@@ -172,6 +172,9 @@ def flash_decode(
     q = as_float_array(q, name="q")
     k = as_float_array(k_cache, name="k_cache")
     v = as_float_array(v_cache, name="v_cache")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
     lengths = _check(q, k, v, cache_lengths, num_splits)
     b, h, sq, _ = q.shape
     hk, sk, dv = k.shape[1], k.shape[2], v.shape[3]
