@@ -371,7 +371,7 @@ def test_autotune_configs_fit_shared_memory():
     assert not any(c.kwargs == {"BLOCK_M": 128, "BLOCK_N": 128} and c.num_stages == 4
                    for c in fwd128)  # 32 KiB of Q + 4 stages of 64 KiB K/V tiles: too big
     for tuned in (kernels.attn_fwd_tuned, kernels.attn_bwd_dkdv_tuned, kernels.attn_bwd_dq_tuned):
-        assert {"Sq", "Sk", "HEAD_DIM"} <= set(tuned.keys)
+        assert {"Sq", "Sk", "HEAD_DIM", "win_right"} <= set(tuned.keys)
 
 
 def test_benchmark_grid_and_flops():

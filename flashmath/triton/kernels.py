@@ -614,8 +614,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept or configs[:1]
 
 
+#: What a tuned config is kept for: causal and windowed calls (win_*) tune apart from full ones.
 _TUNE_KEY = ["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "ALIGN_BOTTOM", "HAS_KV_LEN", "SOFTCAP",
-             "GROUP"]
+             "GROUP", "win_left", "win_right"]
 
 attn_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_TUNE_KEY,
                                  prune_configs_by={"early_config_prune": _prune})(attn_fwd)

@@ -178,7 +178,8 @@ def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
 
 
 class _FlashAttention(torch.autograd.Function):
-    """out, lse = f(q, k, v); the backward recomputes P from lse (never stores it)."""
+    """out, lse = f(q, k, v); the backward recomputes P from each row's max and log2-sum
+    (m2, l2), tile by tile: the probability matrix is never stored."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
