@@ -338,12 +338,24 @@ def test_import_without_triton_says_how_to_install(monkeypatch):
                                   {"causal": True, "window": (256, None), "softcap": 30.0,
                                    "kv_lengths": [1500]}], ids=["full", "causal", "mixed"])
 def test_full_size_on_gpu(dtype, head_dim, opts):
-    """Compiled and autotuned (no pinned tiles), many tiles per row and column."""
+    """Compiled, many tiles per row and column; pinned 64x64 tiles (autotuning every case
+    would take minutes of compiles: test_autotuned_on_gpu covers that path)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 4, 1024, head_dim, device="cuda", dtype=dtype, generator=gen)
     k, v = (torch.randn(1, 2, 1536, head_dim, device="cuda", dtype=dtype, generator=gen)
             for _ in range(2))
-    result = compare_attention(TRITON, q, k, v, grads=True, name="full size", **opts)
+    with op.fixed_blocks(64, 64):
+        result = compare_attention(TRITON, q, k, v, grads=True, name="full size", **opts)
+    assert result.passed, result.message
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_autotuned_on_gpu():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 2048, 128, device="cuda", dtype=torch.float16, generator=gen)
+               for _ in range(3))
+    result = compare_attention(TRITON, q, k, v, grads=True, name="autotuned", causal=True)
     assert result.passed, result.message
 
 
