@@ -379,9 +379,12 @@ def test_autotune_configs_fit_shared_memory():
         kept64 = kernels._prune(configs, {"Sq": 4096, "Sk": 4096}, BLOCK_D=64, BLOCK_DV=64)
         kept128 = kernels._prune(configs, {"Sq": 4096, "Sk": 4096}, BLOCK_D=128, BLOCK_DV=128)
         assert kept128 and set(map(str, kept128)) <= set(map(str, kept64))
-    fwd128 = kernels._prune(kernels.FWD_CONFIGS, {}, BLOCK_D=128, BLOCK_DV=128)
-    assert not any(c.kwargs == {"BLOCK_M": 128, "BLOCK_N": 128} and c.num_stages == 4
-                   for c in fwd128)  # 32 KiB of Q + 4 stages of 64 KiB K/V tiles: too big
+    import triton
+
+    too_big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4)
+    fwd128 = kernels._prune([too_big, *kernels.FWD_CONFIGS], {}, BLOCK_D=128, BLOCK_DV=128)
+    assert too_big not in fwd128  # 32 KiB of Q + 4 stages of 64 KiB K/V tiles
+    assert len(fwd128) == len(kernels.FWD_CONFIGS)
     for tuned in (kernels.attn_fwd_tuned, kernels.attn_bwd_dkdv_tuned, kernels.attn_bwd_dq_tuned):
         assert {"Sq", "Sk", "HEAD_DIM", "win_right"} <= set(tuned.keys)
 
