@@ -32,7 +32,17 @@ Accuracy: narrow inputs meet DESIGN.md's rule with room (errors 0.3x the naive
 same-dtype formula's, typically). For float32 and float64 input, p = exp(s - lse)
 would inherit lse's rounding (|lse| eps / 2 in every p of a row); the backward then
 spends one extra pass per row block recomputing the row max and sum, see
-:func:`_probabilities`, and lands at about the naive formula's error (median ratio 0.9).
+:func:`_probabilities`. For float32 input that pass also sums the rows' out in float64,
+so that delta matches the recomputed p, and dp - delta is formed in float64 (dp = do v^T
+as a float64 matmul) and rounded once. Measured over 3000 random small float32 cases
+(Sq, Sk <= 64, D <= 128, causal or not, GQA): median ratio to the naive error dq 0.81,
+dk 0.77, dv 1.0, out 1.0; max dq 2.2, dk 2.7 (before: medians 0.97, 34 and 29 cases
+over 2x, 6 and 12 over 3x, up to 10x; rows with one visible key, whose exact dq and dk
+are 0, aside: both then err by ~1e-16 or less). Shards (ring attention) keep delta
+from the given out. The forward's tiles are float32 like the naive
+formula's, so its error is the naive one's in distribution (median 1.0) with a tail:
+0.2% of cases over 2x (max 4.4x), dv 0.03% over 3x; removing it needs P V in float64
+(measured +45% forward time, over the speed target).
 
 Internal API (for shards and measurements; private, but stable within flashmath):
 
@@ -221,6 +231,13 @@ class _Plan:
         )
 
     @property
+    def wide_float32(self) -> bool:
+        """float32 input computed in float32 tiles: the case where flashmath and the naive
+        formula share a dtype; the backward then forms the few quantities that decide its
+        error against that formula in float64 (see :func:`_probabilities`)."""
+        return self.opts.dtype == np.float32 and self.acc == np.float32
+
+    @property
     def folds_scale(self) -> bool:
         """Whether the scale is folded into q: only when it is a power of two, so that
         scale * q is exact (D = 16, 64, 256). Otherwise rounding each q element once
@@ -349,12 +366,14 @@ def _forward_unit(
 def _online(
     plan: _Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, v: np.ndarray | None,
     i0: int, i1: int, tiles: list[tuple[int, int, TileKind]], buf: np.ndarray,
-    counts: Counter[str] | None = None,
+    counts: Counter[str] | None = None, sum64: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The online softmax of query rows [i0, i1) over their tiles (flashmath.online's rule).
 
     Returns (m, l, o) in the state dtype: the row max, sum_j exp(s_j - m) and, given v,
-    sum_j exp(s_j - m) v_j ((ni, 0) without v: the backward needs only m and l).
+    sum_j exp(s_j - m) v_j ((ni, 0) without v). v may be float64 (the backward's float32
+    path): o is then summed in float64. sum64: each tile's row sums in float64 (a reduction
+    with a float64 accumulator) instead of the tile-dtype BLAS matrix-vector product.
     """
     acc, st, ni = plan.acc, plan.state, i1 - i0
     dv = 0 if v is None else v.shape[1]
@@ -369,7 +388,10 @@ def _online(
         s -= row_shift(m_new).astype(acc)[:, None]
         np.exp(s, out=s)  # p~ = exp(s - m_new), in place
         l *= alpha
-        l += s @ ones[: j1 - j0]
+        if sum64:
+            l += s.sum(axis=1, dtype=np.float64)
+        else:
+            l += s @ ones[: j1 - j0]
         if v is not None:
             o *= alpha[:, None]
             o += s @ v[j0:j1]
@@ -453,14 +475,23 @@ def _backward_unit(
     dbuf = np.empty((plan.bq, plan.bk), acc)  # dp, then ds~
     tanh_buf = None if opts.softcap is None else np.empty((plan.bq, plan.bk), acc)
     dk_h, dv_h = dk[b, h], dv[b, h]  # (Sk, D), (Sk, Dv) accumulators
+    # float32 input: dp = do v^T and dp - delta in float64, rounded once (see _probabilities)
+    v64 = np.asarray(v, np.float64) if plan.wide_float32 else None
+    dp64 = None if v64 is None else np.empty((plan.bq, plan.bk), np.float64)
     for i0, i1, tiles in _schedule(plan, b):
         if not tiles:
             continue
         ni = i1 - i0
         qs = plan.q_block(b, h, i0, i1)  # (ni, D), scaled if folded
         do = np.asarray(dout[b, h, i0:i1], acc)  # (ni, Dv)
-        delta = np.einsum("id,id->i", do, out[b, h, i0:i1], dtype=st).astype(acc)[:, None]
-        shift, f = _probabilities(plan, b, h, qs, k, i0, i1, tiles, lse[b, h, i0:i1], buf)
+        shift, f, o = _probabilities(plan, b, h, qs, k, i0, i1, tiles, lse[b, h, i0:i1], buf,
+                                     v64 if opts.all_keys else None)
+        if o is not None and f is not None:  # delta from this pass's own out, in float64
+            delta = np.einsum("id,id->i", do, o * f[:, None], dtype=st)[:, None]
+        else:
+            delta = np.einsum("id,id->i", do, out[b, h, i0:i1], dtype=st)
+            delta = (delta if v64 is not None else delta.astype(acc))[:, None]
+        do64 = None if v64 is None else np.asarray(do, np.float64)
         do_f = do if f is None else np.multiply(do, f[:, None], dtype=acc)
         qs_f = qs if f is None else np.multiply(qs, f[:, None], dtype=acc)
         dq_blk = np.zeros((ni, opts.d), st)
@@ -470,8 +501,14 @@ def _backward_unit(
             p -= shift
             np.exp(p, out=p)  # p~ = exp(s - shift)
             dv_h[j0:j1] += p.T @ do_f
-            ds = np.matmul(do, v[j0:j1].T, out=dbuf[:ni, :nj])  # dp
-            ds -= delta
+            if v64 is not None and do64 is not None and dp64 is not None:
+                dp = np.matmul(do64, v64[j0:j1].T, out=dp64[:ni, :nj])
+                dp -= delta
+                ds = dbuf[:ni, :nj]
+                np.copyto(ds, dp, casting="same_kind")  # dp - delta, rounded once
+            else:
+                ds = np.matmul(do, v[j0:j1].T, out=dbuf[:ni, :nj])  # dp
+                ds -= delta
             ds *= p  # ds~ = p~ (dp - delta)
             if tanh_buf is not None:  # through the softcap: d(c tanh(x / c)) = 1 - tanh^2
                 t = tanh_buf[:ni, :nj]
@@ -488,8 +525,9 @@ def _backward_unit(
 def _probabilities(
     plan: _Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
     tiles: list[tuple[int, int, TileKind]], lse: np.ndarray, buf: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(shift, f) such that a row block's probabilities are p = exp(s - shift) * f.
+    v64: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(shift, f, o) such that a row block's probabilities are p = exp(s - shift) * f.
 
     Narrow inputs (float16, bfloat16, float8 are narrower than the float32 lse): shift =
     lse, f = None (1), FlashAttention's p = exp(s - lse); lse's rounding is far below the
@@ -500,13 +538,20 @@ def _probabilities(
     (state dtype), and shift = m with f = 1 / l when the keys are the whole sequence, or
     f = exp(m - lse) for a shard (whose row sums are not 1: lse is the global one).
     Empty rows get shift 0 and f 0.
+
+    o: with v64 (the slice's values in float64, float32 input with all keys), the same
+    pass also sums o = sum_j exp(s_j - shift) v_j in float64 (ni, Dv), so that the
+    backward's delta = rowsum(do * o f) matches the very p it uses; from the given
+    float32 out, delta carried out's rounding (|do| |out| eps / 2 per term), which the
+    near-cancelling dp - delta of a dominant key turned into gradients up to 10x the naive
+    formula's error. None otherwise.
     """
     opts = plan.opts
     if opts.dtype.itemsize < opts.lse_dtype.itemsize:
-        return row_shift(np.asarray(lse, plan.acc))[:, None], None
-    m, l, _ = _online(plan, b, h, qs, k, None, i0, i1, tiles, buf)
+        return row_shift(np.asarray(lse, plan.acc))[:, None], None, None
+    m, l, o = _online(plan, b, h, qs, k, v64, i0, i1, tiles, buf, sum64=plan.wide_float32)
     if opts.all_keys:
         f = np.divide(1, l, out=np.zeros_like(l), where=l != 0)
     else:
         f = np.exp(m - row_shift(np.asarray(lse, plan.state)))  # 0 where m = -inf
-    return row_shift(m).astype(plan.acc)[:, None], f
+    return row_shift(m).astype(plan.acc)[:, None], f, (o if v64 is not None else None)
