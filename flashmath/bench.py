@@ -64,12 +64,19 @@ def _alternate(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list
     return times
 
 
+#: What attention_flops counts, as multiples of the forward's count.
+FLOP_MODES = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+
 def attention_flops(b: int, h: int, sq: int, sk: int, d: int, *, causal: bool,
-                    backward: bool = False) -> float:
-    """DESIGN.md's count: forward 4 B H Sq Sk D, halved for causal with Sq == Sk;
-    the backward is 2.5x the forward (``backward=True`` counts forward + backward)."""
+                    mode: str = "fwd") -> float:
+    """DESIGN.md's count, the one every benchmark uses: forward 4 B H Sq Sk D, halved for
+    causal with Sq == Sk; the backward is 2.5x the forward. ``mode``: "fwd", "bwd" or
+    "fwd_bwd" (forward + backward, 3.5x)."""
+    if mode not in FLOP_MODES:
+        raise ValueError(f"mode: expected one of {sorted(FLOP_MODES)}, got {mode!r}")
     fwd = 4.0 * b * h * sq * sk * d * (0.5 if causal and sq == sk else 1.0)
-    return fwd * (3.5 if backward else 1.0)
+    return fwd * FLOP_MODES[mode]
 
 
 def _inputs(b: int, h: int, s: int, d: int, dtype: Any, seed: int) -> list[np.ndarray]:
@@ -111,7 +118,8 @@ def time_attention(
     rec: dict[str, Any] = {"B": b, "H": h, "S": s, "D": d, "causal": causal, "dtype": dtype,
                            "repeat": repeat, "block_q": block_q, "block_k": block_k}
     for what in ("fwd", "fwdbwd") if backward else ("fwd",):
-        flops = attention_flops(b, h, s, s, d, causal=causal, backward=what == "fwdbwd")
+        flops = attention_flops(b, h, s, s, d, causal=causal,
+                                mode="fwd_bwd" if what == "fwdbwd" else "fwd")
         for who in ("fm", "torch"):
             ts = times.get(f"{who}_{what}")
             rec[f"{who}_{what}_s"] = min(ts) if ts else None

@@ -23,7 +23,7 @@ def test_flops_follow_design():
     assert bench.attention_flops(2, 8, 4096, 4096, 64, causal=False) == 4 * 2 * 8 * 4096**2 * 64
     assert bench.attention_flops(1, 1, 8, 8, 2, causal=True) == 4 * 8 * 8 * 2 / 2
     assert bench.attention_flops(1, 1, 4, 8, 2, causal=True) == 4 * 4 * 8 * 2  # not square
-    assert bench.attention_flops(1, 1, 8, 8, 2, causal=False, backward=True) == 3.5 * 4 * 64 * 2
+    assert bench.attention_flops(1, 1, 8, 8, 2, causal=False, mode="fwd_bwd") == 3.5 * 4 * 64 * 2
 
 
 @pytest.mark.parametrize("use_torch", [True, False])

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from flashmath.bench import attention_flops  # the one FLOP count (DESIGN.md)
+
 __all__ = [
     "DTYPES",
     "HEAD_DIMS",
@@ -40,15 +42,6 @@ MODES = ("fwd", "bwd", "fwd_bwd")
 #: flashmath first; the peers are torch SDPA pinned to one backend each.
 IMPLS = ("flashmath", "sdpa_flash", "sdpa_cudnn")
 SKIPPED = "skipped: no CUDA device"
-
-
-def attention_flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int, *,
-                    causal: bool, mode: str) -> float:
-    """DESIGN.md's count: forward 4*B*H*Sq*Sk*D (halved for square causal), backward 2.5x."""
-    fwd = 4.0 * batch * heads * seq_q * seq_k * head_dim
-    if causal and seq_q == seq_k:
-        fwd /= 2
-    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}[mode]
 
 
 @dataclass(frozen=True)
