@@ -39,10 +39,14 @@ as a float64 matmul) and rounded once. Measured over 3000 random small float32 c
 dk 0.77, dv 1.0, out 1.0; max dq 2.2, dk 2.7 (before: medians 0.97, 34 and 29 cases
 over 2x, 6 and 12 over 3x, up to 10x; rows with one visible key, whose exact dq and dk
 are 0, aside: both then err by ~1e-16 or less). Shards (ring attention) keep delta
-from the given out. The forward's tiles are float32 like the naive
-formula's, so its error is the naive one's in distribution (median 1.0) with a tail:
-0.2% of cases over 2x (max 4.4x), dv 0.03% over 3x; removing it needs P V in float64
-(measured +45% forward time, over the speed target).
+from the given out. Forward: rows whose visible keys fit one tile (Sk <= block_k, and
+the first rows under a causal mask) take :func:`_one_tile`, which forms P and P V in
+float64 and rounds once; longer rows take the online path, whose float32 partial sums
+over block_k keys are accumulated in float64. Measured over the same 3000 cases: out
+median 0.96, one case over 2x (2.4x: scores of magnitude ~30 whose float32 rounding
+dominates both errors); before, the online path's float32 o rounded again in o / l put
+0.2% of cases over 2x (max 4.4x). dv keeps a 0.03% tail over 3x (P^T dO in float64
+measured at +35% forward+backward time).
 
 Internal API (for shards and measurements; private, but stable within flashmath):
 
@@ -355,12 +359,59 @@ def _forward_unit(
         if not tiles:
             continue  # nothing visible: out stays 0, lse -inf
         qs = plan.q_block(b, h, i0, i1)  # (ni, D)
-        m, l, o = _online(plan, b, h, qs, k, v, i0, i1, tiles, buf, counts)
-        # o / l and m + log l; an empty row (l = 0, m = -inf) gives 0 and -inf
-        out[b, h, i0:i1] = np.divide(o, l[:, None], out=np.zeros_like(o), where=l[:, None] != 0)
-        lse[b, h, i0:i1] = m + np.log(l)
+        if len(tiles) == 1:
+            m, l, o = _one_tile(plan, b, h, qs, k, v, i0, i1, tiles[0], buf, counts)
+        else:
+            m, l, o = _online(plan, b, h, qs, k, v, i0, i1, tiles, buf, counts)
+            # o / l; an empty row (l = 0, m = -inf) gives 0
+            o = np.divide(o, l[:, None], out=np.zeros_like(o), where=l[:, None] != 0)
+        out[b, h, i0:i1] = o
+        lse[b, h, i0:i1] = m + np.log(l)  # -inf for an empty row
         if counts is not None:
             counts["read_q_bytes"] += (i1 - i0) * plan.opts.d * plan.q.itemsize
+
+
+#: Elements of P converted to the state dtype at a time in _one_tile (64 KiB in float64).
+_ONE_TILE_CHUNK = 8192
+
+
+def _one_tile(
+    plan: _Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, v: np.ndarray,
+    i0: int, i1: int, tile: tuple[int, int, TileKind], buf: np.ndarray,
+    counts: Counter[str] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows [i0, i1) that see a single tile: the online rule has nothing to merge, so
+    P = exp(s - m) / l and P @ V are formed in the state dtype (float64 for float32
+    tiles) and the output is rounded once. The online path's float32 o, rounded again
+    in o / l, put float32 outputs at up to 6x the naive formula's error on short rows
+    (DESIGN.md's rule allows 2x); this costs a float64 P @ V on problems that fit one
+    tile (Sk <= block_k), not on long ones, whose tiles take the online path.
+
+    Returns (m, l, out rows) in the state dtype.
+    """
+    j0, j1, kind = tile
+    st = plan.state
+    s = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf)  # (ni, nj)
+    m = s.max(axis=1).astype(st)
+    s -= row_shift(m).astype(plan.acc)[:, None]
+    np.exp(s, out=s)  # exp(s - m), in place
+    l = s.sum(axis=1, dtype=st)
+    inv = 1 / np.where(l == 0, 1, l)  # an empty row (l = 0) stays 0
+    o = np.zeros((i1 - i0, v.shape[1]), st)
+    # P @ V in st by pieces of _ONE_TILE_CHUNK elements (keys outer, rows inner), so the
+    # converted copies stay small: peak memory is the online path's.
+    keys = min(j1 - j0, 256)
+    rows = max(1, _ONE_TILE_CHUNK // keys)
+    for c0 in range(j0, j1, keys):
+        c1 = min(c0 + keys, j1)
+        vs = v[c0:c1].astype(st)
+        for r0 in range(0, i1 - i0, rows):
+            p = s[r0 : r0 + rows, c0 - j0 : c1 - j0].astype(st)
+            p *= inv[r0 : r0 + rows, None]
+            o[r0 : r0 + rows] += p @ vs
+    if counts is not None:
+        _count_tile(plan, b, h, i0, i1, j0, j1, kind, counts)
+    return m, l, o
 
 
 def _online(
