@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import flashmath as fm
 from flashmath.attention.accuracy import accuracy_rule
 from tests.attention_cases import options, qkv
 
@@ -109,3 +110,16 @@ def test_float32_rule_random(record_property):
     assert all(len(over[x]) <= MAX_OVER_RULE[x] for x in QUANTITIES), over
     assert all(worst[x] <= WORST_RATIO for x in QUANTITIES), worst
     assert all(medians[x] <= MEDIAN_CEILING[x] for x in QUANTITIES), medians
+
+
+def test_regression_float32_single_query_short_cache():
+    """QA reproducer: one query against 32 keys (scores ~2x larger than unit), float32.
+    The online path rounded o and then o / l: 5.9x the naive error, in fm.flash_decode too."""
+    rng = np.random.default_rng(63)
+    q = rng.standard_normal((1, 4, 1, 16)).astype(np.float32)
+    k = (2 * rng.standard_normal((1, 2, 32, 16))).astype(np.float32)
+    v = rng.standard_normal((1, 2, 32, 16)).astype(np.float32)
+    ref = fm.attention_reference(q, k, v)
+    naive_err = np.abs(fm.attention_reference(q, k, v, upcast=False) - ref).max()
+    for out in (fm.flash_attention(q, k, v), fm.flash_decode(q, k, v, cache_lengths=[32])):
+        assert np.abs(out - ref).max() <= 1.0 * naive_err
