@@ -108,6 +108,7 @@ from typing import Any, Literal
 import numpy as np
 
 from flashmath import dtypes as _dt
+from flashmath.attention.accuracy import FORWARD_FACTOR, GRADIENT_FACTOR
 
 __all__ = [
     "ATTENTION_OPTIONS",
@@ -135,8 +136,8 @@ __all__ = [
 ]
 
 #: The accuracy rule's limits: forward output, gradients (FlashAttention's 2x and 3x).
-OUT_LIMIT = 2.0
-GRAD_LIMIT = 3.0
+OUT_LIMIT = FORWARD_FACTOR
+GRAD_LIMIT = GRADIENT_FACTOR
 #: The floor, in ulps (see the module docstring).
 FLOOR_ULPS = 1.0
 _EPS64 = float(np.finfo(np.float64).eps)
