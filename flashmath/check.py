@@ -77,6 +77,8 @@ def main(args: argparse.Namespace) -> int:
         if args.supports is not None:
             overrides["supports"] = [s.strip() for s in args.supports.split(",") if s.strip()]
         kernel = testing.validate_kernel(testing.declare(kernel, **overrides), kind)
+        if args.json is not None:
+            _check_writable(args.json)  # before the battery runs, not after
     except (TargetError, TypeError, ValueError) as exc:
         print(f"flashmath check: {exc}", file=sys.stderr)
         return 2
@@ -301,6 +303,15 @@ def format_table(results: Sequence[testing.CheckResult]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in [*widths, len(COLUMNS[-1])]))
     return "\n".join(lines)
+
+
+def _check_writable(path: Path) -> None:
+    """ValueError naming --json unless ``path`` can be written: its folder exists and it
+    is not itself a folder."""
+    if path.is_dir():
+        raise ValueError(f"--json: {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"--json: folder {path.parent} does not exist")
 
 
 def _write_json(path: Path, kind: str, target: str, kernel: testing.Kernel, grads: bool,

@@ -169,3 +169,14 @@ def test_a_supports_override_the_signature_cannot_honour_exits_2(capsys, tmp_pat
     code, _, err, _ = _run(capsys, tmp_path, "attention", "tests._kernels:no_scale_attention",
                            "--supports", "causal")
     assert code == 2 and "declared to support ['causal'] but takes no such keyword" in err
+
+
+@pytest.mark.parametrize("where", ["missing-folder/out.json", "."])
+def test_regression_unwritable_json_path_is_a_clean_error_before_the_battery(
+    capsys, tmp_path, where
+) -> None:
+    target = tmp_path / where if where != "." else tmp_path
+    assert main(["check", "softmax", "flashmath", "--json", str(target)]) == 2
+    captured = capsys.readouterr()
+    assert "--json" in captured.err and "Traceback" not in captured.err
+    assert "passed" not in captured.out  # refused before running anything

@@ -389,3 +389,34 @@ def test_list_names_the_real_experiments(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "softmax-stability" in out and "[seeds: 001]" in out
     assert "overflow" in out and "[seeds: 004]" in out
+
+
+def test_regression_out_that_is_a_file_is_a_clean_error(tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "afile"
+    out.write_text("")
+    assert cli.main(["lab", "--quick", "--only", "overflow", "--out", str(out)]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_regression_ctrl_c_while_writing_leaves_no_half_written_folder(
+    tmp_path: Path, register: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after results.json but before the plots: the experiment is 'interrupted' and
+    its folder does not exist (it appears whole or not at all)."""
+    register(fake("alpha", ok_run), fake("beta", ok_run))
+    calls = {"n": 0}
+    real_save = runner.save_figure
+
+    def save_then_interrupt(fig: Any, path: Path) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # beta's plot, after beta's results.json was written
+            raise KeyboardInterrupt
+        real_save(fig, path)
+
+    monkeypatch.setattr(runner, "save_figure", save_then_interrupt)
+    assert lab(tmp_path) == runner.EXIT_INTERRUPTED
+    run_dir = only_run(tmp_path)
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert [e["status"] for e in m["experiments"]] == ["ok", "interrupted"]
+    assert (run_dir / "alpha" / "line.png").exists()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["alpha", "manifest.json", "report.md"]

@@ -212,3 +212,21 @@ def test_four_processes_match_oracle_then_a_crash_makes_every_rank_raise() -> No
     assert not failing.ok and failing.error_type == "ValueError", failing.describe()
     _assert_checks([o for o in outcomes if o.rank != FAIL_RANK], 4)
     _assert_failure_reported(outcomes, within=FAIL_TIMEOUT + 8.0)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--world-size", "0", "--seq", "256"],
+    ["--world-size", "2", "--seq", "0"],
+    ["--world-size", "2", "--seq", "255"],
+    ["--world-size", "4", "--seq", "260", "--causal"],
+])
+def test_regression_ring_cli_bad_arguments_exit_2_without_spawning(argv, capsys) -> None:
+    from flashmath import cli
+
+    try:
+        code = cli.main(["ring", *argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "Traceback" not in err

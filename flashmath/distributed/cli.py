@@ -44,14 +44,26 @@ class DemoConfig:
     timeout: float = 60.0
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive.__name__ = "positive integer"  # what argparse's "invalid ... value" names
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world-size", type=int, default=2,
+    parser.add_argument("--world-size", type=_positive, default=2,
                         help="ranks to spawn on this machine (ignored under torchrun)")
-    parser.add_argument("--seq", type=int, default=2048, help="whole sequence length S")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=4, help="query heads H")
-    parser.add_argument("--kv-heads", type=int, default=None, help="K/V heads (GQA); default H")
-    parser.add_argument("--dim", type=int, default=64, help="head dim D")
+    parser.add_argument("--seq", type=_positive, default=2048, help="whole sequence length S")
+    parser.add_argument("--batch", type=_positive, default=1)
+    parser.add_argument("--heads", type=_positive, default=4, help="query heads H")
+    parser.add_argument("--kv-heads", type=_positive, default=None,
+                        help="K/V heads (GQA); default H")
+    parser.add_argument("--dim", type=_positive, default=64, help="head dim D")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--layout", choices=("contiguous", "zigzag"), default=None,
                         help="how the sequence is sharded (default: zigzag if --causal)")
@@ -174,7 +186,11 @@ def main(args: argparse.Namespace) -> int:
     from flashmath.distributed.launch import run_local
     from flashmath.distributed.ring import shard_ranges
 
-    shard_ranges(cfg.seq, args.world_size, 0, layout)  # a clear error before spawning
+    try:  # a clear error before spawning
+        shard_ranges(cfg.seq, args.world_size, 0, layout)
+    except ValueError as exc:
+        print(f"flashmath ring: error: {exc}", file=sys.stderr)
+        return 2
     outcomes = run_local(run_demo_rank, args.world_size, cfg, backend=args.backend,
                          timeout=cfg.timeout, deadline=max(120.0, 10 * cfg.timeout))
     failed = [o for o in outcomes if not o.ok]

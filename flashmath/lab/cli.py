@@ -19,7 +19,10 @@ __all__ = ["configure", "main"]
 
 
 def _seed(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"--seed must be >= 0, got {value}")
     return value
@@ -56,6 +59,10 @@ def main(args: argparse.Namespace) -> int:
         runner.select(list(modules), args.only)
     except runner.UnknownExperimentError as exc:
         print(f"flashmath lab: error: {exc}", file=sys.stderr)
+        return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"flashmath lab: error: --out: {args.out} exists and is not a folder",
+              file=sys.stderr)
         return 2
     config = {"out": str(args.out), "only": list(args.only or []), "quick": args.quick,
               "seed": args.seed}

@@ -29,10 +29,12 @@ import numpy as np
 
 __all__ = ["VOLATILE_SUFFIXES", "Context", "Result", "Skipped", "strip_volatile"]
 
-#: Keys with these endings hold timings or speeds: excluded from the same-seed guarantee.
+#: Keys with these endings hold timings, speeds, memory peaks or prose quoting them:
+#: excluded from the same-seed guarantee.
 VOLATILE_SUFFIXES = (
     "_s", "_ms", "_us", "_seconds", "_gflops", "_tflops", "_per_s", "_ratio_time",
     "peak_bytes",  # tracemalloc peaks wobble by tens of bytes between runs
+    "headline",  # prose for report.md, which may quote timings and peaks
 )
 
 

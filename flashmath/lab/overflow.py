@@ -245,6 +245,7 @@ def _readme(thr: list[dict[str, Any]], brk: list[dict[str, Any]], stress: list[d
     outside = [r["dtype"] for r in thr if r["dtype"] not in within]
     signed = [r for r in thr if r["has_negatives"]]
     half = [r["dtype"] for r in signed if abs(r["underflow_gap"] + math.log(2)) < 0.01]
+    others = [r["underflow_gap"] for r in signed if r["dtype"] not in half]
     lines += [
         "",
         f"- The found overflow point lies within one step of the dtype (its spacing there) of "
@@ -254,10 +255,9 @@ def _readme(thr: list[dict[str, Any]], brk: list[dict[str, Any]], stress: list[d
         "value of the dtype, so it is the dtype value next to log(max).",
         f"- In {', '.join(half) or 'no dtype'} the underflow point sits log 2 = "
         f"{fmt(math.log(2))} below log(smallest subnormal): exp(x) rounds up to the smallest "
-        "subnormal from anything above half of it. In the others the dtype's own spacing near "
-        "that point decides (gaps from "
-        f"{fmt(min(r['underflow_gap'] for r in signed))} to "
-        f"{fmt(max(r['underflow_gap'] for r in signed))}).",
+        "subnormal from anything above half of it."
+        + (" In the others the dtype's own spacing near that point decides (gaps from "
+           f"{fmt(min(others))} to {fmt(max(others))})." if others else ""),
     ]
     unsigned = [r["dtype"] for r in thr if not r["has_negatives"]]
     if unsigned:

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -335,15 +336,20 @@ def _write_result(exp_dir: Path, name: str, mod: ModuleType, result: experiment.
     }
     files: list[str] = []
     text = dumps_json(payload)  # encode first: a bad record fails before anything is written
-    exp_dir.mkdir(exist_ok=True)
-    atomic_write(exp_dir / "results.json", text)
+    # Everything goes into a hidden folder renamed to exp_dir at the end: an experiment's
+    # folder appears whole or not at all, also when Ctrl-C lands half-way through.
+    partial = exp_dir.with_name(f".{exp_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    atomic_write(partial / "results.json", text)
     files.append("results.json")
     for fig_name, fig in result.figures.items():
-        save_figure(fig, exp_dir / f"{fig_name}.png")
+        save_figure(fig, partial / f"{fig_name}.png")
         files.append(f"{fig_name}.png")
     readme = result.readme.strip() or f"# {name}\n\n{headline}"
-    atomic_write(exp_dir / "README.md", readme + "\n")
+    atomic_write(partial / "README.md", readme + "\n")
     files.append("README.md")
+    os.replace(partial, exp_dir)
     return files, headline
 
 
@@ -390,6 +396,7 @@ def run_lab(out: Path | str = "lab-runs", *, only: Sequence[str] | None = None,
             for name in pending:  # the one running (if any) and those not started
                 if run.entries[name]["status"] in ("pending", "running"):
                     run.entries[name]["status"] = "interrupted"
+                    shutil.rmtree(run_dir / f".{name}.partial", ignore_errors=True)
             run.finish("interrupted")
             return RunOutcome(run_dir, _statuses(run), EXIT_INTERRUPTED)
     failed = any(e["status"] == "failed" for e in run.entries.values())
