@@ -23,7 +23,16 @@ import numpy as np
 from flashmath.attention.masks import Alignment, MaskSpec
 from flashmath.dtypes import FLOAT8_DTYPES, as_float_array
 
-__all__ = ["AttentionOptions", "check_backward_inputs", "check_blocks", "resolve"]
+__all__ = [
+    "AttentionOptions",
+    "check_backward_inputs",
+    "check_blocks",
+    "check_causal",
+    "check_lengths",
+    "check_positive",
+    "check_window",
+    "resolve",
+]
 
 Window = tuple[int | None, int | None] | None
 
@@ -74,7 +83,7 @@ def _as_4d(x: Any, name: str, legend: str) -> np.ndarray:
     return arr
 
 
-def _causal(causal: Any) -> Alignment | None:
+def check_causal(causal: Any) -> Alignment | None:
     if causal is None or causal is False or causal is np.False_:
         return None
     if causal is True or causal is np.True_ or causal == "bottom_right":
@@ -87,7 +96,7 @@ def _causal(causal: Any) -> Alignment | None:
     )
 
 
-def _window(window: Any) -> Window:
+def check_window(window: Any) -> Window:
     if window is None:
         return None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
@@ -132,7 +141,9 @@ def _broadcastable(x: Any, name: str, target: tuple[int, ...], *, boolean: bool)
     return arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
 
 
-def _lengths(x: Any, name: str, batch: int, upper: int) -> np.ndarray | None:
+def check_lengths(x: Any, name: str, batch: int, upper: int) -> np.ndarray | None:
+    """Per-batch lengths: None, or (batch,) integers in [0, upper] (upper: the key length
+    Sk for key lengths, Sq for query lengths), returned as int64. Errors name ``name``."""
     if x is None:
         return None
     arr = np.asarray(x)
@@ -145,7 +156,7 @@ def _lengths(x: Any, name: str, batch: int, upper: int) -> np.ndarray | None:
     return arr.astype(np.int64)
 
 
-def _positive_float(x: Any, name: str, *, allow_negative: bool = False) -> float:
+def check_positive(x: Any, name: str, *, allow_negative: bool = False) -> float:
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {x!r}")
     value = float(x)
@@ -212,19 +223,19 @@ def resolve(
     bias_arr = None if bias is None else _broadcastable(bias, "bias", target, boolean=False)
     spec = MaskSpec.create(
         batch, sq, sk,
-        causal=_causal(causal),
-        window=_window(window),
+        causal=check_causal(causal),
+        window=check_window(window),
         mask=mask_arr,
-        q_lengths=_lengths(q_lengths, "q_lengths", batch, q_total),
-        kv_lengths=_lengths(kv_lengths, "kv_lengths", batch, k_total),
+        q_lengths=check_lengths(q_lengths, "q_lengths", batch, q_total),
+        kv_lengths=check_lengths(kv_lengths, "kv_lengths", batch, k_total),
         q_offset=q_offset, k_offset=k_offset, q_total=q_total, k_total=k_total,
     )
     opts = AttentionOptions(
         batch=batch, heads=heads, kv_heads=kv_heads, sq=sq, sk=sk, d=d, dv=dv,
         dtype=q.dtype,
-        scale=1.0 / math.sqrt(d) if scale is None else _positive_float(
+        scale=1.0 / math.sqrt(d) if scale is None else check_positive(
             scale, "scale", allow_negative=True),
-        softcap=None if softcap is None else _positive_float(softcap, "softcap"),
+        softcap=None if softcap is None else check_positive(softcap, "softcap"),
         bias=bias_arr,
         spec=spec,
         all_keys=k_offset == 0 and k_total == sk,

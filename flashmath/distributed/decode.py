@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from flashmath.attention import flash, threads
+from flashmath.attention.options import check_lengths
 from flashmath.dtypes import accumulate_dtype, as_float_array
 from flashmath.online import merge_outputs
 
@@ -108,19 +109,15 @@ def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: Any,
                          f"{k.shape})")
     if dk != d:
         raise ValueError(f"k_cache: head dim {dk} differs from q's D={d}")
-    lengths = np.asarray(lengths)
-    if lengths.dtype.kind not in "iu":
-        raise TypeError(f"cache_lengths: expected integers, got dtype {lengths.dtype}")
-    if lengths.shape != (b,):
-        raise ValueError(f"cache_lengths: expected shape (B,) = ({b},), got {lengths.shape}")
-    if lengths.size and (lengths.min() < 0 or lengths.max() > sk):
-        raise ValueError(f"cache_lengths: values must lie in [0, Sk={sk}], got {lengths.tolist()}")
+    if lengths is None:
+        raise ValueError("cache_lengths: required, (B,) ints (valid keys per batch entry)")
+    lengths = check_lengths(lengths, "cache_lengths", b, sk)
     if num_splits is not None and (
         isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer))
         or not 1 <= num_splits <= max(sk, 1)
     ):
         raise ValueError(f"num_splits: expected None or an int in [1, Sk={sk}], got {num_splits!r}")
-    return lengths.astype(np.int64)
+    return lengths
 
 
 def flash_decode(

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashmath.attention.options import _causal, _lengths, _positive_float, _window
+from flashmath.attention.options import check_causal, check_lengths, check_positive, check_window
 from flashmath.triton import kernels
 
 __all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "Blocks", "fixed_blocks", "flash_attention"]
@@ -292,17 +292,17 @@ def _validate(q: Any, k: Any, v: Any, causal: Any, window: Any, kv_lengths: Any,
                              f"{shapes}")
 
     # the options' rules and messages are the NumPy API's (flashmath.attention.options)
-    alignment = _causal(causal)
-    left, right = _window(window) or (None, None)
+    alignment = check_causal(causal)
+    left, right = check_window(window) or (None, None)
     if alignment is not None:
         right = 0 if right is None else min(right, 0)
     spec = _Spec(
         align_bottom=alignment != "top_left",
         win_left=kernels.UNBOUNDED if left is None else left,
         win_right=kernels.UNBOUNDED if right is None else right,
-        scale=1.0 / math.sqrt(D) if scale is None else _positive_float(
+        scale=1.0 / math.sqrt(D) if scale is None else check_positive(
             scale, "scale", allow_negative=True),
-        softcap=None if softcap is None else _positive_float(softcap, "softcap"),
+        softcap=None if softcap is None else check_positive(softcap, "softcap"),
     )
     return spec, _kv_lengths(kv_lengths, B, k.shape[2], q.device)
 
@@ -311,5 +311,5 @@ def _kv_lengths(kv_lengths: Any, B: int, Sk: int, device: torch.device) -> torch
     """kv_lengths checked (B integers in 0 .. Sk), as int32 on the device; None stays None."""
     if isinstance(kv_lengths, torch.Tensor):
         kv_lengths = kv_lengths.detach().cpu()  # one host sync, to check the range
-    lengths = _lengths(kv_lengths, "kv_lengths", B, Sk)
+    lengths = check_lengths(kv_lengths, "kv_lengths", B, Sk)
     return None if lengths is None else torch.as_tensor(lengths, dtype=torch.int32, device=device)
