@@ -109,6 +109,7 @@ import numpy as np
 
 from flashmath import dtypes as _dt
 from flashmath.attention.accuracy import FORWARD_FACTOR, GRADIENT_FACTOR
+from flashmath.attention.masks import alibi_bias
 
 __all__ = [
     "ATTENTION_OPTIONS",
@@ -963,12 +964,6 @@ def _spec(name: str, note: str, *, B: int = 1, H: int = 2, Hkv: int | None = Non
                      **extra)
 
 
-def _alibi(B: int, H: int, Sq: int, Sk: int) -> np.ndarray:
-    slopes = 2.0 ** (-8.0 * np.arange(1, H + 1) / H)
-    dist = np.arange(Sk)[None, :] - np.arange(Sq)[:, None] - (Sk - Sq)
-    return (slopes[:, None, None] * np.minimum(dist, 0))[None]  # (1, H, Sq, Sk)
-
-
 def _mask_with_dead_row(rng: np.random.Generator) -> dict[str, Any]:
     mask = rng.random((1, 1, 16, 16)) < 0.6
     mask[..., 5, :] = False  # query 5 sees nothing
@@ -999,7 +994,7 @@ ATTENTION_SPECS: tuple[_AttnSpec, ...] = (
     _spec("boolean mask", "random mask, query 5 fully masked (zeros)",
           options=_mask_with_dead_row, requires={"mask"}),
     _spec("ALiBi bias", "float bias, one slope per head",
-          options=lambda _r: {"bias": _alibi(1, 2, 16, 16)}, requires={"bias"}),
+          options=lambda _r: {"bias": alibi_bias(2, 16, 16)}, requires={"bias"}),
     _spec("padded keys", "kv_lengths = [16, 5]", B=2,
           options=lambda _r: {"kv_lengths": np.array([16, 5])}, requires={"kv_lengths"}),
     _spec("padded queries", "q_lengths = [16, 6]", B=2,

@@ -14,6 +14,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 import flashmath as fm
+from flashmath.attention.masks import alibi_bias
 
 #: Option sets by name: every option alone, then combinations. Values are builders
 #: (rng, B, H, Sq, Sk) -> kwargs.
@@ -28,7 +29,7 @@ OPTIONS: dict[str, Any] = {
     "mask": lambda r, b, h, sq, sk: {"mask": r.random((b, 1, sq, sk)) < 0.7},
     "mask_per_head": lambda r, b, h, sq, sk: {"mask": r.random((h, sq, sk)) < 0.5},
     "bias": lambda r, b, h, sq, sk: {"bias": r.standard_normal((b, h, sq, sk))},
-    "alibi": lambda r, b, h, sq, sk: {"bias": alibi(h, sq, sk)},
+    "alibi": lambda r, b, h, sq, sk: {"bias": alibi_bias(h, sq, sk)},
     "softcap": lambda r, b, h, sq, sk: {"softcap": 0.8},
     "scale": lambda r, b, h, sq, sk: {"scale": 0.9},
     "kv_lengths": lambda r, b, h, sq, sk: {"kv_lengths": r.integers(0, sk + 1, b)},
@@ -42,16 +43,9 @@ OPTIONS: dict[str, Any] = {
         "causal": True, "softcap": 1.5, "bias": r.standard_normal((1, h, sq, sk))},
     "everything": lambda r, b, h, sq, sk: {
         "causal": True, "window": (6, 0), "q_lengths": r.integers(0, sq + 1, b),
-        "kv_lengths": r.integers(0, sk + 1, b), "bias": alibi(h, sq, sk), "softcap": 2.0,
+        "kv_lengths": r.integers(0, sk + 1, b), "bias": alibi_bias(h, sq, sk), "softcap": 2.0,
         "mask": r.random((b, 1, sq, sk)) < 0.8, "scale": 0.7},
 }
-
-
-def alibi(h: int, sq: int, sk: int) -> np.ndarray:
-    """ALiBi bias (1, H, Sq, Sk): -slope_h * |i - j|, slopes 2^(-8 (h + 1) / H)."""
-    slopes = 2.0 ** (-8.0 * np.arange(1, h + 1) / h)
-    dist = np.abs(np.arange(sq)[:, None] - np.arange(sk)[None, :])
-    return -(slopes[:, None, None] * dist)[None]
 
 
 def options(

@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from flashmath.attention.masks import MaskSpec, TileKind, block_of
+from flashmath.attention.masks import MaskSpec, TileKind, alibi_bias, block_of
 
 
 def allowed(b, gi, gj, *, sq, sk, causal=None, window=None, q_len=None, kv_len=None):
@@ -156,3 +156,14 @@ def test_user_mask_per_head_in_block_and_dense():
     for h in range(3):
         np.testing.assert_array_equal(spec.block(1, h, 0, 4, 0, 5), dense[1, h])
         np.testing.assert_array_equal(dense[1, h], mask[0, h] & np.tri(4, 5, dtype=bool))
+
+
+def test_alibi_bias_is_distance_to_the_bottom_right_diagonal():
+    """alibi_bias: -slope_h * |j - (i + Sk - Sq)|, slopes 2^(-8 (h + 1) / H), float64."""
+    bias = alibi_bias(2, 3, 5)
+    assert bias.shape == (1, 2, 3, 5) and bias.dtype == np.float64
+    for h, i, j in itertools.product(range(2), range(3), range(5)):
+        assert bias[0, h, i, j] == -(2.0 ** (-8.0 * (h + 1) / 2)) * abs(j - (i + 2))
+    assert np.array_equal(alibi_bias(2, 3, 5, slopes=np.array([1.0, 0.5]))[0, :, 2, 4], [0, 0])
+    with pytest.raises(ValueError):
+        alibi_bias(2, 3, 5, slopes=np.ones(3))

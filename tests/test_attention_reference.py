@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import flashmath as fm
+from flashmath.attention.masks import alibi_bias
 from flashmath.dtypes import DTYPES
-from tests.attention_cases import OPTIONS, alibi, assert_close, options, qkv
+from tests.attention_cases import OPTIONS, assert_close, options, qkv
 
 
 def rowwise(q, k, v, *, scale=None, softcap=None, bias=None, allowed=None):
@@ -165,7 +166,7 @@ def test_everything_option_set_is_covered():
         keys |= set(options(name, rng, 1, 2, 3, 4))
     assert keys == {"causal", "window", "mask", "bias", "kv_lengths", "q_lengths", "softcap",
                     "scale"}
-    assert alibi(2, 3, 4).shape == (1, 2, 3, 4)
+    assert alibi_bias(2, 3, 4).shape == (1, 2, 3, 4)
 
 
 def test_regression_nan_in_padding_values_stays_out():

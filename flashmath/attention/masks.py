@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Alignment", "MaskSpec", "TileKind", "block_of"]
+__all__ = ["Alignment", "MaskSpec", "TileKind", "alibi_bias", "block_of"]
 
 Alignment = Literal["bottom_right", "top_left"]
 
@@ -56,6 +56,26 @@ class TileKind(enum.IntEnum):
     EMPTY = 0  # no pair may attend: skip the tile
     FULL = 1  # every pair may attend: compute it, build no mask
     PARTIAL = 2  # some pairs may attend: compute it and apply MaskSpec.block
+
+
+def alibi_bias(
+    heads: int, sq: int, sk: int, *, slopes: np.ndarray | None = None
+) -> np.ndarray:
+    """The standard ALiBi score bias, float64 of shape (1, heads, sq, sk).
+
+    Head h (0-based) has slope ``2 ** (-8 (h + 1) / heads)`` unless ``slopes`` (one per
+    head) is given. Query row i is aligned bottom-right, like ``causal=True``: its diagonal
+    key is ``i + sk - sq``, and the bias of pair (i, j) is ``-slope_h * |j - (i + sk - sq)|``,
+    minus the slope times the distance to that diagonal (0 on it). The leading size-1 axis
+    broadcasts against (B, heads, sq, sk); pass the result as ``bias=``.
+    """
+    if slopes is None:
+        slopes = 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
+    slopes = np.asarray(slopes, dtype=np.float64)
+    if slopes.shape != (heads,):
+        raise ValueError(f"slopes must have shape ({heads},), got {slopes.shape}")
+    dist = np.abs(np.arange(sk)[None, :] - np.arange(sq)[:, None] - (sk - sq))
+    return -(slopes[:, None, None] * dist)[None]
 
 
 def block_of(arr: np.ndarray, b: int, h: int, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:

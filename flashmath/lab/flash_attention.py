@@ -28,6 +28,7 @@ import numpy as np
 import flashmath as fm
 from flashmath import bench, dtypes
 from flashmath.attention.accuracy import accuracy_rule
+from flashmath.attention.masks import alibi_bias
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result
 from flashmath.lab.tables import fmt_bytes, markdown_table
@@ -102,9 +103,7 @@ def _options(rng: np.random.Generator, case: Case) -> dict[str, Any]:
     B, H, _, Sq, Sk, _, _ = case.shape
     opts = {k: v for k, v in case.options.items() if k != "score_scale"}
     if opts.get("bias") == "alibi":
-        slopes = 2.0 ** (-8.0 * np.arange(1, H + 1) / H)
-        dist = np.arange(Sk)[None, :] - np.arange(Sq)[:, None] - (Sk - Sq)
-        opts["bias"] = (slopes[:, None, None] * -np.abs(dist))[None]  # (1, H, Sq, Sk)
+        opts["bias"] = alibi_bias(H, Sq, Sk)  # (1, H, Sq, Sk)
     if opts.get("mask") == "random":
         opts["mask"] = rng.random((B, 1, Sq, Sk)) < 0.7
     for name in ("kv_lengths", "q_lengths"):
