@@ -42,11 +42,14 @@ order takes Q blocks of 192 rows, so it reads K and V 22 times: 24 MB.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+from flashmath.attention.masks import MaskSpec, TileKind
+from flashmath.attention.options import check_causal
 
 __all__ = [
     "Traffic",
@@ -164,53 +167,67 @@ def key_intervals(
 
     The diagonal is bottom-right aligned (query i sits at key i + kv_len - q_len,
     the valid lengths defaulting to sk and sq) for causal=True and for a window
-    without causal, top-left (key i) for causal="top_left": the rule of DESIGN.md
-    and flashmath.attention.masks, restated here row by row. window=(left, right)
-    keeps keys within left before and right after the diagonal, None unbounded;
-    causal caps right at 0. Rows >= q_len are empty; keys >= kv_len are dropped.
+    without causal, top-left (key i) for causal="top_left": the rule of DESIGN.md,
+    taken row by row from :meth:`flashmath.attention.masks.MaskSpec.key_span`.
+    window=(left, right) keeps keys within left before and right after the diagonal,
+    None unbounded; causal caps right at 0. Rows >= q_len are empty (hi = 0); keys
+    >= kv_len are dropped.
     """
-    kv = sk if kv_len is None else kv_len
-    i = np.arange(sq, dtype=np.int64)
-    diag = i if causal == "top_left" else i + (kv - (sq if q_len is None else q_len))
-    left, right = (None, None) if window is None else window
-    if causal:
-        right = 0 if right is None else min(right, 0)
-    lo = np.zeros(sq, np.int64) if left is None else np.maximum(diag - left, 0)
-    hi = np.full(sq, kv, np.int64) if right is None else np.clip(diag + right + 1, 0, kv)
-    if q_len is not None:
-        hi[q_len:] = 0
+    spec = _mask_spec(1, sq, sk, causal, window,
+                      None if q_len is None else [q_len], None if kv_len is None else [kv_len])
+    spans = np.array([spec.key_span(0, i, i + 1) for i in range(sq)], np.int64).reshape(sq, 2)
+    lo, hi = spans[:, 0].copy(), np.maximum(spans[:, 1], 0)
+    hi[int(spec.q_valid[0]):] = 0
     return lo, hi
 
 
 def visited_tiles(
     lo: np.ndarray, hi: np.ndarray, sk: int, block_q: int, block_k: int
 ) -> np.ndarray:
-    """Boolean (n_q_blocks, n_k_blocks): tile (i, j) holds at least one allowed (query, key).
+    """Boolean (n_q_blocks, n_k_blocks): tile (i, j) holds at least one allowed (query, key),
+    given each row's allowed keys [lo, hi) (from :func:`key_intervals`).
 
     Blocks start at multiples of the block size; the last ones are clipped at Sq, Sk.
     """
-    return np.array([vis for _, _, vis in _block_spans(lo, hi, sk, block_q, block_k)])
-
-
-def _block_spans(
-    lo: np.ndarray, hi: np.ndarray, sk: int, block_q: int, block_k: int
-) -> list[tuple[int, int, np.ndarray]]:
-    """Per Q block: the keys [j0, j1) its rows may see (their union; 0, 0 when none) and
-    the (n_k_blocks,) boolean row of visited tiles."""
     n_k = -(-sk // block_k)
     k0 = np.arange(n_k) * block_k
     k1 = np.minimum(k0 + block_k, sk)
-    out: list[tuple[int, int, np.ndarray]] = []
+    rows = []
     for i0 in range(0, lo.shape[0], block_q):
-        rl, rh = lo[i0:i0 + block_q], hi[i0:i0 + block_q]
-        keep = rl < rh
-        if not keep.any():
-            out.append((0, 0, np.zeros(n_k, bool)))
-            continue
-        rl, rh = rl[keep, None], rh[keep, None]
-        vis = np.any((rl < k1) & (rh > k0), axis=0)
-        out.append((int(rl.min()), int(rh.max()), np.asarray(vis)))
-    return out
+        rl, rh = lo[i0:i0 + block_q, None], hi[i0:i0 + block_q, None]
+        rows.append(np.any((rl < rh) & (rl < k1) & (rh > k0), axis=0))
+    return np.array(rows)
+
+
+def _mask_spec(
+    batch: int, sq: int, sk: int, causal: Causal, window: Window,
+    q_lengths: Sequence[int] | None, kv_lengths: Sequence[int] | None,
+) -> MaskSpec:
+    """The MaskSpec every attention backend builds for these options (one mask rule)."""
+    return MaskSpec.create(
+        batch, sq, sk, causal=check_causal(causal), window=window,
+        q_lengths=None if q_lengths is None else np.asarray(q_lengths, np.int64),
+        kv_lengths=None if kv_lengths is None else np.asarray(kv_lengths, np.int64),
+    )
+
+
+def _schedule(
+    spec: MaskSpec, b: int, block_q: int, block_k: int
+) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """The NumPy forward's loop for batch entry b (as ``flash._schedule``): per block of
+    valid query rows [i0, i1), the key tiles [j0, j1) of the block_k grid it visits, clipped
+    to the keys the block can see (:meth:`MaskSpec.key_span`); a tile is visited unless
+    :meth:`MaskSpec.classify` finds it EMPTY."""
+    q_valid = int(spec.q_valid[b])
+    for i0 in range(0, q_valid, block_q):
+        i1 = min(i0 + block_q, q_valid)
+        lo, hi = spec.key_span(b, i0, i1)
+        tiles = []
+        for g0 in range(max(lo, 0) // block_k * block_k, hi, block_k):
+            j0, j1 = max(g0, lo), min(g0 + block_k, hi)
+            if spec.classify(b, i0, i1, j0, j1) is not TileKind.EMPTY:
+                tiles.append((j0, j1))
+        yield i0, i1, tiles
 
 
 def flash_attention_bytes(
@@ -251,20 +268,19 @@ def flash_attention_bytes(
     reads = dict.fromkeys(("q", "k", "v") if fa2 else ("q", "k", "v", "o", "l", "m"), 0)
     writes = dict.fromkeys(("o", "lse") if fa2 else ("o", "l", "m"), 0)
     tiles = 0
+    spec = _mask_spec(batch, sq, sk, causal, window, q_lengths, kv_lengths)
     for b in range(batch):
-        q_len = sq if q_lengths is None else int(q_lengths[b])
-        lo, hi = key_intervals(sq, sk, causal=causal, window=window, q_len=q_len,
-                               kv_len=None if kv_lengths is None else int(kv_lengths[b]))
-        spans = _block_spans(lo, hi, sk, block_q, block_k)
-        vis = np.array([v for _, _, v in spans])
+        vis = np.zeros((n_q, n_k), bool)
+        for i0, i1, block_tiles in _schedule(spec, b, block_q, block_k):
+            for j0, j1 in block_tiles:
+                vis[i0 // block_q, j0 // block_k] = True
+                if fa2:
+                    reads["k"] += (j1 - j0) * d
+                    reads["v"] += (j1 - j0) * dv
+            if fa2 and block_tiles:
+                reads["q"] += (i1 - i0) * d
         tiles += int(vis.sum())
         if fa2:
-            for bi, (j0, j1, row) in enumerate(spans):
-                if row.any():
-                    reads["q"] += (min(bi * block_q + block_q, q_len) - bi * block_q) * d
-                    kv_rows = int((np.minimum(k1, j1) - np.maximum(k0, j0))[row].sum())
-                    reads["k"] += kv_rows * d
-                    reads["v"] += kv_rows * dv
             writes["o"] += sq * dv
             writes["lse"] += sq
         else:  # whole tiles, as Algorithm 1 loads them
