@@ -68,7 +68,7 @@ def _alternate(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list
 FLOP_MODES = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 
-def attention_flops(b: int, h: int, sq: int, sk: int, d: int, *, causal: bool,
+def attention_flops(b: float, h: float, sq: float, sk: float, d: float, *, causal: bool,
                     mode: str = "fwd") -> float:
     """DESIGN.md's count, the one every benchmark uses: forward 4 B H Sq Sk D, halved for
     causal with Sq == Sk; the backward is 2.5x the forward. ``mode``: "fwd", "bwd" or

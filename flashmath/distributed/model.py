@@ -39,6 +39,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from flashmath.bench import attention_flops
+
 __all__ = [
     "PRESETS",
     "Setup",
@@ -78,11 +80,10 @@ PRESETS: dict[str, Setup] = {
 
 def step_flops(shard_len: float, *, batch: int = 1, heads: int = 1, dim: int = 128,
                causal: bool = False, backward: bool = False) -> float:
-    """FLOPs of one ring step on one rank: one (S_r x S_r) block, forward or backward."""
-    flops = 4.0 * batch * heads * shard_len * shard_len * dim
-    if causal:
-        flops *= 0.5
-    return flops * (2.5 if backward else 1.0)
+    """FLOPs of one ring step on one rank: one (S_r x S_r) block, forward or backward;
+    :func:`flashmath.bench.attention_flops` of that block (the one FLOP count)."""
+    return attention_flops(batch, heads, shard_len, shard_len, dim, causal=causal,
+                           mode="bwd" if backward else "fwd")
 
 
 def step_bytes(shard_len: float, *, batch: int = 1, kv_heads: int = 1, dim: int = 128,

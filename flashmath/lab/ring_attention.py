@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from flashmath.bench import attention_flops
 from flashmath.distributed import model
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result, Skipped
@@ -120,8 +121,8 @@ def _memory(ctx: Context) -> tuple[list[dict[str, Any]], float]:
         t0 = time.perf_counter()
         mem = replay_rank_memory(q, k, v, w, causal=True, layout="zigzag")
         seconds = time.perf_counter() - t0
-        if w == 1:  # fwd + bwd of the whole causal sequence: 3.5 x 4 B H S^2 D / 2
-            flops_per_s = 3.5 * model.step_flops(s, batch=b, heads=h, dim=d, causal=True) / seconds
+        if w == 1:  # fwd + bwd of the whole causal sequence
+            flops_per_s = attention_flops(b, h, s, s, d, causal=True, mode="fwd_bwd") / seconds
         rows.append({"section": "memory", "W": w, "S": s, "B": b, "H": h, "D": d,
                      "dtype": "float32", "causal": True, "layout": "zigzag",
                      "peak_bytes": mem["peak_bytes"],
