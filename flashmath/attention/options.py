@@ -30,6 +30,7 @@ __all__ = [
     "check_causal",
     "check_lengths",
     "check_positive",
+    "check_qkv",
     "check_window",
     "resolve",
 ]
@@ -166,6 +167,35 @@ def check_positive(x: Any, name: str, *, allow_negative: bool = False) -> float:
     return value
 
 
+def check_qkv(
+    q: Any, k: Any, v: Any, names: tuple[str, str, str] = ("q", "k", "v")
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q, k, v as float arrays of one dtype and the shapes (B, H, Sq, D), (B, H_kv, Sk, D),
+    (B, H_kv, Sk, Dv) with H_kv dividing H. Errors name the arguments by ``names``
+    (``flash_decode`` passes ("q", "k_cache", "v_cache"))."""
+    qn, kn, vn = names
+    q = _as_4d(q, qn, "(B, H, Sq, D)")
+    k = _as_4d(k, kn, "(B, H_kv, Sk, D)")
+    v = _as_4d(v, vn, "(B, H_kv, Sk, Dv)")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"{qn}, {kn}, {vn} must share one dtype; got {qn} {q.dtype}, "
+                        f"{kn} {k.dtype}, {vn} {v.dtype}")
+    (batch, heads, _, d), (_, kv_heads, _, _) = q.shape, k.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"{kn}, {vn}: batch sizes differ from {qn}'s B={batch}: "
+                         f"{qn} {q.shape}, {kn} {k.shape}, {vn} {v.shape}")
+    if k.shape[3] != d:
+        raise ValueError(f"{kn}: head dims differ: {qn} {q.shape} has D={d}, "
+                         f"{kn} {k.shape} has D={k.shape[3]}")
+    if v.shape[1:3] != k.shape[1:3]:
+        raise ValueError(f"{vn}: shape differs from {kn}'s (H_kv, Sk): "
+                         f"{kn} {k.shape} and {vn} {v.shape} must share (H_kv, Sk)")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"{kn}: H_kv={kv_heads} does not divide H: {qn} {q.shape} has "
+                         f"H={heads} heads, not a multiple of H_kv={kv_heads}")
+    return q, k, v
+
+
 def resolve(
     q: Any,
     k: Any,
@@ -190,22 +220,8 @@ def resolve(
     and bool input promotes to float64). See the module docs of ``masks`` for causal,
     window, mask, lengths and the shard arguments q_offset, k_offset, q_total, k_total.
     """
-    q = _as_4d(q, "q", "(B, H, Sq, D)")
-    k = _as_4d(k, "k", "(B, H_kv, Sk, D)")
-    v = _as_4d(v, "v", "(B, H_kv, Sk, Dv)")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    q, k, v = check_qkv(q, k, v)
     (batch, heads, sq, d), (_, kv_heads, sk, _), dv = q.shape, k.shape, v.shape[3]
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
-    if k.shape[3] != d:
-        raise ValueError(f"head dims differ: q {q.shape} has D={d}, k {k.shape} has D={k.shape[3]}")
-    if v.shape[1:3] != k.shape[1:3]:
-        raise ValueError(f"k {k.shape} and v {v.shape} must share (H_kv, Sk)")
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(
-            f"q has H={heads} heads, not a multiple of H_kv={kv_heads} (k {k.shape})"
-        )
     if d == 0:
         raise ValueError(f"q: head dim D must be positive, got shape {q.shape}")
     for name, off in (("q_offset", q_offset), ("k_offset", k_offset)):

@@ -41,8 +41,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from flashmath.attention import flash, threads
-from flashmath.attention.options import check_lengths
-from flashmath.dtypes import accumulate_dtype, as_float_array
+from flashmath.attention.options import check_lengths, check_qkv
+from flashmath.dtypes import accumulate_dtype
 from flashmath.online import merge_outputs
 
 __all__ = ["MIN_SPLIT_KEYS", "choose_num_splits", "flash_decode"]
@@ -92,23 +92,9 @@ def choose_num_splits(rows: int, keys: int, *, cores: int | None = None) -> int:
     return max(1, min(want, keys // MIN_SPLIT_KEYS))
 
 
-def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: Any,
-           num_splits: Any) -> np.ndarray:
-    for name, arr, legend in (("q", q, "(B, H, Sq, D)"), ("k_cache", k, "(B, H_kv, Sk, D)"),
-                              ("v_cache", v, "(B, H_kv, Sk, Dv)")):
-        if arr.ndim != 4:
-            raise ValueError(f"{name}: expected a 4-D array {legend}, got shape {arr.shape}")
-    (b, h, _, d), (bk, hk, sk, dk), (bv, hv, sv, _) = q.shape, k.shape, v.shape
-    if bk != b or bv != b:
-        raise ValueError(f"k_cache, v_cache: batch must be q's B={b}; got k_cache {k.shape}, "
-                         f"v_cache {v.shape}")
-    if (hk, sk) != (hv, sv):
-        raise ValueError(f"v_cache: shape {v.shape} must share (H_kv, Sk) with k_cache {k.shape}")
-    if hk == 0 or h % hk:
-        raise ValueError(f"k_cache: H_kv={hk} must divide q's H={h} (q {q.shape}, k_cache "
-                         f"{k.shape})")
-    if dk != d:
-        raise ValueError(f"k_cache: head dim {dk} differs from q's D={d}")
+def _check(k: np.ndarray, lengths: Any, num_splits: Any) -> np.ndarray:
+    """The decode-only checks (shapes and dtypes are checked by options.check_qkv)."""
+    b, sk = k.shape[0], k.shape[2]
     if lengths is None:
         raise ValueError("cache_lengths: required, (B,) ints (valid keys per batch entry)")
     lengths = check_lengths(lengths, "cache_lengths", b, sk)
@@ -166,13 +152,8 @@ def flash_decode(
     >>> bool(np.abs(out - ref).max() < 1e-12)
     True
     """
-    q = as_float_array(q, name="q")
-    k = as_float_array(k_cache, name="k_cache")
-    v = as_float_array(v_cache, name="v_cache")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
-    lengths = _check(q, k, v, cache_lengths, num_splits)
+    q, k, v = check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
+    lengths = _check(k, cache_lengths, num_splits)
     b, h, sq, _ = q.shape
     hk, sk, dv = k.shape[1], k.shape[2], v.shape[3]
     out_dtype = q.dtype
