@@ -6,7 +6,7 @@ folder is importable, as with ``python -m``) or one of the built-in targets:
 - ``flashmath``: fm.softmax / fm.flash_attention (+ fm.flash_attention_backward);
 - ``torch``: torch.softmax / torch.nn.functional.scaled_dot_product_attention (+ autograd),
   when torch is installed;
-- ``naive``: fm.naive.softmax / the textbook exp(s) / sum exp(s) attention in the input
+- ``naive``: fm.naive.softmax / fm.naive.attention, the textbook exp(s) / sum exp(s) in the input
   dtype without the max shift -- it must fail the overflow cases.
 
 Every case of :func:`flashmath.testing.softmax_battery` or ``attention_battery`` is run and
@@ -203,7 +203,9 @@ def sdpa(q: Any, k: Any, v: Any, *, causal: bool | str = False, window: Any = No
     native_causal = causal == "top_left" or (causal is True and Sq == Sk)
     rest = {"window": window, "mask": mask, "kv_lengths": kv_lengths, "q_lengths": q_lengths}
     attn_mask = None
-    if any(x is not None for x in rest.values()) or (causal and not native_causal):
+    # is_causal and attn_mask cannot be combined: with a bias, causal comes from the mask too
+    if (any(x is not None for x in rest.values()) or (causal and not native_causal)
+            or (native_causal and bias is not None)):
         rest = {n: (x.cpu().numpy() if isinstance(x, torch.Tensor) else x)
                 for n, x in rest.items()}
         shapes = [np.empty((B, H, Sq, D), np.float32), np.empty((B, Hkv, Sk, D), np.float32),
@@ -215,10 +217,6 @@ def sdpa(q: Any, k: Any, v: Any, *, causal: bool | str = False, window: Any = No
         float_mask = bias.to(q.dtype).expand(B, H, Sq, Sk)
         if attn_mask is not None:
             float_mask = float_mask.masked_fill(~attn_mask, float("-inf"))
-        if native_causal:  # is_causal and attn_mask cannot be combined
-            keep = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril()
-            float_mask = float_mask.masked_fill(~keep, float("-inf"))
-            native_causal = False
         attn_mask = float_mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=native_causal,
                                           scale=scale, enable_gqa=Hkv != H)
@@ -230,29 +228,9 @@ def _naive_target(kind: str) -> testing.Kernel:
     if kind == "softmax":
         return testing.declare(fm.naive.softmax, name="flashmath.naive.softmax")
     return testing.declare(
-        textbook_attention, name="textbook attention (no max shift)",
+        fm.naive.attention, name="textbook attention (no max shift)",
         supports={"causal", "causal_top_left", "window", "mask", "bias", "kv_lengths",
                   "q_lengths", "softcap", "scale", "gqa", "dv"})
-
-
-def textbook_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, **options: Any) -> Any:
-    """softmax(s) V with softmax = exp(s) / sum exp(s), every step in the input dtype and
-    no max shift: what the accuracy rule's naive formula looks like before anyone makes it
-    stable. exp overflows to inf (inf / inf = NaN) once a score passes the dtype's overflow
-    threshold, and 0 / 0 = NaN when every score underflows or a row is fully masked."""
-    from flashmath.attention.options import resolve
-
-    q, k, v, opts = resolve(q, k, v, **options)
-    dt = q.dtype
-    k, v = np.repeat(k, opts.group, axis=1), np.repeat(v, opts.group, axis=1)
-    s = (q @ k.swapaxes(-1, -2)) * dt.type(opts.scale)
-    if opts.softcap is not None:
-        c = dt.type(opts.softcap)
-        s = c * np.tanh(s / c)
-    if opts.bias is not None:
-        s = s + opts.bias.astype(dt)
-    e = np.where(opts.spec.dense(), np.exp(s), dt.type(0))
-    return ((e / e.sum(axis=-1, keepdims=True)) @ v).astype(dt)
 
 
 _BUILTINS: dict[str, Callable[[str], testing.Kernel]] = {

@@ -6,6 +6,7 @@ These are the functions seed 001 asks you to break::
     log_softmax(x)    = log(softmax(x))
     logsumexp(x)      = log(sum(exp(x)))
     cross_entropy(x, y) = -log(softmax(x)[y])
+    attention(q, k, v)  = softmax(q k^T * scale) v
 
 No shift, no upcast: every operation runs in ``x``'s own dtype, so they
 overflow (``exp(x) = inf``, then ``inf / inf = NaN``) and underflow
@@ -43,9 +44,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from flashmath.attention.options import resolve
 from flashmath.dtypes import as_float_array
 
-__all__ = ["cross_entropy", "log_softmax", "logsumexp", "softmax"]
+__all__ = ["attention", "cross_entropy", "log_softmax", "logsumexp", "softmax"]
 
 Axis = int | tuple[int, ...]
 _REDUCTIONS = ("mean", "sum", "none")
@@ -99,6 +101,33 @@ def cross_entropy(
         elif reduction == "mean":
             loss = np.mean(loss, dtype=loss.dtype)
     return np.asarray(loss)[()]
+
+
+def attention(q: npt.ArrayLike, k: npt.ArrayLike, v: npt.ArrayLike, **options: Any) -> Any:
+    """``softmax(s) v`` with ``softmax = exp(s) / sum exp(s)``: the textbook attention.
+
+    ``options`` are :func:`flashmath.attention_reference`'s (causal, window, mask, bias,
+    kv_lengths, q_lengths, softcap, scale), resolved by
+    :func:`flashmath.attention.options.resolve`; masked pairs come from its one mask
+    builder (``spec.dense()``) and contribute exp = 0. Every step runs in the input dtype
+    with no max shift: what the accuracy rule's naive formula looks like before anyone
+    makes it stable. exp overflows to inf (inf / inf = NaN) once a score passes the dtype's
+    overflow threshold, and 0 / 0 = NaN when every score underflows or a row is fully
+    masked. The conformance checker's ``naive`` attention target. Returns (B, H, Sq, Dv)
+    in the input dtype.
+    """
+    q, k, v, opts = resolve(q, k, v, **options)
+    dt = q.dtype
+    k, v = np.repeat(k, opts.group, axis=1), np.repeat(v, opts.group, axis=1)
+    with np.errstate(all="ignore"):
+        s = (q @ k.swapaxes(-1, -2)) * dt.type(opts.scale)
+        if opts.softcap is not None:
+            c = dt.type(opts.softcap)
+            s = c * np.tanh(s / c)
+        if opts.bias is not None:
+            s = s + opts.bias.astype(dt)
+        e = np.where(opts.spec.dense(), np.exp(s), dt.type(0))
+        return ((e / e.sum(axis=-1, keepdims=True)) @ v).astype(dt)
 
 
 def _exp_and_softmax(x: np.ndarray, axis: Axis) -> tuple[np.ndarray, np.ndarray]:

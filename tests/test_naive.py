@@ -146,3 +146,13 @@ def test_naive_promotes_integers_and_rejects_complex() -> None:
     assert fm.naive.softmax(np.array([1, 2])).dtype == np.float64
     with pytest.raises(TypeError, match="x: dtype complex128"):
         fm.naive.softmax(np.array([1j]))
+
+
+def test_attention_is_the_textbook_formula():
+    """naive.attention: the oracle's value where nothing overflows, NaN where exp does."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 5, 4)) for _ in range(3))
+    got = fm.naive.attention(q, k, v, causal=True)
+    np.testing.assert_allclose(got, fm.attention_reference(q, k, v, causal=True), rtol=1e-12)
+    big = np.full((1, 1, 2, 4), 30.0, dtype=np.float32)
+    assert np.isnan(fm.naive.attention(big, big, big)).all()
