@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from flashmath.attention.masks import Alignment, MaskSpec
-from flashmath.dtypes import FLOAT8_DTYPES, as_float_array
+from flashmath.dtypes import FLOAT8_DTYPES, accumulate_dtype, as_float_array
 
 __all__ = [
     "AttentionOptions",
@@ -73,8 +73,8 @@ class AttentionOptions:
 
     @property
     def lse_dtype(self) -> np.dtype[Any]:
-        """float64 for float64 input, float32 otherwise (DESIGN.md)."""
-        return np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
+        """The accumulate dtype of the input: float64 for float64, float32 otherwise (DESIGN.md)."""
+        return accumulate_dtype(self.dtype)
 
 
 def _as_4d(x: Any, name: str, legend: str) -> np.ndarray:

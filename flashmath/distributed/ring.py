@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from flashmath.attention import flash
+from flashmath.dtypes import accumulate_dtype
 from flashmath.online import merge_outputs
 
 __all__ = [
@@ -178,7 +179,8 @@ def _block_pairs(
 
 
 def _accum(dtype: torch.dtype) -> np.dtype[Any]:
-    return np.dtype(np.float64) if dtype == torch.float64 else np.dtype(np.float32)
+    """flashmath.dtypes.accumulate_dtype of a torch dtype (float64 or float32)."""
+    return accumulate_dtype(_np(torch.empty(0, dtype=dtype)).dtype)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -449,7 +451,8 @@ def _ring_forward(ex: _Exchange, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def _torch_dtype(dt: np.dtype[Any]) -> torch.dtype:
-    return torch.float64 if dt == np.float64 else torch.float32
+    """The torch dtype of an accumulate dtype from :func:`_accum` (float64 or float32)."""
+    return torch.from_numpy(np.empty(0, dt)).dtype
 
 
 def _ring_backward(ex: _Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
