@@ -119,8 +119,9 @@ def _mechanism(x: np.ndarray, dt: np.dtype[Any], naive: np.ndarray, err: float) 
     eps = float(dtypes.finfo(dt).eps)
     if np.all(np.isfinite(naive.astype(np.float64))) and err <= DIVERGE_EPS * eps:
         return None
+    # x is already in dt: exp runs in dt, as in the textbook formula (naive.softmax's own)
+    e, _ = fm.naive._exp_and_softmax(x, -1)
     with _quiet():
-        e = np.exp(x)  # x is already in dt: exp runs in dt, as in the textbook formula
         total = np.sum(e)
     e64, total64 = e.astype(np.float64), float(total)
     name = dtypes.dtype_name(dt)
