@@ -16,7 +16,6 @@ isolates the other gain, folding the query heads of a GQA/MQA group into one K/V
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 
 import flashmath as fm
 from flashmath.attention.threads import cores
+from flashmath.bench import time_calls
 from flashmath.distributed.decode import choose_num_splits
 
 SHAPES = [  # (B, H, H_kv): one head; MQA; GQA; many heads
@@ -37,13 +37,7 @@ SPLITS: list[int | None] = [1, 2, 4, 8, None]
 
 def best_of(fn: Callable[[], Any], *, budget: float = 0.6, max_reps: int = 7) -> float:
     """The minimum of repeated timings (at least 2; more while within ``budget`` seconds)."""
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 2 or (time.perf_counter() - start < budget and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(time_calls({"fn": fn}, max_reps, budget=budget, warmup=False)["fn"])
 
 
 def time_case(q: np.ndarray, k: np.ndarray, v: np.ndarray,

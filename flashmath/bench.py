@@ -43,6 +43,7 @@ __all__ = [
     "peak_memory",
     "seed003_forward",
     "time_attention",
+    "time_calls",
     "time_seed003",
 ]
 
@@ -50,13 +51,23 @@ __all__ = [
 # --- Timing helpers ---
 
 
-def _alternate(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn: one warm-up each, then ``repeat`` rounds taking them in
-    turn, so a burst of load on the machine hits all of them alike."""
-    for fn in fns.values():
-        fn()
+def time_calls(
+    fns: dict[str, Callable[[], Any]], repeat: int = 3, *, budget: float | None = None,
+    warmup: bool = True,
+) -> dict[str, list[float]]:
+    """Seconds per call of each fn, by name: one warm-up call each (unless ``warmup`` is
+    False), then ``repeat`` rounds taking them in turn, so a burst of load on the machine
+    hits all of them alike. With ``budget`` (seconds), rounds after the second stop once
+    that long has passed since timing began: at least min(2, repeat) rounds, at most
+    ``repeat``. Callers take min (best) or the median of each list."""
+    if warmup:
+        for fn in fns.values():
+            fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(max(1, repeat)):
+    start = time.perf_counter()
+    for r in range(max(1, repeat)):
+        if budget is not None and r >= 2 and time.perf_counter() - start >= budget:
+            break
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
@@ -114,7 +125,7 @@ def time_attention(
     tt = _torch() if torch else None
     if tt is not None:
         fns |= _torch_fns(tt, q, k, v, dout, causal=causal, backward=backward)
-    times = _alternate(fns, repeat)
+    times = time_calls(fns, repeat)
     rec: dict[str, Any] = {"B": b, "H": h, "S": s, "D": d, "causal": causal, "dtype": dtype,
                            "repeat": repeat, "block_q": block_q, "block_k": block_k}
     for what in ("fwd", "fwdbwd") if backward else ("fwd",):
@@ -212,7 +223,7 @@ def time_seed003(b: int = 2, h: int = 8, s: int = 1024, d: int = 64, *, causal: 
     tt = _torch()
     if tt is not None:
         fns["torch_fwd"] = _torch_fns(tt, q, k, v, dout, causal=causal, backward=False)["torch_fwd"]
-    times = {name: min(ts) for name, ts in _alternate(fns, repeat).items()}
+    times = {name: min(ts) for name, ts in time_calls(fns, repeat).items()}
     torch_t = times.get("torch_fwd")
     return {
         "B": b, "H": h, "S": s, "D": d, "causal": causal, "tile": tile,

@@ -177,7 +177,7 @@ def _speed(ctx: Context, B: int, H: int, S: int, D: int, causal: bool,
     t = bench.time_attention(B, H, S, D, causal=causal, repeat=repeat, backward=False)
     rng = ctx.rng(10_000 + S)
     q, k, v = (rng.standard_normal((B, H, S, D)).astype(np.float32) for _ in range(3))
-    ref = bench._alternate(
+    ref = bench.time_calls(
         {"ref": lambda: fm.attention_reference(q, k, v, causal=causal, upcast=False)}, repeat)
     t_ref = min(ref["ref"])
     has_torch = t["torch_fwd_s"] is not None
