@@ -11,11 +11,12 @@ run for a shape is recorded as unavailable, not as zero.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from flashmath.bench import attention_flops  # the one FLOP count (DESIGN.md)
+from flashmath.lab.tables import Column, markdown_table
 
 __all__ = [
     "DTYPES",
@@ -144,20 +145,16 @@ def run(grid: Sequence[Shape], *, modes: Sequence[str] = MODES, impls: Sequence[
 def format_table(records: Sequence[dict[str, Any]], impls: Sequence[str] = IMPLS) -> str:
     """A Markdown table: TFLOP/s per implementation and flashmath's ratio to each peer."""
     peers = [name.removeprefix("sdpa_") for name in impls[1:]]
-    head = (["dtype", "D", "S", "B", "H", "causal", "mode"]
-            + [f"{name} TFLOP/s" for name in impls] + [f"vs {p}" for p in peers])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def num(x: float | None, fmt: str) -> str:
-        return "n/a" if x is None else format(x, fmt)
+    def num(key: str, fmt: str, suffix: str = "") -> Callable[[Mapping[str, Any]], str]:
+        return lambda r: "n/a" if r.get(key) is None else format(r[key], fmt) + suffix
 
-    for r in records:
-        cells = [r["dtype"], str(r["head_dim"]), str(r["seq"]), str(r["batch"]), str(r["heads"]),
-                 "yes" if r["causal"] else "no", r["mode"]]
-        cells += [num(r.get(f"{name}_tflops"), ".1f") for name in impls]
-        cells += [num(r.get(f"{p}_ratio_time"), ".2f") + "x" for p in peers]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    columns: list[Column] = [("dtype", "dtype"), ("D", "head_dim"), ("S", "seq"),
+                             ("B", "batch"), ("H", "heads"), ("causal", "causal"),
+                             ("mode", "mode")]
+    columns += [(f"{name} TFLOP/s", num(f"{name}_tflops", ".1f")) for name in impls]
+    columns += [(f"vs {p}", num(f"{p}_ratio_time", ".2f", "x")) for p in peers]
+    return markdown_table(records, columns)
 
 
 def cuda_available() -> bool:
