@@ -426,7 +426,8 @@ def test_benchmark_records_ratios_and_unavailable_backends(monkeypatch):
     records = bench.run(grid, modes=("fwd", "bwd"), device="cpu")
     assert [r["mode"] for r in records] == ["fwd", "bwd"]
     fwd = records[0]
-    assert fwd["flash_ratio_time"] == 1.5 and fwd["cudnn_ratio_time"] is None
+    # flashmath time / peer time, as in flashmath.bench: below 1, flashmath is faster
+    assert fwd["flash_ratio_time"] == 2.0 / 3.0 and fwd["cudnn_ratio_time"] is None
     assert fwd["sdpa_cudnn_tflops"] is None and fwd["sdpa_cudnn_error"] == (
         "No available kernel. Aborting execution.")
     assert fwd["flashmath_tflops"] == pytest.approx(fwd["flops"] / 2e-3 / 1e12)
@@ -457,7 +458,7 @@ def test_lab_experiment_writes_up_gpu_records(monkeypatch):
                              "flashmath_ms": 1.0, "flashmath_tflops": 1000.0,
                              "sdpa_flash_ms": 1.0 + i, "sdpa_flash_tflops": 1000 / (1 + i),
                              "sdpa_cudnn_ms": None, "sdpa_cudnn_tflops": None,
-                             "flash_ratio_time": 1.0 + i, "cudnn_ratio_time": None})
+                             "flash_ratio_time": 1.0 / (1.0 + i), "cudnn_ratio_time": None})
         return recs
 
     monkeypatch.setattr(sdpa_benchmark, "_skip_reason", lambda: None)

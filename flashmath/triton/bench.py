@@ -4,9 +4,10 @@ The grid (issue 6): B * S = 16k tokens, H * D = 2048, D in {64, 128}, S in 512 .
 causal and not, float16 and bfloat16; forward, backward and both. FLOPs from DESIGN.md:
 forward 4 * B * H * Sq * Sk * D (halved for square causal), backward 2.5x the forward.
 
-Every implementation runs in the same process on the same tensors; a row's ratio is
-flashmath's TFLOP/s over the peer's (above 1: flashmath is faster). A backend torch cannot
-run for a shape is recorded as unavailable, not as zero.
+Every implementation runs in the same process on the same tensors; a row's
+``<peer>_ratio_time`` is flashmath's time over the peer's (below 1: flashmath is faster),
+the direction of :func:`flashmath.bench.time_attention`'s ``*_ratio_time``. A backend torch
+cannot run for a shape is recorded as unavailable, not as zero.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def run(grid: Sequence[Shape], *, modes: Sequence[str] = MODES, impls: Sequence[
     """One record per (shape, mode): time and TFLOP/s of each implementation, and ratios.
 
     Keys: the Shape's fields, ``mode``, ``flops``, ``<impl>_ms``, ``<impl>_tflops`` (None where
-    the backend cannot run the shape, with ``<impl>_error``) and ``<peer>_ratio_time``, the
-    peer's time over flashmath's (TFLOP/s ratio; above 1 flashmath is faster).
+    the backend cannot run the shape, with ``<impl>_error``) and ``<peer>_ratio_time``,
+    flashmath's time over the peer's (below 1 flashmath is faster; as in flashmath.bench).
     """
     import torch
 
@@ -137,13 +138,14 @@ def run(grid: Sequence[Shape], *, modes: Sequence[str] = MODES, impls: Sequence[
             for name in impls[1:]:
                 ours, theirs = rec.get("flashmath_ms"), rec.get(f"{name}_ms")
                 peer = name.removeprefix("sdpa_")
-                rec[f"{peer}_ratio_time"] = theirs / ours if ours and theirs else None
+                rec[f"{peer}_ratio_time"] = ours / theirs if ours and theirs else None
             records.append(rec)
     return records
 
 
 def format_table(records: Sequence[dict[str, Any]], impls: Sequence[str] = IMPLS) -> str:
-    """A Markdown table: TFLOP/s per implementation and flashmath's ratio to each peer."""
+    """A Markdown table: TFLOP/s per implementation and, per peer, flashmath's time over
+    the peer's (column "time / <peer>"; below 1.00x flashmath is faster)."""
     peers = [name.removeprefix("sdpa_") for name in impls[1:]]
 
     def num(key: str, fmt: str, suffix: str = "") -> Callable[[Mapping[str, Any]], str]:
@@ -153,7 +155,7 @@ def format_table(records: Sequence[dict[str, Any]], impls: Sequence[str] = IMPLS
                              ("B", "batch"), ("H", "heads"), ("causal", "causal"),
                              ("mode", "mode")]
     columns += [(f"{name} TFLOP/s", num(f"{name}_tflops", ".1f")) for name in impls]
-    columns += [(f"vs {p}", num(f"{p}_ratio_time", ".2f", "x")) for p in peers]
+    columns += [(f"time / {p}", num(f"{p}_ratio_time", ".2f", "x")) for p in peers]
     return markdown_table(records, columns)
 
 
