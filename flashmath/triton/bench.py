@@ -84,20 +84,23 @@ def _impl(name: str) -> Callable[[Any, Any, Any, bool], Any]:
 
 
 def _time_ms(impl: Callable[..., Any], shape: Shape, mode: str, tensors: tuple[Any, ...]) -> float:
-    """Median milliseconds of one call (triton.testing.do_bench: warm-up, L2 flushed)."""
+    """Median milliseconds of one call (triton.testing.do_bench with return_mode="median",
+    its default is the mean: warm-up, L2 flushed)."""
     import torch
     from triton.testing import do_bench
 
     q, k, v, dout = tensors
     if mode == "fwd":
         with torch.no_grad():
-            return float(do_bench(lambda: impl(q, k, v, shape.causal)))
+            return float(do_bench(lambda: impl(q, k, v, shape.causal), return_mode="median"))
     if mode == "bwd":
         out = impl(q, k, v, shape.causal)
         return float(do_bench(
-            lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)))
+            lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+            return_mode="median"))
     return float(do_bench(
-        lambda: torch.autograd.grad(impl(q, k, v, shape.causal), (q, k, v), dout)))
+        lambda: torch.autograd.grad(impl(q, k, v, shape.causal), (q, k, v), dout),
+        return_mode="median"))
 
 
 def run(grid: Sequence[Shape], *, modes: Sequence[str] = MODES, impls: Sequence[str] = IMPLS,
