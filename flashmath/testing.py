@@ -156,7 +156,6 @@ ATTENTION_KEYWORDS = frozenset(
 )
 #: Attention options: the keywords plus three capabilities that must be declared.
 ATTENTION_OPTIONS = ATTENTION_KEYWORDS | {"causal_top_left", "gqa", "dv"}
-_OPTIONS: dict[str, frozenset[str]] = {"softmax": SOFTMAX_OPTIONS, "attention": ATTENTION_OPTIONS}
 
 
 # =========================================================================== data
