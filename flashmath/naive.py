@@ -46,11 +46,11 @@ import numpy.typing as npt
 
 from flashmath.attention.options import resolve
 from flashmath.dtypes import as_float_array
+from flashmath.numerics import _REDUCTIONS  # the same reductions as the stable versions
 
 __all__ = ["attention", "cross_entropy", "log_softmax", "logsumexp", "softmax"]
 
 Axis = int | tuple[int, ...]
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def softmax(x: npt.ArrayLike, axis: Axis = -1) -> Any:
