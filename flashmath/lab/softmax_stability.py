@@ -89,10 +89,6 @@ def _oracle(x: np.ndarray) -> tuple[np.ndarray, float, float | None, str]:
 # --------------------------------------------------------------------------- measuring
 
 
-def _quiet() -> Any:
-    return np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore")
-
-
 def _err(p: np.ndarray, oracle: np.ndarray) -> float:
     """max |p - oracle| / max oracle (inf when p has NaN or inf)."""
     p64 = p.astype(np.float64)
@@ -109,7 +105,7 @@ def _rel_diff_where_valid(naive: np.ndarray, stable: np.ndarray) -> float | None
     if not valid.any():
         return None
     n, s = n[valid], s[valid]
-    with _quiet():
+    with np.errstate(all="ignore"):
         rel = np.where(n == s, 0.0, np.abs(n - s) / np.abs(s))
     return float(np.max(rel))
 
@@ -121,7 +117,7 @@ def _mechanism(x: np.ndarray, dt: np.dtype[Any], naive: np.ndarray, err: float) 
         return None
     # x is already in dt: exp runs in dt, as in the textbook formula (naive.softmax's own)
     e, _ = fm.naive._exp_and_softmax(x, -1)
-    with _quiet():
+    with np.errstate(all="ignore"):
         total = np.sum(e)
     e64, total64 = e.astype(np.float64), float(total)
     name = dtypes.dtype_name(dt)
@@ -151,12 +147,12 @@ def _cross_entropy(fn: Any, x: np.ndarray, n: int) -> tuple[float | None, str | 
     """(loss, None) or (None, why it is undefined) for label LABEL."""
     if LABEL >= n:
         try:
-            with _quiet():
+            with np.errstate(all="ignore"):
                 fn(x, LABEL)
         except (ValueError, IndexError) as exc:
             return None, f"{type(exc).__name__}: {exc}"
         return None, f"label {LABEL} is out of range for {n} class(es), yet no error was raised"
-    with _quiet():
+    with np.errstate(all="ignore"):
         return float(np.asarray(fn(x, LABEL), dtype=np.float64)), None
 
 
@@ -166,7 +162,7 @@ def _battery_record(case: str, x64: np.ndarray, dt: np.dtype[Any]) -> tuple[dict
     x = x64.astype(dt)
     xin = x.astype(np.float64)  # the exact values the dtype holds
     oracle, _, oracle_ce, source = _oracle(xin)
-    with _quiet():
+    with np.errstate(all="ignore"):
         naive = np.asarray(fm.naive.softmax(x))
     stable = np.asarray(fm.softmax(x))
     n = x.size
@@ -199,7 +195,7 @@ def _battery_record(case: str, x64: np.ndarray, dt: np.dtype[Any]) -> tuple[dict
 def _max_abs_diff(a: Any, b: Any) -> float:
     """max |a - b|, with equal infinities counting as 0."""
     a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    with _quiet():
+    with np.errstate(all="ignore"):
         d = np.where(a64 == b64, 0.0, np.abs(a64 - b64))
     return float(np.max(d))
 
@@ -366,7 +362,7 @@ def _prediction_notes(by: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
 def _why_no_nan(r: dict[str, Any]) -> str:
     """Why the textbook formula stayed NaN-free in float32: exp of the largest logit."""
     xmax = float(np.max(r["input"]))
-    with _quiet():
+    with np.errstate(all="ignore"):
         e = float(np.exp(np.float32(xmax)))
     f32 = dtypes.finfo("float32")
     kind = f"a subnormal (below {fmt(float(f32.tiny))})" if 0 < e < float(f32.tiny) else "finite"
