@@ -18,6 +18,7 @@ NAME = "sdpa-benchmark"
 TITLE = "flashmath.triton vs torch SDPA (flash, cuDNN): TFLOP/s forward and backward on a GPU"
 SEEDS = ("002",)
 
+#: What the benchmark (this experiment and benchmarks/bench_triton.py) says without a GPU.
 SKIPPED = "skipped: no CUDA device"
 
 
