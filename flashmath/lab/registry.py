@@ -18,14 +18,6 @@ EXPERIMENT_MODULES: tuple[str, ...] = (
 
 
 def experiments() -> dict[str, ModuleType]:
-    """NAME -> module for every experiment module that exists, in run order."""
-    found: dict[str, ModuleType] = {}
-    for mod_name in EXPERIMENT_MODULES:
-        try:
-            mod = importlib.import_module(f"flashmath.lab.{mod_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"flashmath.lab.{mod_name}":
-                continue  # not written yet
-            raise
-        found[mod.NAME] = mod
-    return found
+    """NAME -> module for every experiment, in run order."""
+    modules = (importlib.import_module(f"flashmath.lab.{name}") for name in EXPERIMENT_MODULES)
+    return {mod.NAME: mod for mod in modules}
