@@ -1,1 +1,1 @@
-"""flashmath's tests; a package so that `from tests.mp_oracle import ...` works everywhere."""
+"""flashmath's tests, a package: shared helpers import as `from tests.X import ...`."""

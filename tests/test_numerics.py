@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import flashmath as fm
+from flashmath import mp_oracle as oracle
 from flashmath.dtypes import DTYPES, FLOAT8_DTYPES, finfo
-from tests import mp_oracle as oracle
 
 EPS = float(np.finfo(np.float64).eps)
 SUB = 5e-324  # float64's smallest subnormal

@@ -67,23 +67,22 @@ def _oracle(x: np.ndarray) -> tuple[np.ndarray, float, float | None, str]:
     """(probabilities, logsumexp, cross-entropy at LABEL or None, source) of float64 ``x``,
     each exact to float64 rounding.
 
-    mpmath at 50 digits when installed (a test extra); otherwise flashmath in float64.
+    flashmath.mp_oracle (mpmath, 50 digits) when mpmath is installed (a test extra, which
+    torch's sympy also brings); otherwise flashmath in float64.
     """
     has_label = LABEL < x.size
     try:
-        import mpmath
+        import mpmath  # noqa: F401  (mp_oracle needs it; asked first, as mp_oracle may be cached)
+
+        from flashmath import mp_oracle
     except ImportError:
         lse = float(fm.logsumexp(x))
         return (np.asarray(fm.softmax(x), dtype=np.float64), lse,
                 lse - float(x[LABEL]) if has_label else None,
                 "flashmath float64 (mpmath not installed)")
-    with mpmath.workdps(50):
-        xs = [mpmath.mpf(float(v)) for v in x]
-        m = max(xs)
-        lse = m + mpmath.log(mpmath.fsum(mpmath.exp(v - m) for v in xs))
-        probs = np.array([float(mpmath.exp(v - lse)) for v in xs])
-        ce = float(lse - xs[LABEL]) if has_label else None
-        return probs, float(lse), ce, "mpmath, 50 digits"
+    ce = float(mp_oracle.cross_entropy(x, np.array(LABEL), reduction="sum")) if has_label else None
+    return (mp_oracle.softmax(x), float(mp_oracle.logsumexp(x)), ce,
+            f"mpmath, {mp_oracle.DPS} digits")
 
 
 # --------------------------------------------------------------------------- measuring

@@ -1,7 +1,8 @@
 """The one high-precision oracle for softmax, log_softmax, logsumexp and cross_entropy.
 
-Every test in the project that needs the exact value of one of these imports it
-from here (``from tests.mp_oracle import softmax, logsumexp, ...``). Each row is
+Every test, and the lab, that needs the exact value of one of these imports it
+from here (``from flashmath import mp_oracle``; needs mpmath, a test extra that torch's
+sympy also brings; ``import flashmath`` does not import this module). Each row is
 computed in mpmath with 50 significant digits from the inputs' exact values
 (every float64, float32, float16, bfloat16 and float8 value is exactly a
 float64), then rounded once to float64: the result is the correctly rounded
@@ -124,7 +125,7 @@ def cross_entropy(
     moved = np.moveaxis(arr, axis, -1).reshape(-1, arr.shape[axis])
     ys = y.reshape(-1)
     eps = mpmath.mpf(label_smoothing)
-    losses = []
+    losses: list[Any] = []
     with mpmath.workdps(DPS):
         for row, label in zip(moved, ys, strict=True):
             if ignore_index is not None and label == ignore_index:
@@ -167,7 +168,7 @@ def _shifted_row(
     ``x_i - m`` and ``log|S|``, never as ``x_i - (m + log S)``, for the same reason.
     """
     weights = w if w is not None else np.ones(len(row))
-    live = []
+    live: list[Any] = []
     for v, k, wi in zip(row, keep, weights, strict=True):
         if not k or wi == 0 or v == -np.inf:
             live.append(None)
