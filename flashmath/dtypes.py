@@ -29,6 +29,7 @@ __all__ = [
     "as_float_array",
     "dtype_name",
     "finfo",
+    "from_torch",
 ]
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
@@ -150,3 +151,17 @@ def finfo(dtype: npt.DTypeLike | str) -> Any:
     if dt in (np.float64, np.float32, np.float16):
         return np.finfo(dt)
     return ml_dtypes.finfo(dt)
+
+
+def from_torch(t: Any) -> np.ndarray:
+    """The values of a torch tensor as a NumPy array: a view for a CPU tensor (a host copy
+    otherwise), detached; bfloat16 becomes ml_dtypes.bfloat16 bit for bit. torch is
+    imported only by whoever made the tensor."""
+    import torch
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(bfloat16)
+    return t.numpy()

@@ -388,12 +388,7 @@ def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, (tuple, list)) and x and not isinstance(x[0], (int, float)):
         x = x[0]  # (out, lse, ...): the output
     if _is_torch(x):
-        import torch  # already imported by whoever made the tensor
-
-        t = x.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            return t.float().numpy().astype(_dt.bfloat16)
-        return t.numpy()
+        return _dt.from_torch(x)
     return np.asarray(x)
 
 

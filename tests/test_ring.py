@@ -26,6 +26,7 @@ from flashmath.distributed.ring import (  # noqa: E402
     simulate_ring_attention,
     unshard_sequence,
 )
+from flashmath.dtypes import from_torch  # noqa: E402
 from tests.ring_workers import (  # noqa: E402
     CASES,
     FAIL_RANK,
@@ -114,7 +115,7 @@ def test_simulated_ring_narrow_dtypes_meet_the_accuracy_rule(dtype: str) -> None
     q, k, v, dout = _inputs(1, 2, 2, 32, 16, dtype=getattr(torch, dtype), seed=3)
     out, grads = simulate_ring_attention(q, k, v, 4, causal=True, layout="zigzag", dout=dout)
     assert grads is not None
-    arrs = [ring._np(t) for t in (q, k, v, dout)]
+    arrs = [from_torch(t) for t in (q, k, v, dout)]
     naive_out = attention_reference(*arrs[:3], causal=True, upcast=False)
     naive_grads = attention_reference_backward(arrs[3], *arrs[:3], causal=True, upcast=False)
     refs = _oracle(q, k, v, dout, True)

@@ -96,9 +96,9 @@ def _reference(q: Any, k: Any, v: Any, dout: Any, causal: bool) -> list[Any]:
 
     from flashmath.attention import flash
     from flashmath.attention.reference import attention_reference, attention_reference_backward
-    from flashmath.distributed.ring import _np
+    from flashmath.dtypes import from_torch
 
-    q64, k64, v64, do64 = (_np(t).astype(np.float64) for t in (q, k, v, dout))
+    q64, k64, v64, do64 = (from_torch(t).astype(np.float64) for t in (q, k, v, dout))
     b, h, s, _ = q64.shape
     if b * h * s * s * 8 <= 256 * 2**20:
         out = attention_reference(q64, k64, v64, causal=causal)

@@ -46,13 +46,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import ml_dtypes
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from flashmath.attention import flash
-from flashmath.dtypes import accumulate_dtype
+from flashmath.dtypes import accumulate_dtype, bfloat16, from_torch
 from flashmath.online import merge_outputs
 
 __all__ = [
@@ -180,23 +179,13 @@ def _block_pairs(
 
 def _accum(dtype: torch.dtype) -> np.dtype[Any]:
     """flashmath.dtypes.accumulate_dtype of a torch dtype (float64 or float32)."""
-    return accumulate_dtype(_np(torch.empty(0, dtype=dtype)).dtype)
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of ``t`` (a host copy when it lives on a device); bfloat16 via ml_dtypes."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+    return accumulate_dtype(from_torch(torch.empty(0, dtype=dtype)).dtype)
 
 
 def _host(t: torch.Tensor, acc: np.dtype[Any]) -> np.ndarray:
     """``t`` on the host in the accumulate dtype: narrow inputs are upcast (exactly) so that
     block results are not rounded to the narrow dtype before the ring merges them."""
-    a = _np(t)
+    a = from_torch(t)
     return a if a.dtype == acc else a.astype(acc)
 
 
@@ -204,17 +193,18 @@ def _torch(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Ten
     """``a`` as a tensor of ``dtype`` on ``device``; on the host it stays NumPy memory
     (so tracemalloc sees the ring's buffers as well as its NumPy temporaries)."""
     if dtype == torch.bfloat16:
-        a = np.ascontiguousarray(a, dtype=ml_dtypes.bfloat16)
+        a = np.ascontiguousarray(a, dtype=bfloat16)
         t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     else:
-        t = torch.from_numpy(np.ascontiguousarray(a, dtype=_np(torch.empty(0, dtype=dtype)).dtype))
+        np_dtype = from_torch(torch.empty(0, dtype=dtype)).dtype
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np_dtype))
     return t if device.type == "cpu" else t.to(device)
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu":
         return torch.empty_like(t, memory_format=torch.contiguous_format)
-    return _torch(np.empty(tuple(t.shape), dtype=_np(t[:0]).dtype), t.dtype, t.device)
+    return _torch(np.empty(tuple(t.shape), dtype=from_torch(t[:0]).dtype), t.dtype, t.device)
 
 
 # --------------------------------------------------------------------------- block kernels
@@ -489,8 +479,8 @@ def _ring_backward(ex: _Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.
         if dkv_pending is not None:  # what rank-1 accumulated for the shard we now hold
             dkv_pending.wait()
             assert dkv_in is not None
-            dk += _np(dkv_in[0])
-            dv += _np(dkv_in[1])
+            dk += from_torch(dkv_in[0])
+            dv += from_torch(dkv_in[1])
         if w > 1:  # pass this shard's grads on; after the last step they reach the owner
             dkv_sent = (_torch(dk, _torch_dtype(acc), k.device),
                         _torch(dv, _torch_dtype(acc), v.device))
@@ -504,7 +494,7 @@ def _ring_backward(ex: _Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.
         t1 = time.perf_counter()
         assert dkv_pending is not None and dkv_in is not None
         dkv_pending.wait()
-        dk, dv = _np(dkv_in[0]), _np(dkv_in[1])
+        dk, dv = from_torch(dkv_in[0]), from_torch(dkv_in[1])
         _record(stats, "backward", w, 0.0, time.perf_counter() - t1, ())
     return (_torch(dq, q.dtype, q.device), _torch(dk, k.dtype, k.device),
             _torch(dv, v.dtype, v.device))

@@ -62,7 +62,8 @@ def _inputs(ctx: Context, stream: int, b: int, h: int, hk: int, s: int, d: int,
 
 def _accuracy(ctx: Context) -> list[dict[str, Any]]:
     from flashmath import attention_reference, attention_reference_backward
-    from flashmath.distributed.ring import _np, simulate_ring_attention
+    from flashmath.distributed.ring import simulate_ring_attention
+    from flashmath.dtypes import from_torch
 
     s = 128 if ctx.quick else 512
     worlds = (1, 2, 4) if ctx.quick else (1, 2, 4, 8)
@@ -71,7 +72,7 @@ def _accuracy(ctx: Context) -> list[dict[str, Any]]:
     for dtype in ("float64", "float32"):
         for causal, layout in ((False, "contiguous"), (True, "contiguous"), (True, "zigzag")):
             q, k, v, do = _inputs(ctx, 1, b, h, hk, s, d, dtype)
-            arrs = [_np(t) for t in (q, k, v, do)]
+            arrs = [from_torch(t) for t in (q, k, v, do)]
             ref = [attention_reference(*arrs[:3], causal=causal),
                    *attention_reference_backward(arrs[3], *arrs[:3], causal=causal)]
             naive = None
