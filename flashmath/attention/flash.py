@@ -404,7 +404,7 @@ def _one_tile(
     rows = max(1, _ONE_TILE_CHUNK // keys)
     for c0 in range(j0, j1, keys):
         c1 = min(c0 + keys, j1)
-        vs = v[c0:c1].astype(st)
+        vs = v[c0:c1].astype(st, copy=False)
         for r0 in range(0, i1 - i0, rows):
             p = s[r0 : r0 + rows, c0 - j0 : c1 - j0].astype(st)
             p *= inv[r0 : r0 + rows, None]
