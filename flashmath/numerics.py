@@ -421,7 +421,7 @@ def _prepare(
     b: npt.ArrayLike | None = None,
 ) -> _Rows:
     """Promote ``x``, choose the accumulate dtype, normalise ``axis``, apply ``where``/``b``."""
-    given = np.asarray(x) if isinstance(x, np.ndarray) or hasattr(x, "__array__") else None
+    given = np.asarray(x) if hasattr(x, "__array__") else None  # memory the caller owns
     arr = as_float_array(x, name=name)
     in_dtype = arr.dtype
     acc = accumulate_dtype(in_dtype, accum_dtype)  # refuses dtypes without -inf
