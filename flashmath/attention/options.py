@@ -279,7 +279,7 @@ def check_backward_inputs(opts: AttentionOptions, **arrays: Any) -> list[np.ndar
     """
     if opts.dtype in FLOAT8_DTYPES.values():
         raise TypeError(
-            f"flash_attention_backward: float8 input ({opts.dtype}) is forward-only; "
+            f"q, k, v: float8 input ({opts.dtype}) is forward-only (no backward); "
             f"cast q, k, v, dout to bfloat16 or float16 for gradients"
         )
     rows = (opts.batch, opts.heads, opts.sq)
