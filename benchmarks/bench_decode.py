@@ -10,7 +10,7 @@ kernel, parallel over (batch, head) slices) and of ``fm.flash_decode`` with num_
 time (< 1: faster). It shows where splitting pays on this machine's cores: when the
 (batch, K/V head) slices are fewer than the cores and the cache is long. num_splits=1
 isolates the other gain, folding the query heads of a GQA/MQA group into one K/V head
-(float64 and the narrow dtypes; float32 does not fold, see flashmath.distributed.decode).
+(float64 and the narrow dtypes; float32 does not fold, see flashmath.attention.decode).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 import flashmath as fm
+from flashmath.attention.decode import choose_num_splits
 from flashmath.attention.threads import cores
-from flashmath.bench import time_calls
-from flashmath.distributed.decode import choose_num_splits
+from flashmath.measure.cpu import time_calls
 
 SHAPES = [  # (B, H, H_kv): one head; MQA; GQA; many heads
     (1, 1, 1),

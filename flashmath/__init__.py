@@ -5,23 +5,23 @@ B batch, H query heads, H_kv key/value heads, Sq/Sk query/key lengths, D head di
 """
 
 from flashmath import dtypes, naive
-from flashmath.attention.flash import flash_attention, flash_attention_backward
+from flashmath.attention.decode import flash_decode
 from flashmath.attention.reference import attention_reference, attention_reference_backward
-from flashmath.distributed.decode import flash_decode
-from flashmath.numerics import cross_entropy, log_softmax, logsumexp, softmax
-from flashmath.online import (
+from flashmath.attention.tiled import flash_attention, flash_attention_backward
+from flashmath.softmax.online import (
     SoftmaxState,
     merge,
     merge_outputs,
     softmax_online,
     softmax_online_chunked,
 )
-from flashmath.safety import (
+from flashmath.softmax.safety import (
     SafetyReport,
     analyze_softmax_safety,
     overflow_threshold,
     underflow_threshold,
 )
+from flashmath.softmax.stable import cross_entropy, log_softmax, logsumexp, softmax
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 
 import flashmath as fm
-from flashmath.attention import flash
+from flashmath.attention import tiled
 from tests.attention_cases import (
     OPTIONS,
     assert_close,
@@ -112,7 +112,7 @@ def test_shards_with_offsets_rebuild_the_whole(causal):
     got_dq, got_dk, got_dv = np.zeros_like(dq), np.zeros_like(dk), np.zeros_like(dv)
     for q0, q1 in q_cuts:
         parts = [
-            flash._forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], q_offset=q0,
+            tiled.tiled_forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], q_offset=q0,
                            k_offset=k0, block_q=3, block_k=4, **shard)
             for k0, k1 in k_cuts
         ]
@@ -126,7 +126,7 @@ def test_shards_with_offsets_rebuild_the_whole(causal):
         assert_close(merged, out[:, :, q0:q1], rel=1e-13)
         assert_close(merged_lse, lse[:, :, q0:q1], rel=1e-13)
         for k0, k1 in k_cuts:
-            g = flash._backward(dout[:, :, q0:q1], q[:, :, q0:q1], k[:, :, k0:k1],
+            g = tiled.tiled_backward(dout[:, :, q0:q1], q[:, :, q0:q1], k[:, :, k0:k1],
                                 v[:, :, k0:k1], out[:, :, q0:q1], lse[:, :, q0:q1],
                                 q_offset=q0, k_offset=k0, block_q=3, block_k=4, **shard)
             got_dq[:, :, q0:q1] += g[0]

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import flashmath as fm
-from flashmath import bench, cli
+from flashmath import cli
 from flashmath.attention.threads import one_blas_thread, run_units
+from flashmath.measure import cpu as bench
 
 
 def test_seed003_loop_is_attention():

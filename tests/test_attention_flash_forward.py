@@ -9,9 +9,8 @@ import pytest
 from hypothesis import given
 
 import flashmath as fm
-from flashmath import iomodel
-from flashmath.attention import flash
 from flashmath.dtypes import DTYPES
+from flashmath.measure import iomodel
 from tests.attention_cases import (
     OPTIONS,
     assert_close,
@@ -166,9 +165,7 @@ def test_empty_lengths(sq, sk):
 
 def stats_of(sq, sk, bq, bk, **opts):
     q, k, v = qkv(np.random.default_rng(6), 1, 1, sq, sk, 4, dtype=np.float32)
-    stats: dict[str, int] = {}
-    flash._forward(q, k, v, block_q=bq, block_k=bk, stats=stats, **opts)
-    return stats
+    return iomodel.counted_bytes(q, k, v, block_q=bq, block_k=bk, **opts)
 
 
 def test_causal_skips_the_tiles_above_the_diagonal():
@@ -191,7 +188,7 @@ def test_kv_lengths_skip_padding_keys():
 @pytest.mark.parametrize("opts", [{}, {"causal": True}, {"window": (5, 3)},
                                   {"causal": "top_left", "q_lengths": np.array([27])}])
 def test_io_counts_match_the_iomodel(opts):
-    """Visited tiles and bytes match flashmath.iomodel's FA2 order exactly (both clip the
+    """Visited tiles and bytes match flashmath.measure.iomodel's FA2 order exactly (both clip the
     key rows of a tile to the block's key span and the query rows to the valid length)."""
     sq, sk, bq, bk = 40, 56, 8, 16
     s = stats_of(sq, sk, bq, bk, **opts)
@@ -204,12 +201,10 @@ def test_io_counts_match_the_iomodel(opts):
         assert s[key] == rec[key], key
 
 
-def test_stats_accumulate_and_count_nothing_when_not_asked():
+def test_counted_bytes_cover_every_slice():
     q, k, v = qkv(np.random.default_rng(7), 2, 2, 10, 10, 4, dtype=np.float32)
-    stats: dict[str, int] = {}
-    for _ in range(2):
-        flash._forward(q, k, v, block_q=4, block_k=4, stats=stats)
-    assert stats["tiles"] == 2 * 2 * 2 * 9
+    stats = iomodel.counted_bytes(q, k, v, block_q=4, block_k=4)
+    assert stats["tiles"] == stats["tiles_total"] == 2 * 2 * 9
     assert stats["total_bytes"] == stats["read_bytes"] + stats["write_bytes"]
 
 

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import flashmath as fm
-from flashmath.distributed import decode
-from flashmath.distributed.decode import MIN_SPLIT_KEYS, choose_num_splits
+from flashmath.attention import decode
+from flashmath.attention.decode import MIN_SPLIT_KEYS, choose_num_splits
 
 EPS64 = np.finfo(np.float64).eps
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flashmath.iomodel import (
+from flashmath.measure.iomodel import (
     flash_attention_bytes,
     key_intervals,
     seed002_estimate_mb,

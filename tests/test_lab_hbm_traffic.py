@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashmath import iomodel
 from flashmath.lab import hbm_traffic
 from flashmath.lab.experiment import Context
 from flashmath.lab.runner import to_jsonable
+from flashmath.measure import iomodel
 
 
 def _model_and_count(B, H, Hkv, sq, sk, d, dv, bq, bk, dtype=np.float32, **options):
@@ -18,7 +18,7 @@ def _model_and_count(B, H, Hkv, sq, sk, d, dv, bq, bk, dtype=np.float32, **optio
     q = rng.standard_normal((B, H, sq, d)).astype(dtype)
     k = rng.standard_normal((B, Hkv, sk, d)).astype(dtype)
     v = rng.standard_normal((B, Hkv, sk, dv)).astype(dtype)
-    counted = hbm_traffic.counted_bytes(q, k, v, block_q=bq, block_k=bk, **options)
+    counted = iomodel.counted_bytes(q, k, v, block_q=bq, block_k=bk, **options)
     lengths = {n: None if options.get(n) is None else [int(x) for x in options[n]]
                for n in ("q_lengths", "kv_lengths")}
     model = iomodel.flash_attention_bytes(

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import flashmath as fm
-from flashmath import mp_oracle as oracle
 from flashmath.dtypes import DTYPES
+from flashmath.softmax import mp_oracle as oracle
 from tests.test_numerics import BATTERY, battery
 
 INF = np.inf

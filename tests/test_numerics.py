@@ -1,4 +1,4 @@
-"""Specification of flashmath.numerics: softmax, log_softmax, logsumexp, cross_entropy.
+"""Specification of flashmath.softmax.stable: softmax, log_softmax, logsumexp, cross_entropy.
 
 Every point of the contract in issue 2 / DESIGN.md has a test here; accuracy is
 checked against the 50-digit oracle in tests/mp_oracle.py, with exactly the
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import flashmath as fm
-from flashmath import mp_oracle as oracle
 from flashmath.dtypes import DTYPES, FLOAT8_DTYPES, finfo
+from flashmath.softmax import mp_oracle as oracle
 
 EPS = float(np.finfo(np.float64).eps)
 SUB = 5e-324  # float64's smallest subnormal
@@ -48,7 +48,7 @@ def battery(name: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------
-# The documented float64 bounds (module docstring of flashmath.numerics).
+# The documented float64 bounds (module docstring of flashmath.softmax.stable).
 # --------------------------------------------------------------------------------------
 
 
@@ -81,7 +81,7 @@ def _eps_sub(dt: np.dtype) -> tuple[float, float]:  # type: ignore[type-arg]
     return float(info.eps), float(info.smallest_subnormal)
 
 
-# The bounds below are the ones flashmath.numerics documents for float64 and float32 (the
+# The bounds below are the ones flashmath.softmax.stable documents for float64 and float32 (the
 # dtypes computed in their own precision): eps and the subnormal floor are the dtype's.
 
 

@@ -1,4 +1,4 @@
-"""Online softmax (flashmath.online): each test is a line of the specification in issue 3.
+"""Online softmax (flashmath.softmax.online): each test is a line of the specification in issue 3.
 
 Accuracy bounds are seed 000's: float64 1e-12, float32 1e-6, float16 1e-3, bfloat16 5e-3,
 absolute for outputs of order one; where max|output| exceeds 1 the bound scales with it
@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import flashmath as fm
-from flashmath.online import rescale, row_shift
+from flashmath.softmax.rule import rescale, row_shift
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), BF16]

@@ -1,4 +1,4 @@
-"""Specification of flashmath.safety: exact exp overflow/underflow thresholds per dtype
+"""Specification of flashmath.softmax.safety: exact exp overflow/underflow thresholds per dtype
 (seed 004), checked against their definition, an enumeration, and the closed forms."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 import flashmath as fm
 from flashmath.dtypes import DTYPES, finfo
-from flashmath.safety import overflow_closed_form, underflow_closed_form
+from flashmath.softmax.safety import overflow_closed_form, underflow_closed_form
 
 SMALL = [name for name, dt in DTYPES.items() if dt.itemsize <= 2]
 SIGNED = [name for name in DTYPES if name != "float8_e8m0fnu"]

@@ -426,7 +426,7 @@ def test_benchmark_records_ratios_and_unavailable_backends(monkeypatch):
     records = bench.run(grid, modes=("fwd", "bwd"), device="cpu")
     assert [r["mode"] for r in records] == ["fwd", "bwd"]
     fwd = records[0]
-    # flashmath time / peer time, as in flashmath.bench: below 1, flashmath is faster
+    # flashmath time / peer time, as in flashmath.measure.cpu: below 1, flashmath is faster
     assert fwd["flash_ratio_time"] == 2.0 / 3.0 and fwd["cudnn_ratio_time"] is None
     assert fwd["sdpa_cudnn_tflops"] is None and fwd["sdpa_cudnn_error"] == (
         "No available kernel. Aborting execution.")

@@ -36,7 +36,7 @@ import numpy as np
 
 from flashmath.attention.options import AttentionOptions, check_backward_inputs, resolve
 from flashmath.dtypes import accumulate_dtype
-from flashmath.online import row_shift
+from flashmath.softmax.rule import row_shift
 
 __all__ = ["attention_reference", "attention_reference_backward"]
 

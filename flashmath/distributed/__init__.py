@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flashmath.distributed.decode import flash_decode
+from flashmath.attention.decode import flash_decode
 
 __all__ = [
     "RingError",

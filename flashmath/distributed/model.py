@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from flashmath.bench import attention_flops
+from flashmath.measure.cpu import attention_flops
 
 __all__ = [
     "PRESETS",
@@ -81,7 +81,7 @@ PRESETS: dict[str, Setup] = {
 def step_flops(shard_len: float, *, batch: int = 1, heads: int = 1, dim: int = 128,
                causal: bool = False, backward: bool = False) -> float:
     """FLOPs of one ring step on one rank: one (S_r x S_r) block, forward or backward;
-    :func:`flashmath.bench.attention_flops` of that block (the one FLOP count)."""
+    :func:`flashmath.measure.cpu.attention_flops` of that block (the one FLOP count)."""
     return attention_flops(batch, heads, shard_len, shard_len, dim, causal=causal,
                            mode="bwd" if backward else "fwd")
 

@@ -50,9 +50,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from flashmath.attention import flash
+from flashmath.attention import tiled
 from flashmath.dtypes import accumulate_dtype, bfloat16, from_torch
-from flashmath.online import merge_outputs
+from flashmath.softmax.online import merge_outputs
 
 __all__ = [
     "LAYOUTS",
@@ -210,20 +210,20 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- block kernels
 
 
-# The NumPy tiled kernels' shard API (flashmath.attention.flash, module docs): offsets
+# The NumPy tiled kernels' shard API (flashmath.attention.tiled, module docs): offsets
 # place the local rows at global positions, the totals place the causal diagonal (S == S).
 
 
 def _block_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: float, causal: bool,
                    q_offset: int, k_offset: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
-    return flash._forward(q, k, v, causal=causal, scale=scale, q_offset=q_offset,
+    return tiled.tiled_forward(q, k, v, causal=causal, scale=scale, q_offset=q_offset,
                           k_offset=k_offset, q_total=seq, k_total=seq)
 
 
 def _block_backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                     out: np.ndarray, lse: np.ndarray, *, scale: float, causal: bool,
                     q_offset: int, k_offset: int, seq: int) -> tuple[np.ndarray, ...]:
-    return flash._backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
+    return tiled.tiled_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
                            q_offset=q_offset, k_offset=k_offset, q_total=seq, k_total=seq)
 
 

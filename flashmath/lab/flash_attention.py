@@ -13,8 +13,8 @@ memory       tracemalloc's peak during one forward vs S (B = H = 1, D = 64, floa
 speed        forward time of flashmath, the reference and torch's CPU
              scaled_dot_product_attention (when torch is importable), float32.
 
-The forward's timing and peak memory come from :mod:`flashmath.bench`, the accuracy rule
-from :mod:`flashmath.attention.accuracy`.
+The forward's timing and peak memory come from :mod:`flashmath.measure.cpu`, the accuracy rule
+from :mod:`flashmath.conformance.judge`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 
 import flashmath as fm
-from flashmath import bench, dtypes
-from flashmath.attention.accuracy import accuracy_rule
+from flashmath import dtypes
 from flashmath.attention.masks import alibi_bias
+from flashmath.conformance.judge import accuracy_rule
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result
-from flashmath.lab.tables import fmt_bytes, markdown_table
+from flashmath.measure import cpu as bench
+from flashmath.text import fmt_bytes, markdown_table
 
 NAME = "flash-attention"
 TITLE = "Tiled attention vs the float64 oracle: the 2x accuracy rule, peak memory, speed"
@@ -113,7 +114,7 @@ def _options(rng: np.random.Generator, case: Case) -> dict[str, Any]:
 
 
 def _equivalence(ctx: Context, case: Case, dtype: str, seed: int) -> dict[str, Any]:
-    """One case in one dtype: the accuracy rule (flashmath.attention.accuracy) and the lse."""
+    """One case in one dtype: the accuracy rule (flashmath.conformance.judge) and the lse."""
     rng = ctx.rng(seed)
     q, k, v = (x.astype(dtypes.as_dtype(dtype)) for x in _inputs(rng, case))
     opts = _options(rng, case)
@@ -145,7 +146,8 @@ def _equivalence(ctx: Context, case: Case, dtype: str, seed: int) -> dict[str, A
 
 def _reference_peak_bytes(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> int:
     """tracemalloc's peak while the float32 reference runs, measured as
-    flashmath.bench.peak_memory measures the tiled forward (inputs excluded, output included)."""
+    flashmath.measure.cpu.peak_memory measures the tiled forward (inputs excluded, output
+    included)."""
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
@@ -172,7 +174,7 @@ def _memory(ctx: Context, S: int, D: int = 64) -> dict[str, Any]:
 
 def _speed(ctx: Context, B: int, H: int, S: int, D: int, causal: bool,
            repeat: int) -> dict[str, Any]:
-    """flashmath and torch SDPA side by side (flashmath.bench.time_attention), then the
+    """flashmath and torch SDPA side by side (flashmath.measure.cpu.time_attention), then the
     reference timed the same way (best of ``repeat`` after a warm-up)."""
     t = bench.time_attention(B, H, S, D, causal=causal, repeat=repeat, backward=False)
     rng = ctx.rng(10_000 + S)
@@ -372,7 +374,7 @@ def _readme(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 Each cell: max |flash - oracle| over the output, and in brackets its ratio to the error of the
 naive formula computed in the same dtype (``attention_reference(..., upcast=False)``), both
 measured against the float64 oracle on the same rounded inputs
-(``flashmath.attention.accuracy``). DESIGN.md's rule asks for at most 2x; below 1x the tiled
+(``flashmath.conformance.judge``). DESIGN.md's rule asks for at most 2x; below 1x the tiled
 forward, accumulating in float32, is *more* accurate than the naive same-dtype computation.
 
 {eq_table}

@@ -4,7 +4,7 @@ Three answers to "how many bytes does attention move through slow memory", per h
 
 1. seed 002's rough estimate: standard ~ 2 T^2 bytes-per-element (S and P), flash ~ 4 T d
    (Q, K, V, O once);
-2. the exact IO model of :mod:`flashmath.iomodel` (Dao et al. 2022, Theorem 2), with tile
+2. the exact IO model of :mod:`flashmath.measure.iomodel` (Dao et al. 2022, Theorem 2), with tile
    sizes derived from the on-chip memory size M: Algorithm 0 for standard attention, and the
    tiled forward in both loop orders (FA1: K/V outer; FA2: Q outer, what NumPy/Triton do);
 3. the bytes the NumPy forward (``fm.flash_attention``) actually moved between the full
@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from flashmath import iomodel
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result
-from flashmath.lab.tables import fmt_bytes, markdown_table
+from flashmath.measure import iomodel
+from flashmath.text import fmt_bytes, markdown_table
 
 NAME = "hbm-traffic"
 TITLE = "HBM traffic: seed 002's estimate vs the IO-complexity model vs the bytes the forward moved"
@@ -100,23 +100,12 @@ def _sram_row(T: int, d: int, sram: int) -> dict[str, Any]:
             "theorem_ratio": M / (2 * d * d)}
 
 
-def counted_bytes(q: np.ndarray, k: np.ndarray, v: np.ndarray, **options: Any) -> dict[str, int]:
-    """The bytes the NumPy forward moved between the full arrays and its tiles, by its own
-    count (``flashmath.attention.flash._forward(..., stats=)``), keyed like
-    :meth:`iomodel.Traffic.as_record`: read_q_bytes, ..., write_lse_bytes, tiles, ..."""
-    from flashmath.attention import flash
-
-    stats: dict[str, int] = {}
-    flash._forward(q, k, v, stats=stats, **options)
-    return stats
-
-
 def _count_forward(ctx: Context, T: int, d: int, block_q: int, block_k: int,
                    causal: bool) -> dict[str, int]:
     """The counted bytes of one (T, d) forward on float16 inputs, under the model's names."""
     rng = ctx.rng(T * 1000 + d * 2 + int(causal))
     q, k, v = (rng.standard_normal((1, 1, T, d)).astype(np.float16) for _ in range(3))
-    stats = counted_bytes(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
+    stats = iomodel.counted_bytes(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
     return {key: stats[key] for key in (*MODEL_KEYS, "total_bytes", "tiles")}
 
 
@@ -209,7 +198,7 @@ def _readme(records: list[dict[str, Any]], summary: dict[str, Any], sweep_T: int
     ])
     counted_note = (
         f"The NumPy forward counted its own traffic for T up to {summary['counted_up_to_T']} "
-        f"(float16 inputs, the same tiles; flashmath.attention.flash's ``stats`` count): it "
+        f"(float16 inputs, the same tiles; walked over the schedule the forward itself runs): it "
         f"equals the FA2 model byte for byte, tensor by tensor, in {summary['count_agrees']} "
         f"of {summary['counted_cases']} cases. Longer T are the model alone (\"model only\"): "
         "counting runs the real forward, too slow there for the lab's time budget."

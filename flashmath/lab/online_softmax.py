@@ -30,7 +30,7 @@ import flashmath as fm
 from flashmath import dtypes
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result
-from flashmath.lab.tables import markdown_table
+from flashmath.text import markdown_table
 
 NAME = "online-softmax"
 TITLE = "Online softmax equals batched softmax in every dtype, chunk size and merge order"

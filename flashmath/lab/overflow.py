@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 import flashmath as fm
-from flashmath import dtypes, safety
+from flashmath import dtypes
 from flashmath.attention.threads import one_blas_thread
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result
 from flashmath.lab.report import fmt_value as fmt
-from flashmath.lab.tables import markdown_table
+from flashmath.softmax import safety
+from flashmath.text import markdown_table
 
 NAME = "overflow"
 TITLE = "Where exp overflows in every dtype, where naive softmax breaks, how often scores cross it"

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from flashmath.bench import attention_flops
 from flashmath.distributed import model
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result, Skipped
-from flashmath.lab.tables import fmt_bytes, markdown_table
+from flashmath.measure.cpu import attention_flops
+from flashmath.text import fmt_bytes, markdown_table
 
 NAME = "ring-attention"
 TITLE = "Ring attention over torch.distributed: exact across ranks, memory per rank, comm/compute"
@@ -145,7 +145,7 @@ def _lab_rank(rank: int, world: int, cfg: Any) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from flashmath.distributed.cli import run_demo_rank
+    from flashmath.cli.ring import run_demo_rank
 
     row = run_demo_rank(rank, world, cfg)
     buf = torch.zeros(16 * 2**20 // 4)  # 16 MiB
@@ -165,7 +165,7 @@ def _lab_rank(rank: int, world: int, cfg: Any) -> dict[str, Any]:
 
 
 def _processes(ctx: Context) -> list[dict[str, Any]]:
-    from flashmath.distributed.cli import DemoConfig
+    from flashmath.cli.ring import DemoConfig
     from flashmath.distributed.launch import run_local
 
     rows = []

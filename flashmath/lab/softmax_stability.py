@@ -24,7 +24,8 @@ from flashmath import dtypes
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result
 from flashmath.lab.report import fmt_value as fmt
-from flashmath.lab.tables import markdown_table
+from flashmath.softmax.naive import exp_and_softmax
+from flashmath.text import markdown_table
 
 NAME = "softmax-stability"
 TITLE = "Break naive softmax on the adversarial battery; the stable one survives"
@@ -67,14 +68,14 @@ def _oracle(x: np.ndarray) -> tuple[np.ndarray, float, float | None, str]:
     """(probabilities, logsumexp, cross-entropy at LABEL or None, source) of float64 ``x``,
     each exact to float64 rounding.
 
-    flashmath.mp_oracle (mpmath, 50 digits) when mpmath is installed (a test extra, which
+    flashmath.softmax.mp_oracle (mpmath, 50 digits) when mpmath is installed (a test extra, which
     torch's sympy also brings); otherwise flashmath in float64.
     """
     has_label = LABEL < x.size
     try:
         import mpmath  # noqa: F401  (mp_oracle needs it; asked first, as mp_oracle may be cached)
 
-        from flashmath import mp_oracle
+        from flashmath.softmax import mp_oracle
     except ImportError:
         lse = float(fm.logsumexp(x))
         return (np.asarray(fm.softmax(x), dtype=np.float64), lse,
@@ -115,7 +116,7 @@ def _mechanism(x: np.ndarray, dt: np.dtype[Any], naive: np.ndarray, err: float) 
     if np.all(np.isfinite(naive.astype(np.float64))) and err <= DIVERGE_EPS * eps:
         return None
     # x is already in dt: exp runs in dt, as in the textbook formula (naive.softmax's own)
-    e, _ = fm.naive._exp_and_softmax(x, -1)
+    e, _ = exp_and_softmax(x, -1)
     with np.errstate(all="ignore"):
         total = np.sum(e)
     e64, total64 = e.astype(np.float64), float(total)

@@ -6,7 +6,7 @@ forward 4 * B * H * Sq * Sk * D (halved for square causal), backward 2.5x the fo
 
 Every implementation runs in the same process on the same tensors; a row's
 ``<peer>_ratio_time`` is flashmath's time over the peer's (below 1: flashmath is faster),
-the direction of :func:`flashmath.bench.time_attention`'s ``*_ratio_time``. A backend torch
+the direction of :func:`flashmath.measure.cpu.time_attention`'s ``*_ratio_time``. A backend torch
 cannot run for a shape is recorded as unavailable, not as zero.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flashmath.bench import attention_flops  # the one FLOP count (DESIGN.md)
-from flashmath.lab.tables import Column, markdown_table
+from flashmath.measure.cpu import attention_flops  # the one FLOP count (DESIGN.md)
+from flashmath.text import Column, markdown_table
 
 __all__ = [
     "DTYPES",
@@ -109,7 +109,7 @@ def run(grid: Sequence[Shape], *, modes: Sequence[str] = MODES, impls: Sequence[
 
     Keys: the Shape's fields, ``mode``, ``flops``, ``<impl>_ms``, ``<impl>_tflops`` (None where
     the backend cannot run the shape, with ``<impl>_error``) and ``<peer>_ratio_time``,
-    flashmath's time over the peer's (below 1 flashmath is faster; as in flashmath.bench).
+    flashmath's time over the peer's (below 1 flashmath is faster; as in flashmath.measure.cpu).
     """
     import torch
 

@@ -13,10 +13,10 @@ import sys
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "lab": ("flashmath.lab.cli", "run the experiments and write results, plots and a report"),
-    "check": ("flashmath.check", "verify a softmax or attention implementation against the oracle"),
-    "bench": ("flashmath.bench", "time flashmath against its peers (ratios, GFLOP/s)"),
-    "ring": ("flashmath.distributed.cli", "ring attention demo over torch.distributed"),
+    "lab": ("flashmath.cli.lab", "run the experiments and write results, plots and a report"),
+    "check": ("flashmath.cli.check", "check a softmax or attention kernel against the oracle"),
+    "bench": ("flashmath.measure.cpu", "time flashmath against its peers (ratios, GFLOP/s)"),
+    "ring": ("flashmath.cli.ring", "ring attention demo over torch.distributed"),
 }
 
 

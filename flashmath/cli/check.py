@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmath import testing
+from flashmath import conformance as testing
 
 __all__ = ["BUILTIN_TARGETS", "TargetError", "configure", "format_table", "load_target", "main"]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from flashmath.attention.flash import flash_attention, flash_attention_backward
 from flashmath.attention.reference import attention_reference, attention_reference_backward
+from flashmath.attention.tiled import flash_attention, flash_attention_backward
 from flashmath.dtypes import as_dtype, dtype_name
 
 __all__ = ["FORWARD_FACTOR", "GRADIENT_FACTOR", "accuracy_rule"]

@@ -94,7 +94,7 @@ def _reference(q: Any, k: Any, v: Any, dout: Any, causal: bool) -> list[Any]:
     import numpy as np
     import torch
 
-    from flashmath.attention import flash
+    from flashmath.attention import tiled
     from flashmath.attention.reference import attention_reference, attention_reference_backward
     from flashmath.dtypes import from_torch
 
@@ -104,8 +104,8 @@ def _reference(q: Any, k: Any, v: Any, dout: Any, causal: bool) -> list[Any]:
         out = attention_reference(q64, k64, v64, causal=causal)
         grads = attention_reference_backward(do64, q64, k64, v64, causal=causal)
     else:
-        out, lse = flash._forward(q64, k64, v64, causal=causal)
-        grads = flash._backward(do64, q64, k64, v64, out, lse, causal=causal)
+        out, lse = tiled.tiled_forward(q64, k64, v64, causal=causal)
+        grads = tiled.tiled_backward(do64, q64, k64, v64, out, lse, causal=causal)
     return [torch.from_numpy(x) for x in (out, *grads)]
 
 

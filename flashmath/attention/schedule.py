@@ -1,0 +1,104 @@
+"""The tile plan of one attention call and its loop shape, shared by the tiled forward,
+the tiled backward and the IO model (:mod:`flashmath.measure.iomodel`).
+
+Legend: B batch, H query heads, H_kv key/value heads, Sq/Sk query/key lengths, D the q/k
+head dim, Dv the v head dim; a tile is ``block_q`` query rows x ``block_k`` keys.
+
+:func:`schedule` is the loop every tiled pass runs for one batch entry::
+
+    for each block of query rows, clipped to the valid rows (q_lengths):
+        for each key tile of the block_k grid the mask does not leave EMPTY,
+                clipped to the keys the block can see (causal / window band, kv_lengths):
+            yield (j0, j1, kind)      kind FULL: build no mask; PARTIAL: mask the tile
+
+Tiles that a causal, window or length mask leaves empty are never read and never
+computed; the IO model counts bytes by walking the same schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flashmath.attention.masks import MaskSpec, TileKind
+from flashmath.attention.options import AttentionOptions, check_blocks, resolve
+from flashmath.dtypes import accumulate_dtype
+
+__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "Plan", "Tile", "schedule", "units"]
+
+#: Default tile sizes (query rows, keys), chosen by measurement (``flashmath bench``):
+#: large enough to keep BLAS busy, small enough that a float32 tile stays in L2.
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 1024
+
+#: A visited key tile: keys [j0, j1) and what it needs (FULL or PARTIAL).
+Tile = tuple[int, int, TileKind]
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """One call: validated inputs, options, dtypes and tile sizes.
+
+    acc: the dtype of the tile arithmetic (scores, exp, the tile matmuls).
+    state: the dtype of what is summed across tiles (the forward's m, l, o; the backward's
+        dq, dk, dv): float64 when acc is float32 or wider (a few (rows, D) arrays per tile,
+        so it is nearly free and removes the rounding of the running sums and rescales),
+        acc itself when acc is narrower (``accum_dtype="float16"`` shows narrow sums).
+    bq, bk: the tile sizes, clipped to Sq and Sk.
+    """
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    opts: AttentionOptions
+    acc: np.dtype[Any]
+    bq: int
+    bk: int
+
+    @property
+    def state(self) -> np.dtype[Any]:
+        return np.dtype(np.float64) if self.acc.itemsize >= 4 else self.acc
+
+    @classmethod
+    def build(cls, q: Any, k: Any, v: Any, *, block_q: Any = None, block_k: Any = None,
+              accum_dtype: Any = None, **options: Any) -> Plan:
+        """Validate q, k, v and the options (:func:`~flashmath.attention.options.resolve`)
+        and the tile sizes (None: the defaults)."""
+        q, k, v, opts = resolve(q, k, v, **options)
+        check_blocks(block_q, block_k)
+        return cls(
+            q=q, k=k, v=v, opts=opts,
+            acc=accumulate_dtype(opts.dtype, accum_dtype),
+            bq=max(1, min(block_q or DEFAULT_BLOCK_Q, opts.sq)),
+            bk=max(1, min(block_k or DEFAULT_BLOCK_K, opts.sk)),
+        )
+
+
+def schedule(spec: MaskSpec, b: int, block_q: int, block_k: int
+             ) -> Iterator[tuple[int, int, list[Tile]]]:
+    """The loop shape of every tiled pass for batch entry b.
+
+    Yields (i0, i1, tiles) per block of query rows (blocks start at multiples of block_q
+    and stop at the valid rows); tiles lists (j0, j1, kind) for every key tile of the
+    block_k grid that the mask does not leave empty, clipped to the keys the block can
+    see (:meth:`MaskSpec.key_span`). A block with no visible key yields an empty list.
+    """
+    q_valid = int(spec.q_valid[b])
+    for i0 in range(0, q_valid, block_q):
+        i1 = min(i0 + block_q, q_valid)
+        lo, hi = spec.key_span(b, i0, i1)
+        tiles: list[Tile] = []
+        for g0 in range(max(lo, 0) // block_k * block_k, hi, block_k):
+            j0, j1 = max(g0, lo), min(g0 + block_k, hi)
+            kind = spec.classify(b, i0, i1, j0, j1)
+            if kind is not TileKind.EMPTY:
+                tiles.append((j0, j1, kind))
+        yield i0, i1, tiles
+
+
+def units(opts: AttentionOptions) -> list[tuple[int, int]]:
+    """The (batch, head) slices: the work units of forward and backward."""
+    return [(b, h) for b in range(opts.batch) for h in range(opts.heads)]

@@ -1,0 +1,486 @@
+"""FlashAttention in NumPy: exact tiled attention, forward and backward, that never
+materialises the Sq x Sk score matrix.
+
+Legend: B batch, H query heads, H_kv key/value heads, Sq/Sk query/key lengths, D the q/k
+head dim, Dv the v head dim; a tile is ``block_q`` query rows x ``block_k`` keys.
+
+The loop (one shape for forward and backward, :func:`flashmath.attention.schedule.schedule`)::
+
+    for each (batch b, query head h), in parallel threads:
+        for each block of query rows (clipped to the valid rows):
+            for each key tile the mask leaves non-empty (clipped to the band):
+                s = scale * q k^T -> softcap -> + bias -> mask (PARTIAL tiles only)
+                forward:  online softmax (m, l, o) with flashmath.softmax.online's rule
+                backward: p = exp(s - lse); dv += p^T do; ds = p (do v^T - delta);
+                          dq += ds k; dk += ds^T q     (delta = rowsum(do * out))
+
+Tiles that a causal, window or length mask leaves empty are skipped (never read,
+never computed); FULL tiles build no mask (:class:`~flashmath.attention.masks.MaskSpec`).
+Speed: the scale is folded into q (when a power of two), exp runs in place in a reused
+tile buffer, row sums are BLAS matrix-vector products, the matmuls are BLAS calls on
+whole tiles, and the (b, h) slices run on a thread per core (NumPy releases the GIL in
+BLAS and in ufunc loops; BLAS itself runs one thread per worker, see
+:mod:`flashmath.attention.threads`). Extra memory is a few tile buffers per thread plus
+per-block accumulators: linear in S.
+
+Dtypes: float64 computes in float64; float32, float16, bfloat16 and float8 compute the
+tiles in float32 (``accum_dtype`` overrides) and return the input dtype; what is summed
+across tiles (m, l, o; dq, dk, dv) is float64 unless ``accum_dtype`` is narrower than
+float32. lse is float32 (float64 for float64 input). The backward rejects float8.
+
+Accuracy: narrow inputs meet the accuracy rule with room (errors about 0.3x the naive
+same-dtype formula's). For float32 and float64 input, p = exp(s - lse) would inherit
+lse's rounding (|lse| eps / 2 in every p of a row); the backward then spends one extra
+pass per row block recomputing the row max and sum, see :func:`_probabilities`. Rows
+whose visible keys fit one tile take :func:`_one_tile`, which forms P and P V in the
+state dtype and rounds once.
+
+Shards (the public shard API, used by ring attention and split-KV decoding):
+
+``tiled_forward(q, k, v, *, <options>, block_q, block_k, accum_dtype, q_offset=0,
+k_offset=0, q_total=None, k_total=None) -> (out, lse)`` and
+``tiled_backward(dout, q, k, v, out, lse, *, <same>) -> (dq, dk, dv)``
+    q_offset / k_offset: global position of the local q row 0 / k row 0, for arrays that
+    are shards of longer sequences: causal, window and lengths are evaluated at global
+    positions. q_total / k_total: the global lengths (default offset + local length);
+    they place the bottom-right diagonal, so pass them whenever the shards do not end at
+    the sequence end. q_lengths / kv_lengths are global; mask and bias are local (sliced
+    to the shard). For the backward of a shard pass the merged (global) out and lse of
+    its query rows: the gradients are then the shard's exact contributions (sum dk, dv
+    over query shards; sum dq over key shards).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from flashmath.attention.masks import TileKind, block_of
+from flashmath.attention.options import check_backward_inputs
+from flashmath.attention.schedule import (
+    DEFAULT_BLOCK_K,
+    DEFAULT_BLOCK_Q,
+    Plan,
+    Tile,
+    schedule,
+    units,
+)
+from flashmath.attention.threads import run_units
+from flashmath.softmax.rule import rescale, row_shift
+
+__all__ = [
+    "DEFAULT_BLOCK_K",
+    "DEFAULT_BLOCK_Q",
+    "flash_attention",
+    "flash_attention_backward",
+    "tiled_backward",
+    "tiled_forward",
+]
+
+
+def flash_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool | str = False,
+    window: tuple[int | None, int | None] | None = None,
+    mask: Any = None,
+    bias: Any = None,
+    kv_lengths: Any = None,
+    q_lengths: Any = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    accum_dtype: Any = None,
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Exact attention, tiled: never materialises the (Sq, Sk) scores.
+
+    Parameters
+    ----------
+    q : (B, H, Sq, D); k : (B, H_kv, Sk, D); v : (B, H_kv, Sk, Dv)
+        One float dtype; H % H_kv == 0 (GQA/MQA: query head h reads head h // (H // H_kv)).
+    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale
+        As :func:`flashmath.attention_reference`: causal True is bottom-right aligned
+        (query i sees key j iff j <= i + Sk - Sq; with lengths, i + kv_len - q_len),
+        "top_left" is torch's; scores are softcap(scale * q . k) + bias, then masked.
+    block_q, block_k : tile sizes (default DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K).
+    accum_dtype : the dtype of the tile arithmetic (default float32, float64 for float64).
+    return_lse : also return lse, the natural-log log-sum-exp of each row's scores.
+
+    Returns
+    -------
+    out : (B, H, Sq, Dv) in the input dtype; rows with nothing to attend to are 0.
+    lse : (B, H, Sq), float32 (float64 for float64 input); -inf for those rows.
+
+    Examples
+    --------
+    The oracle materialises 1 x 2 x 3000 x 3000 scores; the tiles hold 256 x 1024 at a time:
+
+    >>> import numpy as np, flashmath as fm
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 3000, 16)) for _ in range(3))
+    >>> out = fm.flash_attention(q, k, v, causal=True)
+    >>> float(np.abs(out - fm.attention_reference(q, k, v, causal=True)).max()) < 1e-13
+    True
+    """
+    out, lse = tiled_forward(
+        q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
+        q_lengths=q_lengths, softcap=softcap, scale=scale, block_q=block_q, block_k=block_k,
+        accum_dtype=accum_dtype,
+    )
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    *,
+    causal: bool | str = False,
+    window: tuple[int | None, int | None] | None = None,
+    mask: Any = None,
+    bias: Any = None,
+    kv_lengths: Any = None,
+    q_lengths: Any = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    accum_dtype: Any = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients (dq, dk, dv) of sum(dout * out), recomputing the scores tile by tile.
+
+    out and lse are the forward's (``flash_attention(..., return_lse=True)``); the
+    probabilities are rebuilt from lse (p = exp(s - lse)) and never stored; delta =
+    rowsum(dout * out). Options must be the forward's. dout is (B, H, Sq, Dv).
+
+    Returns dq (B, H, Sq, D), dk (B, H_kv, Sk, D), dv (B, H_kv, Sk, Dv) in the input
+    dtype; dk and dv sum the query heads sharing a key/value head. Padding queries, rows
+    with nothing to attend to and keys no query sees get exactly 0. The bias is a
+    constant (no gradient). float8 input is rejected (TypeError).
+    """
+    return tiled_backward(
+        dout, q, k, v, out, lse, causal=causal, window=window, mask=mask, bias=bias,
+        kv_lengths=kv_lengths, q_lengths=q_lengths, softcap=softcap, scale=scale,
+        block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
+    )
+
+
+# --- The shared pieces: what the plan means for these kernels, scores ---
+
+
+def _wide_float32(plan: Plan) -> bool:
+    """float32 input computed in float32 tiles: the case where flashmath and the naive
+    formula share a dtype; the backward then forms the few quantities that decide its
+    error against that formula in float64 (see :func:`_probabilities`)."""
+    return plan.opts.dtype == np.float32 and plan.acc == np.float32
+
+
+def _folds_scale(plan: Plan) -> bool:
+    """Whether the scale is folded into q: only when it is a power of two, so that
+    scale * q is exact (D = 16, 64, 256). Otherwise rounding each q element once
+    perturbs every score of the row alike, and with large scores that made the
+    output up to 10x less accurate than the naive formula; the scale is then applied
+    to the score tile instead (one more pass over it)."""
+    return abs(math.frexp(plan.opts.scale)[0]) == 0.5
+
+
+def _q_block(plan: Plan, b: int, h: int, i0: int, i1: int) -> np.ndarray:
+    """q[b, h, i0:i1] in the accumulate dtype, (ni, D), times the scale if folded."""
+    factor = plan.opts.scale if _folds_scale(plan) else 1.0
+    return np.multiply(plan.q[b, h, i0:i1], factor, dtype=plan.acc)
+
+
+def _kv(plan: Plan, b: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """k[b, kv head], v[b, kv head] in the accumulate dtype (views when no cast is needed)."""
+    hk = h // plan.opts.group
+    return np.asarray(plan.k[b, hk], plan.acc), np.asarray(plan.v[b, hk], plan.acc)
+
+
+def _blocks(plan: Plan, b: int) -> Any:
+    return schedule(plan.opts.spec, b, plan.bq, plan.bk)
+
+
+def _scores(
+    plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
+    j0: int, j1: int, kind: TileKind, buf: np.ndarray, tanh_buf: np.ndarray | None = None,
+) -> np.ndarray:
+    """The tile's scores softcap(scale q k^T) + bias, masked with -inf, in ``buf``.
+
+    qs is the query block (ni, D) from plan.q_block, k the slice's keys (Sk, D). Returns the
+    (ni, nj) view of buf. With a softcap and tanh_buf given, tanh(scale q k^T / c) is
+    kept there for the backward.
+    """
+    opts = plan.opts
+    s = buf[: i1 - i0, : j1 - j0]
+    np.matmul(qs, k[j0:j1].T, out=s)
+    if not _folds_scale(plan):
+        s *= opts.scale
+    if opts.softcap is not None:
+        s *= 1.0 / opts.softcap
+        np.tanh(s, out=s)
+        if tanh_buf is not None:
+            np.copyto(tanh_buf[: i1 - i0, : j1 - j0], s)
+        s *= opts.softcap
+    if opts.bias is not None:
+        s += block_of(opts.bias, b, h, i0, i1, j0, j1)
+    if kind is TileKind.PARTIAL:
+        for c0, c1 in opts.spec.masked_columns(b, i0, i1, j0, j1):
+            np.copyto(s[:, c0 - j0 : c1 - j0], -np.inf,
+                      where=~opts.spec.block(b, h, i0, i1, c0, c1))
+    return s
+
+
+# --- Forward ---
+
+
+def tiled_forward(
+    q: Any, k: Any, v: Any, *, block_q: int | None = None, block_k: int | None = None,
+    accum_dtype: Any = None, **options: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The tiled forward: (out (B, H, Sq, Dv) input dtype, lse (B, H, Sq)).
+
+    ``options`` are :func:`flash_attention`'s plus the shard positions q_offset, k_offset,
+    q_total, k_total (see the module docs). Raises as :func:`flash_attention`."""
+    plan = Plan.build(q, k, v, block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
+                       **options)
+    opts = plan.opts
+    out = np.zeros((opts.batch, opts.heads, opts.sq, opts.dv), opts.dtype)
+    lse = np.full((opts.batch, opts.heads, opts.sq), -np.inf, opts.lse_dtype)
+
+    def work(unit: tuple[int, int]) -> None:
+        _forward_unit(plan, *unit, out, lse)
+
+    run_units(units(opts), work)
+    return out, lse
+
+
+def _forward_unit(plan: Plan, b: int, h: int, out: np.ndarray, lse: np.ndarray) -> None:
+    """Forward of slice (b, h): out[b, h] and lse[b, h] for the rows that see any key."""
+    k, v = _kv(plan, b, h)
+    buf = np.empty((plan.bq, plan.bk), plan.acc)  # the score tile, reused
+    for i0, i1, tiles in _blocks(plan, b):
+        if not tiles:
+            continue  # nothing visible: out stays 0, lse -inf
+        qs = _q_block(plan, b, h, i0, i1)  # (ni, D)
+        if len(tiles) == 1:
+            m, l, o = _one_tile(plan, b, h, qs, k, v, i0, i1, tiles[0], buf)
+        else:
+            m, l, o = _online(plan, b, h, qs, k, v, i0, i1, tiles, buf)
+            # o / l; an empty row (l = 0, m = -inf) gives 0
+            o = np.divide(o, l[:, None], out=np.zeros_like(o), where=l[:, None] != 0)
+        out[b, h, i0:i1] = o
+        lse[b, h, i0:i1] = m + np.log(l)  # -inf for an empty row
+
+
+#: Elements of P converted to the state dtype at a time in _one_tile (64 KiB in float64).
+_ONE_TILE_CHUNK = 8192
+
+
+def _one_tile(
+    plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, v: np.ndarray,
+    i0: int, i1: int, tile: Tile, buf: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows [i0, i1) that see a single tile: the online rule has nothing to merge, so
+    P = exp(s - m) / l and P @ V are formed in the state dtype (float64 for float32
+    tiles) and the output is rounded once. The online path's float32 o, rounded again
+    in o / l, put float32 outputs at up to 6x the naive formula's error on short rows
+    (DESIGN.md's rule allows 2x); this costs a float64 P @ V on problems that fit one
+    tile (Sk <= block_k), not on long ones, whose tiles take the online path.
+
+    Returns (m, l, out rows) in the state dtype.
+    """
+    j0, j1, kind = tile
+    st = plan.state
+    s = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf)  # (ni, nj)
+    m = s.max(axis=1).astype(st)
+    s -= row_shift(m).astype(plan.acc)[:, None]
+    np.exp(s, out=s)  # exp(s - m), in place
+    l = s.sum(axis=1, dtype=st)
+    inv = 1 / np.where(l == 0, 1, l)  # an empty row (l = 0) stays 0
+    o = np.zeros((i1 - i0, v.shape[1]), st)
+    # P @ V in st by pieces of _ONE_TILE_CHUNK elements (keys outer, rows inner), so the
+    # converted copies stay small: peak memory is the online path's.
+    keys = min(j1 - j0, 256)
+    rows = max(1, _ONE_TILE_CHUNK // keys)
+    for c0 in range(j0, j1, keys):
+        c1 = min(c0 + keys, j1)
+        vs = v[c0:c1].astype(st, copy=False)
+        for r0 in range(0, i1 - i0, rows):
+            p = s[r0 : r0 + rows, c0 - j0 : c1 - j0].astype(st)
+            p *= inv[r0 : r0 + rows, None]
+            o[r0 : r0 + rows] += p @ vs
+    return m, l, o
+
+
+def _online(
+    plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, v: np.ndarray | None,
+    i0: int, i1: int, tiles: list[Tile], buf: np.ndarray,
+    sum64: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The online softmax of query rows [i0, i1) over their tiles (flashmath.softmax.online's rule).
+
+    Returns (m, l, o) in the state dtype: the row max, sum_j exp(s_j - m) and, given v,
+    sum_j exp(s_j - m) v_j ((ni, 0) without v). v may be float64 (the backward's float32
+    path): o is then summed in float64. sum64: each tile's row sums in float64 (a reduction
+    with a float64 accumulator) instead of the tile-dtype BLAS matrix-vector product.
+    """
+    acc, st, ni = plan.acc, plan.state, i1 - i0
+    dv = 0 if v is None else v.shape[1]
+    m = np.full(ni, -np.inf, st)  # running max (values of acc: exact in st)
+    l = np.zeros(ni, st)  # running sum of exp(s - m)
+    o = np.zeros((ni, dv), st)  # running sum of exp(s - m) v
+    ones = np.ones(plan.bk, acc)  # row sums as a BLAS matrix-vector product
+    for j0, j1, kind in tiles:
+        s = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf)  # (ni, nj)
+        m_new = np.maximum(m, s.max(axis=1))
+        alpha = rescale(m, m_new)
+        s -= row_shift(m_new).astype(acc)[:, None]
+        np.exp(s, out=s)  # p~ = exp(s - m_new), in place
+        l *= alpha
+        if sum64:
+            l += s.sum(axis=1, dtype=np.float64)
+        else:
+            l += s @ ones[: j1 - j0]
+        if v is not None:
+            o *= alpha[:, None]
+            o += s @ v[j0:j1]
+        m = m_new
+    return m, l, o
+
+
+# --- Backward ---
+
+
+def tiled_backward(
+    dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *, block_q: int | None = None,
+    block_k: int | None = None, accum_dtype: Any = None, **options: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tiled backward: (dq, dk, dv) in the input dtype, as
+    :func:`flash_attention_backward`; ``options`` may hold the shard positions as
+    :func:`tiled_forward` (then pass the merged, global out and lse of the shard's rows)."""
+    plan = Plan.build(q, k, v, block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
+                       **options)
+    opts = plan.opts
+    dout, out, lse = check_backward_inputs(opts, dout=dout, out=out, lse=lse)
+    dq = np.zeros(plan.q.shape, opts.dtype)
+    # Per query head; summed over each group of heads below (disjoint writes per thread).
+    dk = np.zeros((opts.batch, opts.heads, opts.sk, opts.d), plan.state)
+    dv = np.zeros((opts.batch, opts.heads, opts.sk, opts.dv), plan.state)
+
+    def work(unit: tuple[int, int]) -> None:
+        _backward_unit(plan, *unit, dout, out, lse, dq, dk, dv)
+
+    run_units(units(opts), work)
+    if not _folds_scale(plan):
+        dk *= opts.scale
+    shape = (opts.batch, opts.kv_heads, opts.group, opts.sk)
+    dk = dk.reshape(*shape, opts.d).sum(axis=2) if opts.group > 1 else dk
+    dv = dv.reshape(*shape, opts.dv).sum(axis=2) if opts.group > 1 else dv
+    return dq, dk.astype(opts.dtype), dv.astype(opts.dtype)
+
+
+def _backward_unit(
+    plan: Plan, b: int, h: int, dout: np.ndarray, out: np.ndarray, lse: np.ndarray,
+    dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+) -> None:
+    """Gradients of slice (b, h): dq[b, h], and this head's dk[b, h], dv[b, h].
+
+    With p = exp(s - shift) * f (f per row, see :func:`_probabilities`), the row factor f
+    is folded into the small operands instead of the tile: dv += p~^T (f do),
+    ds~ = p~ (dp - delta), dq = scale f (ds~ k), dk += ds~^T (f scale q).
+    """
+    acc, st, opts = plan.acc, plan.state, plan.opts
+    k, v = _kv(plan, b, h)
+    buf = np.empty((plan.bq, plan.bk), acc)  # scores, then p~
+    dbuf = np.empty((plan.bq, plan.bk), acc)  # dp, then ds~
+    tanh_buf = None if opts.softcap is None else np.empty((plan.bq, plan.bk), acc)
+    dk_h, dv_h = dk[b, h], dv[b, h]  # (Sk, D), (Sk, Dv) accumulators
+    # float32 input: dp = do v^T and dp - delta in float64, rounded once (see _probabilities)
+    v64 = np.asarray(v, np.float64) if _wide_float32(plan) else None
+    dp64 = None if v64 is None else np.empty((plan.bq, plan.bk), np.float64)
+    for i0, i1, tiles in _blocks(plan, b):
+        if not tiles:
+            continue
+        ni = i1 - i0
+        qs = _q_block(plan, b, h, i0, i1)  # (ni, D), scaled if folded
+        do = np.asarray(dout[b, h, i0:i1], acc)  # (ni, Dv)
+        shift, f, o = _probabilities(plan, b, h, qs, k, i0, i1, tiles, lse[b, h, i0:i1], buf,
+                                     v64 if opts.all_keys else None)
+        if o is not None and f is not None:  # delta from this pass's own out, in float64
+            delta = np.einsum("id,id->i", do, o * f[:, None], dtype=st)[:, None]
+        else:
+            delta = np.einsum("id,id->i", do, out[b, h, i0:i1], dtype=st)
+            delta = (delta if v64 is not None else delta.astype(acc))[:, None]
+        do64 = None if v64 is None else np.asarray(do, np.float64)
+        do_f = do if f is None else np.multiply(do, f[:, None], dtype=acc)
+        qs_f = qs if f is None else np.multiply(qs, f[:, None], dtype=acc)
+        dq_blk = np.zeros((ni, opts.d), st)
+        for j0, j1, kind in tiles:
+            nj = j1 - j0
+            p = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf, tanh_buf)
+            p -= shift
+            np.exp(p, out=p)  # p~ = exp(s - shift)
+            dv_h[j0:j1] += p.T @ do_f
+            if v64 is not None and do64 is not None and dp64 is not None:
+                dp = np.matmul(do64, v64[j0:j1].T, out=dp64[:ni, :nj])
+                dp -= delta
+                ds = dbuf[:ni, :nj]
+                np.copyto(ds, dp, casting="same_kind")  # dp - delta, rounded once
+            else:
+                ds = np.matmul(do, v[j0:j1].T, out=dbuf[:ni, :nj])  # dp
+                ds -= delta
+            ds *= p  # ds~ = p~ (dp - delta)
+            if tanh_buf is not None:  # through the softcap: d(c tanh(x / c)) = 1 - tanh^2
+                t = tanh_buf[:ni, :nj]
+                np.multiply(t, t, out=t)
+                np.subtract(1, t, out=t)
+                ds *= t
+            dq_blk += ds @ k[j0:j1]
+            dk_h[j0:j1] += ds.T @ qs_f  # f ds~^T q (times scale: folded, or below)
+        if f is not None:
+            dq_blk *= f[:, None]
+        dq[b, h, i0:i1] = dq_blk * opts.scale
+
+
+def _probabilities(
+    plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
+    tiles: list[Tile], lse: np.ndarray, buf: np.ndarray,
+    v64: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(shift, f, o) such that a row block's probabilities are p = exp(s - shift) * f.
+
+    Narrow inputs (float16, bfloat16, float8 are narrower than the float32 lse): shift =
+    lse, f = None (1), FlashAttention's p = exp(s - lse); lse's rounding is far below the
+    inputs' precision. Inputs as wide as lse (float32, float64): exp(s - lse) would carry
+    lse's rounding, |lse| eps / 2, into every p of the row, and the rounding of s - lse,
+    up to |s - m| + log l ulps, where the naive exp(s - m) / l has |s - m|. So one extra
+    online pass over the block's tiles recomputes the row max m and l = sum exp(s - m)
+    (state dtype), and shift = m with f = 1 / l when the keys are the whole sequence, or
+    f = exp(m - lse) for a shard (whose row sums are not 1: lse is the global one).
+    Empty rows get shift 0 and f 0.
+
+    o: with v64 (the slice's values in float64, float32 input with all keys), the same
+    pass also sums o = sum_j exp(s_j - shift) v_j in float64 (ni, Dv), so that the
+    backward's delta = rowsum(do * o f) matches the very p it uses; from the given
+    float32 out, delta carried out's rounding (|do| |out| eps / 2 per term), which the
+    near-cancelling dp - delta of a dominant key turned into gradients up to 10x the naive
+    formula's error. None otherwise.
+    """
+    opts = plan.opts
+    if opts.dtype.itemsize < opts.lse_dtype.itemsize:
+        return row_shift(np.asarray(lse, plan.acc))[:, None], None, None
+    m, l, o = _online(plan, b, h, qs, k, v64, i0, i1, tiles, buf, sum64=_wide_float32(plan))
+    if opts.all_keys:
+        f = np.divide(1, l, out=np.zeros_like(l), where=l != 0)
+    else:
+        f = np.exp(m - row_shift(np.asarray(lse, plan.state)))  # 0 where m = -inf
+    return row_shift(m).astype(plan.acc)[:, None], f, (o if v64 is not None else None)
