@@ -30,6 +30,7 @@ __all__ = [
     "dtype_name",
     "finfo",
     "from_torch",
+    "to_torch",
 ]
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
@@ -165,3 +166,23 @@ def from_torch(t: Any) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(bfloat16)
     return t.numpy()
+
+
+def to_torch(a: Any, dtype: Any = None, device: Any = "cpu", *, copy: bool = False) -> Any:
+    """A NumPy array as a torch tensor, bit for bit: ml_dtypes.bfloat16 becomes
+    torch.bfloat16 through an int16 view (no float32 round trip). On the CPU the tensor
+    shares the array's memory unless a cast, a non-contiguous layout or ``copy=True``
+    (for read-only arrays that torch will write to) asks for a new buffer; other devices
+    get a copy. ``dtype`` (a torch dtype) casts first; None keeps the array's dtype.
+    The inverse of :func:`from_torch`."""
+    import torch
+
+    a = np.asarray(a)
+    if dtype is not None:
+        a = a.astype(from_torch(torch.empty(0, dtype=dtype)).dtype, copy=False)
+    a = np.array(a, copy=True) if copy or not a.flags.writeable else np.ascontiguousarray(a)
+    if a.dtype == bfloat16:
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(a)
+    return t if torch.device(device).type == "cpu" else t.to(device)

@@ -395,15 +395,9 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _to_torch(x: Any, device: str, *, grad: bool = False) -> Any:
-    import torch
-
     if not isinstance(x, np.ndarray):
         return x
-    if x.dtype == _dt.bfloat16:
-        t = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
-    else:
-        t = torch.from_numpy(np.array(x))  # a writable copy: battery arrays are read-only
-    t = t.to(device)
+    t = _dt.to_torch(x, device=device, copy=True)  # a writable copy: battery arrays are read-only
     return t.requires_grad_(True) if grad else t
 
 

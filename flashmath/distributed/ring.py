@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from flashmath.attention import tiled
-from flashmath.dtypes import accumulate_dtype, bfloat16, from_torch
+from flashmath.dtypes import accumulate_dtype, from_torch, to_torch
 from flashmath.softmax.online import merge_outputs
 
 __all__ = [
@@ -192,13 +192,7 @@ def _host(t: torch.Tensor, acc: np.dtype[Any]) -> np.ndarray:
 def _torch(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``a`` as a tensor of ``dtype`` on ``device``; on the host it stays NumPy memory
     (so tracemalloc sees the ring's buffers as well as its NumPy temporaries)."""
-    if dtype == torch.bfloat16:
-        a = np.ascontiguousarray(a, dtype=bfloat16)
-        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    else:
-        np_dtype = from_torch(torch.empty(0, dtype=dtype)).dtype
-        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np_dtype))
-    return t if device.type == "cpu" else t.to(device)
+    return to_torch(a, dtype, device)
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
