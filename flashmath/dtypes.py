@@ -1,7 +1,7 @@
 """Dtype names, input promotion and the accumulate-dtype rule shared by every part.
 
 flashmath works on NumPy arrays in float64, float32, float16, bfloat16 and the
-float8 types of ml_dtypes. Rules (DESIGN.md):
+float8 types of ml_dtypes. Rules (docs/conventions.md):
 
 - Integer and bool input is promoted to float64.
 - Complex, object, string and other non-float input is a TypeError naming the dtype.

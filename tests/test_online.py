@@ -2,7 +2,7 @@
 
 Accuracy bounds are seed 000's: float64 1e-12, float32 1e-6, float16 1e-3, bfloat16 5e-3,
 absolute for outputs of order one; where max|output| exceeds 1 the bound scales with it
-(DESIGN.md: relative to max|output|). The reference is softmax(s) @ V in float64 on the
+(docs/conventions.md: relative to max|output|). The reference is softmax(s) @ V in float64 on the
 exact values of the (possibly narrow) inputs, so the bound covers the online recurrence and
 the final rounding to the input dtype, not the rounding of the inputs themselves.
 """

@@ -22,7 +22,7 @@ Two modes:
     Returns the input dtype; lse is float32 (float64 for float64 input). For float32
     input this is plain float32 arithmetic.
 
-Edge cases (DESIGN.md): a row with nothing to attend to (causal/window/lengths/mask/
+Edge cases (docs/conventions.md): a row with nothing to attend to (causal/window/lengths/mask/
 bias = -inf) gives out 0 and lse -inf, and its gradients are 0; keys no query sees get
 dk = dv = 0; +inf or NaN in a row's scores makes that row NaN.
 """

@@ -8,7 +8,7 @@ computed in mpmath with 50 significant digits from the inputs' exact values
 float64), then rounded once to float64: the result is the correctly rounded
 exact value, up to a last-bit tie that no test can see.
 
-Semantics are flashmath's contract (DESIGN.md), so results compare directly:
+Semantics are flashmath's contract (docs/conventions.md), so results compare directly:
 
 - ``-inf`` entries and ``where=False`` entries are left out (probability 0);
   a row with nothing left gives softmax 0, log_softmax and logsumexp ``-inf``,

@@ -19,7 +19,7 @@ def row_shift(m: np.ndarray) -> np.ndarray:
 
     The running max ``m`` where it is finite, 0 where the row is still empty
     (m = -inf): an empty row then gives exp(-inf - 0) = 0, never exp(-inf + inf) = NaN.
-    +inf stays +inf and makes the row NaN, as DESIGN.md asks. Same shape and dtype as m.
+    +inf stays +inf and makes the row NaN (the NaN policy). Same shape and dtype as m.
     """
     return np.where(np.isneginf(m), np.zeros((), m.dtype), m)
 
