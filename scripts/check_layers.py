@@ -8,8 +8,10 @@ The layers, lowest first (a module may import its own package and any lower laye
     2  flashmath.attention
     3  flashmath.conformance | flashmath.measure
     4  flashmath.triton | flashmath.distributed
-    5  flashmath.lab
-    6  flashmath.cli, flashmath.__main__
+    5  flashmath.torch          (the torch op over the CPU kernels; CUDA goes to triton)
+    6  flashmath.integrations   (transformers and other frameworks)
+    7  flashmath.lab
+    8  flashmath.cli, flashmath.__main__
 
 Packages that share a layer (conformance and measure; triton and distributed) may not
 import each other. The public facades (``flashmath`` itself, ``flashmath.naive``,
@@ -35,8 +37,10 @@ PACKAGES = {
     "measure": 3,
     "triton": 4,
     "distributed": 4,
-    "lab": 5,
-    "cli": 6,
+    "torch": 5,
+    "integrations": 6,
+    "lab": 7,
+    "cli": 8,
 }
 FACADES = {
     "flashmath",
@@ -50,7 +54,7 @@ FACADES = {
     "flashmath.attention.flash",
     "flashmath.distributed.decode",
 }
-FACADE_USERS = 5  # lab and cli
+FACADE_USERS = 7  # lab and cli
 
 
 def module_name(path: Path, root: Path) -> str:
