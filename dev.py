@@ -57,8 +57,9 @@ def main(argv: list[str]) -> int:
     if job == "lab":
         return _run([str(BIN / "flashmath"), "lab", *rest])
     for cmd in (
-        [str(PY), "-m", "ruff", "check", "flashmath", "tests", "benchmarks", "dev.py"],
+        [str(PY), "-m", "ruff", "check", "flashmath", "tests", "benchmarks", "scripts", "dev.py"],
         [str(PY), "-m", "mypy"],
+        [str(PY), "scripts/check_layers.py"],
         [str(PY), "-m", "pytest", "-n", "2", "--dist", "loadgroup", *rest],
     ):
         code = _run(cmd)
