@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Alignment", "MaskSpec", "TileKind", "alibi_bias", "block_of"]
+__all__ = ["Alignment", "MaskSpec", "TileKind", "alibi_bias", "alibi_slopes", "block_of"]
 
 Alignment = Literal["bottom_right", "top_left"]
 
@@ -58,22 +58,42 @@ class TileKind(enum.IntEnum):
     PARTIAL = 2  # some pairs may attend: compute it and apply MaskSpec.block
 
 
+def alibi_slopes(heads: int) -> np.ndarray:
+    """The standard ALiBi slopes (Press et al. 2022, as BLOOM and flash-attention use them),
+    float64 of shape (heads,).
+
+    For a power of two n: ``2 ** (-8 (h + 1) / n)`` for head h. Otherwise the slopes of
+    the largest power of two p < n, followed by every other slope of 2p, up to n heads
+    (6 heads: 1/4, 1/16, 1/64, 1/256, then 1/2, 1/8).
+    """
+    if isinstance(heads, (bool, np.bool_)) or not isinstance(heads, (int, np.integer)):
+        raise TypeError(f"heads: expected an int, got {heads!r}")
+    if heads < 1:
+        raise ValueError(f"heads: expected a positive int, got {heads}")
+
+    def power_of_two(n: int) -> np.ndarray:
+        return 2.0 ** (-8.0 * np.arange(1, n + 1) / n)
+
+    p = 1 << (int(heads).bit_length() - 1)
+    if p == heads:
+        return power_of_two(heads)
+    return np.concatenate([power_of_two(p), power_of_two(2 * p)[0::2][: heads - p]])
+
+
 def alibi_bias(
     heads: int, sq: int, sk: int, *, slopes: np.ndarray | None = None
 ) -> np.ndarray:
     """The standard ALiBi score bias, float64 of shape (1, heads, sq, sk).
 
-    Head h (0-based) has slope ``2 ** (-8 (h + 1) / heads)`` unless ``slopes`` (one per
-    head) is given. Query row i is aligned bottom-right, like ``causal=True``: its diagonal
-    key is ``i + sk - sq``, and the bias of pair (i, j) is ``-slope_h * |j - (i + sk - sq)|``,
+    Head h has slope :func:`alibi_slopes` (heads)[h] unless ``slopes`` (one per head) is
+    given. Query row i is aligned bottom-right, like ``causal=True``: its diagonal key is
+    ``i + sk - sq``, and the bias of pair (i, j) is ``-slope_h * |j - (i + sk - sq)|``,
     minus the slope times the distance to that diagonal (0 on it). The leading size-1 axis
     broadcasts against (B, heads, sq, sk); pass the result as ``bias=``.
     """
-    if slopes is None:
-        slopes = 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
-    slopes = np.asarray(slopes, dtype=np.float64)
+    slopes = alibi_slopes(heads) if slopes is None else np.asarray(slopes, dtype=np.float64)
     if slopes.shape != (heads,):
-        raise ValueError(f"slopes must have shape ({heads},), got {slopes.shape}")
+        raise ValueError(f"slopes: expected shape ({heads},), got {slopes.shape}")
     dist = np.abs(np.arange(sk)[None, :] - np.arange(sq)[:, None] - (sk - sq))
     return -(slopes[:, None, None] * dist)[None]
 

@@ -134,11 +134,14 @@ def _broadcastable(x: Any, name: str, target: tuple[int, ...], *, boolean: bool)
         raise ValueError(f"{name}: shape {arr.shape} has more than 4 axes; expected "
                          f"a shape broadcastable to (B, H, Sq, Sk) = {target}")
     try:
-        np.broadcast_shapes(arr.shape, target)
+        fits = np.broadcast_shapes(arr.shape, target) == target
     except ValueError:
+        fits = False
+    if not fits:  # broadcasting *with* the target is not enough: it must broadcast *to* it
         raise ValueError(
-            f"{name}: shape {arr.shape} does not broadcast to (B, H, Sq, Sk) = {target}"
-        ) from None
+            f"{name}: shape {arr.shape} does not broadcast to (B, H, Sq, Sk) = {target}; "
+            f"each axis must be 1 or match"
+        )
     return arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
 
 
