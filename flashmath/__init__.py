@@ -8,6 +8,7 @@ from flashmath import dtypes, naive
 from flashmath.attention.decode import flash_decode
 from flashmath.attention.reference import attention_reference, attention_reference_backward
 from flashmath.attention.tiled import flash_attention, flash_attention_backward
+from flashmath.attention.varlen import flash_attention_varlen, flash_attention_varlen_backward
 from flashmath.softmax.online import (
     SoftmaxState,
     merge,
@@ -36,6 +37,8 @@ __all__ = [
     "dtypes",
     "flash_attention",
     "flash_attention_backward",
+    "flash_attention_varlen",
+    "flash_attention_varlen_backward",
     "flash_decode",
     "log_softmax",
     "logsumexp",
