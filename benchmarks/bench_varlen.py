@@ -14,6 +14,7 @@ ratios are to ``padded, no waste``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 from pathlib import Path
 
@@ -43,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     q, k, v = (rng.standard_normal((args.tokens, h, d), dtype=np.float32) for _ in range(3))
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     per_seq = [tuple(x[a:b].transpose(1, 0, 2)[None].copy() for x in (q, k, v))
-               for a, b in zip(cu[:-1], cu[1:], strict=True)]
+               for a, b in itertools.pairwise(cu)]
     longest = max(lens)
     pad = np.zeros((len(lens), h, longest, d), np.float32)
     pq, pk, pv = pad.copy(), pad.copy(), pad.copy()
-    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(cu)):
         for dst, src in ((pq, q), (pk, k), (pv, v)):
             dst[i, :, : b - a] = src[a:b].transpose(1, 0, 2)
     ls = np.array(lens)
