@@ -20,17 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from flashmath.attention.masks import Alignment, MaskSpec
+from flashmath.attention.masks import Alignment, MaskSpec, block_of
 from flashmath.dtypes import FLOAT8_DTYPES, accumulate_dtype, as_float_array
 
 __all__ = [
     "AttentionOptions",
+    "check_alibi_slopes",
     "check_backward_inputs",
     "check_blocks",
     "check_causal",
     "check_lengths",
     "check_positive",
     "check_qkv",
+    "check_sinks",
     "check_window",
     "resolve",
 ]
@@ -50,6 +52,11 @@ class AttentionOptions:
     spec: which pairs may attend (causal, window, boolean mask, lengths, offsets).
     all_keys: the local keys are the whole key sequence (not a shard of it), so a row's
         probabilities over them sum to 1.
+    alibi: (B|1, H) float64 ALiBi slopes, or None: pair (i, j) of head h gets the score
+        term ``-alibi[b, h] * |j - i - spec.diag[b]|`` (the distance to the mask's diagonal,
+        bottom-right unless causal="top_left"), added with the bias after the softcap.
+    sinks: (H,) float64 attention-sink logits, or None: each row's softmax denominator
+        gains ``exp(sinks[h])``, a key that carries no value (gpt-oss); lse includes it.
     """
 
     batch: int
@@ -65,11 +72,39 @@ class AttentionOptions:
     bias: np.ndarray | None
     spec: MaskSpec
     all_keys: bool = True
+    alibi: np.ndarray | None = None
+    sinks: np.ndarray | None = None
 
     @property
     def group(self) -> int:
         """Query heads per key/value head (1 for multi-head, H for multi-query attention)."""
         return self.heads // self.kv_heads
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether scores get an additive term (a bias or ALiBi)."""
+        return self.bias is not None or self.alibi is not None
+
+    def bias_block(self, b: int, h: int, i0: int, i1: int, j0: int, j1: int) -> Any:
+        """The additive score terms (bias and ALiBi) of local rows [i0, i1), keys [j0, j1)
+        of batch b, head h: float64 broadcastable to (i1 - i0, j1 - j0), or 0.0 if none."""
+        term: Any = 0.0
+        if self.bias is not None:
+            term = block_of(self.bias, b, h, i0, i1, j0, j1)
+        if self.alibi is not None:
+            slope = self.alibi[b if self.alibi.shape[0] != 1 else 0, h]
+            dist = np.arange(j0, j1)[None, :] - np.arange(i0, i1)[:, None] - self.spec.diag[b]
+            term = term - slope * np.abs(dist)
+        return term
+
+    def dense_bias(self) -> Any:
+        """The additive score terms for every pair, broadcastable to (B, H, Sq, Sk)."""
+        term: Any = 0.0 if self.bias is None else self.bias
+        if self.alibi is not None:
+            dist = (np.arange(self.sk)[None, :] - np.arange(self.sq)[:, None])[None]
+            dist = np.abs(dist - self.spec.diag[:, None, None])  # (B, Sq, Sk)
+            term = term - self.alibi[:, :, None, None] * dist[:, None]
+        return term
 
     @property
     def lse_dtype(self) -> np.dtype[Any]:
@@ -145,6 +180,41 @@ def _broadcastable(x: Any, name: str, target: tuple[int, ...], *, boolean: bool)
     return arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
 
 
+def check_alibi_slopes(x: Any, batch: int, heads: int) -> np.ndarray | None:
+    """ALiBi slopes: None, or finite reals of shape (H,) or (B, H) (flash-attention's
+    ``alibi_slopes``), returned as float64 (B|1, H). See :func:`masks.alibi_slopes` for
+    the standard ones."""
+    if x is None:
+        return None
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"alibi_slopes: expected real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.shape not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes: expected shape (H,) = ({heads},) or (B, H) = "
+                         f"({batch}, {heads}), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"alibi_slopes: must be finite, got {arr.tolist()}")
+    return arr.reshape(-1, heads)
+
+
+def check_sinks(x: Any, heads: int) -> np.ndarray | None:
+    """Attention-sink logits: None, or (H,) reals, finite or -inf (no sink for that head),
+    returned as float64."""
+    if x is None:
+        return None
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "iuf" and str(arr.dtype) != "bfloat16":
+        raise TypeError(f"sinks: expected real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.shape != (heads,):
+        raise ValueError(f"sinks: expected one logit per query head, shape (H,) = ({heads},), "
+                         f"got {arr.shape}")
+    if np.isnan(arr).any() or np.isposinf(arr).any():
+        raise ValueError(f"sinks: must be finite or -inf, got {arr.tolist()}")
+    return arr
+
+
 def check_lengths(x: Any, name: str, batch: int, upper: int) -> np.ndarray | None:
     """Per-batch lengths: None, or (batch,) integers in [0, upper] (upper: the key length
     Sk for key lengths, Sq for query lengths), returned as int64. Errors name ``name``."""
@@ -212,6 +282,8 @@ def resolve(
     q_lengths: Any = None,
     softcap: Any = None,
     scale: Any = None,
+    alibi_slopes: Any = None,
+    sinks: Any = None,
     q_offset: int = 0,
     k_offset: int = 0,
     q_total: int | None = None,
@@ -258,6 +330,8 @@ def resolve(
         bias=bias_arr,
         spec=spec,
         all_keys=k_offset == 0 and k_total == sk,
+        alibi=check_alibi_slopes(alibi_slopes, batch, heads),
+        sinks=check_sinks(sinks, heads),
     )
     return q, k, v, opts
 

@@ -54,6 +54,8 @@ def attention_reference(
     q_lengths: Any = None,
     softcap: float | None = None,
     scale: float | None = None,
+    alibi_slopes: Any = None,
+    sinks: Any = None,
     upcast: bool = True,
     return_lse: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -74,6 +76,12 @@ def attention_reference(
         i >= q_lengths[b] are padding (output 0, lse -inf).
     softcap : c > 0: scores scale * q . k become c * tanh(scale * q . k / c).
     scale : the factor on q . k; default 1 / sqrt(D).
+    alibi_slopes : (H,) or (B, H) reals (flash-attention's): pair (i, j) of head h gets
+        ``-slope * |j - i - diag|``, diag the mask's diagonal (Sk - Sq, or kv_len - q_len,
+        bottom-right; 0 for causal="top_left"), added with the bias after the softcap.
+    sinks : (H,) attention-sink logits (gpt-oss): each row's softmax denominator gains
+        ``exp(sinks[h])``, a key with no value. lse includes it, so a row with nothing else
+        to attend to gives out 0 and lse = sinks[h]; -inf means no sink.
     upcast : True: compute and return float64 (the oracle). False: round every
         operation to the input dtype (the naive same-dtype baseline).
     return_lse : also return the natural-log log-sum-exp of each row's scores, (B, H, Sq).
@@ -93,7 +101,8 @@ def attention_reference(
     """
     q, k, v, opts = resolve(
         q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
-        q_lengths=q_lengths, softcap=softcap, scale=scale,
+        q_lengths=q_lengths, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
+        sinks=sinks,
     )
     ar = _Arith(opts, upcast)
     with np.errstate(all="ignore"):  # NaN/inf give NaN rows, empty rows log(0), by contract
@@ -118,30 +127,38 @@ def attention_reference_backward(
     q_lengths: Any = None,
     softcap: float | None = None,
     scale: float | None = None,
+    alibi_slopes: Any = None,
+    sinks: Any = None,
     upcast: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     """Gradients (dq, dk, dv) of sum(dout * attention(q, k, v)), with P materialised.
 
     The explicit formula: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
     through the softcap dS *= 1 - tanh^2, then dQ = scale dS K and dK = scale dS^T Q.
     dk and dv have H_kv heads: the query heads sharing a key/value head are summed.
-    The bias is a constant (no gradient). Options as :func:`attention_reference`;
-    dout is (B, H, Sq, Dv). Returns float64 if upcast, else the input dtype with every
-    operation rounded to it (the same-dtype gradient baseline).
+    The bias and ALiBi are constants (no gradient). With ``sinks``, a fourth result is the
+    sinks' gradient dsinks (H,) = -sum over batch and rows of p_sink * rowsum(dO * O),
+    with p_sink = exp(sink - lse). Options as :func:`attention_reference`; dout is
+    (B, H, Sq, Dv). Returns float64 if upcast, else the input dtype with every operation
+    rounded to it (the same-dtype gradient baseline; dsinks float32, float64 for float64).
     """
     q, k, v, opts = resolve(
         q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
-        q_lengths=q_lengths, softcap=softcap, scale=scale,
+        q_lengths=q_lengths, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
+        sinks=sinks,
     )
     (dout,) = check_backward_inputs(opts, dout=dout)
     ar = _Arith(opts, upcast)
     with np.errstate(all="ignore"):
-        dq, dk, dv = _backward(ar, ar.input(dout), q, k, v, opts)
-    return ar.result(dq), ar.result(dk), ar.result(dv)
+        grads = _backward(ar, ar.input(dout), q, k, v, opts)
+    dq, dk, dv = (ar.result(g) for g in grads[:3])
+    if opts.sinks is None:
+        return dq, dk, dv
+    return dq, dk, dv, grads[3].astype(np.float64 if upcast else opts.lse_dtype)
 
 
 def _backward(ar: _Arith, do: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-              opts: AttentionOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              opts: AttentionOptions) -> tuple[np.ndarray, ...]:
     fwd = _forward(ar, q, k, v, opts)
     r, mm = ar.round, ar.matmul
     p = fwd.p  # (B, H, Sq, Sk)
@@ -153,7 +170,12 @@ def _backward(ar: _Arith, do: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.nd
         ds = r(ds * r(1 - r(fwd.tanh * fwd.tanh)))
     dq = r(mm(ds, fwd.k) * opts.scale)  # (B, H, Sq, D)
     dk = r(_group_sum(mm(ds.swapaxes(-1, -2), fwd.q), opts) * opts.scale)
-    return dq, dk, r(dv)
+    if opts.sinks is None:
+        return dq, dk, r(dv)
+    p_sink = np.exp(opts.sinks[:, None] - fwd.lse)  # (B, H, Sq); 0 for padding rows
+    p_sink = np.where(np.isfinite(fwd.lse), p_sink, 0)
+    dsinks = -np.sum(p_sink * delta[..., 0], axis=(0, 2))
+    return dq, dk, r(dv), dsinks
 
 
 class _Arith:
@@ -211,13 +233,20 @@ def _forward(ar: _Arith, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     if opts.softcap is not None:
         tanh = r(np.tanh(r(s / opts.softcap)))
         s = r(opts.softcap * tanh)
-    if opts.bias is not None:
-        s = r(s + ar.input(opts.bias))
+    if opts.has_bias:
+        s = r(s + ar.input(opts.dense_bias()))
     ok = opts.spec.dense()  # (B, H|1, Sq, Sk)
     s = np.where(ok, s, -np.inf)  # masked pairs: probability exactly 0
     m = np.max(s, axis=-1, initial=-np.inf)  # (B, H, Sq)
+    sink = None
+    if opts.sinks is not None:  # a key with logit sinks[h] and no value, valid rows only
+        sink = np.where(np.arange(opts.sq) < opts.spec.q_valid[:, None, None],
+                        ar.input(opts.sinks)[:, None], -np.inf)  # (B, H, Sq)
+        m = np.maximum(m, sink)
     e = np.where(ok, r(np.exp(r(s - row_shift(m)[..., None]))), 0)
     l = r(np.sum(e, axis=-1))
+    if sink is not None:
+        l = r(l + r(np.exp(r(sink - row_shift(m)))))
     p = r(e / np.where(l == 0, 1, l)[..., None])
     out = mm(p, v)  # (B, H, Sq, Dv)
     lse = m + np.log(l)  # l == 0 (nothing to attend to) only when m = -inf: lse = -inf
