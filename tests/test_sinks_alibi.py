@@ -148,3 +148,10 @@ def test_narrow_baseline_with_sinks_stays_close_to_the_oracle():
     oracle = fm.attention_reference(q16, k16, v16, sinks=sinks)
     assert base.dtype == np.float16
     assert 0 < np.abs(base - oracle).max() < 4e-3
+
+
+def test_the_naive_formula_takes_sinks_and_alibi_too():
+    q, k, v = _qkv(seed=5)
+    opts = {"sinks": np.array([0.5, 1.0, -1.0, 2.0]), "alibi_slopes": alibi_slopes(4)}
+    np.testing.assert_allclose(fm.naive.attention(q, k, v, **opts),
+                               fm.attention_reference(q, k, v, **opts), rtol=1e-13, atol=1e-15)

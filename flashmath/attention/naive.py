@@ -22,7 +22,7 @@ def attention(q: npt.ArrayLike, k: npt.ArrayLike, v: npt.ArrayLike, **options: A
     """``softmax(s) v`` with ``softmax = exp(s) / sum exp(s)``: the textbook attention.
 
     ``options`` are :func:`flashmath.attention_reference`'s (causal, window, mask, bias,
-    kv_lengths, q_lengths, softcap, scale), resolved by
+    kv_lengths, q_lengths, softcap, scale, alibi_slopes, sinks), resolved by
     :func:`flashmath.attention.options.resolve`; masked pairs come from its one mask
     builder (``spec.dense()``) and contribute exp = 0. Every step runs in the input dtype
     with no max shift: what the accuracy rule's naive formula looks like before anyone
@@ -39,7 +39,10 @@ def attention(q: npt.ArrayLike, k: npt.ArrayLike, v: npt.ArrayLike, **options: A
         if opts.softcap is not None:
             c = dt.type(opts.softcap)
             s = c * np.tanh(s / c)
-        if opts.bias is not None:
-            s = s + opts.bias.astype(dt)
+        if opts.has_bias:
+            s = s + np.asarray(opts.dense_bias()).astype(dt)
         e = np.where(opts.spec.dense(), np.exp(s), dt.type(0))
-        return ((e / e.sum(axis=-1, keepdims=True)) @ v).astype(dt)
+        total = e.sum(axis=-1, keepdims=True)
+        if opts.sinks is not None:  # the sink's exp joins the denominator, with no value
+            total = total + np.exp(opts.sinks.astype(dt))[:, None, None]
+        return ((e / total) @ v).astype(dt)
