@@ -155,3 +155,28 @@ def test_the_naive_formula_takes_sinks_and_alibi_too():
     opts = {"sinks": np.array([0.5, 1.0, -1.0, 2.0]), "alibi_slopes": alibi_slopes(4)}
     np.testing.assert_allclose(fm.naive.attention(q, k, v, **opts),
                                fm.attention_reference(q, k, v, **opts), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_gradients_flow_through_the_returned_lse(with_sinks):
+    """d/dx [sum(dout * out) + sum(dlse * lse)] by finite differences, float64."""
+    q, k, v = _qkv(b=1, h=2, hkv=1, sq=3, sk=4, d=2, dv=2, seed=6)
+    sinks = np.array([0.2, -0.4]) if with_sinks else None
+    rng = np.random.default_rng(7)
+    dout, dlse = rng.standard_normal((1, 2, 3, 2)), rng.standard_normal((1, 2, 3))
+
+    def loss():
+        out, lse = fm.attention_reference(q, k, v, sinks=sinks, causal=True, return_lse=True)
+        return float(np.sum(dout * out) + np.sum(dlse * lse))
+
+    grads = fm.attention_reference_backward(dout, q, k, v, sinks=sinks, causal=True, dlse=dlse)
+    xs = (q, k, v) + ((sinks,) if with_sinks else ())
+    assert len(grads) == len(xs)
+    for got, x in zip(grads, xs, strict=True):
+        np.testing.assert_allclose(got, _fd(loss, x), rtol=1e-6, atol=1e-8)
+
+
+def test_dlse_has_the_shape_of_lse():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"dlse: expected shape \(2, 4, 5\)"):
+        fm.attention_reference_backward(np.ones((2, 4, 5, 4)), q, k, v, dlse=np.ones((2, 4)))

@@ -360,7 +360,7 @@ def check_backward_inputs(opts: AttentionOptions, **arrays: Any) -> list[np.ndar
             f"cast q, k, v, dout to bfloat16 or float16 for gradients"
         )
     rows = (opts.batch, opts.heads, opts.sq)
-    shapes = {"dout": (*rows, opts.dv), "out": (*rows, opts.dv), "lse": rows}
+    shapes = {"dout": (*rows, opts.dv), "out": (*rows, opts.dv), "lse": rows, "dlse": rows}
     checked = []
     for name, x in arrays.items():
         arr = as_float_array(x, name=name)

@@ -129,6 +129,7 @@ def attention_reference_backward(
     scale: float | None = None,
     alibi_slopes: Any = None,
     sinks: Any = None,
+    dlse: Any = None,
     upcast: bool = True,
 ) -> tuple[np.ndarray, ...]:
     """Gradients (dq, dk, dv) of sum(dout * attention(q, k, v)), with P materialised.
@@ -136,6 +137,8 @@ def attention_reference_backward(
     The explicit formula: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
     through the softcap dS *= 1 - tanh^2, then dQ = scale dS K and dK = scale dS^T Q.
     dk and dv have H_kv heads: the query heads sharing a key/value head are summed.
+    ``dlse`` (B, H, Sq), optional: the cotangent of the returned lse, so that the gradients
+    are those of sum(dout * out) + sum(dlse * lse) (d lse / d s = P: dS gains P * dlse).
     The bias and ALiBi are constants (no gradient). With ``sinks``, a fourth result is the
     sinks' gradient dsinks (H,) = -sum over batch and rows of p_sink * rowsum(dO * O),
     with p_sink = exp(sink - lse). Options as :func:`attention_reference`; dout is
@@ -147,10 +150,14 @@ def attention_reference_backward(
         q_lengths=q_lengths, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
         sinks=sinks,
     )
-    (dout,) = check_backward_inputs(opts, dout=dout)
+    if dlse is None:
+        (dout,) = check_backward_inputs(opts, dout=dout)
+    else:
+        dout, dlse = check_backward_inputs(opts, dout=dout, dlse=dlse)
     ar = _Arith(opts, upcast)
     with np.errstate(all="ignore"):
-        grads = _backward(ar, ar.input(dout), q, k, v, opts)
+        grads = _backward(ar, ar.input(dout), q, k, v, opts,
+                          None if dlse is None else np.asarray(dlse, ar.compute))
     dq, dk, dv = (ar.result(g) for g in grads[:3])
     if opts.sinks is None:
         return dq, dk, dv
@@ -158,13 +165,15 @@ def attention_reference_backward(
 
 
 def _backward(ar: _Arith, do: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-              opts: AttentionOptions) -> tuple[np.ndarray, ...]:
+              opts: AttentionOptions, dlse: np.ndarray | None) -> tuple[np.ndarray, ...]:
     fwd = _forward(ar, q, k, v, opts)
     r, mm = ar.round, ar.matmul
     p = fwd.p  # (B, H, Sq, Sk)
     dv = _group_sum(mm(p.swapaxes(-1, -2), do), opts)  # (B, H_kv, Sk, Dv)
     dp = mm(do, fwd.v.swapaxes(-1, -2))  # (B, H, Sq, Sk)
     delta = r(np.sum(r(do * fwd.out), axis=-1, keepdims=True))  # (B, H, Sq, 1)
+    if dlse is not None:  # d lse / d s_ij = p_ij: the lse cotangent joins dP - delta
+        delta = np.where(np.isfinite(fwd.lse[..., None]), r(delta - dlse[..., None]), 0)
     ds = r(p * r(dp - delta))
     if fwd.tanh is not None:
         ds = r(ds * r(1 - r(fwd.tanh * fwd.tanh)))
@@ -174,7 +183,7 @@ def _backward(ar: _Arith, do: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.nd
         return dq, dk, r(dv)
     p_sink = np.exp(opts.sinks[:, None] - fwd.lse)  # (B, H, Sq); 0 for padding rows
     p_sink = np.where(np.isfinite(fwd.lse), p_sink, 0)
-    dsinks = -np.sum(p_sink * delta[..., 0], axis=(0, 2))
+    dsinks = -np.sum(p_sink * delta[..., 0], axis=(0, 2))  # delta already holds -dlse
     return dq, dk, r(dv), dsinks
 
 
