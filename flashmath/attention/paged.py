@@ -1,0 +1,110 @@
+"""A paged KV cache (vLLM / flash-attention ``block_table`` style): validation, gathering
+a key range into contiguous tiles, and appending new keys in place.
+
+Layout (chosen so that one page of one K/V head is a contiguous (page_size, D) block)::
+
+    k_cache: (num_pages, H_kv, page_size, D)      v_cache: (num_pages, H_kv, page_size, Dv)
+    block_table: (B, max_pages) int32: page p of sequence b is k_cache[block_table[b, p]]
+    key position t of sequence b lives in page block_table[b, t // page_size], row
+    t % page_size
+
+flash-attention stores (num_blocks, page_size, H_kv, D); flashmath keeps heads before the
+page rows, as its contiguous cache keeps (B, H_kv, Sk, D), so a gathered range needs one
+transpose of whole pages, never of rows. Entries of block_table past a sequence's last
+used page are never read (they may hold anything, -1 included).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from flashmath.dtypes import as_float_array
+
+__all__ = ["append_kv", "check_block_table", "check_paged_cache", "gather_keys"]
+
+
+def check_paged_cache(k_cache: Any, v_cache: Any) -> tuple[np.ndarray, np.ndarray]:
+    """k_cache (num_pages, H_kv, page_size, D), v_cache (num_pages, H_kv, page_size, Dv):
+    one float dtype, same pages, heads and page size. Returns them as arrays (no copy)."""
+    k = as_float_array(k_cache, name="k_cache")
+    v = as_float_array(v_cache, name="v_cache")
+    for name, x, legend in (("k_cache", k, "D"), ("v_cache", v, "Dv")):
+        if x.ndim != 4:
+            raise ValueError(f"{name}: a paged cache is 4-D (num_pages, H_kv, page_size, "
+                             f"{legend}), got shape {x.shape}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"v_cache: (num_pages, H_kv, page_size) {v.shape[:3]} differs from "
+                         f"k_cache's {k.shape[:3]}")
+    if k.dtype != v.dtype:
+        raise TypeError(f"k_cache, v_cache must share one dtype; got {k.dtype}, {v.dtype}")
+    if k.shape[2] == 0:
+        raise ValueError(f"k_cache: page_size must be positive, got shape {k.shape}")
+    return k, v
+
+
+def check_block_table(block_table: Any, batch: int, num_pages: int, page_size: int,
+                      lengths: np.ndarray) -> np.ndarray:
+    """block_table (B, max_pages) ints: every page that holds one of sequence b's first
+    lengths[b] keys must be a valid page index and the table long enough for them.
+    Returns it as int64. Errors name block_table and the offending sequence."""
+    table = np.asarray(block_table)
+    if table.dtype.kind not in "iu":
+        raise TypeError(f"block_table: expected integers, got dtype {table.dtype}")
+    if table.ndim != 2 or table.shape[0] != batch:
+        raise ValueError(f"block_table: expected shape (B, max_pages) with B={batch}, "
+                         f"got {table.shape}")
+    table = table.astype(np.int64)
+    need = -(-np.asarray(lengths, np.int64) // page_size)  # pages used per sequence
+    for b in range(batch):
+        if need[b] > table.shape[1]:
+            raise ValueError(f"block_table: sequence {b} needs {need[b]} pages for "
+                             f"{lengths[b]} keys (page_size {page_size}), the table has "
+                             f"{table.shape[1]}")
+        used = table[b, : need[b]]
+        bad = (used < 0) | (used >= num_pages)
+        if bad.any():
+            p = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"block_table[{b}, {p}] = {used[p]} is not a page index in "
+                             f"[0, {num_pages})")
+    return table
+
+
+def gather_keys(cache: np.ndarray, table: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Key positions [start, stop) of every sequence as a contiguous (B, H_kv, stop - start,
+    D) array (a copy of the pages that hold them). Positions past a sequence's pages read
+    page 0 (callers mask them with lengths: they are never attended)."""
+    page = cache.shape[2]
+    p0, p1 = start // page, -(-stop // page)
+    pages = table[:, p0:p1]
+    pages = np.where((pages >= 0) & (pages < cache.shape[0]), pages, 0)
+    if pages.shape[1] < p1 - p0:  # the range runs past the table: padding pages
+        pages = np.pad(pages, ((0, 0), (0, p1 - p0 - pages.shape[1])))
+    block = cache[pages]  # (B, n_pages, H_kv, page, D)
+    b, n, h, _, d = block.shape
+    keys = block.transpose(0, 2, 1, 3, 4).reshape(b, h, n * page, d)
+    return keys[:, :, start - p0 * page : stop - p0 * page]
+
+
+def append_kv(k_cache: np.ndarray, v_cache: np.ndarray, k_new: Any, v_new: Any,
+              lengths: np.ndarray, table: np.ndarray | None = None) -> None:
+    """Write k_new, v_new (B, H_kv, S_new, D|Dv) at positions [lengths[b], lengths[b] +
+    S_new) of each sequence's cache, in place: a contiguous cache (B, H_kv, Sk, D) when
+    table is None, else the paged cache through the block table. Capacity and the table's
+    pages must already be checked for lengths + S_new."""
+    k_new = np.asarray(k_new)
+    v_new = np.asarray(v_new)
+    s_new = k_new.shape[2]
+    for b, start in enumerate(np.asarray(lengths, np.int64).tolist()):
+        if table is None:
+            k_cache[b, :, start : start + s_new] = k_new[b]
+            v_cache[b, :, start : start + s_new] = v_new[b]
+            continue
+        page, t0 = k_cache.shape[2], start
+        while t0 < start + s_new:  # page by page: the first and last may be partial
+            p, r = divmod(t0, page)
+            n = min(page - r, start + s_new - t0)
+            k_cache[table[b, p], :, r : r + n] = k_new[b, :, t0 - start : t0 - start + n]
+            v_cache[table[b, p], :, r : r + n] = v_new[b, :, t0 - start : t0 - start + n]
+            t0 += n
