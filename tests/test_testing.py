@@ -12,7 +12,7 @@ import pytest
 import flashmath as fm
 from flashmath import testing
 from flashmath.conformance import accuracy_rule
-from flashmath.conformance.kernels import builtin_kernel
+from flashmath.conformance.kernels import load_target
 from flashmath.testing import (
     BATTERY_DTYPES,
     assert_attention_close,
@@ -272,7 +272,7 @@ def test_a_torch_output_without_autograd_is_an_error_under_grads() -> None:
 # --------------------------------------------------------------------------- one rule
 
 
-FLASHMATH = builtin_kernel("flashmath", "attention")
+FLASHMATH = load_target("flashmath", "attention")
 
 
 def _agree(rec: dict, result: testing.CheckResult) -> None:

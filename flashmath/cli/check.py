@@ -1,8 +1,7 @@
 """`flashmath check softmax|attention TARGET`: run the conformance battery on a kernel.
 
 TARGET is ``MODULE:FUNC`` (FUNC may be dotted: ``pkg.mod:Class.method``; the current
-folder is importable, as with ``python -m``) or one of the built-in targets of
-:func:`flashmath.conformance.kernels.builtin_kernel`:
+folder is importable, as with ``python -m``) or one of the built-in targets:
 
 - ``flashmath``: fm.softmax / fm.flash_attention (+ fm.flash_attention_backward);
 - ``torch``: torch.softmax / torch.nn.functional.scaled_dot_product_attention (+ autograd),
@@ -17,28 +16,24 @@ message of every failure. Exit status: 0 when every case that ran passed, 1 when
 (or none ran), 2 when the target cannot be imported or called (one line on stderr, no
 traceback). ``--json FILE`` writes the same results atomically.
 
-This module owns the command: its arguments, loading a target, the table and the JSON.
+This module owns the command: its arguments, the table and the JSON; targets are loaded
+by :func:`flashmath.conformance.kernels.load_target`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from flashmath import conformance as testing
-from flashmath.conformance.kernels import BUILTIN_TARGETS, builtin_kernel
+from flashmath.conformance.kernels import BUILTIN_TARGETS, TargetError, load_target
 from flashmath.text import MISSING, number
 
 __all__ = ["BUILTIN_TARGETS", "TargetError", "configure", "format_table", "load_target", "main"]
-
-class TargetError(Exception):
-    """The target cannot be imported or called: the message is the one line to print."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -104,46 +99,6 @@ def main(args: argparse.Namespace) -> int:
     if args.json is not None:
         _write_json(args.json, kind, args.target, kernel, grads, results, counts, ok)
     return 0 if ok else 1
-
-
-# --------------------------------------------------------------------------- targets
-
-
-def load_target(target: str, kind: testing.Kind) -> testing.Kernel:
-    """A built-in target's Kernel, or the callable named by ``MODULE:FUNC``.
-
-    Raises TargetError with a one-line reason when the module cannot be imported (any
-    exception while importing counts), the attribute is missing or is not callable.
-    """
-    if target in BUILTIN_TARGETS:
-        try:
-            return builtin_kernel(target, kind)
-        except ImportError as exc:  # torch, for the torch target
-            raise TargetError(str(exc)) from None
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise TargetError(f"target {target!r}: expected MODULE:FUNC or one of "
-                          f"{', '.join(BUILTIN_TARGETS)}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # `flashmath check attention mykernel:attn` from here
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:
-        raise TargetError(f"cannot import module {module_name!r}: "
-                          f"{type(exc).__name__}: {exc}") from None
-    for i, part in enumerate(attr.split(".")):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            owner = ".".join([module_name, *attr.split(".")[:i]])
-            raise TargetError(f"{owner!r} has no attribute {part!r}") from None
-    if not callable(obj) and not isinstance(obj, tuple):
-        raise TargetError(f"{target} is a {type(obj).__name__}, not a callable")
-    try:
-        kernel = testing.as_kernel(obj)
-    except TypeError as exc:
-        raise TargetError(f"{target}: {exc}") from None
-    return testing.declare(kernel, name=target)
 
 
 # --------------------------------------------------------------------------- output

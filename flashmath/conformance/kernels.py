@@ -31,13 +31,14 @@ object with ``__call__`` and ``backward``; it is called as
 ``backward(dout, q, k, v, **options) -> (dq, dk, dv)`` with the same options as the forward
 (a backward that needs the forward's out or lse recomputes or caches them).
 
-Built-in targets (:func:`builtin_kernel`, what ``flashmath check`` calls ``flashmath``,
-``torch`` and ``naive``): flashmath's softmax and tiled attention; torch.softmax and
-:func:`sdpa` (torch's scaled_dot_product_attention with flashmath's options); the textbook
-formulas without the max shift, which must fail the overflow cases.
+Targets (:func:`load_target`, what ``flashmath check`` runs): ``MODULE:FUNC``, or the
+built-in ``flashmath``, ``torch`` and ``naive``: flashmath's softmax and tiled attention;
+torch.softmax and :func:`sdpa` (torch's scaled_dot_product_attention with flashmath's
+options); the textbook formulas without the max shift, which must fail the overflow cases.
 
 Owns: :class:`Kernel`, :func:`declare`, :func:`as_kernel`, :func:`validate_kernel`, the
-NumPy/torch boundary (:func:`answer`, :func:`to_numpy`) and the built-in adapters.
+NumPy/torch boundary (:func:`answer`, :func:`to_numpy`), loading a target
+(:func:`load_target`) and the built-in adapters.
 May import: dtypes, softmax, attention, conformance.cases; torch lazily.
 """
 
@@ -45,7 +46,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -70,19 +74,20 @@ __all__ = [
     "BUILTIN_TARGETS",
     "Kernel",
     "KernelSignatureError",
+    "TargetError",
     "answer",
     "as_kernel",
-    "builtin_kernel",
     "declare",
     "flashmath_attention_backward",
     "is_torch",
+    "load_target",
     "sdpa",
     "to_numpy",
     "torch_softmax",
     "validate_kernel",
 ]
 
-#: The built-in targets of :func:`builtin_kernel`.
+#: The built-in targets of :func:`load_target`.
 BUILTIN_TARGETS = ("flashmath", "torch", "naive")
 
 
@@ -110,6 +115,10 @@ class Kernel:
 
 class KernelSignatureError(TypeError):
     """The impl cannot be called the way the checker calls it (the message says how)."""
+
+
+class TargetError(Exception):
+    """A ``flashmath check`` target cannot be imported or called: the message is one line."""
 
 
 def declare(
@@ -356,7 +365,7 @@ def _torch_target(kind: Kind) -> Kernel:
     try:
         import torch  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
-        raise ImportError(f"the torch target needs torch, which cannot be imported "
+        raise TargetError(f"the torch target needs torch, which cannot be imported "
                           f"({type(exc).__name__}: {exc}); pip install 'flashmath[torch]'"
                           ) from None
     if kind == "softmax":
@@ -365,17 +374,7 @@ def _torch_target(kind: Kind) -> Kernel:
                    name="torch.nn.functional.scaled_dot_product_attention")
 
 
-def builtin_kernel(target: str, kind: Kind) -> Kernel:
-    """The Kernel of a built-in target (one of :data:`BUILTIN_TARGETS`) for ``kind``:
-
-    - ``"flashmath"``: flashmath's softmax, or flash_attention with every option and
-      :func:`flashmath_attention_backward`;
-    - ``"torch"``: :func:`torch_softmax` or :func:`sdpa` (a torch backend, autograd for
-      gradients); an ImportError with the reason when torch cannot be imported;
-    - ``"naive"``: the textbook softmax / attention in the input dtype (no max shift).
-
-    A ValueError names ``target`` when it is not one of them.
-    """
+def _builtin(target: str, kind: Kind) -> Kernel:
     if target == "flashmath":
         if kind == "softmax":
             return declare(softmax, name="flashmath.softmax")
@@ -383,9 +382,54 @@ def builtin_kernel(target: str, kind: Kind) -> Kernel:
                        backward=flashmath_attention_backward, name="flashmath.flash_attention")
     if target == "torch":
         return _torch_target(kind)
-    if target == "naive":
-        if kind == "softmax":
-            return declare(naive_softmax.softmax, name="flashmath.naive.softmax")
-        return declare(naive_attention.attention, supports=ATTENTION_OPTIONS,
-                       name="textbook attention (no max shift)")
-    raise ValueError(f"target: expected one of {', '.join(BUILTIN_TARGETS)}, got {target!r}")
+    if kind == "softmax":
+        return declare(naive_softmax.softmax, name="flashmath.naive.softmax")
+    return declare(naive_attention.attention, supports=ATTENTION_OPTIONS,
+                   name="textbook attention (no max shift)")
+
+
+def load_target(target: str, kind: Kind) -> Kernel:
+    """The Kernel that ``flashmath check KIND TARGET`` runs.
+
+    target: one of :data:`BUILTIN_TARGETS` --
+
+    - ``"flashmath"``: flashmath's softmax, or flash_attention with every option and
+      :func:`flashmath_attention_backward`;
+    - ``"torch"``: :func:`torch_softmax` or :func:`sdpa` (a torch backend, autograd for
+      gradients);
+    - ``"naive"``: the textbook softmax / attention in the input dtype (no max shift) --
+
+    or ``"MODULE:FUNC"`` (FUNC may be dotted, ``pkg.mod:Class.method``; the current folder
+    is put on ``sys.path`` if it is not there, as with ``python -m``), declared with the
+    target as its name. kind: "softmax" or "attention".
+
+    Raises TargetError with a one-line reason when torch cannot be imported for the torch
+    target, the module cannot be imported (any exception while importing counts), the
+    attribute is missing or is not a callable (or a (forward, backward) pair).
+    """
+    if target in BUILTIN_TARGETS:
+        return _builtin(target, kind)
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise TargetError(f"target {target!r}: expected MODULE:FUNC or one of "
+                          f"{', '.join(BUILTIN_TARGETS)}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `flashmath check attention mykernel:attn` from here
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise TargetError(f"cannot import module {module_name!r}: "
+                          f"{type(exc).__name__}: {exc}") from None
+    for i, part in enumerate(attr.split(".")):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            owner = ".".join([module_name, *attr.split(".")[:i]])
+            raise TargetError(f"{owner!r} has no attribute {part!r}") from None
+    if not callable(obj) and not isinstance(obj, tuple):
+        raise TargetError(f"{target} is a {type(obj).__name__}, not a callable")
+    try:
+        kernel = as_kernel(obj)
+    except TypeError as exc:
+        raise TargetError(f"{target}: {exc}") from None
+    return declare(kernel, name=target)
