@@ -47,10 +47,12 @@ from flashmath.conformance.oracle import Answer, expected
 from flashmath.text import number
 
 __all__ = [
+    "ERROR_SPEC",
     "FLOOR_ULPS",
     "GRAD_LIMIT",
     "OUT_LIMIT",
     "QUANTITIES",
+    "VALUE_SPEC",
     "CheckResult",
     "Judged",
     "Verdict",
@@ -134,12 +136,9 @@ class Judged:
     text: str
 
 
-def _err(x: float) -> str:
-    return number(x, ".6g")  # an error or a ratio
-
-
-def _value(x: float) -> str:
-    return number(x, ".9g")  # enough digits to tell float32 neighbours apart
+#: How messages write an error or a ratio, and a value (digits enough to tell float32
+#: neighbours apart), through :func:`flashmath.text.number`.
+ERROR_SPEC, VALUE_SPEC = ".6g", ".9g"
 
 
 def judge(label: str, got: np.ndarray, oracle: np.ndarray, base: np.ndarray, *,
@@ -176,24 +175,25 @@ def judge(label: str, got: np.ndarray, oracle: np.ndarray, base: np.ndarray, *,
         ratio = max_error / reference
     else:
         ratio = 0.0 if max_error == 0 else math.inf
-    baseline_text = (f"the naive {dtype} baseline's max error is {_err(baseline_error)}"
+    e_max, e_base, e_floor, e_ratio = (number(x, ERROR_SPEC) for x in
+                                       (max_error, baseline_error, floor, ratio))
+    baseline_text = (f"the naive {dtype} baseline's max error is {e_base}"
                      if math.isfinite(baseline_error) else
-                     f"the naive {dtype} baseline broke ({_err(baseline_error)}: it overflowed "
-                     f"or produced NaN), so the floor {_err(floor)} stands in for it")
+                     f"the naive {dtype} baseline broke ({e_base}: it overflowed or produced "
+                     f"NaN), so the floor {e_floor} stands in for it")
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         where = f"{label}{list(idx)}"
-        gv, ov = g[idx], o[idx]
         if dead is not None and np.broadcast_to(dead, o.shape)[idx]:
             why = "a row with nothing to attend to must be exactly zero"
-        elif np.isnan(ov):
+        elif np.isnan(o[idx]):
             why = "the input row holds NaN or +inf, so this row must be NaN"
         else:
             why = "NaN/inf where the oracle is finite"
-        text = (f"NaN policy broken at {where}: the impl gives {_value(gv)} where the float64 "
-                f"oracle says {_value(ov)} ({why}); {int(bad.sum())} element(s) break it. "
-                f"Max error elsewhere {_err(max_error)}, {baseline_text}, "
-                f"ratio {_err(ratio)}.")
+        text = (f"NaN policy broken at {where}: the impl gives {number(g[idx], VALUE_SPEC)} "
+                f"where the float64 oracle says {number(o[idx], VALUE_SPEC)} ({why}); "
+                f"{int(bad.sum())} element(s) break it. Max error elsewhere {e_max}, "
+                f"{baseline_text}, ratio {e_ratio}.")
         return Judged(label, False, False, max_error, baseline_error, floor, ratio, limit,
                       where, text)
     worst: str | None = None
@@ -201,12 +201,11 @@ def judge(label: str, got: np.ndarray, oracle: np.ndarray, base: np.ndarray, *,
     if err.size:
         idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(err)), err.shape))
         worst = f"{label}{list(idx)}"
-        at = (f"at {worst} the impl gives {_value(g[idx])} where the float64 oracle says "
-              f"{_value(o[idx])}")
+        at = (f"at {worst} the impl gives {number(g[idx], VALUE_SPEC)} where the float64 "
+              f"oracle says {number(o[idx], VALUE_SPEC)}")
     ok = ratio <= limit
-    text = (f"{label}: {'meets' if ok else 'breaks'} the accuracy rule: max error "
-            f"{_err(max_error)} ({at}); {baseline_text}; ratio {_err(ratio)} "
-            f"{'<=' if ok else '>'} {limit:g}.")
+    text = (f"{label}: {'meets' if ok else 'breaks'} the accuracy rule: max error {e_max} "
+            f"({at}); {baseline_text}; ratio {e_ratio} {'<=' if ok else '>'} {limit:g}.")
     return Judged(label, ok, True, max_error, baseline_error, floor, ratio, limit, worst, text)
 
 
