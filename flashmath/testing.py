@@ -1,7 +1,12 @@
-"""Conformance testing for your own softmax and attention kernels (the public face of
-:mod:`flashmath.conformance`; ``flashmath check`` is its command)::
+"""Conformance testing for your own softmax and attention kernels: the adversarial
+batteries, the float64 oracle and FlashAttention's accuracy rule (2x the naive same-dtype
+error for outputs, 3x for gradients, with a floor of an ulp and the NaN policy). The
+public face of :mod:`flashmath.conformance`; ``flashmath check`` is its command::
 
     from flashmath.testing import assert_attention_close, attention_battery, run_case
+
+See :mod:`flashmath.conformance.judge` for the rule, :mod:`flashmath.conformance.kernels`
+for how a kernel declares what it supports, :mod:`flashmath.conformance.run` for examples.
 """
 
 from flashmath.conformance import (

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import flashmath as fm
-from flashmath.conformance.judge import accuracy_rule
+from flashmath.conformance import accuracy_rule
 from tests.attention_cases import options, qkv
 
 CASES = [  # (B, H, H_kv, Sq, Sk, D, option set, input scale, block_q, block_k)

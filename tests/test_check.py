@@ -86,7 +86,7 @@ def test_naive_softmax_fails_exactly_where_it_breaks(capsys, tmp_path) -> None:
         # nothing left (0/0), and +inf giving [0, nan, 0] instead of a NaN row
         _cases({"above overflow threshold", "below underflow threshold", "all -inf",
                 "fully masked row in a batch", "+inf in a row"}, ALL)
-        # seed 001's large positive (exp(92) > float32 max), large negative (exp(-100) = 0)
+        # SEED_001's large positive (exp(92) > float32 max), large negative (exp(-100) = 0)
         | _cases({"large positive"}, {"float32", "float16", "bfloat16"})
         | _cases({"large negative"}, {"float16", "bfloat16"})
         # float16 overflows at exp(11.09): 42, and 3- to 5-sigma random logits

@@ -11,6 +11,8 @@ import pytest
 
 import flashmath as fm
 from flashmath import testing
+from flashmath.conformance import accuracy_rule
+from flashmath.conformance.kernels import load_target
 from flashmath.testing import (
     BATTERY_DTYPES,
     assert_attention_close,
@@ -265,3 +267,53 @@ def test_a_torch_output_without_autograd_is_an_error_under_grads() -> None:
     q, k, v = _qkv("float32")
     result = testing.compare_attention(detached, q, k, v, grads=True)
     assert result.verdict == "ERROR" and "does not require grad" in result.message
+
+
+# --------------------------------------------------------------------------- one rule
+
+
+FLASHMATH = load_target("flashmath", "attention")
+
+
+def _agree(rec: dict, result: testing.CheckResult) -> None:
+    """The lab's record and the checker's row say the same thing about the same answers."""
+    assert rec["passes"] == result.passed, (rec, result.message)
+    assert rec["nan_policy_ok"] == result.nan_policy_ok
+    q = result.quantity  # the row reports this quantity: the record has the same numbers
+    assert (rec[f"{q}_err"], rec[f"{q}_floor"]) == (result.max_error, result.floor)
+    assert rec[f"{q}_ratio"] == result.ratio or (math.isnan(rec[f"{q}_ratio"])
+                                                 and math.isnan(result.ratio))
+    if result.passed:  # then the row's ratio is the worst of them
+        assert max(rec[f"{x}_ratio"] for x in ("out", "dq", "dk", "dv")
+                   if f"{x}_ratio" in rec) == result.ratio
+
+
+@pytest.mark.parametrize("dtype", BATTERY_DTYPES)
+def test_the_lab_and_the_checker_give_the_same_verdict_on_every_case(dtype: str) -> None:
+    # A lab rule without the floor or the NaN policy would fail what the checker passes:
+    # every float64 case (there the naive baseline is the oracle's algorithm: error 0) and
+    # the NaN query (NaN errors).
+    for case in attention_battery((dtype,)):
+        i = case.inputs
+        rec = accuracy_rule(i["q"], i["k"], i["v"], dtype=dtype, dout=i["dout"], **case.options)
+        _agree(rec, run_case(FLASHMATH, case, grads=True))
+
+
+def test_the_lab_and_the_checker_agree_where_the_baseline_overflows() -> None:
+    # Scores near 9e4 overflow float16 in the naive formula (NaN); flashmath's float32 tiles
+    # do not. The floor stands alone: the forward passes (a raw ratio would be nan: a FAIL),
+    # the gradients of these ill-conditioned scores break it in both views.
+    rng = np.random.default_rng(0)
+    q, k = (150 + rng.standard_normal((1, 2, 8, 16)) for _ in range(2))
+    v, dout = (rng.standard_normal((1, 2, 8, 16)) for _ in range(2))
+    rec = accuracy_rule(q, k, v, dtype="float16")
+    result = testing.compare_attention(FLASHMATH, q, k, v, dtype="float16")
+    assert math.isnan(rec["out_naive_err"]) and math.isnan(result.baseline_error)
+    assert rec["out_ratio"] == rec["out_err"] / rec["out_floor"] <= testing.OUT_LIMIT
+    _agree(rec, result)
+    assert result.passed
+    rec = accuracy_rule(q, k, v, dtype="float16", dout=dout)
+    result = testing.compare_attention(FLASHMATH, q, k, v, dtype="float16", dout=dout,
+                                       grads=True)
+    _agree(rec, result)
+    assert not result.passed and result.quantity != "out"

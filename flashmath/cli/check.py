@@ -6,39 +6,34 @@ folder is importable, as with ``python -m``) or one of the built-in targets:
 - ``flashmath``: fm.softmax / fm.flash_attention (+ fm.flash_attention_backward);
 - ``torch``: torch.softmax / torch.nn.functional.scaled_dot_product_attention (+ autograd),
   when torch is installed;
-- ``naive``: fm.naive.softmax / fm.naive.attention, the textbook exp(s) / sum exp(s) in the input
-  dtype without the max shift -- it must fail the overflow cases.
+- ``naive``: fm.naive.softmax / fm.naive.attention, the textbook exp(s) / sum exp(s) in the
+  input dtype without the max shift -- it must fail the overflow cases.
 
 Every case of :func:`flashmath.testing.softmax_battery` or ``attention_battery`` is run and
-judged by the accuracy rule and the NaN policy (see :mod:`flashmath.testing`). A table is
-printed (case, dtype, max error, baseline error, ratio, NaN policy, verdict), then the
+judged by the accuracy rule and the NaN policy (:mod:`flashmath.conformance.judge`). A table
+is printed (case, dtype, max error, baseline error, ratio, NaN policy, verdict), then the
 message of every failure. Exit status: 0 when every case that ran passed, 1 when one failed
 (or none ran), 2 when the target cannot be imported or called (one line on stderr, no
 traceback). ``--json FILE`` writes the same results atomically.
+
+This module owns the command: its arguments, the table and the JSON; targets are loaded
+by :func:`flashmath.conformance.kernels.load_target`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from flashmath import conformance as testing
+from flashmath.conformance.kernels import BUILTIN_TARGETS, TargetError, load_target
+from flashmath.text import MISSING, number
 
 __all__ = ["BUILTIN_TARGETS", "TargetError", "configure", "format_table", "load_target", "main"]
-
-BUILTIN_TARGETS = ("flashmath", "torch", "naive")
-
-
-class TargetError(Exception):
-    """The target cannot be imported or called: the message is the one line to print."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -106,167 +101,26 @@ def main(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-# --------------------------------------------------------------------------- targets
-
-
-def load_target(target: str, kind: str) -> testing.Kernel:
-    """A built-in target's Kernel, or the callable named by ``MODULE:FUNC``.
-
-    Raises TargetError with a one-line reason when the module cannot be imported (any
-    exception while importing counts), the attribute is missing or is not callable.
-    """
-    if target in BUILTIN_TARGETS:
-        return _BUILTINS[target](kind)
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise TargetError(f"target {target!r}: expected MODULE:FUNC or one of "
-                          f"{', '.join(BUILTIN_TARGETS)}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # `flashmath check attention mykernel:attn` from here
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:
-        raise TargetError(f"cannot import module {module_name!r}: "
-                          f"{type(exc).__name__}: {exc}") from None
-    for i, part in enumerate(attr.split(".")):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            owner = ".".join([module_name, *attr.split(".")[:i]])
-            raise TargetError(f"{owner!r} has no attribute {part!r}") from None
-    if not callable(obj) and not isinstance(obj, tuple):
-        raise TargetError(f"{target} is a {type(obj).__name__}, not a callable")
-    try:
-        kernel = testing.as_kernel(obj)
-    except TypeError as exc:
-        raise TargetError(f"{target}: {exc}") from None
-    return testing.declare(kernel, name=target)
-
-
-def _flashmath_target(kind: str) -> testing.Kernel:
-    import flashmath as fm
-
-    if kind == "softmax":
-        return testing.declare(fm.softmax, name="flashmath.softmax")
-
-    def backward(dout: Any, q: Any, k: Any, v: Any, **options: Any) -> Any:
-        out, lse = fm.flash_attention(q, k, v, return_lse=True, **options)
-        return fm.flash_attention_backward(dout, q, k, v, out, lse, **options)
-
-    return testing.declare(
-        fm.flash_attention, supports=testing.ATTENTION_OPTIONS, backward=backward,
-        name="flashmath.flash_attention")
-
-
-def _import_torch() -> Any:
-    try:
-        import torch
-    except Exception as exc:  # ImportError, or a broken install
-        raise TargetError(f"the torch target needs torch, which cannot be imported "
-                          f"({type(exc).__name__}: {exc}); pip install 'flashmath[torch]'"
-                          ) from None
-    return torch
-
-
-def _torch_target(kind: str) -> testing.Kernel:
-    torch = _import_torch()
-    if kind == "softmax":
-        def torch_softmax(x: Any, axis: int = -1) -> Any:
-            return torch.softmax(x, dim=axis)
-
-        return testing.declare(torch_softmax, backend="torch",
-                               name="torch.softmax")
-    return testing.declare(
-        sdpa, backend="torch", name="torch.nn.functional.scaled_dot_product_attention",
-        supports={"causal", "causal_top_left", "window", "mask", "bias", "kv_lengths",
-                  "q_lengths", "scale", "gqa", "dv"})
-
-
-def sdpa(q: Any, k: Any, v: Any, *, causal: bool | str = False, window: Any = None,
-         mask: Any = None, bias: Any = None, kv_lengths: Any = None, q_lengths: Any = None,
-         scale: float | None = None) -> Any:
-    """torch's scaled_dot_product_attention with flashmath's options (torch tensors in).
-
-    ``causal="top_left"`` (and ``causal=True`` when Sq == Sk) is SDPA's own ``is_causal``;
-    everything else that removes pairs (bottom-right causal with Sq != Sk, window, boolean
-    mask, lengths) is expressed as SDPA's boolean ``attn_mask``, built by flashmath's one
-    mask builder; a bias becomes a float ``attn_mask`` (-inf where masked). softcap is not
-    expressible in SDPA and is not declared.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from flashmath.attention.options import resolve
-
-    B, H, Sq, D = q.shape
-    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    native_causal = causal == "top_left" or (causal is True and Sq == Sk)
-    rest = {"window": window, "mask": mask, "kv_lengths": kv_lengths, "q_lengths": q_lengths}
-    attn_mask = None
-    # is_causal and attn_mask cannot be combined: with a bias, causal comes from the mask too
-    if (any(x is not None for x in rest.values()) or (causal and not native_causal)
-            or (native_causal and bias is not None)):
-        rest = {n: (x.cpu().numpy() if isinstance(x, torch.Tensor) else x)
-                for n, x in rest.items()}
-        shapes = [np.empty((B, H, Sq, D), np.float32), np.empty((B, Hkv, Sk, D), np.float32),
-                  np.empty((B, Hkv, Sk, Dv), np.float32)]
-        *_, opts = resolve(*shapes, causal=causal, **rest)
-        attn_mask = torch.from_numpy(opts.spec.dense()).to(q.device)
-        native_causal = False
-    if bias is not None:
-        float_mask = bias.to(q.dtype).expand(B, H, Sq, Sk)
-        if attn_mask is not None:
-            float_mask = float_mask.masked_fill(~attn_mask, float("-inf"))
-        attn_mask = float_mask
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=native_causal,
-                                          scale=scale, enable_gqa=Hkv != H)
-
-
-def _naive_target(kind: str) -> testing.Kernel:
-    import flashmath as fm
-
-    if kind == "softmax":
-        return testing.declare(fm.naive.softmax, name="flashmath.naive.softmax")
-    return testing.declare(
-        fm.naive.attention, name="textbook attention (no max shift)",
-        supports={"causal", "causal_top_left", "window", "mask", "bias", "kv_lengths",
-                  "q_lengths", "softcap", "scale", "gqa", "dv"})
-
-
-_BUILTINS: dict[str, Callable[[str], testing.Kernel]] = {
-    "flashmath": _flashmath_target,
-    "torch": _torch_target,
-    "naive": _naive_target,
-}
-
-
 # --------------------------------------------------------------------------- output
 
 
 COLUMNS = ("case", "dtype", "max error", "baseline error", "ratio", "NaN policy", "verdict")
-
-
-def _num(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.2e}"
+#: How the table writes an error or a ratio.
+NUMBER = ".2e"
 
 
 def _row(r: testing.CheckResult) -> tuple[str, ...]:
-    baseline = _num(r.baseline_error)
+    baseline = number(r.baseline_error, NUMBER)
     if r.baseline_error is not None and not math.isfinite(r.baseline_error):
         baseline += " (floor)"
-    policy = "-" if r.nan_policy_ok is None else ("ok" if r.nan_policy_ok else "BROKEN")
+    policy = MISSING if r.nan_policy_ok is None else ("ok" if r.nan_policy_ok else "BROKEN")
     verdict: str = r.verdict
     if r.verdict == "SKIP":
         verdict += ": " + r.message.split("]: ", 1)[-1]
     elif r.quantity not in (None, "out"):
         verdict += f" ({r.quantity})"
-    return (r.case, r.dtype, _num(r.max_error), baseline, _num(r.ratio), policy, verdict)
+    return (r.case, r.dtype, number(r.max_error, NUMBER), baseline, number(r.ratio, NUMBER),
+            policy, verdict)
 
 
 def format_table(results: Sequence[testing.CheckResult]) -> str:

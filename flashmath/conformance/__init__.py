@@ -1,36 +1,45 @@
-"""Conformance: the adversarial batteries, the one accuracy rule and the runner that
-judges any softmax or attention kernel against the float64 oracle.
+"""Conformance: judging any softmax or attention kernel against the float64 oracle.
 
-Owns: cases and batteries, the judge (FlashAttention's 2x / 3x rule with its floor and
-NaN policy), kernel declarations and adapters, and running a kernel over a battery.
-May import: dtypes, softmax, attention. ``flashmath.testing`` re-exports it.
+Owns the adversarial batteries (:mod:`.cases`), the oracle and the naive same-dtype
+baseline (:mod:`.oracle`), the one accuracy rule -- FlashAttention's 2x / 3x limits with
+their floor and the NaN policy of docs/conventions.md (:mod:`.judge`) --, kernel
+declarations, the NumPy/torch boundary and the built-in adapters including torch's SDPA
+(:mod:`.kernels`), and running a kernel over a case, a battery or one input, with the lab's
+per-quantity view of the rule (:mod:`.run`). Inside, imports point down:
+cases <- oracle <- judge; cases <- kernels; all <- run.
+
+May import: flashmath.dtypes, flashmath.text, flashmath.softmax, flashmath.attention (and
+torch, lazily, at the torch boundary); never measure, triton, distributed, lab or cli.
+:mod:`flashmath.testing` is its public face; ``flashmath check`` its command.
 """
 
-from flashmath.conformance.run import (
+from flashmath.conformance.cases import (
     ATTENTION_OPTIONS,
     BATTERY_DTYPES,
-    FLOOR_ULPS,
-    GRAD_LIMIT,
-    OUT_LIMIT,
     SEED_001,
     SOFTMAX_OPTIONS,
     Case,
-    CheckResult,
+    Kind,
+    attention_battery,
+    softmax_battery,
+)
+from flashmath.conformance.judge import FLOOR_ULPS, GRAD_LIMIT, OUT_LIMIT, CheckResult
+from flashmath.conformance.kernels import (
     Kernel,
     KernelSignatureError,
-    Kind,
     as_kernel,
+    declare,
+    validate_kernel,
+)
+from flashmath.conformance.run import (
+    accuracy_rule,
     assert_attention_close,
     assert_softmax_close,
-    attention_battery,
     check_attention,
     check_softmax,
     compare_attention,
     compare_softmax,
-    declare,
     run_case,
-    softmax_battery,
-    validate_kernel,
 )
 
 __all__ = [
@@ -46,6 +55,7 @@ __all__ = [
     "Kernel",
     "KernelSignatureError",
     "Kind",
+    "accuracy_rule",
     "as_kernel",
     "assert_attention_close",
     "assert_softmax_close",

@@ -28,7 +28,7 @@ import numpy as np
 import flashmath as fm
 from flashmath import dtypes
 from flashmath.attention.masks import alibi_bias
-from flashmath.conformance.judge import accuracy_rule
+from flashmath.conformance import accuracy_rule
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result
 from flashmath.measure import cpu as bench
