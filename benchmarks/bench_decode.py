@@ -24,7 +24,7 @@ import numpy as np
 import flashmath as fm
 from flashmath.attention.decode import choose_num_splits
 from flashmath.attention.threads import cores
-from flashmath.measure.cpu import time_calls
+from flashmath.measure.timing import time_calls
 
 SHAPES = [  # (B, H, H_kv): one head; MQA; GQA; many heads
     (1, 1, 1),

@@ -30,7 +30,7 @@ import numpy as np
 from flashmath.distributed import model
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result, Skipped
-from flashmath.measure.cpu import attention_flops
+from flashmath.measure.flops import attention_flops
 from flashmath.text import fmt_bytes, markdown_table
 
 NAME = "ring-attention"
