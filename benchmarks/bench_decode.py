@@ -44,7 +44,7 @@ def time_case(q: np.ndarray, k: np.ndarray, v: np.ndarray,
               lens: np.ndarray) -> tuple[float, list[float]]:
     """(flash_attention's time, flash_decode's time for each of SPLITS), in seconds."""
     base = best_of(lambda: fm.flash_attention(q, k, v, kv_lengths=lens))
-    return base, [best_of(lambda n=n: fm.flash_decode(q, k, v, cache_lengths=lens, num_splits=n))
+    return base, [best_of(lambda n=n: fm.flash_decode(q, k, v, kv_lengths=lens, num_splits=n))
                   for n in SPLITS]
 
 
