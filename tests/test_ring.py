@@ -175,6 +175,14 @@ def test_rows_that_see_nothing_give_zeros_not_nan() -> None:
     assert all(torch.isfinite(t).all() for t in (out, *grads))
 
 
+def test_top_left_is_causal_over_the_whole_sequence() -> None:
+    """Sq == Sk overall, so both alignments are one mask: "top_left" equals True."""
+    q, k, v, _ = _inputs(1, 2, 1, 16, 4, seed=9)
+    a = simulate_ring_attention(q, k, v, 2, causal=True, layout="zigzag")[0]
+    b = simulate_ring_attention(q, k, v, 2, causal="top_left", layout="zigzag")[0]
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"q": np.zeros((1, 1, 4, 2))}, TypeError, "q: expected a torch.Tensor"),
     ({"k": torch.zeros(1, 1, 4)}, ValueError, "k: expected a 4-D"),
@@ -189,6 +197,9 @@ def test_rows_that_see_nothing_give_zeros_not_nan() -> None:
       "v": torch.zeros(1, 3, 4, 2, dtype=torch.float64)}, ValueError, "divide"),
     ({"q": torch.zeros(1, 2, 4, 2, dtype=torch.int64)}, TypeError, "q: expected a floating"),
     ({"layout": "striped"}, ValueError, "layout"),
+    ({"causal": "bogus"}, ValueError, "causal:"),
+    ({"causal": 2}, ValueError, "causal:"),
+    ({"scale": float("nan")}, ValueError, "scale:"),
 ])
 def test_validation_names_the_argument(kwargs: dict[str, Any], error: type, match: str) -> None:
     args: dict[str, Any] = {"q": torch.zeros(1, 2, 4, 2, dtype=torch.float64),

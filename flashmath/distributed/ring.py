@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from flashmath.attention import tiled
-from flashmath.attention.options import check_shapes
+from flashmath.attention.options import Causal, check_causal, check_finite, check_shapes
 from flashmath.distributed.layouts import (
     LAYOUTS,
     block_pairs,
@@ -326,7 +326,7 @@ def _validate(q: Any, k: Any, v: Any, layout: str) -> None:
 @overload
 def ring_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = ...,
-    causal: bool = ..., scale: float | None = ..., layout: str = ...,
+    causal: Causal = ..., scale: float | None = ..., layout: str = ...,
     timeout: float | None = ..., stats: RingStats | None = ...,
     return_lse: Literal[False] = ...,
 ) -> torch.Tensor: ...
@@ -335,7 +335,7 @@ def ring_attention(
 @overload
 def ring_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = ...,
-    causal: bool = ..., scale: float | None = ..., layout: str = ...,
+    causal: Causal = ..., scale: float | None = ..., layout: str = ...,
     timeout: float | None = ..., stats: RingStats | None = ...,
     return_lse: Literal[True],
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -347,7 +347,7 @@ def ring_attention(
     v: torch.Tensor,
     *,
     group: Any = None,
-    causal: bool = False,
+    causal: Causal = False,
     scale: float | None = None,
     layout: str = "contiguous",
     timeout: float | None = None,
@@ -364,7 +364,9 @@ def ring_attention(
         on any device the backend can send (CPU with gloo, CUDA with nccl).
     group : the process group (default: the default group). When torch.distributed is not
         initialised and ``group`` is None, the "ring" has one rank (plain attention).
-    causal : each query sees the keys at global positions <= its own.
+    causal : True (or "top_left": with Sq == Sk over the whole sequence the two alignments
+        agree): each query sees the keys at global positions <= its own. Other values
+        raise ValueError, as in every backend.
     scale : score scale, default 1/sqrt(D).
     layout : "contiguous" or "zigzag" (load-balanced for causal); how the sequence was cut,
         see ``shard_sequence``. Every rank must use the same layout and shard length.
@@ -388,7 +390,8 @@ def ring_attention(
     ValueError/TypeError naming the argument for bad input or shards that differ by rank.
     """
     _validate(q, k, v, layout)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    causal = check_causal(causal) is not None
+    scale = float(q.shape[-1] ** -0.5 if scale is None else check_finite(scale, "scale"))
     ex: Exchange
     if group is None and not (dist.is_available() and dist.is_initialized()):
         ex = LocalExchange()
@@ -403,7 +406,7 @@ def ring_attention(
 
 def simulate_ring_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int, *,
-    causal: bool = False, scale: float | None = None, layout: str = "contiguous",
+    causal: Causal = False, scale: float | None = None, layout: str = "contiguous",
     dout: torch.Tensor | None = None, timeout: float = 60.0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Run the ring in one process: ``world_size`` threads, each a rank running exactly the
@@ -411,7 +414,8 @@ def simulate_ring_attention(
     tensors, shards them by ``layout``, and returns the whole output (and, given ``dout``,
     the whole (dq, dk, dv)), unsharded. For tests and the lab; a real run uses processes."""
     _validate(q, k, v, layout)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    causal = check_causal(causal) is not None
+    scale = float(q.shape[-1] ** -0.5 if scale is None else check_finite(scale, "scale"))
     w = world_size
 
     def shard(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -453,7 +457,7 @@ def simulate_ring_attention(
 
 def replay_rank_memory(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int, *, rank: int = 0,
-    causal: bool = False, layout: str = "contiguous", backward: bool = True,
+    causal: Causal = False, layout: str = "contiguous", backward: bool = True,
 ) -> dict[str, int]:
     """Peak memory of one rank's ring work, measured in this process with tracemalloc.
 
@@ -465,6 +469,7 @@ def replay_rank_memory(
     q, k, v shards themselves}.
     """
     _validate(q, k, v, layout)
+    causal = check_causal(causal) is not None
     w = world_size
     ks = [shard_sequence(k, w, r, layout=layout) for r in range(w)]
     vs = [shard_sequence(v, w, r, layout=layout) for r in range(w)]
