@@ -141,7 +141,7 @@ def test_simulated_ring_matches_oracle(causal: bool, layout: str, world: int, h:
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_simulated_ring_narrow_dtypes_meet_the_accuracy_rule(dtype: str) -> None:
     """Narrow shards compute and merge in float32, so the ring is no worse than the naive
-    same-dtype formula (2x forward, 3x gradients: DESIGN.md's rule)."""
+    same-dtype formula (2x forward, 3x gradients: the accuracy rule)."""
     q, k, v, dout = _inputs(1, 2, 2, 32, 16, dtype=getattr(torch, dtype), seed=3)
     out, grads = simulate_ring_attention(q, k, v, 4, causal=True, layout="zigzag", dout=dout)
     assert grads is not None

@@ -4,7 +4,7 @@ Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, s
 before flashmath.triton is imported) on tiny shapes and pinned tiles; with one, the same
 cases run compiled on CUDA, and the ``gpu`` tests add full-size, autotuned shapes.
 
-Accuracy: flashmath.testing's rule (DESIGN.md: max error against fm.attention_reference /
+Accuracy: flashmath.testing's rule (max error against fm.attention_reference /
 attention_reference_backward in float64 at most 2x the naive same-dtype error forward, 3x
 for gradients, with its documented floor), its NaN policy and its zero fully-masked rows.
 """
