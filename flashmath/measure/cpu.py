@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from flashmath.attention.tiled import flash_attention
 from flashmath.dtypes import as_dtype
 from flashmath.measure.flops import attention_flops
 from flashmath.measure.timing import time_calls
@@ -157,12 +158,10 @@ def time_seed003(b: int = 2, h: int = 8, s: int = 1024, d: int = 64, *, causal: 
     ``seed003_fwd_s``, ``fm_fwd_s``, ``torch_fwd_s`` (None without torch) and the ratios
     ``seed003_vs_torch_ratio_time``, ``seed003_vs_fm_ratio_time``.
     """
-    import flashmath as fm
-
     q, k, v, dout = _inputs(b, h, s, d, "float32", seed)
     fns: dict[str, Callable[[], Any]] = {
         "seed003_fwd": lambda: seed003_forward(q, k, v, tile, causal),
-        "fm_fwd": lambda: fm.flash_attention(q, k, v, causal=causal),
+        "fm_fwd": lambda: flash_attention(q, k, v, causal=causal),
     }
     tt = _torch()
     if tt is not None:

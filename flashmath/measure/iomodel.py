@@ -171,7 +171,8 @@ def key_intervals(
     The diagonal is bottom-right aligned (query i sits at key i + kv_len - q_len,
     the valid lengths defaulting to sk and sq) for causal=True and for a window
     without causal, top-left (key i) for causal="top_left": the rule of
-    :mod:`flashmath.attention.masks`, taken row by row from :meth:`flashmath.attention.masks.MaskSpec.key_span`.
+    :mod:`flashmath.attention.masks`, taken row by row from
+    :meth:`~flashmath.attention.masks.MaskSpec.key_span`.
     window=(left, right) keeps keys within left before and right after the diagonal,
     None unbounded; causal caps right at 0. Rows >= q_len are empty (hi = 0); keys
     >= kv_len are dropped.
