@@ -50,7 +50,7 @@ from typing import Any, Literal
 import numpy as np
 
 from flashmath.attention.masks import MaskSpec, TileKind, block_of
-from flashmath.attention.options import check_causal
+from flashmath.attention.options import Causal, Window, check_causal
 from flashmath.attention.schedule import Plan, schedule
 
 __all__ = [
@@ -63,9 +63,6 @@ __all__ = [
     "tiles_from_sram",
     "visited_tiles",
 ]
-
-Causal = bool | Literal["top_left"]
-Window = tuple[int | None, int | None] | None
 
 
 @dataclass(frozen=True)
