@@ -110,16 +110,15 @@ def _host(t: torch.Tensor, acc: np.dtype[Any]) -> np.ndarray:
     return a if a.dtype == acc else a.astype(acc)
 
 
-def _torch(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``a`` as a tensor of ``dtype`` on ``device``; on the host it stays NumPy memory
-    (so tracemalloc sees the ring's buffers as well as its NumPy temporaries)."""
-    return to_torch(a, dtype, device)
+# Results go back to torch with dtypes.to_torch: on the host a tensor stays NumPy memory,
+# so tracemalloc sees the ring's buffers as well as its NumPy temporaries.
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor like ``t`` (NumPy memory on the host)."""
     if t.device.type != "cpu":
         return torch.empty_like(t, memory_format=torch.contiguous_format)
-    return _torch(np.empty(tuple(t.shape), dtype=from_torch(t[:0]).dtype), t.dtype, t.device)
+    return to_torch(np.empty(tuple(t.shape), dtype=from_torch(t[:0]).dtype), t.dtype, t.device)
 
 
 # --------------------------------------------------------------------------- block kernels
@@ -132,14 +131,15 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 def _block_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: float, causal: bool,
                    q_offset: int, k_offset: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
     return tiled.tiled_forward(q, k, v, causal=causal, scale=scale, q_offset=q_offset,
-                          k_offset=k_offset, q_total=seq, k_total=seq)
+                               k_offset=k_offset, q_total=seq, k_total=seq)
 
 
 def _block_backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                     out: np.ndarray, lse: np.ndarray, *, scale: float, causal: bool,
                     q_offset: int, k_offset: int, seq: int) -> tuple[np.ndarray, ...]:
     return tiled.tiled_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
-                           q_offset=q_offset, k_offset=k_offset, q_total=seq, k_total=seq)
+                                q_offset=q_offset, k_offset=k_offset, q_total=seq,
+                                k_total=seq)
 
 
 # --------------------------------------------------------------------------- the ring passes
@@ -217,7 +217,7 @@ def _ring_forward(ex: Exchange, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         t1 = time.perf_counter()
         sent = ring.finish()
         _record(stats, "forward", step, t1 - t0, time.perf_counter() - t1, sent)
-    return _torch(out, q.dtype, q.device), _torch(lse, _torch_dtype(acc), q.device)
+    return to_torch(out, q.dtype, q.device), to_torch(lse, _torch_dtype(acc), q.device)
 
 
 def _torch_dtype(dt: np.dtype[Any]) -> torch.dtype:
@@ -262,8 +262,8 @@ def _ring_backward(ex: Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.T
             dk += from_torch(dkv_in[0])
             dv += from_torch(dkv_in[1])
         if w > 1:  # pass this shard's grads on; after the last step they reach the owner
-            dkv_sent = (_torch(dk, _torch_dtype(acc), k.device),
-                        _torch(dv, _torch_dtype(acc), v.device))
+            dkv_sent = (to_torch(dk, _torch_dtype(acc), k.device),
+                        to_torch(dv, _torch_dtype(acc), v.device))
             if dkv_in is None:
                 dkv_in = (_empty_like(dkv_sent[0]), _empty_like(dkv_sent[1]))
             dkv_pending = ex.start(dkv_sent, dkv_in, "dK/dV", step)
@@ -276,8 +276,8 @@ def _ring_backward(ex: Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.T
         dkv_pending.wait()
         dk, dv = from_torch(dkv_in[0]), from_torch(dkv_in[1])
         _record(stats, "backward", w, 0.0, time.perf_counter() - t1, ())
-    return (_torch(dq, q.dtype, q.device), _torch(dk, k.dtype, k.device),
-            _torch(dv, v.dtype, v.device))
+    return (to_torch(dq, q.dtype, q.device), to_torch(dk, k.dtype, k.device),
+            to_torch(dv, v.dtype, v.device))
 
 
 class _RingAttention(torch.autograd.Function):
