@@ -14,8 +14,7 @@ from flashmath.attention.masks import MaskSpec, TileKind, alibi_bias, band, bloc
 
 
 def allowed(b, gi, gj, *, sq, sk, causal=None, window=None, q_len=None, kv_len=None):
-    """The masking rule for global query gi, key gj of batch b, written from the module docs
-    of masks.py (independently of MaskSpec)."""
+    """The masking rule for global query gi, key gj of batch b (docs/conventions.md)."""
     ql = sq if q_len is None else q_len[b]
     kl = sk if kv_len is None else kv_len[b]
     if gi >= ql or gj >= kl:
