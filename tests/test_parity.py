@@ -27,8 +27,8 @@ BACKENDS = [
 
 #: The shared options first, in this order; any other keyword follows, so a new option
 #: shows up in the table (and makes this test fail until the file is regenerated).
-ORDER = ["causal", "window", "mask", "bias", "kv_lengths", "q_lengths", "softcap", "scale",
-         "block_q", "block_k", "return_lse"]
+ORDER = ["causal", "window", "mask", "bias", "alibi_slopes", "sinks", "kv_lengths", "q_lengths",
+         "softcap", "scale", "block_q", "block_k", "return_lse"]
 
 #: What each option means, the same for every backend that takes it.
 MEANING = {
@@ -36,6 +36,8 @@ MEANING = {
     "window": "(left, right) keys either side of the diagonal, None unbounded",
     "mask": "boolean, broadcastable to (B, H, Sq, Sk); True = may attend",
     "bias": "float, broadcastable to (B, H, Sq, Sk), added to the scores",
+    "alibi_slopes": "(H,) or (B, H) ALiBi slopes (distance to the mask's diagonal)",
+    "sinks": "(H,) attention-sink logits: a value-less key in every row's denominator",
     "kv_lengths": "(B,) valid keys per batch entry",
     "q_lengths": "(B,) valid queries per batch entry",
     "softcap": "s -> softcap * tanh(s / softcap)",
@@ -81,8 +83,9 @@ def table() -> str:
     extra = sorted({k for ks in kw for k in ks} - set(ORDER))
     head = "| option | " + " | ".join(f"{col} `{name}`" for col, name, _, _ in BACKENDS) + " |"
     rule = "|" + "---|" * (len(BACKENDS) + 1)
+    taken = [o for o in ORDER if any(o in ks for ks in kw)] + extra
     rows = [f"| `{o}`: {MEANING.get(o, '')} | " + " | ".join(
-        "yes" if o in ks else "-" for ks in kw) + " |" for o in ORDER + extra]
+        "yes" if o in ks else "-" for ks in kw) + " |" for o in taken]
     behaviour = [f"| {what} | " + " | ".join(cells) + " |" for what, cells in BEHAVIOUR]
     return "\n".join([
         "# Backend parity: which options each attention backend takes",
