@@ -113,6 +113,7 @@ def test_python_dash_m_flashmath_is_the_command():
 
     root = str(Path(fm.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": root}
-    done = subprocess.run([sys.executable, "-m", "flashmath", "--version"], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0 and done.stdout.strip() == f"flashmath {fm.__version__}"
+    for module in ("flashmath", "flashmath.cli"):  # the README's torchrun line uses the second
+        done = subprocess.run([sys.executable, "-m", module, "--version"], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0 and done.stdout.strip() == f"flashmath {fm.__version__}"

@@ -63,7 +63,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     return int(module.main(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

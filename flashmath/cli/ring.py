@@ -1,7 +1,7 @@
 """`flashmath ring`: ring attention across processes, checked against one process.
 
     flashmath ring --world-size 4 --seq 4096 --causal          # spawns 4 ranks (gloo, loopback)
-    torchrun --nproc-per-node 4 -m flashmath ring --seq 4096 --causal
+    torchrun --nproc-per-node 4 -m flashmath ring --seq 4096 --causal  # or -m flashmath.cli
 
 What each rank runs and measures is :mod:`flashmath.distributed.demo`; this module parses
 the arguments, refuses bad ones before any rank starts (one line on stderr, exit 2), and
