@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flashmath.measure import cpu as bench
+from flashmath.cli import bench
 
 
 def main(argv: list[str] | None = None) -> int:

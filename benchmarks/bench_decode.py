@@ -24,7 +24,7 @@ import numpy as np
 import flashmath as fm
 from flashmath.attention.decode import choose_num_splits
 from flashmath.attention.threads import cores
-from flashmath.measure.cpu import time_calls
+from flashmath.measure.timing import time_calls
 
 SHAPES = [  # (B, H, H_kv): one head; MQA; GQA; many heads
     (1, 1, 1),
@@ -44,7 +44,7 @@ def time_case(q: np.ndarray, k: np.ndarray, v: np.ndarray,
               lens: np.ndarray) -> tuple[float, list[float]]:
     """(flash_attention's time, flash_decode's time for each of SPLITS), in seconds."""
     base = best_of(lambda: fm.flash_attention(q, k, v, kv_lengths=lens))
-    return base, [best_of(lambda n=n: fm.flash_decode(q, k, v, cache_lengths=lens, num_splits=n))
+    return base, [best_of(lambda n=n: fm.flash_decode(q, k, v, kv_lengths=lens, num_splits=n))
                   for n in SPLITS]
 
 

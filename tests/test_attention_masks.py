@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from flashmath.attention.masks import MaskSpec, TileKind, alibi_bias, block_of
+from flashmath.attention.masks import MaskSpec, TileKind, alibi_bias, band, block_of
 
 
 def allowed(b, gi, gj, *, sq, sk, causal=None, window=None, q_len=None, kv_len=None):
@@ -167,3 +167,18 @@ def test_alibi_bias_is_distance_to_the_bottom_right_diagonal():
     assert np.array_equal(alibi_bias(2, 3, 5, slopes=np.array([1.0, 0.5]))[0, :, 2, 4], [0, 0])
     with pytest.raises(ValueError):
         alibi_bias(2, 3, 5, slopes=np.ones(3))
+
+
+@pytest.mark.parametrize(("causal", "window", "expected"), [
+    (None, None, (None, None)),
+    (None, (3, 2), (-3, 2)),
+    (None, (None, 4), (None, 4)),
+    ("bottom_right", None, (None, 0)),  # causal caps the right side at 0
+    ("top_left", (2, 5), (-2, 0)),
+    ("bottom_right", (1, None), (-1, 0)),
+    ("bottom_right", (0, 0), (0, 0)),
+])
+def test_band_is_the_window_with_the_causal_cap(causal, window, expected):
+    assert band(causal, window) == expected
+    spec = MaskSpec.create(1, 4, 4, causal=causal, window=window)
+    assert (spec.lo, spec.hi) == expected

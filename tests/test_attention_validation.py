@@ -84,3 +84,57 @@ def test_good_input_broadcasts():
     out = fm.flash_attention(Q, K, V, mask=mask, bias=bias, kv_lengths=[6, 0], q_lengths=[5, 1],
                              window=[2, None], causal="bottom_right", scale=1)
     assert out.shape == (2, 4, 5, 7)
+
+
+class Shaped:
+    """Anything with .shape and .dtype: what options.check_shapes reads (nothing else)."""
+
+    def __init__(self, shape, dtype="f8"):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+
+
+SHAPE_CASES = [b for b in BAD if b[0] in ("q rank", "k rank", "batch", "head dim", "kv len",
+                                          "groups", "dtypes")]
+
+
+@pytest.mark.parametrize(("args", "exc", "pattern"), [b[1:] for b in SHAPE_CASES],
+                         ids=[b[0] for b in SHAPE_CASES])
+def test_one_shape_rule_for_arrays_shapes_and_tensors(args, exc, pattern):
+    """check_shapes gives the NumPy kernels' message for bare shapes and torch tensors too
+    (the Triton op and the ring use it)."""
+    from flashmath.attention.options import check_shapes
+
+    arrays = {"q": Q, "k": K, "v": V, **args}
+    shaped = [Shaped(arrays[n].shape, arrays[n].dtype) for n in "qkv"]
+    with pytest.raises(exc, match=pattern):
+        check_shapes(*shaped)
+    torch = pytest.importorskip("torch")
+    tensors = [torch.from_numpy(np.ascontiguousarray(arrays[n])) for n in "qkv"]
+    with pytest.raises(exc, match=pattern.replace("float64", "torch.float64").replace(
+            "float32", "torch.float32")):
+        check_shapes(*tensors)
+
+
+def test_shape_rule_accepts_good_shapes_and_names_by_names():
+    from flashmath.attention.options import check_shapes
+
+    check_shapes(Shaped((2, 4, 5, 3)), Shaped((2, 2, 6, 3)), Shaped((2, 2, 6, 7)))
+    with pytest.raises(ValueError, match="k_cache: head dims differ"):
+        check_shapes(Shaped((1, 1, 1, 3)), Shaped((1, 1, 6, 4)), Shaped((1, 1, 6, 4)),
+                     names=("q", "k_cache", "v_cache"))
+
+
+@pytest.mark.parametrize(("value", "finite", "positive"), [
+    (1.5, 1.5, 1.5), (-2, -2.0, ValueError), (0.0, 0.0, ValueError),
+    (float("inf"), ValueError, ValueError), (float("nan"), ValueError, ValueError),
+    (True, TypeError, TypeError), ("1", TypeError, TypeError), (np.float32(0.5), 0.5, 0.5),
+])
+def test_scalar_checks(value, finite, positive):
+    from flashmath.attention.options import check_finite, check_positive
+
+    for fn, want in ((check_finite, finite), (check_positive, positive)):
+        if isinstance(want, type):
+            with pytest.raises(want, match="x:"):
+                fn(value, "x")
+        else:
+            assert fn(value, "x") == want and isinstance(fn(value, "x"), float)

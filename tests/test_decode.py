@@ -73,7 +73,7 @@ def test_random_shapes_lengths_and_splits(b: int, group: int, hk: int, sq: int, 
 @pytest.mark.parametrize("n", [1, 3, 16])
 def test_narrow_dtypes_meet_the_accuracy_rule(dtype: str, sk: int, n: int) -> None:
     """Split results merge in float64 and round once: no worse than 2x the naive formula
-    computed in the input dtype (DESIGN.md's rule), over a few seeds, GQA included."""
+    computed in the input dtype (the accuracy rule), over a few seeds, GQA included."""
     dt = fm.dtypes.as_dtype(dtype)
     for seed in range(4):
         q, k, v = _case(2, 8, 2, 1, sk, d=32, dv=32, seed=seed, dtype=dt)
@@ -165,3 +165,67 @@ def test_regression_mixed_dtypes_refused() -> None:
     q, k, v = (np.zeros((1, 1, n, 4)) for n in (1, 6, 6))
     with pytest.raises(TypeError, match="share one dtype"):
         fm.flash_decode(q.astype(np.float32), k, v, cache_lengths=[6])
+
+
+@pytest.mark.parametrize("causal", ["bogus", 2, "TOP_LEFT", 0.5])
+def test_regression_causal_is_validated(causal: Any) -> None:
+    """Issue 17: "bogus" and 2 used to run bottom-right causal without a word."""
+    q, k, v = _case(1, 2, 1, 2, 8, 4, 4)
+    with pytest.raises(ValueError, match="causal:"):
+        fm.flash_decode(q, k, v, kv_lengths=[8], causal=causal)
+
+
+@pytest.mark.parametrize(("sq", "lengths"), [(1, [9, 4]), (3, [9, 2]), (4, [0, 7])])
+def test_regression_top_left_causal_matches_the_oracle(sq: int, lengths: list[int]) -> None:
+    """Issue 17: "top_left" ran bottom-right (1.27 away from the oracle); now it is torch's
+    alignment (query i sees keys j <= i), one query included, for every split, GQA too."""
+    q, k, v = _case(2, 4, 2, sq, 9, 6, 5, seed=sq)
+    ref = fm.attention_reference(q, k, v, kv_lengths=np.array(lengths), causal="top_left")
+    bottom = fm.attention_reference(q, k, v, kv_lengths=np.array(lengths), causal=True)
+    assert np.abs(ref - bottom).max() > 0.1  # the two alignments really differ here
+    for n in range(1, 10):
+        out = fm.flash_decode(q, k, v, kv_lengths=lengths, num_splits=n, causal="top_left")
+        assert np.abs(out - ref).max() <= _bound(ref), n
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_return_lse_is_the_merged_lse(dtype: Any, causal: bool) -> None:
+    """lse (B, H, Sq) in float32 (float64 for float64) equals the oracle's for every split,
+    GQA folding included; -inf for an empty cache; out is unchanged by return_lse."""
+    q, k, v = _case(3, 4, 2, 2, 12, 6, 5, seed=4, dtype=dtype)
+    lengths = [12, 0, 5]
+    wide = [x.astype(np.float64) for x in (q, k, v)]
+    _, ref = fm.attention_reference(*wide, kv_lengths=lengths, causal=causal, return_lse=True)
+    want = np.float64 if dtype == np.float64 else np.float32
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for n in (1, 2, 5, 12):
+        out, lse = fm.flash_decode(q, k, v, kv_lengths=lengths, num_splits=n, causal=causal,
+                                   return_lse=True)
+        assert lse.shape == (3, 4, 2) and lse.dtype == want
+        assert np.isneginf(lse[1]).all()
+        np.testing.assert_allclose(lse[[0, 2]], ref[[0, 2]], rtol=tol, atol=tol)
+        assert np.array_equal(out, fm.flash_decode(q, k, v, kv_lengths=lengths, num_splits=n,
+                                                   causal=causal))
+    out, lse = fm.flash_decode(q, k, v, kv_lengths=[0, 0, 0], return_lse=True)
+    assert not out.any() and np.isneginf(lse).all() and lse.dtype == want
+
+
+def test_kv_lengths_is_the_name_cache_lengths_its_alias() -> None:
+    q, k, v = _case(2, 2, 1, 1, 10, 4, 4)
+    a = fm.flash_decode(q, k, v, kv_lengths=[10, 3], num_splits=2)
+    assert np.array_equal(a, fm.flash_decode(q, k, v, cache_lengths=[10, 3], num_splits=2))
+    full = fm.flash_decode(q, k, v)  # no lengths: every cache is full
+    assert np.abs(full - fm.attention_reference(q, k, v)).max() <= _bound(full)
+    with pytest.raises(TypeError, match="give one"):
+        fm.flash_decode(q, k, v, kv_lengths=[1, 1], cache_lengths=[1, 1])
+    with pytest.raises(ValueError, match=r"kv_lengths: values must lie in \[0, 10\]"):
+        fm.flash_decode(q, k, v, kv_lengths=[11, 1])
+
+
+def test_scale_and_softcap_are_checked_even_with_empty_caches() -> None:
+    q, k, v = _case(1, 1, 1, 1, 4, 4, 4)
+    with pytest.raises(ValueError, match="scale:"):
+        fm.flash_decode(q, k, v, kv_lengths=[0], scale=float("nan"))
+    with pytest.raises(ValueError, match="softcap:"):
+        fm.flash_decode(q, k, v, kv_lengths=[0], softcap=-1.0)

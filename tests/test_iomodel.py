@@ -15,7 +15,7 @@ from flashmath.measure.iomodel import (
 
 
 def test_seed002_estimate_is_the_seed_formula():
-    # seed 002: standard 2*T*T*bytes/1e6, flash 4*T*d*bytes/1e6 (per head, float16)
+    # the textbook estimate: standard 2*T*T*bytes/1e6, flash 4*T*d*bytes/1e6 (per head)
     assert seed002_estimate_mb(1024, 128) == (2 * 1024 * 1024 * 2 / 1e6, 4 * 1024 * 128 * 2 / 1e6)
     std, fla = seed002_estimate_mb(4096, 128)
     assert std / fla == pytest.approx(16.0)  # the seed prints ratio ~ T / (2 d)

@@ -48,3 +48,18 @@ def test_quick_run_on_gpu():
     assert result.summary["status"] == "measured" and result.records
     assert all(r["flashmath_tflops"] for r in result.records)
     assert "| float16 |" in result.readme
+
+
+def test_the_no_gpu_wording_lives_below_both_users():
+    """The lab and flashmath.triton.bench share measure.gpu's wording; neither imports the
+    other (triton/bench used to import the lab for it)."""
+    import ast
+    from pathlib import Path
+
+    from flashmath.measure import gpu
+
+    assert sdpa_benchmark.SKIPPED is gpu.SKIPPED == "skipped: no CUDA device"
+    root = Path(gpu.__file__).resolve().parent.parent
+    tree = ast.parse((root / "triton" / "bench.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any(m and m.startswith("flashmath.lab") for m in imported), imported

@@ -16,9 +16,10 @@ import pytest
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
+import flashmath.distributed as fd  # noqa: E402
 from flashmath import attention_reference, attention_reference_backward  # noqa: E402
-from flashmath.distributed import ring  # noqa: E402
 from flashmath.distributed.launch import run_local  # noqa: E402
+from flashmath.distributed.layouts import block_pairs  # noqa: E402
 from flashmath.distributed.ring import (  # noqa: E402
     ring_attention,
     shard_ranges,
@@ -85,13 +86,42 @@ def test_zigzag_balances_causal_work() -> None:
         for r in range(world):
             q_r = shard_ranges(seq, world, r, "zigzag")
             k_r = shard_ranges(seq, world, (r - step) % world, "zigzag")
-            pairs = ring._block_pairs(q_r, k_r, causal=True)
+            pairs = block_pairs(q_r, k_r, causal=True)
             work.append(sum((p[0].stop - p[0].start) * (p[1].stop - p[1].start) * (
                 0.5 if p[4] else 1.0) for p in pairs))
         assert len(set(work)) == 1, (step, work)
 
 
 # --------------------------------------------------------------------------- one process
+
+
+def test_public_names_stay_importable_from_ring_and_the_package() -> None:
+    from flashmath.distributed import layouts, ring, transport
+
+    for name in ("RingError", "ring_attention", "shard_sequence", "unshard_sequence",
+                 "simulate_ring_attention"):
+        assert getattr(fd, name) is getattr(ring, name)
+    assert ring.RingError is transport.RingError and ring.shard_ranges is layouts.shard_ranges
+    assert fd.replay_rank_memory is ring.replay_rank_memory
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_return_lse_is_the_merged_lse(dtype: torch.dtype, causal: bool) -> None:
+    """One rank (no process group): out is unchanged by return_lse, lse is the oracle's
+    (float32, float64 for float64 input, shape (B, H, S)) and carries no gradient."""
+    q, k, v, _ = _inputs(2, 4, 2, 24, 8, dtype=dtype, seed=5)
+    q.requires_grad_(True)
+    out, lse = ring_attention(q, k, v, causal=causal, return_lse=True)
+    assert torch.equal(out, ring_attention(q, k, v, causal=causal))
+    assert lse.shape == (2, 4, 24) and not lse.requires_grad
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    arrs = [from_torch(t.detach()).astype(np.float64) for t in (q, k, v)]
+    _, ref = attention_reference(*arrs, causal=causal, return_lse=True)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(lse.numpy(), ref, rtol=tol, atol=tol)
+    out.sum().backward()  # the backward still runs with the lse output unused
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -111,7 +141,7 @@ def test_simulated_ring_matches_oracle(causal: bool, layout: str, world: int, h:
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_simulated_ring_narrow_dtypes_meet_the_accuracy_rule(dtype: str) -> None:
     """Narrow shards compute and merge in float32, so the ring is no worse than the naive
-    same-dtype formula (2x forward, 3x gradients: DESIGN.md's rule)."""
+    same-dtype formula (2x forward, 3x gradients: the accuracy rule)."""
     q, k, v, dout = _inputs(1, 2, 2, 32, 16, dtype=getattr(torch, dtype), seed=3)
     out, grads = simulate_ring_attention(q, k, v, 4, causal=True, layout="zigzag", dout=dout)
     assert grads is not None
@@ -145,16 +175,31 @@ def test_rows_that_see_nothing_give_zeros_not_nan() -> None:
     assert all(torch.isfinite(t).all() for t in (out, *grads))
 
 
+def test_top_left_is_causal_over_the_whole_sequence() -> None:
+    """Sq == Sk overall, so both alignments are one mask: "top_left" equals True."""
+    q, k, v, _ = _inputs(1, 2, 1, 16, 4, seed=9)
+    a = simulate_ring_attention(q, k, v, 2, causal=True, layout="zigzag")[0]
+    b = simulate_ring_attention(q, k, v, 2, causal="top_left", layout="zigzag")[0]
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"q": np.zeros((1, 1, 4, 2))}, TypeError, "q: expected a torch.Tensor"),
-    ({"k": torch.zeros(1, 1, 4)}, ValueError, "k: expected 4 dims"),
-    ({"v": torch.zeros(1, 1, 3, 2, dtype=torch.float64)}, ValueError, "shard lengths"),
+    ({"k": torch.zeros(1, 1, 4)}, ValueError, "k: expected a 4-D"),
+    ({"v": torch.zeros(1, 1, 3, 2, dtype=torch.float64)}, ValueError, "v: shape differs"),
+    ({"k": torch.zeros(1, 1, 8, 2, dtype=torch.float64),
+      "v": torch.zeros(1, 1, 8, 2, dtype=torch.float64)}, ValueError, "same positions"),
     ({"k": torch.zeros(1, 1, 4, 3, dtype=torch.float64),
-      "v": torch.zeros(1, 1, 4, 3, dtype=torch.float64)}, ValueError, "k: head dim 3"),
+      "v": torch.zeros(1, 1, 4, 3, dtype=torch.float64)}, ValueError, "k: head dims differ"),
+    ({"v": torch.zeros(1, 1, 4, 2, dtype=torch.float32)}, TypeError, "share one dtype"),
+    ({"q": torch.zeros(2, 2, 4, 2, dtype=torch.float64)}, ValueError, "batch sizes differ"),
     ({"k": torch.zeros(1, 3, 4, 2, dtype=torch.float64),
       "v": torch.zeros(1, 3, 4, 2, dtype=torch.float64)}, ValueError, "divide"),
     ({"q": torch.zeros(1, 2, 4, 2, dtype=torch.int64)}, TypeError, "q: expected a floating"),
     ({"layout": "striped"}, ValueError, "layout"),
+    ({"causal": "bogus"}, ValueError, "causal:"),
+    ({"causal": 2}, ValueError, "causal:"),
+    ({"scale": float("nan")}, ValueError, "scale:"),
 ])
 def test_validation_names_the_argument(kwargs: dict[str, Any], error: type, match: str) -> None:
     args: dict[str, Any] = {"q": torch.zeros(1, 2, 4, 2, dtype=torch.float64),
@@ -167,7 +212,7 @@ def test_validation_names_the_argument(kwargs: dict[str, Any], error: type, matc
 
 def test_replay_memory_per_rank_shrinks_with_world_size() -> None:
     q, k, v, _ = _inputs(1, 2, 2, 256, 16, seed=7)
-    peaks = {w: ring.replay_rank_memory(q, k, v, w, causal=True, layout="zigzag")["peak_bytes"]
+    peaks = {w: fd.replay_rank_memory(q, k, v, w, causal=True, layout="zigzag")["peak_bytes"]
              for w in (1, 2, 4)}
     assert peaks[1] > peaks[2] > peaks[4], peaks
 
@@ -220,6 +265,10 @@ def test_four_processes_match_oracle_then_a_crash_makes_every_rank_raise() -> No
     ["--world-size", "2", "--seq", "0"],
     ["--world-size", "2", "--seq", "255"],
     ["--world-size", "4", "--seq", "260", "--causal"],
+    ["--world-size", "2", "--seq", "256", "--timeout", "0"],
+    ["--world-size", "2", "--seq", "256", "--timeout", "-1"],
+    ["--world-size", "2", "--seq", "256", "--backend", "bogus"],
+    ["--world-size", "2", "--seq", "256", "--heads", "4", "--kv-heads", "3"],
 ])
 def test_regression_ring_cli_bad_arguments_exit_2_without_spawning(argv, capsys) -> None:
     from flashmath import cli

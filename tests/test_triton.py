@@ -4,7 +4,7 @@ Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, s
 before flashmath.triton is imported) on tiny shapes and pinned tiles; with one, the same
 cases run compiled on CUDA, and the ``gpu`` tests add full-size, autotuned shapes.
 
-Accuracy: flashmath.testing's rule (DESIGN.md: max error against fm.attention_reference /
+Accuracy: flashmath.testing's rule (max error against fm.attention_reference /
 attention_reference_backward in float64 at most 2x the naive same-dtype error forward, 3x
 for gradients, with its documented floor), its NaN policy and its zero fully-masked rows.
 """
@@ -275,14 +275,15 @@ def _qkv(B=1, H=2, H_kv=2, Sq=8, Sk=8, D=16, Dv=16, dtype=torch.float16):
 
 
 BAD = [  # (id, args, options, error, message)
-    ("rank", lambda: (_qkv()[0][0], *_qkv()[1:]), {}, ValueError, r"q: expected shape"),
+    ("rank", lambda: (_qkv()[0][0], *_qkv()[1:]), {}, ValueError, r"q: expected a 4-D"),
     ("not-a-tensor", lambda: (np.zeros((1, 2, 8, 16)), *_qkv()[1:]), {}, TypeError, r"q: .*Tensor"),
     ("float64", lambda: _qkv(dtype=torch.float64), {}, TypeError, r"q: dtype torch.float64"),
-    ("mixed-dtypes", lambda: (*_qkv()[:2], _qkv()[2].float()), {}, TypeError, r"k, v: dtypes"),
-    ("batch", lambda: (_qkv(B=2)[0], *_qkv()[1:]), {}, ValueError, r"batch sizes differ"),
-    ("heads", lambda: _qkv(H=3, H_kv=2), {}, ValueError, r"H_kv must .* divide"),
-    ("seq-k-v", lambda: (*_qkv()[:2], _qkv(Sk=9)[2]), {}, ValueError, r"Sk differ"),
-    ("head-dim-qk", lambda: (_qkv(D=32)[0], *_qkv()[1:]), {}, ValueError, r"head dims D differ"),
+    ("mixed-dtypes", lambda: (*_qkv()[:2], _qkv()[2].float()), {}, TypeError,
+     r"q, k, v must share one dtype"),
+    ("batch", lambda: (_qkv(B=2)[0], *_qkv()[1:]), {}, ValueError, r"k, v: batch sizes differ"),
+    ("heads", lambda: _qkv(H=3, H_kv=2), {}, ValueError, r"k: H_kv=2 does not divide H"),
+    ("seq-k-v", lambda: (*_qkv()[:2], _qkv(Sk=9)[2]), {}, ValueError, r"v: shape differs"),
+    ("head-dim-qk", lambda: (_qkv(D=32)[0], *_qkv()[1:]), {}, ValueError, r"k: head dims differ"),
     ("head-dim-large", lambda: _qkv(D=320, Dv=320), {}, ValueError, r"head_dim \(q, k\).*320"),
     ("causal", _qkv, {"causal": "yes"}, ValueError, r"causal:"),
     ("window-negative", _qkv, {"window": (-1, 2)}, ValueError, r"window:"),
@@ -294,6 +295,9 @@ BAD = [  # (id, args, options, error, message)
     ("window-type", _qkv, {"window": (1.5, None)}, TypeError, r"window: left"),
     ("softcap", _qkv, {"softcap": 0.0}, ValueError, r"softcap:"),
     ("scale", _qkv, {"scale": math.nan}, ValueError, r"scale:"),
+    ("causal-int", _qkv, {"causal": 2}, ValueError, r"causal:"),
+    ("block-q", _qkv, {"block_q": 24}, ValueError, r"block_q: tile sizes are powers of two"),
+    ("block-k-type", _qkv, {"block_k": 32.0}, TypeError, r"block_k: expected a positive int"),
 ]
 
 
@@ -312,8 +316,25 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 def test_tiles_are_powers_of_two():
-    with pytest.raises(ValueError, match="block_m"), op.fixed_blocks(24, 32):
+    with pytest.raises(ValueError, match="block_q"), op.fixed_blocks(24, 32):
         pass
+    with pytest.raises(ValueError, match="block_k"), op.fixed_blocks(32, 8):
+        pass
+
+
+def test_per_call_tiles_match_pinned_tiles_and_take_precedence():
+    """block_q/block_k per call give the same answer as fixed_blocks with those sizes (and
+    the backward tiles as its forward); a per-call size wins over a pinned one."""
+    q, k, v, dout = make_inputs(("tiles", 1, 2, 1, 40, 72, 16, 16, {}), torch.float32)
+    pinned = run_triton(q, k, v, dout, {"causal": True}, (16, 64))
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    with op.fixed_blocks(32, 32):  # overridden by the call's own sizes
+        out, lse = flash_attention(qs, ks, vs, causal=True, block_q=16, block_k=64,
+                                   return_lse=True)
+    grads = torch.autograd.grad(out, (qs, ks, vs), dout)
+    for a, b in zip((out, lse, *grads), (pinned[0], pinned[1], *pinned[2]), strict=True):
+        assert torch.equal(a, b)
+    assert op._blocks(16, None) == op.Blocks(16, 32)  # the other side: the interpreter's
 
 
 def test_import_without_triton_says_how_to_install(monkeypatch):
@@ -432,7 +453,7 @@ def test_benchmark_records_ratios_and_unavailable_backends(monkeypatch):
         "No available kernel. Aborting execution.")
     assert fwd["flashmath_tflops"] == pytest.approx(fwd["flops"] / 2e-3 / 1e12)
     table = bench.format_table(records)
-    assert "| float32 | 16 | 32 | 1 | 2 | yes | fwd |" in table and "| n/a |" in table
+    assert "| float32 | 16 | 32 | 1 | 2 | yes | fwd |" in table and "| - |" in table
 
 
 def test_benchmark_script_without_cuda_says_skipped(capsys):

@@ -45,9 +45,21 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Alignment", "MaskSpec", "TileKind", "alibi_bias", "alibi_slopes", "block_of"]
+__all__ = ["Alignment", "MaskSpec", "TileKind", "alibi_bias", "alibi_slopes", "band", "block_of"]
 
 Alignment = Literal["bottom_right", "top_left"]
+
+
+def band(causal: Alignment | None,
+         window: tuple[int | None, int | None] | None) -> tuple[int | None, int | None]:
+    """The band ``lo <= j - i - diag <= hi`` that ``causal`` and ``window`` allow, as
+    (lo, hi) (None: unbounded): ``window=(left, right)`` gives lo = -left, hi = right, and
+    ``causal`` (either alignment) caps hi at 0. Options already validated
+    (:func:`flashmath.attention.options.check_causal`, ``check_window``)."""
+    left, right = (None, None) if window is None else window
+    if causal is not None:
+        right = 0 if right is None else min(right, 0)
+    return (None if left is None else -left), right
 
 
 class TileKind(enum.IntEnum):
@@ -169,10 +181,7 @@ class MaskSpec:
         kv_len = np.full(batch, k_total, np.int64) if kv_lengths is None else kv_lengths
         q_len = np.asarray(q_len, np.int64)
         kv_len = np.asarray(kv_len, np.int64)
-        left, right = (None, None) if window is None else window
-        hi = right
-        if causal is not None:
-            hi = 0 if hi is None else min(hi, 0)
+        lo, hi = band(causal, window)
         diag = kv_len - q_len if causal != "top_left" else np.zeros(batch, np.int64)
         return cls(
             sq=sq,
@@ -180,7 +189,7 @@ class MaskSpec:
             q_valid=np.clip(q_len - q_offset, 0, sq),
             k_valid=np.clip(kv_len - k_offset, 0, sk),
             diag=diag + (q_offset - k_offset),
-            lo=None if left is None else -left,
+            lo=lo,
             hi=hi,
             mask=mask,
         )

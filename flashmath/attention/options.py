@@ -6,6 +6,13 @@
 :class:`~flashmath.attention.masks.MaskSpec`. Bad input raises ValueError (shapes, ranges)
 or TypeError (dtypes, types), naming the argument and what it got.
 
+The rules every backend shares (the NumPy kernels, the oracle, split-KV decoding, the
+Triton op and ring attention): :func:`check_shapes` (the (B, H, S, D) shape and dtype rule,
+on anything with ``.shape`` and ``.dtype``: NumPy arrays, torch tensors), :func:`check_causal`
+(the one reading of ``causal``, typed :data:`Causal`), :func:`check_window`,
+:func:`check_lengths`, :func:`check_positive` / :func:`check_finite` (scalars) and
+:func:`check_blocks` (tile sizes). May import: dtypes, attention.masks.
+
 Legend: B batch, H query heads, H_kv key/value heads (H % H_kv == 0; query head h reads
 key/value head h // (H // H_kv)), Sq/Sk query/key lengths, D the q/k head dim, Dv the v
 head dim.
@@ -16,7 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,18 +32,27 @@ from flashmath.dtypes import FLOAT8_DTYPES, accumulate_dtype, as_float_array
 
 __all__ = [
     "AttentionOptions",
+    "Causal",
+    "Window",
     "check_alibi_slopes",
     "check_backward_inputs",
     "check_blocks",
     "check_causal",
+    "check_finite",
     "check_lengths",
     "check_positive",
     "check_qkv",
+    "check_shapes",
     "check_sinks",
     "check_window",
     "resolve",
 ]
 
+#: ``causal=``: False (no mask), True (bottom-right aligned: the last query sees every key,
+#: FlashAttention >= 2.1) or "top_left" (query i sees keys 0..i, torch SDPA's is_causal).
+#: :func:`check_causal` also takes "bottom_right", a spelled-out True.
+Causal = bool | Literal["top_left"]
+#: ``window=``: (left, right) keys either side of the diagonal, None for an unbounded side.
 Window = tuple[int | None, int | None] | None
 
 
@@ -108,18 +124,15 @@ class AttentionOptions:
 
     @property
     def lse_dtype(self) -> np.dtype[Any]:
-        """The accumulate dtype of the input: float64 for float64, float32 otherwise (DESIGN.md)."""
+        """The accumulate dtype of the input: float64 for float64, float32 otherwise (the
+        dtype of lse)."""
         return accumulate_dtype(self.dtype)
 
 
-def _as_4d(x: Any, name: str, legend: str) -> np.ndarray:
-    arr = as_float_array(x, name=name)
-    if arr.ndim != 4:
-        raise ValueError(f"{name}: expected a 4-D array {legend}, got shape {arr.shape}")
-    return arr
-
-
 def check_causal(causal: Any) -> Alignment | None:
+    """The alignment ``causal`` asks for: None (False), "bottom_right" (True or
+    "bottom_right") or "top_left". Anything else (another string, 2, None is False) raises
+    ValueError naming ``causal``."""
     if causal is None or causal is False or causal is np.False_:
         return None
     if causal is True or causal is np.True_ or causal == "bottom_right":
@@ -133,6 +146,7 @@ def check_causal(causal: Any) -> Alignment | None:
 
 
 def check_window(window: Any) -> Window:
+    """(left, right) with each side a non-negative int or None (unbounded), or None."""
     if window is None:
         return None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
@@ -230,42 +244,67 @@ def check_lengths(x: Any, name: str, batch: int, upper: int) -> np.ndarray | Non
     return arr.astype(np.int64)
 
 
-def check_positive(x: Any, name: str, *, allow_negative: bool = False) -> float:
+def check_finite(x: Any, name: str) -> float:
+    """``x`` as a float: a real number (not bool) that is finite; zero and negative values
+    are allowed (``scale=-1`` flips the scores). TypeError / ValueError name ``name``."""
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {x!r}")
     value = float(x)
-    if not math.isfinite(value) or (value <= 0 and not allow_negative):
-        raise ValueError(f"{name}: expected a finite {'' if allow_negative else 'positive '}"
-                         f"number, got {x!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {x!r}")
     return value
+
+
+def check_positive(x: Any, name: str) -> float:
+    """``x`` as a float: a finite real number > 0 (a softcap). Errors name ``name``."""
+    value = check_finite(x, name)
+    if value <= 0:
+        raise ValueError(f"{name}: expected a finite positive number, got {x!r}")
+    return value
+
+
+def _dims(shape: Any) -> tuple[int, ...]:
+    return tuple(int(n) for n in shape)
+
+
+def check_shapes(q: Any, k: Any, v: Any, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+    """The (B, H, S, D) rule of every backend, on anything with ``.shape`` and ``.dtype``
+    (NumPy arrays, torch tensors; nothing is converted or copied).
+
+    q (B, H, Sq, D), k (B, H_kv, Sk, D), v (B, H_kv, Sk, Dv), one dtype, H_kv >= 1 dividing
+    H. Raises ValueError (shapes) or TypeError (dtypes) naming the argument by ``names``
+    (``flash_decode`` passes ("q", "k_cache", "v_cache")) and the shapes it got."""
+    qn, kn, vn = names
+    legends = ("(B, H, Sq, D)", "(B, H_kv, Sk, D)", "(B, H_kv, Sk, Dv)")
+    for name, x, legend in zip(names, (q, k, v), legends, strict=True):
+        if len(x.shape) != 4:
+            raise ValueError(f"{name}: expected a 4-D array {legend}, got shape {_dims(x.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"{qn}, {kn}, {vn} must share one dtype; got {qn} {q.dtype}, "
+                        f"{kn} {k.dtype}, {vn} {v.dtype}")
+    qs, ks, vs = _dims(q.shape), _dims(k.shape), _dims(v.shape)
+    (batch, heads, _, d), kv_heads = qs, ks[1]
+    if ks[0] != batch or vs[0] != batch:
+        raise ValueError(f"{kn}, {vn}: batch sizes differ from {qn}'s B={batch}: "
+                         f"{qn} {qs}, {kn} {ks}, {vn} {vs}")
+    if ks[3] != d:
+        raise ValueError(f"{kn}: head dims differ: {qn} {qs} has D={d}, "
+                         f"{kn} {ks} has D={ks[3]}")
+    if vs[1:3] != ks[1:3]:
+        raise ValueError(f"{vn}: shape differs from {kn}'s (H_kv, Sk): "
+                         f"{kn} {ks} and {vn} {vs} must share (H_kv, Sk)")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"{kn}: H_kv={kv_heads} does not divide H: {qn} {qs} has "
+                         f"H={heads} heads, not a multiple of H_kv={kv_heads}")
 
 
 def check_qkv(
     q: Any, k: Any, v: Any, names: tuple[str, str, str] = ("q", "k", "v")
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """q, k, v as float arrays of one dtype and the shapes (B, H, Sq, D), (B, H_kv, Sk, D),
-    (B, H_kv, Sk, Dv) with H_kv dividing H. Errors name the arguments by ``names``
-    (``flash_decode`` passes ("q", "k_cache", "v_cache"))."""
-    qn, kn, vn = names
-    q = _as_4d(q, qn, "(B, H, Sq, D)")
-    k = _as_4d(k, kn, "(B, H_kv, Sk, D)")
-    v = _as_4d(v, vn, "(B, H_kv, Sk, Dv)")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"{qn}, {kn}, {vn} must share one dtype; got {qn} {q.dtype}, "
-                        f"{kn} {k.dtype}, {vn} {v.dtype}")
-    (batch, heads, _, d), (_, kv_heads, _, _) = q.shape, k.shape
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"{kn}, {vn}: batch sizes differ from {qn}'s B={batch}: "
-                         f"{qn} {q.shape}, {kn} {k.shape}, {vn} {v.shape}")
-    if k.shape[3] != d:
-        raise ValueError(f"{kn}: head dims differ: {qn} {q.shape} has D={d}, "
-                         f"{kn} {k.shape} has D={k.shape[3]}")
-    if v.shape[1:3] != k.shape[1:3]:
-        raise ValueError(f"{vn}: shape differs from {kn}'s (H_kv, Sk): "
-                         f"{kn} {k.shape} and {vn} {v.shape} must share (H_kv, Sk)")
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"{kn}: H_kv={kv_heads} does not divide H: {qn} {q.shape} has "
-                         f"H={heads} heads, not a multiple of H_kv={kv_heads}")
+    """q, k, v as NumPy float arrays (lists and integer input are converted, float64 for
+    integers) that follow :func:`check_shapes`. Errors name the arguments by ``names``."""
+    q, k, v = (as_float_array(x, name=n) for x, n in zip((q, k, v), names, strict=True))
+    check_shapes(q, k, v, names)
     return q, k, v
 
 
@@ -324,8 +363,7 @@ def resolve(
     opts = AttentionOptions(
         batch=batch, heads=heads, kv_heads=kv_heads, sq=sq, sk=sk, d=d, dv=dv,
         dtype=q.dtype,
-        scale=1.0 / math.sqrt(d) if scale is None else check_positive(
-            scale, "scale", allow_negative=True),
+        scale=1.0 / math.sqrt(d) if scale is None else check_finite(scale, "scale"),
         softcap=None if softcap is None else check_positive(softcap, "softcap"),
         bias=bias_arr,
         spec=spec,

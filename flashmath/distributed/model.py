@@ -8,7 +8,7 @@ One ring step, on one rank (flashmath.distributed.ring's schedule):
     compute  t_c = flops / F       flops = 4 B H S_r^2 D    (forward, one block)
                                           x c  (c = 1/2 causal: the zigzag layout gives
                                                 every rank half the pairs at every step)
-                                          x 2.5 more for the backward (DESIGN.md's rule)
+                                          x 2.5 more for the backward (flashmath.measure.flops)
     transfer t_m = latency + bytes / BW
                                    bytes = 2 B H_kv S_r D e (forward: the K and V shard)
                                          + 2 B H_kv S_r D 4 (backward: dK, dV travel, float32)
@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from flashmath.measure.cpu import attention_flops
+from flashmath.measure.flops import attention_flops
 
 __all__ = [
     "PRESETS",

@@ -13,19 +13,15 @@ behind the compute when the block is big enough (flashmath.distributed.model say
 
 The backward follows the same ring: dQ accumulates on the query's own rank; dK/dV of a shard
 travel with it, each rank adding its contribution, and after the last step one more hop
-brings them home to the shard's owner. Blocks are computed by the NumPy tiled kernels
-(``fm.flash_attention`` / ``fm.flash_attention_backward``) on the host; tensors and their
-transfers stay on the tensors' device, so the same code runs with nccl on GPUs.
+brings them home to the shard's owner. Blocks are computed on the host by the NumPy
+tiled kernels' shard API (:func:`flashmath.attention.tiled.tiled_forward` /
+``tiled_backward``); tensors and their transfers stay on the tensors' device, so the same
+code runs with nccl on GPUs.
 
-Layouts (``shard_sequence`` / ``unshard_sequence``):
-
-    contiguous  rank r holds positions [r*S_r, (r+1)*S_r)            (needs S % W == 0)
-    zigzag      the sequence cut into 2W chunks; rank r holds chunks  (needs S % 2W == 0)
-                r and 2W-1-r ("head-tail"), so under a causal mask every rank has the
-                same amount of work at every step
-
-    S = 8 positions, W = 2:   contiguous  r0: 0 1 2 3 | r1: 4 5 6 7
-                              zigzag      r0: 0 1 6 7 | r1: 2 3 4 5
+How the sequence is cut (``layout``: contiguous or zigzag) is
+:mod:`flashmath.distributed.layouts`; how ranks exchange shards (torch.distributed, threads,
+replay) and RingError are :mod:`flashmath.distributed.transport`. This module holds the
+passes, the autograd op and the public entry points.
 
 Causal masks use global positions (query at p sees keys at t <= p; Sq == Sk overall, so
 bottom-right and top-left alignment agree). Blocks a causal mask leaves empty are skipped.
@@ -37,20 +33,36 @@ peers of the failed exchange and the step, instead of hanging.
 
 from __future__ import annotations
 
-import datetime
-import queue
 import threading
 import time
 import tracemalloc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from flashmath.attention import tiled
+from flashmath.attention.options import Causal, check_causal, check_finite, check_shapes
+from flashmath.distributed.layouts import (
+    LAYOUTS,
+    block_pairs,
+    check_layout,
+    shard_ranges,
+    shard_sequence,
+    unshard_sequence,
+)
+from flashmath.distributed.transport import (
+    Exchange,
+    LocalExchange,
+    Pending,
+    ReplayExchange,
+    RingError,
+    ThreadExchange,
+    TorchExchange,
+)
 from flashmath.dtypes import accumulate_dtype, from_torch, to_torch
 from flashmath.softmax.online import merge_outputs
 
@@ -66,14 +78,6 @@ __all__ = [
     "unshard_sequence",
 ]
 
-Layout = Literal["contiguous", "zigzag"]
-LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
-_TAGS = {"K/V": 0, "dK/dV": 1}
-
-
-class RingError(RuntimeError):
-    """A ring transfer failed: a peer crashed, left, or did not answer within the timeout."""
-
 
 @dataclass
 class RingStats:
@@ -87,91 +91,8 @@ class RingStats:
     steps: list[dict[str, Any]] = field(default_factory=list)
 
     def total(self, key: str, phase: str | None = None) -> float:
+        """The sum of ``key`` over the steps (of one ``phase``, or all)."""
         return float(sum(s[key] for s in self.steps if phase in (None, s["phase"])))
-
-
-# --------------------------------------------------------------------------- layouts
-
-
-def shard_ranges(
-    seq_len: int, world_size: int, rank: int, layout: str = "contiguous"
-) -> list[tuple[int, int]]:
-    """The global [start, stop) position ranges rank ``rank`` holds, in its local order.
-
-    contiguous: one range of S/W positions; zigzag: chunks r and 2W-1-r of S/(2W) positions.
-    Raises ValueError naming the argument when S does not divide or rank/layout are invalid.
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    if world_size < 1:
-        raise ValueError(f"world_size: expected >= 1, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank: expected 0 <= rank < {world_size}, got {rank}")
-    n_chunks = world_size if layout == "contiguous" else 2 * world_size
-    if seq_len % n_chunks:
-        raise ValueError(
-            f"seq_len: {seq_len} is not divisible by {n_chunks} "
-            f"(world_size {world_size}, layout {layout!r})"
-        )
-    c = seq_len // n_chunks
-    chunks = [rank] if layout == "contiguous" else [rank, 2 * world_size - 1 - rank]
-    return [(i * c, (i + 1) * c) for i in chunks]
-
-
-def _take(x: Any, axis: int, start: int, stop: int) -> Any:
-    return x[(slice(None),) * axis + (slice(start, stop),)]
-
-
-def _cat(parts: Sequence[Any], axis: int) -> Any:
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(list(parts), dim=axis)
-    return np.concatenate(parts, axis=axis)
-
-
-def shard_sequence(x: Any, world_size: int, rank: int, *, layout: str = "contiguous",
-                   dim: int = -2) -> Any:
-    """Rank ``rank``'s shard of ``x`` (torch tensor or NumPy array) along ``dim`` (default -2,
-    the S of (B, H, S, D); use -1 for an lse (B, H, S)). Returns a new contiguous tensor/array."""
-    axis = dim % x.ndim
-    ranges = shard_ranges(x.shape[axis], world_size, rank, layout)
-    out = _cat([_take(x, axis, a, b) for a, b in ranges], axis)
-    return out.contiguous() if isinstance(out, torch.Tensor) else np.ascontiguousarray(out)
-
-
-def unshard_sequence(shards: Sequence[Any], *, layout: str = "contiguous", dim: int = -2) -> Any:
-    """The inverse of ``shard_sequence``: the whole sequence from the W shards in rank order."""
-    world = len(shards)
-    if world < 1:
-        raise ValueError("shards: expected at least one shard")
-    axis = dim % shards[0].ndim
-    seq_len = world * shards[0].shape[axis]
-    pieces: list[tuple[int, Any]] = []
-    for r, s in enumerate(shards):
-        local = 0
-        for a, b in shard_ranges(seq_len, world, r, layout):
-            pieces.append((a, _take(s, axis, local, local + b - a)))
-            local += b - a
-    return _cat([p for _, p in sorted(pieces, key=lambda t: t[0])], axis)
-
-
-def _block_pairs(
-    q_ranges: list[tuple[int, int]], k_ranges: list[tuple[int, int]], causal: bool
-) -> list[tuple[slice, slice, int, int, bool]]:
-    """(local query slice, local key slice, query offset, key offset, needs causal mask) for
-    every (query segment, key segment) pair that has work; fully masked pairs are left out."""
-    pairs = []
-    ql = 0
-    for qa, qb in q_ranges:
-        kl = 0
-        for ka, kb in k_ranges:
-            visible_all = not causal or kb - 1 <= qa  # every key before the first query
-            visible_none = causal and ka > qb - 1  # every key after the last query
-            if not visible_none:
-                pairs.append((slice(ql, ql + qb - qa), slice(kl, kl + kb - ka), qa, ka,
-                              not visible_all))
-            kl += kb - ka
-        ql += qb - qa
-    return pairs
 
 
 # --------------------------------------------------------------------------- tensors
@@ -189,16 +110,15 @@ def _host(t: torch.Tensor, acc: np.dtype[Any]) -> np.ndarray:
     return a if a.dtype == acc else a.astype(acc)
 
 
-def _torch(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``a`` as a tensor of ``dtype`` on ``device``; on the host it stays NumPy memory
-    (so tracemalloc sees the ring's buffers as well as its NumPy temporaries)."""
-    return to_torch(a, dtype, device)
+# Results go back to torch with dtypes.to_torch: on the host a tensor stays NumPy memory,
+# so tracemalloc sees the ring's buffers as well as its NumPy temporaries.
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor like ``t`` (NumPy memory on the host)."""
     if t.device.type != "cpu":
         return torch.empty_like(t, memory_format=torch.contiguous_format)
-    return _torch(np.empty(tuple(t.shape), dtype=from_torch(t[:0]).dtype), t.dtype, t.device)
+    return to_torch(np.empty(tuple(t.shape), dtype=from_torch(t[:0]).dtype), t.dtype, t.device)
 
 
 # --------------------------------------------------------------------------- block kernels
@@ -211,149 +131,15 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 def _block_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: float, causal: bool,
                    q_offset: int, k_offset: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
     return tiled.tiled_forward(q, k, v, causal=causal, scale=scale, q_offset=q_offset,
-                          k_offset=k_offset, q_total=seq, k_total=seq)
+                               k_offset=k_offset, q_total=seq, k_total=seq)
 
 
 def _block_backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                     out: np.ndarray, lse: np.ndarray, *, scale: float, causal: bool,
                     q_offset: int, k_offset: int, seq: int) -> tuple[np.ndarray, ...]:
     return tiled.tiled_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
-                           q_offset=q_offset, k_offset=k_offset, q_total=seq, k_total=seq)
-
-
-# --------------------------------------------------------------------------- transports
-
-
-class _Pending(Protocol):
-    def wait(self) -> None: ...
-
-
-class _Exchange(Protocol):
-    """One rank's view of the ring: send to rank+1, receive from rank-1."""
-
-    rank: int
-    world_size: int
-
-    def start(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], what: str,
-              step: int) -> _Pending: ...
-
-
-def _ring_failure(ex: _Exchange, what: str, step: int, timeout: float | None,
-                  exc: BaseException) -> RingError:
-    w, r = ex.world_size, ex.rank
-    limit = f"{timeout:g} s" if timeout else "the process group's timeout"
-    when = f"at step {step + 1}/{w}" if step >= 0 else "before the first step"
-    return RingError(
-        f"ring_attention: rank {r} of {w}: exchanging {what} {when} failed "
-        f"(receiving from rank {(r - 1) % w}, sending to rank {(r + 1) % w}); a peer crashed, "
-        f"left the group, or did not answer within {limit}. Cause: {exc}"
-    )
-
-
-class _TorchPending:
-    def __init__(self, ex: _TorchExchange, works: list[Any], what: str, step: int):
-        self.ex, self.works, self.what, self.step = ex, works, what, step
-
-    def wait(self) -> None:
-        t = self.ex.timeout
-        try:
-            for w in self.works:
-                if t is None:
-                    w.wait()
-                else:
-                    w.wait(timeout=datetime.timedelta(seconds=t))
-        except RuntimeError as exc:
-            raise _ring_failure(self.ex, self.what, self.step, t, exc) from exc
-
-
-class _TorchExchange:
-    """The ring over torch.distributed: ``batch_isend_irecv`` to the neighbours, async."""
-
-    def __init__(self, group: Any, timeout: float | None):
-        self.group = group
-        self.timeout = timeout
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        w = self.world_size
-        self.next, self.prev = (self._global((self.rank + d) % w) for d in (1, -1))
-
-    def _global(self, group_rank: int) -> int:
-        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
-
-    def start(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], what: str,
-              step: int) -> _Pending:
-        tag = _TAGS[what]
-        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t in send]
-        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t in recv]
-        try:
-            works = dist.batch_isend_irecv(ops)
-        except RuntimeError as exc:
-            raise _ring_failure(self, what, step, self.timeout, exc) from exc
-        return _TorchPending(self, works, what, step)
-
-
-class _Local:
-    """World size 1: nothing to exchange."""
-
-    rank, world_size = 0, 1
-
-    def start(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], what: str,
-              step: int) -> _Pending:
-        raise AssertionError("a ring of one rank exchanges nothing")
-
-
-class _QueuePending:
-    def __init__(self, ex: _ThreadExchange, recv: Sequence[torch.Tensor], what: str, step: int):
-        self.ex, self.recv, self.what, self.step = ex, recv, what, step
-
-    def wait(self) -> None:
-        box = self.ex.boxes[(self.ex.rank, _TAGS[self.what])]
-        for t in self.recv:
-            try:
-                t.copy_(box.get(timeout=self.ex.timeout))
-            except queue.Empty as exc:
-                raise _ring_failure(self.ex, self.what, self.step, self.ex.timeout,
-                                    TimeoutError("no message")) from exc
-
-
-class _ThreadExchange:
-    """The ring between threads of one process (simulation: same schedule, queues for wires)."""
-
-    def __init__(self, rank: int, world_size: int, boxes: dict[tuple[int, int], queue.Queue[Any]],
-                 timeout: float):
-        self.rank, self.world_size, self.boxes, self.timeout = rank, world_size, boxes, timeout
-
-    def start(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], what: str,
-              step: int) -> _Pending:
-        box = self.boxes[((self.rank + 1) % self.world_size, _TAGS[what])]
-        for t in send:
-            box.put(t.clone())
-        return _QueuePending(self, recv, what, step)
-
-
-class _ReplayExchange:
-    """One rank alone, its peers replayed: K/V arrive as copies of the shards the ring would
-    bring (from the whole k, v); dK/dV messages arrive as zeros. For memory measurement."""
-
-    class _Done:
-        def wait(self) -> None:
-            pass
-
-    def __init__(self, rank: int, world_size: int, k_shards: list[torch.Tensor],
-                 v_shards: list[torch.Tensor]):
-        self.rank, self.world_size = rank, world_size
-        self.k_shards, self.v_shards = k_shards, v_shards
-
-    def start(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], what: str,
-              step: int) -> _Pending:
-        if what == "K/V":
-            j = (self.rank - step - 1) % self.world_size
-            recv[0].copy_(self.k_shards[j])
-            recv[1].copy_(self.v_shards[j])
-        else:
-            for t in recv:
-                t.zero_()
-        return self._Done()
+                                q_offset=q_offset, k_offset=k_offset, q_total=seq,
+                                k_total=seq)
 
 
 # --------------------------------------------------------------------------- the ring passes
@@ -368,11 +154,11 @@ class _KVRing:
     pairs are allocated at most.
     """
 
-    def __init__(self, ex: _Exchange, k: torch.Tensor, v: torch.Tensor):
+    def __init__(self, ex: Exchange, k: torch.Tensor, v: torch.Tensor):
         self.ex = ex
         self.kv = (k.contiguous(), v.contiguous())
         self.spare: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.pending: _Pending | None = None
+        self.pending: Pending | None = None
         self.next: tuple[torch.Tensor, torch.Tensor] | None = None
         self.own = True
 
@@ -405,7 +191,7 @@ def _record(stats: RingStats | None, phase: str, step: int, compute: float, wait
         })
 
 
-def _ring_forward(ex: _Exchange, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+def _ring_forward(ex: Exchange, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   causal: bool, scale: float, layout: str,
                   stats: RingStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (out (B, H, S_r, Dv) in q's dtype, lse (B, H, S_r) float32/float64)."""
@@ -422,7 +208,7 @@ def _ring_forward(ex: _Exchange, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         t0 = time.perf_counter()
         kn, vn = _host(ring.kv[0], acc), _host(ring.kv[1], acc)
         k_ranges = shard_ranges(seq, w, (r - step) % w, layout)
-        for qs, ks, qo, ko, masked in _block_pairs(q_ranges, k_ranges, causal):
+        for qs, ks, qo, ko, masked in block_pairs(q_ranges, k_ranges, causal):
             o_b, lse_b = _block_forward(qn[..., qs, :], kn[..., ks, :], vn[..., ks, :],
                                         scale=scale, causal=masked, q_offset=qo,
                                         k_offset=ko, seq=seq)
@@ -431,7 +217,7 @@ def _ring_forward(ex: _Exchange, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         t1 = time.perf_counter()
         sent = ring.finish()
         _record(stats, "forward", step, t1 - t0, time.perf_counter() - t1, sent)
-    return _torch(out, q.dtype, q.device), _torch(lse, _torch_dtype(acc), q.device)
+    return to_torch(out, q.dtype, q.device), to_torch(lse, _torch_dtype(acc), q.device)
 
 
 def _torch_dtype(dt: np.dtype[Any]) -> torch.dtype:
@@ -439,7 +225,7 @@ def _torch_dtype(dt: np.dtype[Any]) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dt)).dtype
 
 
-def _ring_backward(ex: _Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+def _ring_backward(ex: Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *, causal: bool,
                    scale: float, layout: str,
                    stats: RingStats | None = None) -> tuple[torch.Tensor, ...]:
@@ -452,7 +238,7 @@ def _ring_backward(ex: _Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.
     dq = np.zeros(q.shape, acc)
     ring = _KVRing(ex, k, v)
     dkv_in: tuple[torch.Tensor, torch.Tensor] | None = None  # grads arriving from rank-1
-    dkv_pending: _Pending | None = None
+    dkv_pending: Pending | None = None
     dkv_sent: tuple[torch.Tensor, ...] = ()
     for step in range(w):
         ring.start(step)
@@ -461,7 +247,7 @@ def _ring_backward(ex: _Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.
         dk = np.zeros(k.shape, acc)
         dv = np.zeros(v.shape, acc)
         k_ranges = shard_ranges(seq, w, (r - step) % w, layout)
-        for qs, ks, qo, ko, masked in _block_pairs(q_ranges, k_ranges, causal):
+        for qs, ks, qo, ko, masked in block_pairs(q_ranges, k_ranges, causal):
             dq_b, dk_b, dv_b = _block_backward(
                 don[..., qs, :], qn[..., qs, :], kn[..., ks, :], vn[..., ks, :],
                 on[..., qs, :], lsen[..., qs], scale=scale, causal=masked, q_offset=qo,
@@ -476,8 +262,8 @@ def _ring_backward(ex: _Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.
             dk += from_torch(dkv_in[0])
             dv += from_torch(dkv_in[1])
         if w > 1:  # pass this shard's grads on; after the last step they reach the owner
-            dkv_sent = (_torch(dk, _torch_dtype(acc), k.device),
-                        _torch(dv, _torch_dtype(acc), v.device))
+            dkv_sent = (to_torch(dk, _torch_dtype(acc), k.device),
+                        to_torch(dv, _torch_dtype(acc), v.device))
             if dkv_in is None:
                 dkv_in = (_empty_like(dkv_sent[0]), _empty_like(dkv_sent[1]))
             dkv_pending = ex.start(dkv_sent, dkv_in, "dK/dV", step)
@@ -490,22 +276,24 @@ def _ring_backward(ex: _Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.
         dkv_pending.wait()
         dk, dv = from_torch(dkv_in[0]), from_torch(dkv_in[1])
         _record(stats, "backward", w, 0.0, time.perf_counter() - t1, ())
-    return (_torch(dq, q.dtype, q.device), _torch(dk, k.dtype, k.device),
-            _torch(dv, v.dtype, v.device))
+    return (to_torch(dq, q.dtype, q.device), to_torch(dk, k.dtype, k.device),
+            to_torch(dv, v.dtype, v.device))
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ex: _Exchange,
-                causal: bool, scale: float, layout: str, stats: RingStats | None) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ex: Exchange,
+                causal: bool, scale: float, layout: str, stats: RingStats | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = _ring_forward(ex, q, k, v, causal=causal, scale=scale, layout=layout,
                                  stats=stats)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.cfg = (ex, causal, scale, layout, stats)
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[Any, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         ex, causal, scale, layout, stats = ctx.cfg
         dq, dk, dv = _ring_backward(ex, dout.contiguous(), q, k, v, out, lse, causal=causal,
@@ -517,47 +305,40 @@ class _RingAttention(torch.autograd.Function):
 
 
 def _validate(q: Any, k: Any, v: Any, layout: str) -> None:
+    """The shared shape rule (:func:`flashmath.attention.options.check_shapes`) plus what
+    the ring adds: torch tensors of a floating dtype on one device, q, k, v holding the same
+    positions, and a known layout."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 4:
-            raise ValueError(f"{name}: expected 4 dims (B, H, S_r, D), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
-    (b, h, s, d), (bk, hk, sk, dk), (bv, hv, sv, _) = q.shape, k.shape, v.shape
-    if not (b == bk == bv):
-        raise ValueError(f"k, v: batch sizes differ from q's: q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if hk != hv or h % hk:
-        raise ValueError(f"k, v: heads must match each other and divide q's {h} "
-                         f"(got k {tuple(k.shape)}, v {tuple(v.shape)})")
-    if d != dk:
-        raise ValueError(f"k: head dim {dk} differs from q's {d}")
-    if not (s == sk == sv):
+    check_shapes(q, k, v)
+    s, sk = q.shape[2], k.shape[2]
+    if s != sk:
         raise ValueError(f"k, v: each rank holds the same positions for q, k and v; got shard "
-                         f"lengths q {s}, k {sk}, v {sv}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+                         f"lengths q {s}, k {sk}, v {v.shape[2]}")
+    check_layout(layout)
 
 
-def _check_same_shapes(ex: _TorchExchange, q: torch.Tensor, k: torch.Tensor,
-                       v: torch.Tensor) -> None:
-    """Every rank must hold shards of one shape: one small all_gather, with a clear error."""
-    mine = torch.tensor([*q.shape, *k.shape, *v.shape], dtype=torch.int64)
-    if dist.get_backend(ex.group) == "nccl":
-        mine = mine.to(q.device)
-    got = [torch.empty_like(mine) for _ in range(ex.world_size)]
-    try:
-        dist.all_gather(got, mine, group=ex.group)
-    except RuntimeError as exc:
-        raise _ring_failure(ex, "shapes", -1, ex.timeout, exc) from exc
-    for rank, g in enumerate(got):
-        if not torch.equal(g.cpu(), mine.cpu()):
-            raise ValueError(
-                f"q, k, v: rank {rank} holds shapes {g.tolist()} (q, k, v dims), rank "
-                f"{ex.rank} holds {mine.tolist()}; every rank needs shards of the same shape")
+@overload
+def ring_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = ...,
+    causal: Causal = ..., scale: float | None = ..., layout: str = ...,
+    timeout: float | None = ..., stats: RingStats | None = ...,
+    return_lse: Literal[False] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def ring_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = ...,
+    causal: Causal = ..., scale: float | None = ..., layout: str = ...,
+    timeout: float | None = ..., stats: RingStats | None = ...,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def ring_attention(
@@ -566,12 +347,13 @@ def ring_attention(
     v: torch.Tensor,
     *,
     group: Any = None,
-    causal: bool = False,
+    causal: Causal = False,
     scale: float | None = None,
     layout: str = "contiguous",
     timeout: float | None = None,
     stats: RingStats | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence sharded across the ranks of ``group``, differentiable.
 
     Parameters
@@ -582,18 +364,25 @@ def ring_attention(
         on any device the backend can send (CPU with gloo, CUDA with nccl).
     group : the process group (default: the default group). When torch.distributed is not
         initialised and ``group`` is None, the "ring" has one rank (plain attention).
-    causal : each query sees the keys at global positions <= its own.
+    causal : True (or "top_left": with Sq == Sk over the whole sequence the two alignments
+        agree): each query sees the keys at global positions <= its own. Other values
+        raise ValueError, as in every backend.
     scale : score scale, default 1/sqrt(D).
     layout : "contiguous" or "zigzag" (load-balanced for causal); how the sequence was cut,
         see ``shard_sequence``. Every rank must use the same layout and shard length.
     timeout : seconds to wait for any one transfer (default: the process group's timeout).
     stats : a RingStats to receive per-step compute/wait timings.
+    return_lse : also return lse, this rank's rows of the merged natural-log log-sum-exp
+        over the whole sequence.
 
     Returns
     -------
-    (B, H, S_r, Dv) tensor in q's dtype: this rank's rows of softmax(q k^T * scale) v over
-    the whole sequence. ``backward`` runs the reverse ring and returns dq, dk, dv for this
-    rank's shards. A query row with no visible key gives zeros (never NaN).
+    out : (B, H, S_r, Dv) tensor in q's dtype: this rank's rows of softmax(q k^T * scale) v
+        over the whole sequence. ``backward`` runs the reverse ring and returns dq, dk, dv
+        for this rank's shards. A query row with no visible key gives zeros (never NaN).
+    lse : (B, H, S_r), float32 (float64 for float64 input), -inf for rows with no visible
+        key; only with ``return_lse``. It is not differentiable (no gradient flows
+        through it).
 
     Raises
     ------
@@ -601,22 +390,23 @@ def ring_attention(
     ValueError/TypeError naming the argument for bad input or shards that differ by rank.
     """
     _validate(q, k, v, layout)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    ex: _Exchange
+    causal = check_causal(causal) is not None
+    scale = float(q.shape[-1] ** -0.5 if scale is None else check_finite(scale, "scale"))
+    ex: Exchange
     if group is None and not (dist.is_available() and dist.is_initialized()):
-        ex = _Local()
+        ex = LocalExchange()
     else:
-        tex = _TorchExchange(group, timeout)
+        tex = TorchExchange(group, timeout)
         if tex.world_size > 1:
-            _check_same_shapes(tex, q, k, v)
+            tex.check_same_shapes(q, k, v)
         ex = tex
-    out: torch.Tensor = _RingAttention.apply(q, k, v, ex, causal, scale, layout, stats)
-    return out
+    out, lse = _RingAttention.apply(q, k, v, ex, causal, scale, layout, stats)
+    return (out, lse) if return_lse else out
 
 
 def simulate_ring_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int, *,
-    causal: bool = False, scale: float | None = None, layout: str = "contiguous",
+    causal: Causal = False, scale: float | None = None, layout: str = "contiguous",
     dout: torch.Tensor | None = None, timeout: float = 60.0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Run the ring in one process: ``world_size`` threads, each a rank running exactly the
@@ -624,20 +414,20 @@ def simulate_ring_attention(
     tensors, shards them by ``layout``, and returns the whole output (and, given ``dout``,
     the whole (dq, dk, dv)), unsharded. For tests and the lab; a real run uses processes."""
     _validate(q, k, v, layout)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    causal = check_causal(causal) is not None
+    scale = float(q.shape[-1] ** -0.5 if scale is None else check_finite(scale, "scale"))
     w = world_size
 
     def shard(x: torch.Tensor, r: int) -> torch.Tensor:
         return shard_sequence(x, w, r, layout=layout)
 
-    boxes: dict[tuple[int, int], queue.Queue[Any]] = {
-        (r, t): queue.Queue() for r in range(w) for t in _TAGS.values()}
+    boxes = ThreadExchange.boxes_for(w)
     results: list[Any] = [None] * w
     errors: list[BaseException] = []
 
     def rank_main(r: int) -> None:
         try:
-            ex = _ThreadExchange(r, w, boxes, timeout) if w > 1 else _Local()
+            ex = ThreadExchange(r, w, boxes, timeout) if w > 1 else LocalExchange()
             qs, ks, vs = shard(q, r), shard(k, r), shard(v, r)
             out, lse = _ring_forward(ex, qs, ks, vs, causal=causal, scale=scale, layout=layout)
             grads = None
@@ -667,7 +457,7 @@ def simulate_ring_attention(
 
 def replay_rank_memory(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int, *, rank: int = 0,
-    causal: bool = False, layout: str = "contiguous", backward: bool = True,
+    causal: Causal = False, layout: str = "contiguous", backward: bool = True,
 ) -> dict[str, int]:
     """Peak memory of one rank's ring work, measured in this process with tracemalloc.
 
@@ -679,12 +469,13 @@ def replay_rank_memory(
     q, k, v shards themselves}.
     """
     _validate(q, k, v, layout)
+    causal = check_causal(causal) is not None
     w = world_size
     ks = [shard_sequence(k, w, r, layout=layout) for r in range(w)]
     vs = [shard_sequence(v, w, r, layout=layout) for r in range(w)]
     qs = shard_sequence(q, w, rank, layout=layout)
     dout = torch.ones((*qs.shape[:-1], v.shape[-1]), dtype=q.dtype)
-    ex: _Exchange = _ReplayExchange(rank, w, ks, vs) if w > 1 else _Local()
+    ex: Exchange = ReplayExchange(rank, w, ks, vs) if w > 1 else LocalExchange()
     scale = float(q.shape[-1] ** -0.5)
     was = tracemalloc.is_tracing()
     if not was:

@@ -30,7 +30,7 @@ import numpy as np
 from flashmath.distributed import model
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result, Skipped
-from flashmath.measure.cpu import attention_flops
+from flashmath.measure.flops import attention_flops
 from flashmath.text import fmt_bytes, markdown_table
 
 NAME = "ring-attention"
@@ -145,7 +145,7 @@ def _lab_rank(rank: int, world: int, cfg: Any) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from flashmath.cli.ring import run_demo_rank
+    from flashmath.distributed.demo import run_demo_rank
 
     row = run_demo_rank(rank, world, cfg)
     buf = torch.zeros(16 * 2**20 // 4)  # 16 MiB
@@ -165,7 +165,7 @@ def _lab_rank(rank: int, world: int, cfg: Any) -> dict[str, Any]:
 
 
 def _processes(ctx: Context) -> list[dict[str, Any]]:
-    from flashmath.cli.ring import DemoConfig
+    from flashmath.distributed.demo import DemoConfig
     from flashmath.distributed.launch import run_local
 
     rows = []

@@ -13,13 +13,11 @@ from typing import Any
 
 from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result
+from flashmath.measure.gpu import SKIPPED  # what the GPU benchmarks say without a GPU
 
 NAME = "sdpa-benchmark"
 TITLE = "flashmath.triton vs torch SDPA (flash, cuDNN): TFLOP/s forward and backward on a GPU"
 SEEDS = ("002",)
-
-#: What the benchmark (this experiment and benchmarks/bench_triton.py) says without a GPU.
-SKIPPED = "skipped: no CUDA device"
 
 
 def _skip_reason() -> str | None:

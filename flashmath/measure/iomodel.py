@@ -50,7 +50,7 @@ from typing import Any, Literal
 import numpy as np
 
 from flashmath.attention.masks import MaskSpec, TileKind, block_of
-from flashmath.attention.options import check_causal
+from flashmath.attention.options import Causal, Window, check_causal
 from flashmath.attention.schedule import Plan, schedule
 
 __all__ = [
@@ -63,9 +63,6 @@ __all__ = [
     "tiles_from_sram",
     "visited_tiles",
 ]
-
-Causal = bool | Literal["top_left"]
-Window = tuple[int | None, int | None] | None
 
 
 @dataclass(frozen=True)
@@ -108,7 +105,7 @@ class Traffic:
 
 
 def seed002_estimate_mb(T: int, d: int, dtype_bytes: int = 2) -> tuple[float, float]:
-    """Seed 002's rough per-head estimate, as it wrote it: (standard MB, flash MB), MB = 1e6 B.
+    """The textbook rough per-head estimate: (standard MB, flash MB), MB = 1e6 B.
 
     standard ~ 2 * T^2 * bytes (S and P as two T x T matrices; d is ignored),
     flash ~ 4 * T * d * bytes (Q, K, V, O once each). Kept to be compared with
@@ -170,8 +167,9 @@ def key_intervals(
 
     The diagonal is bottom-right aligned (query i sits at key i + kv_len - q_len,
     the valid lengths defaulting to sk and sq) for causal=True and for a window
-    without causal, top-left (key i) for causal="top_left": the rule of DESIGN.md,
-    taken row by row from :meth:`flashmath.attention.masks.MaskSpec.key_span`.
+    without causal, top-left (key i) for causal="top_left": the rule of
+    :mod:`flashmath.attention.masks`, taken row by row from
+    :meth:`~flashmath.attention.masks.MaskSpec.key_span`.
     window=(left, right) keeps keys within left before and right after the diagonal,
     None unbounded; causal caps right at 0. Rows >= q_len are empty (hi = 0); keys
     >= kv_len are dropped.

@@ -1,8 +1,9 @@
 """TFLOP/s of flashmath.triton against torch SDPA (flash and cuDNN backends), one CUDA device.
 
 The grid (issue 6): B * S = 16k tokens, H * D = 2048, D in {64, 128}, S in 512 .. 16384,
-causal and not, float16 and bfloat16; forward, backward and both. FLOPs from DESIGN.md:
-forward 4 * B * H * Sq * Sk * D (halved for square causal), backward 2.5x the forward.
+causal and not, float16 and bfloat16; forward, backward and both. FLOPs from
+:func:`flashmath.measure.flops.attention_flops`: forward 4 * B * H * Sq * Sk * D (halved
+for square causal), backward 2.5x the forward.
 
 Every implementation runs in the same process on the same tensors; a row's
 ``<peer>_ratio_time`` is flashmath's time over the peer's (below 1: flashmath is faster),
@@ -16,8 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flashmath.measure.cpu import attention_flops  # the one FLOP count (DESIGN.md)
-from flashmath.text import Column, markdown_table
+from flashmath.measure.flops import attention_flops
+from flashmath.measure.gpu import SKIPPED, cuda_available
+from flashmath.text import Column, markdown_table, number
 
 __all__ = [
     "DTYPES",
@@ -26,9 +28,11 @@ __all__ = [
     "IMPLS",
     "MODES",
     "SEQ_LENS",
+    "SKIPPED",
     "TOKENS",
     "Shape",
     "attention_flops",
+    "cuda_available",
     "format_table",
     "main",
     "run",
@@ -147,11 +151,12 @@ def run(grid: Sequence[Shape], *, modes: Sequence[str] = MODES, impls: Sequence[
 
 def format_table(records: Sequence[dict[str, Any]], impls: Sequence[str] = IMPLS) -> str:
     """A Markdown table: TFLOP/s per implementation and, per peer, flashmath's time over
-    the peer's (column "time / <peer>"; below 1.00x flashmath is faster)."""
+    the peer's (column "time / <peer>"; below 1.00x flashmath is faster). A backend that
+    could not run a shape reads as :data:`flashmath.text.MISSING`."""
     peers = [name.removeprefix("sdpa_") for name in impls[1:]]
 
     def num(key: str, fmt: str, suffix: str = "") -> Callable[[Mapping[str, Any]], str]:
-        return lambda r: "n/a" if r.get(key) is None else format(r[key], fmt) + suffix
+        return lambda r: number(r.get(key), fmt) + ("" if r.get(key) is None else suffix)
 
     columns: list[Column] = [("dtype", "dtype"), ("D", "head_dim"), ("S", "seq"),
                              ("B", "batch"), ("H", "heads"), ("causal", "causal"),
@@ -159,15 +164,6 @@ def format_table(records: Sequence[dict[str, Any]], impls: Sequence[str] = IMPLS
     columns += [(f"{name} TFLOP/s", num(f"{name}_tflops", ".1f")) for name in impls]
     columns += [(f"time / {p}", num(f"{p}_ratio_time", ".2f", "x")) for p in peers]
     return markdown_table(records, columns)
-
-
-def cuda_available() -> bool:
-    """True when torch is installed and sees a CUDA device."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,8 +178,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     args = parser.parse_args(argv)
     if not cuda_available():
-        from flashmath.lab.sdpa_benchmark import SKIPPED  # the one wording, torch not needed
-
         print(SKIPPED)
         return 0
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]

@@ -6,7 +6,8 @@ Shapes (B batch, H query heads, H_kv key/value heads, Sq/Sk lengths, D/Dv head d
     M2, L2, Delta (B, H, Sq) float32      KvLen (B,) int32
 
 Every kernel takes strides, so no input needs to be contiguous. The host side
-(launch, validation, autograd) is ``op.py``; the conventions are DESIGN.md's.
+(launch, validation, autograd) is ``op.py``; the conventions (layout, masks, lse in
+natural log on the host side) are every flashmath backend's.
 
 How the mask family becomes integer arithmetic: query ``i`` may attend key ``j`` iff
 

@@ -1,5 +1,10 @@
 """``flash_attention`` on torch tensors: validation, kernel launches, the autograd Function.
 
+The option rules and their messages are the NumPy API's (:mod:`flashmath.attention.options`:
+the shape rule, causal, window, lengths, scale, softcap) and the band is
+:func:`flashmath.attention.masks.band`; only what the kernels add (tensor type, device,
+supported dtypes, head dims up to 256, tile sizes) is checked here.
+
 Shape legend: B batch, H query heads, H_kv key/value heads (H % H_kv == 0), Sq/Sk query/key
 lengths, D the q/k head dim, Dv the v head dim. The kernels are in ``kernels.py``.
 """
@@ -10,13 +15,24 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from flashmath.attention.options import check_causal, check_lengths, check_positive, check_window
+from flashmath.attention.masks import band
+from flashmath.attention.options import (
+    Causal,
+    Window,
+    check_blocks,
+    check_causal,
+    check_finite,
+    check_lengths,
+    check_positive,
+    check_shapes,
+    check_window,
+)
 from flashmath.triton import kernels
 
 __all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "Blocks", "fixed_blocks", "flash_attention"]
@@ -28,8 +44,6 @@ MAX_HEAD_DIM = 256
 _LN2 = math.log(2.0)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
-Causal = bool | Literal["top_left", "bottom_right"]
-
 
 # ---------------------------------------------------------------------------------------
 # Tile sizes: autotuned on a GPU; fixed in the interpreter or when a caller pins them
@@ -38,15 +52,17 @@ Causal = bool | Literal["top_left", "bottom_right"]
 
 @dataclass(frozen=True)
 class Blocks:
-    """Fixed tile sizes for every kernel (BLOCK_M query rows, BLOCK_N key rows per tile)."""
+    """Fixed tile sizes for every kernel: ``block_q`` query rows and ``block_k`` keys per
+    tile (the kernels' BLOCK_M and BLOCK_N), each a power of two >= 16."""
 
-    block_m: int
-    block_n: int
+    block_q: int
+    block_k: int
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n"):
+        check_blocks(self.block_q, self.block_k)
+        for name in ("block_q", "block_k"):
             size = getattr(self, name)
             if size < 16 or size & (size - 1):
                 raise ValueError(f"{name}: tile sizes are powers of two >= 16, got {size}")
@@ -54,25 +70,33 @@ class Blocks:
 
 #: What the interpreter uses when nothing is pinned (autotuning there would only cost time).
 _INTERPRETER_BLOCKS = Blocks(32, 32)
+#: A side given alone (block_q or block_k) pairs with this on a GPU.
+_DEFAULT_SIDE = 64
 _pinned: Blocks | None = None
 
 
 @contextlib.contextmanager
-def fixed_blocks(block_m: int, block_n: int) -> Iterator[Blocks]:
-    """Within the block, every kernel runs with these tile sizes instead of autotuning
-    (tests use it to cover tiles that do and do not divide the lengths); the backward of a
-    forward run inside the block uses them too, wherever it runs."""
+def fixed_blocks(block_q: int, block_k: int) -> Iterator[Blocks]:
+    """Within the block, every call runs with these tile sizes instead of autotuning, as if
+    it were given ``block_q=`` and ``block_k=``; the backward of a forward run inside the
+    block uses them too, wherever it runs. Kept for existing callers: per call, pass
+    ``flash_attention(..., block_q=, block_k=)``, which takes precedence over it."""
     global _pinned
-    previous, _pinned = _pinned, Blocks(block_m, block_n)
+    previous, _pinned = _pinned, Blocks(block_q, block_k)
     try:
         yield _pinned
     finally:
         _pinned = previous
 
 
-def _blocks() -> Blocks | None:
-    """The tiles a call uses: pinned ones, the interpreter's, or None (autotune)."""
-    return _pinned or (_INTERPRETER_BLOCKS if kernels.INTERPRETED else None)
+def _blocks(block_q: int | None = None, block_k: int | None = None) -> Blocks | None:
+    """The tiles a call uses: its own ``block_q`` / ``block_k`` (a side left None takes the
+    pinned or interpreter size, else 64), pinned ones, the interpreter's, or None (autotune)."""
+    default = _pinned or (_INTERPRETER_BLOCKS if kernels.INTERPRETED else None)
+    if block_q is None and block_k is None:
+        return default
+    return Blocks(block_q or (default.block_q if default else _DEFAULT_SIDE),
+                  block_k or (default.block_k if default else _DEFAULT_SIDE))
 
 
 def _launch(kernel: Any, tuned: Any, fixed: Blocks | None, length: int, axis_block: str,
@@ -83,7 +107,7 @@ def _launch(kernel: Any, tuned: Any, fixed: Blocks | None, length: int, axis_blo
     if fixed is None:
         tuned[lambda meta: (triton.cdiv(length, meta[axis_block]), programs)](*args, **consts)
         return
-    meta = {"BLOCK_M": fixed.block_m, "BLOCK_N": fixed.block_n}
+    meta = {"BLOCK_M": fixed.block_q, "BLOCK_N": fixed.block_k}
     kernel[(triton.cdiv(length, meta[axis_block]), programs)](
         *args, **consts, **meta, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
 
@@ -183,13 +207,14 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_len: torch.Tensor | None, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = _blocks()  # the backward tiles as the forward did
+                kv_len: torch.Tensor | None, spec: _Spec, blocks: Blocks | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # the backward tiles as the forward did
         out, m2, l2 = _forward(q, k, v, kv_len, spec, blocks)
         ctx.save_for_backward(q, k, v, out, m2, l2, kv_len)
         ctx.spec, ctx.blocks = spec, blocks
         ctx.set_materialize_grads(False)
-        return out, (m2 + l2) * _LN2  # users get the natural log (DESIGN.md)
+        return out, (m2 + l2) * _LN2  # users get the natural log, as every backend
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None,
@@ -200,7 +225,7 @@ class _FlashAttention(torch.autograd.Function):
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
         dq, dk, dv = _backward(dout, dlse, q, k, v, out, m2, l2, kv_len, ctx.spec, ctx.blocks)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,10 +239,12 @@ def flash_attention(
     v: torch.Tensor,
     *,
     causal: Causal = False,
-    window: tuple[int | None, int | None] | None = None,
+    window: Window = None,
     kv_lengths: torch.Tensor | Sequence[int] | None = None,
     softcap: float | None = None,
     scale: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention ``softmax(scale * q k^T + mask) v`` by Triton kernels, differentiable.
@@ -230,7 +257,7 @@ def flash_attention(
     (exact float32 dots, no TF32). D and Dv go up to 256; any size is padded in-kernel to the
     next power of two (at least 16), so 64 and 128 waste nothing.
 
-    Options (DESIGN.md's conventions, the same as ``flashmath.flash_attention``)::
+    Options (the same names and meanings as ``flashmath.flash_attention``)::
 
         causal=True / "bottom_right"   the last query sees every key    (FlashAttention >= 2.1)
         causal="top_left"              query i sees keys 0..i           (torch SDPA's is_causal)
@@ -244,6 +271,8 @@ def flash_attention(
                               kv_lengths[b] - Sq for the bottom-right alignment
         softcap               scores s -> softcap * tanh(s / softcap), s already scaled
         scale                 defaults to 1 / sqrt(D)
+        block_q, block_k      tile sizes (powers of two >= 16); None autotunes on a GPU
+                              (the interpreter uses 32); one side alone pairs with 64
         return_lse            also return lse (it is differentiable too)
 
     A query row with no key to attend gives output 0, lse -inf and zero gradients, never NaN.
@@ -252,7 +281,8 @@ def flash_attention(
     Raises TypeError / ValueError naming the argument and the shapes it got.
     """
     spec, kv_len = _validate(q, k, v, causal, window, kv_lengths, softcap, scale)
-    out, lse = _FlashAttention.apply(q, k, v, kv_len, spec)
+    blocks = _blocks(block_q, block_k)
+    out, lse = _FlashAttention.apply(q, k, v, kv_len, spec, blocks)
     return (out, lse) if return_lse else out
 
 
@@ -262,14 +292,11 @@ def _validate(q: Any, k: Any, v: Any, causal: Any, window: Any, kv_lengths: Any,
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 4:
-            raise ValueError(f"{name}: expected shape (B, H, S, D), got {tuple(t.shape)}")
+    check_shapes(q, k, v)
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"q: dtype {q.dtype} is not supported by flashmath.triton (float16, bfloat16, "
             f"float32); flashmath.flash_attention (NumPy) takes float64")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"k, v: dtypes must match q's {q.dtype}; got k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: must be on one device; got {q.device}, {k.device}, {v.device}")
     if q.device.type != "cuda" and not kernels.INTERPRETED:
@@ -277,34 +304,20 @@ def _validate(q: Any, k: Any, v: Any, causal: Any, window: Any, kv_lengths: Any,
             f"q: the Triton kernels need CUDA tensors, got a tensor on {q.device} (for tests, "
             f"TRITON_INTERPRET=1 before importing flashmath.triton runs Triton's CPU interpreter)")
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    B, H, _, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"q, k, v: batch sizes differ: {shapes}")
-    if k.shape[1] != v.shape[1] or k.shape[1] == 0 or H % k.shape[1]:
-        raise ValueError(f"k, v: heads H_kv must be equal and divide q's H: {shapes}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k, v: key lengths Sk differ: {shapes}")
-    if k.shape[3] != D:
-        raise ValueError(f"q, k: head dims D differ: {shapes}")
-    for name, d in (("head_dim (q, k)", D), ("head_dim (v)", v.shape[3])):
+    for name, d in (("head_dim (q, k)", q.shape[3]), ("head_dim (v)", v.shape[3])):
         if not 1 <= d <= MAX_HEAD_DIM:
             raise ValueError(f"{name}: flashmath.triton supports 1 .. {MAX_HEAD_DIM}, got {d}: "
                              f"{shapes}")
-
-    # the options' rules and messages are the NumPy API's (flashmath.attention.options)
     alignment = check_causal(causal)
-    left, right = check_window(window) or (None, None)
-    if alignment is not None:
-        right = 0 if right is None else min(right, 0)
+    lo, hi = band(alignment, check_window(window))
     spec = _Spec(
         align_bottom=alignment != "top_left",
-        win_left=kernels.UNBOUNDED if left is None else left,
-        win_right=kernels.UNBOUNDED if right is None else right,
-        scale=1.0 / math.sqrt(D) if scale is None else check_positive(
-            scale, "scale", allow_negative=True),
+        win_left=kernels.UNBOUNDED if lo is None else -lo,
+        win_right=kernels.UNBOUNDED if hi is None else hi,
+        scale=1.0 / math.sqrt(q.shape[3]) if scale is None else check_finite(scale, "scale"),
         softcap=None if softcap is None else check_positive(softcap, "softcap"),
     )
-    return spec, _kv_lengths(kv_lengths, B, k.shape[2], q.device)
+    return spec, _kv_lengths(kv_lengths, q.shape[0], k.shape[2], q.device)
 
 
 def _kv_lengths(kv_lengths: Any, B: int, Sk: int, device: torch.device) -> torch.Tensor | None:
