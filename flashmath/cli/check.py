@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,6 +145,13 @@ def _check_writable(path: Path) -> None:
         raise ValueError(f"--json: {path} is a directory; give a file name")
     if not path.parent.is_dir():
         raise ValueError(f"--json: folder {path.parent} does not exist")
+    probe = path.parent / f".{path.name}.write-test-{os.getpid()}"
+    try:  # the results are written atomically next to path: that folder must take files
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--json: cannot write in {path.parent}: "
+                         f"{exc.strerror or exc}") from None
 
 
 def _write_json(path: Path, kind: str, target: str, kernel: testing.Kernel, grads: bool,

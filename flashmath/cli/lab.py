@@ -12,6 +12,7 @@ Exit codes: 0 all ran, 1 an experiment failed, 2 bad arguments, 130 interrupted 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -64,10 +65,20 @@ def main(args: argparse.Namespace) -> int:
         print(f"flashmath lab: error: --out: {args.out} exists and is not a folder",
               file=sys.stderr)
         return 2
+    problem = _prepare_out(Path(args.out))
+    if problem:
+        print(f"flashmath lab: error: --out: {problem}", file=sys.stderr)
+        return 2
     config = {"out": str(args.out), "only": list(args.only or []), "quick": args.quick,
               "seed": args.seed}
-    outcome = runner.run_lab(args.out, only=args.only, quick=args.quick, seed=args.seed,
-                             config=config, progress=args.progress)
+    try:
+        outcome = runner.run_lab(args.out, only=args.only, quick=args.quick, seed=args.seed,
+                                 config=config, progress=args.progress)
+    except OSError as exc:  # a full disk, a folder removed under us: one line, not a trace
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"flashmath lab: error: writing the run failed: {exc.strerror or exc}{where}; "
+              f"finished experiments are kept", file=sys.stderr)
+        return 2
     counts: dict[str, int] = {}
     for status in outcome.statuses.values():
         counts[status] = counts.get(status, 0) + 1
@@ -76,3 +87,22 @@ def main(args: argparse.Namespace) -> int:
     if outcome.exit_code == runner.EXIT_INTERRUPTED:
         print("flashmath lab: interrupted; finished experiments are kept", file=sys.stderr)
     return outcome.exit_code
+
+
+def _prepare_out(out: Path) -> str | None:
+    """Create ``out`` (saying so when folders are made) and check that it takes files;
+    the reason it cannot, or None."""
+    if not out.exists():
+        missing = [p for p in (out, *out.parents) if not p.exists()]
+        try:
+            out.mkdir(parents=True)
+        except OSError as exc:
+            return f"cannot create {out}: {exc.strerror or exc}"
+        print(f"flashmath lab: created {len(missing)} folder(s) for {out}", file=sys.stderr)
+    probe = out / f".flashmath-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"{out} is not writable: {exc.strerror or exc}"
+    return None

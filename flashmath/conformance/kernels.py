@@ -284,6 +284,9 @@ def answer(kernel: Kernel, case: Case, *, grads: bool = False) -> dict[str, np.n
         tdata = [_tensor(a, kernel.device, grad=grads) for a in data]
         topts = {key: _tensor(val, kernel.device) for key, val in opts.items()}
         out = kernel.forward(*tdata, **topts)
+        if out is None:
+            raise TypeError(f"{kernel.name or 'the impl'} returned None: it must return "
+                            f"the output tensor (did it forget a return statement?)")
         if not grads:
             return {"out": to_numpy(out)}
         out = out[0] if isinstance(out, (tuple, list)) else out
@@ -294,7 +297,11 @@ def answer(kernel: Kernel, case: Case, *, grads: bool = False) -> dict[str, np.n
         got = [t.grad if t.grad is not None else t.detach() * 0 for t in tdata]
         return {"out": to_numpy(out), **dict(zip(("dq", "dk", "dv"), map(to_numpy, got),
                                                  strict=True))}
-    out = to_numpy(kernel.forward(*(a.copy() for a in data), **opts))
+    out = kernel.forward(*(a.copy() for a in data), **opts)
+    if out is None:
+        raise TypeError(f"{kernel.name or 'the impl'} returned None: it must return the "
+                        f"output array (did it forget a return statement?)")
+    out = to_numpy(out)
     if not grads:
         return {"out": out}
     assert kernel.backward is not None
@@ -418,8 +425,12 @@ def load_target(target: str, kind: Kind) -> Kernel:
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:
+        hint = ""
+        if module_name.endswith(".py"):
+            hint = (f" (a target names a module, not a file: try "
+                    f"{module_name.removesuffix('.py').replace('/', '.')}:{attr})")
         raise TargetError(f"cannot import module {module_name!r}: "
-                          f"{type(exc).__name__}: {exc}") from None
+                          f"{type(exc).__name__}: {exc}{hint}") from None
     for i, part in enumerate(attr.split(".")):
         try:
             obj = getattr(obj, part)

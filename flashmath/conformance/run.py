@@ -182,8 +182,10 @@ def compare_attention(impl: Any, q: Any, k: Any, v: Any, *, grads: bool = False,
                         dtype if dtype is not None else qa.dtype, name)
     kernel = as_kernel(impl)
     if grads and kernel.backend == "numpy" and kernel.backward is None:
-        raise TypeError("grads=True needs a backward for a NumPy impl: declare(impl, "
-                        "backward=...), a (forward, backward) pair, or a torch impl")
+        raise TypeError("grads=True needs a backward: impl is taken as a NumPy impl, "
+                        "which needs declare(impl, backward=...) or a (forward, backward) "
+                        "pair; for a torch impl (gradients by autograd) say so with "
+                        "declare(impl, backend=\"torch\")")
     return run_case(kernel, case, grads=grads, catch=True)
 
 
