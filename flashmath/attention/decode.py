@@ -43,16 +43,26 @@ import numpy as np
 from flashmath.attention import threads, tiled
 from flashmath.attention.options import (
     Causal,
+    Window,
     check_causal,
     check_finite,
     check_lengths,
     check_positive,
     check_qkv,
+    check_shapes,
+    check_sinks,
+    check_window,
 )
-from flashmath.dtypes import accumulate_dtype
+from flashmath.attention.paged import (
+    append_kv,
+    check_block_table,
+    check_paged_cache,
+    gather_keys,
+)
+from flashmath.dtypes import accumulate_dtype, as_float_array
 from flashmath.softmax.online import merge_outputs
 
-__all__ = ["MIN_SPLIT_KEYS", "choose_num_splits", "flash_decode"]
+__all__ = ["MIN_SPLIT_KEYS", "PAGED_CHUNK_KEYS", "choose_num_splits", "flash_decode"]
 
 #: The shortest key range worth a split of its own. Measured with benchmarks/bench_decode.py
 #: on the 2-core CI machine (shared with other jobs): no split count beat one split up to
@@ -61,6 +71,11 @@ __all__ = ["MIN_SPLIT_KEYS", "choose_num_splits", "flash_decode"]
 #: GB/s while two streamed 5-10 GB/s in all. So the default splits only beyond the range
 #: measured; on machines where each core adds bandwidth (many-core servers) lower it.
 MIN_SPLIT_KEYS = 2**19
+
+#: A paged cache is read in ranges of about this many keys (whole pages): each range's
+#: pages are gathered into one contiguous block (small enough to stay in cache) that the
+#: tiled kernel then reads, so paging costs one gather, not a strided kernel.
+PAGED_CHUNK_KEYS = 2048
 
 def choose_num_splits(rows: int, keys: int, *, cores: int | None = None) -> int:
     """The default number of key ranges (flash-attn's heuristic, sized for CPU cores).
@@ -77,15 +92,16 @@ def choose_num_splits(rows: int, keys: int, *, cores: int | None = None) -> int:
     return max(1, min(want, keys // MIN_SPLIT_KEYS))
 
 
-def _lengths(kv_lengths: Any, cache_lengths: Any, b: int, sk: int) -> np.ndarray:
-    """(B,) int64 valid lengths from ``kv_lengths`` or its alias ``cache_lengths`` (errors
-    name the one given); None for both: every cache is full."""
+def _lengths(kv_lengths: Any, cache_lengths: Any, b: int, sk: int,
+             upper: int | None = None) -> np.ndarray:
+    """(B,) int64 valid lengths in [0, upper (default sk)] from ``kv_lengths`` or its alias
+    ``cache_lengths`` (errors name the one given); None for both: every cache is full."""
     if kv_lengths is not None and cache_lengths is not None:
         raise TypeError("kv_lengths, cache_lengths: give one (cache_lengths is kv_lengths' "
                         "alias), not both")
     name, given = (("cache_lengths", cache_lengths) if cache_lengths is not None
                    else ("kv_lengths", kv_lengths))
-    lengths = check_lengths(given, name, b, sk)
+    lengths = check_lengths(given, name, b, sk if upper is None else upper)
     return np.full(b, sk, np.int64) if lengths is None else lengths
 
 
@@ -99,16 +115,20 @@ def _check_splits(num_splits: Any, sk: int) -> None:
 
 @overload
 def flash_decode(
-    q: Any, k_cache: Any, v_cache: Any, *, kv_lengths: Any = ..., num_splits: int | None = ...,
+    q: Any, k_cache: Any, v_cache: Any, *, kv_lengths: Any = ..., block_table: Any = ...,
+    k_new: Any = ..., v_new: Any = ..., num_splits: int | None = ...,
     scale: float | None = ..., softcap: float | None = ..., causal: Causal = ...,
+    window: Window = ..., alibi_slopes: Any = ..., sinks: Any = ...,
     return_lse: Literal[False] = ..., cache_lengths: Any = ...,
 ) -> np.ndarray: ...
 
 
 @overload
 def flash_decode(
-    q: Any, k_cache: Any, v_cache: Any, *, kv_lengths: Any = ..., num_splits: int | None = ...,
+    q: Any, k_cache: Any, v_cache: Any, *, kv_lengths: Any = ..., block_table: Any = ...,
+    k_new: Any = ..., v_new: Any = ..., num_splits: int | None = ...,
     scale: float | None = ..., softcap: float | None = ..., causal: Causal = ...,
+    window: Window = ..., alibi_slopes: Any = ..., sinks: Any = ...,
     return_lse: Literal[True], cache_lengths: Any = ...,
 ) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -119,10 +139,16 @@ def flash_decode(
     v_cache: Any,
     *,
     kv_lengths: Any = None,
+    block_table: Any = None,
+    k_new: Any = None,
+    v_new: Any = None,
     num_splits: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
     causal: Causal = False,
+    window: Window = None,
+    alibi_slopes: Any = None,
+    sinks: Any = None,
     return_lse: bool = False,
     cache_lengths: Any = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -131,29 +157,40 @@ def flash_decode(
     Parameters
     ----------
     q : (B, H, Sq, D) the new queries (Sq small; any Sq works).
-    k_cache, v_cache : (B, H_kv, Sk, D) and (B, H_kv, Sk, Dv); one float dtype with q;
-        H % H_kv == 0 (GQA/MQA).
-    kv_lengths : (B,) ints in [0, Sk]: entry b attends to keys [0, kv_lengths[b]); None:
-        every cache is full. ``cache_lengths`` is the same argument under its older name
-        (give one of the two).
+    k_cache, v_cache : the cache, one float dtype with q; H % H_kv == 0 (GQA/MQA).
+        Contiguous: (B, H_kv, Sk, D) and (B, H_kv, Sk, Dv). Paged (with ``block_table``):
+        (num_pages, H_kv, page_size, D|Dv), see :mod:`flashmath.attention.paged`.
+    kv_lengths : (B,) ints: entry b attends to keys [0, kv_lengths[b]) of its cache (before
+        any append); None: every cache is full. ``cache_lengths`` is the same argument
+        under its older name (give one of the two).
+    block_table : (B, max_pages) ints: page p of sequence b is k_cache[block_table[b, p]];
+        the capacity Sk is max_pages * page_size. None: a contiguous cache.
+    k_new, v_new : (B, H_kv, S_new, D|Dv), optional (both or neither): written into the
+        cache in place at positions [kv_lengths[b], kv_lengths[b] + S_new) of each sequence
+        before attending (flash_attn_with_kvcache's k, v), so the valid lengths grow by
+        S_new. With Sq = S_new new queries and ``causal=True`` this is chunked prefill or
+        speculative decoding: query i sees the cache and new keys up to its own position.
     num_splits : how many key ranges [0, max(kv_lengths)) is cut into (equal widths;
         ranges of zero width are dropped, so num_splits up to Sk is allowed). None picks
         ``choose_num_splits`` (one split unless cores would otherwise sit idle).
     scale : score scale, default 1/sqrt(D). softcap : s -> softcap * tanh(s / softcap).
     causal : False (default, as flash_attn_with_kvcache): every valid key; True: the
-        queries are the cache's last Sq tokens (bottom-right aligned to kv_lengths[b]);
+        queries are the cache's last Sq tokens (bottom-right aligned to the valid length);
         "top_left": query i sees keys j <= i (torch's alignment).
+    window : (left, right) keys either side of that diagonal, None unbounded.
+    alibi_slopes : (H,) or (B, H) ALiBi slopes (distance to the bottom-right diagonal).
+    sinks : (H,) attention-sink logits, counted once in each row's denominator.
     return_lse : also return lse, the merged natural-log log-sum-exp of each row.
 
     Returns
     -------
-    out : (B, H, Sq, Dv) in the input dtype: equal to ``fm.attention_reference(q, k_cache,
-        v_cache, kv_lengths=kv_lengths, causal=causal, ...)`` within the accuracy rule, for
-        every num_splits. Ranges with no valid key for a row contribute lse = -inf and
-        nothing else; rows with no valid key at all are 0. Never NaN unless the input
-        holds NaN/inf.
-    lse : (B, H, Sq), float32 (float64 for float64 input), -inf for rows with no valid key;
-        only with ``return_lse``.
+    out : (B, H, Sq, Dv) in the input dtype: equal to ``fm.attention_reference(q, k, v,
+        kv_lengths=..., causal=causal, ...)`` on the (appended, contiguous) cache within the
+        accuracy rule, for every num_splits and page size. Ranges with no valid key for a
+        row contribute lse = -inf and nothing else; rows with no valid key at all are 0.
+        Never NaN unless the input holds NaN/inf.
+    lse : (B, H, Sq), float32 (float64 for float64 input), -inf for rows with no valid key
+        (the sink's logit with sinks); only with ``return_lse``.
 
     Narrow inputs (float16, bfloat16) compute in float32; ranges merge in float64; the
     result rounds once to the input dtype.
@@ -162,8 +199,10 @@ def flash_decode(
     ------
     ValueError / TypeError naming the argument: shapes and dtypes (as every backend, with
     k_cache, v_cache named), kv_lengths (integers, shape (B,), values in [0, Sk]),
-    num_splits, scale (finite), softcap (finite, > 0) and causal (False, True or
-    "top_left"; "bogus" or 2 are refused).
+    block_table (shape, a page index out of range or a table too short for a length),
+    k_new/v_new (shapes, one without the other, a cache too small for the append, a cache
+    that is not a writable NumPy array), num_splits, scale (finite), softcap (finite,
+    > 0), window, alibi_slopes, sinks and causal (False, True or "top_left").
 
     Examples
     --------
@@ -178,53 +217,174 @@ def flash_decode(
     """
     # Everything is validated here, once, under decode's own names; the shard API below
     # receives checked arrays and plain options.
-    q, k, v = check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
+    cache = _Cache.build(q, k_cache, v_cache, block_table)
+    q = cache.q
     b, h, sq, d = q.shape
-    hk, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-    lengths = _lengths(kv_lengths, cache_lengths, b, sk)
+    hk, sk, dv = cache.kv_heads, cache.capacity, cache.dv
+    # a paged cache's capacity is its table's: a length past it is the table's fault
+    upper = None if block_table is None else int(np.iinfo(np.int64).max)
+    lengths = _lengths(kv_lengths, cache_lengths, b, sk, upper)
+    cache.check_table(lengths)
+    lengths = cache.append(k_new, v_new, lengths)
     _check_splits(num_splits, sk)
     alignment = check_causal(causal)
-    scale = None if scale is None else check_finite(scale, "scale")
-    softcap = None if softcap is None else check_positive(softcap, "softcap")
+    opts = {"scale": None if scale is None else check_finite(scale, "scale"),
+            "softcap": None if softcap is None else check_positive(softcap, "softcap"),
+            "window": check_window(window), "alibi_slopes": alibi_slopes}
+    sink_logits = check_sinks(sinks, h)
     out_dtype = q.dtype
-    if alignment == "bottom_right" and sq == 1:
+    if alignment == "bottom_right" and sq == 1 and opts["window"] is None:
         alignment = None  # one query is the last token: it sees every valid key
     group = h // hk
-    fold = group > 1 and alignment is None and out_dtype != np.float32
+    fold = (group > 1 and alignment is None and out_dtype != np.float32
+            and opts["window"] is None and alibi_slopes is None)
     if fold:  # (B, H, Sq, D) -> (B, H_kv, group * Sq, D): rows of one K/V head together
         q = q.reshape(b, hk, group * sq, d)
     span = int(lengths.max()) if b else 0
     rows = b * (hk if fold or group == 1 else h)
     n = choose_num_splits(rows, span) if num_splits is None else int(num_splits)
-    edges = np.unique(np.linspace(0, span, n + 1).round().astype(np.int64))
-    ranges = [(int(a), int(z)) for a, z in itertools.pairwise(edges) if z > a]
+    ranges = cache.ranges(span, n)
     lse_dtype = accumulate_dtype(out_dtype)
     if not ranges:  # every cache is empty
         out = np.zeros((b, h, sq, dv), out_dtype)
-        return (out, np.full((b, h, sq), -np.inf, lse_dtype)) if return_lse else out
-    # Narrow inputs with several ranges: upcast (exactly) so that the ranges' results are
-    # not rounded before the merge; one range leaves the upcast to the kernel.
-    acc = accumulate_dtype(out_dtype) if len(ranges) > 1 else out_dtype
+        lse = np.full((b, h, sq), -np.inf, lse_dtype)
+        if sink_logits is not None:
+            lse[:] = sink_logits[:, None].astype(lse_dtype)
+        return (out, lse) if return_lse else out
+    # Narrow inputs with several ranges (or a sink to merge): upcast (exactly) so that the
+    # ranges' results are not rounded before the merge; one range leaves it to the kernel.
+    merging = len(ranges) > 1 or sink_logits is not None
+    acc = accumulate_dtype(out_dtype) if merging else out_dtype
     q = q.astype(acc, copy=False)
     parts: list[tuple[np.ndarray, np.ndarray]] = [None] * len(ranges)  # type: ignore[list-item]
 
     def part(i: int) -> None:
         a, z = ranges[i]
-        ks, vs = k[:, :, a:z].astype(acc, copy=False), v[:, :, a:z].astype(acc, copy=False)
+        ks, vs = cache.keys(a, z, acc)
         parts[i] = tiled.tiled_forward(q, ks, vs, kv_lengths=lengths, k_offset=a, k_total=sk,
-                                       causal=alignment, scale=scale, softcap=softcap)
+                                       causal=alignment, **opts)
 
     if len(ranges) > 1 and rows < threads.cores():  # idle cores: the ranges run on a thread each
         threads.run_units(list(range(len(ranges))), part)
     else:
         for i in range(len(ranges)):
             part(i)
-    if len(parts) == 1:
-        o, lse = parts[0]
+    outs, lses = [p[0] for p in parts], [p[1] for p in parts]
+    if sink_logits is not None:  # a sink is a state with no value and lse = its logit
+        sink_rows = sink_logits[:, None] if not fold else np.repeat(
+            sink_logits.reshape(hk, group), sq, axis=1)
+        outs.append(np.zeros_like(outs[0]))
+        lses.append(np.broadcast_to(sink_rows, lses[0].shape))
+    if len(outs) == 1:
+        o, lse = outs[0], lses[0]
     else:
-        o, lse = merge_outputs([p[0] for p in parts], [p[1] for p in parts],
-                               accum_dtype=np.float64)
+        o, lse = merge_outputs(outs, lses, accum_dtype=np.float64)
     out = o.reshape(b, h, sq, dv).astype(out_dtype, copy=False)
     if not return_lse:
         return out
     return out, lse.reshape(b, h, sq).astype(lse_dtype, copy=False)
+
+
+class _Shape:
+    """A stand-in with .shape and .dtype, to run the one shape rule on a paged cache."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        self.shape, self.dtype = shape, dtype
+
+
+class _Cache:
+    """The KV cache of one decode call, contiguous or paged: validation, appending and
+    the keys of a range as contiguous arrays."""
+
+    def __init__(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, given: tuple[Any, Any],
+                 table: Any) -> None:
+        self.q, self.k, self.v, self.given, self.raw_table = q, k, v, given, table
+        self.table: np.ndarray | None = None
+        paged = table is not None
+        self.kv_heads, self.dv = k.shape[1], v.shape[3]
+        self.page = k.shape[2] if paged else 0
+        self.capacity = np.shape(table)[1] * self.page if paged else k.shape[2]
+
+    @classmethod
+    def build(cls, q: Any, k_cache: Any, v_cache: Any, block_table: Any) -> _Cache:
+        if block_table is None:
+            q, k, v = check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
+            return cls(q, k, v, (k_cache, v_cache), None)
+        k, v = check_paged_cache(k_cache, v_cache)
+        q = as_float_array(q, name="q")
+        table = np.asarray(block_table)
+        if table.ndim != 2:
+            raise ValueError(f"block_table: expected shape (B, max_pages), got {table.shape}")
+        cap = table.shape[1] * k.shape[2]
+        check_shapes(q, _Shape((table.shape[0], k.shape[1], cap, k.shape[3]), k.dtype),
+                     _Shape((table.shape[0], v.shape[1], cap, v.shape[3]), v.dtype),
+                     names=("q", "k_cache", "v_cache"))
+        return cls(q, k, v, (k_cache, v_cache), block_table)
+
+    def append(self, k_new: Any, v_new: Any, lengths: np.ndarray) -> np.ndarray:
+        """Write k_new, v_new at each sequence's length (in place); the new lengths."""
+        if k_new is None and v_new is None:
+            return lengths
+        if k_new is None or v_new is None:
+            raise ValueError("k_new, v_new: give both (the new keys and their values) or "
+                             "neither")
+        for name, given, arr in (("k_cache", self.given[0], self.k),
+                                 ("v_cache", self.given[1], self.v)):
+            if given is not arr or not arr.flags.writeable:
+                raise TypeError(f"{name}: appending k_new/v_new writes into the cache in "
+                                f"place; it must be a writable NumPy array of the cache's "
+                                f"dtype, got {type(given).__name__}")
+        kn = as_float_array(k_new, name="k_new")
+        vn = as_float_array(v_new, name="v_new")
+        check_shapes(self.q, kn, vn, names=("q", "k_new", "v_new"))
+        if kn.shape[1] != self.kv_heads or kn.shape[3] != self.k.shape[3] or \
+                vn.shape[3] != self.dv:
+            raise ValueError(f"k_new, v_new: expected (B, H_kv, S_new, D|Dv) with H_kv="
+                             f"{self.kv_heads}, D={self.k.shape[3]}, Dv={self.dv}; got "
+                             f"{kn.shape}, {vn.shape}")
+        s_new = kn.shape[2]
+        full = lengths + s_new > self.capacity
+        if full.any():
+            i = int(np.flatnonzero(full)[0])
+            raise ValueError(f"k_new: sequence {i} has {lengths[i]} keys and {s_new} new ones, "
+                             f"more than the cache holds ({self.capacity})")
+        new_lengths = lengths + s_new
+        if self.raw_table is not None:
+            self.check_table(new_lengths)
+        append_kv(self.k, self.v, kn.astype(self.k.dtype, copy=False),
+                  vn.astype(self.v.dtype, copy=False), lengths, self.table)
+        return new_lengths
+
+    def check_table(self, lengths: np.ndarray) -> None:
+        if self.raw_table is not None:
+            self.table = check_block_table(self.raw_table, self.q.shape[0], self.k.shape[0],
+                                           self.page, lengths)
+
+    def ranges(self, span: int, n: int) -> list[tuple[int, int]]:
+        """[0, span) cut into n equal ranges (empty ones dropped); a paged cache's ranges
+        are further cut at page boundaries into pieces of about PAGED_CHUNK_KEYS."""
+        edges = np.unique(np.linspace(0, span, n + 1).round().astype(np.int64))
+        ranges = [(int(a), int(z)) for a, z in itertools.pairwise(edges) if z > a]
+        if self.table is None:
+            return ranges
+        step = max(self.page, PAGED_CHUNK_KEYS // self.page * self.page)
+        return [(c, min(c + step - c % step, z)) for a, z in ranges
+                for c in _cuts(a, z, step)]
+
+    def keys(self, a: int, z: int, acc: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values [a, z) of every sequence, (B, H_kv, z - a, D|Dv), in acc."""
+        if self.table is None:
+            return (self.k[:, :, a:z].astype(acc, copy=False),
+                    self.v[:, :, a:z].astype(acc, copy=False))
+        return (gather_keys(self.k, self.table, a, z).astype(acc, copy=False),
+                gather_keys(self.v, self.table, a, z).astype(acc, copy=False))
+
+
+def _cuts(a: int, z: int, step: int) -> list[int]:
+    """Starts of the pieces of [a, z) that end on multiples of step."""
+    starts = [a]
+    nxt = (a // step + 1) * step
+    while nxt < z:
+        starts.append(nxt)
+        nxt += step
+    return starts

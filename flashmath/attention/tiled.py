@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmath.attention.masks import TileKind, block_of
+from flashmath.attention.masks import TileKind
 from flashmath.attention.options import check_backward_inputs
 from flashmath.attention.schedule import (
     DEFAULT_BLOCK_K,
@@ -230,8 +230,8 @@ def _scores(
         if tanh_buf is not None:
             np.copyto(tanh_buf[: i1 - i0, : j1 - j0], s)
         s *= opts.softcap
-    if opts.bias is not None:
-        s += block_of(opts.bias, b, h, i0, i1, j0, j1)
+    if opts.has_bias:  # the bias and ALiBi
+        s += opts.bias_block(b, h, i0, i1, j0, j1)
     if kind is TileKind.PARTIAL:
         for c0, c1 in opts.spec.masked_columns(b, i0, i1, j0, j1):
             np.copyto(s[:, c0 - j0 : c1 - j0], -np.inf,
