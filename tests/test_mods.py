@@ -422,3 +422,11 @@ def test_the_docs_examples_print_what_they_show():
         with contextlib.redirect_stdout(printed):
             exec(compile(code, str(DOCS), "exec"), {})
         assert printed.getvalue() == shown
+
+
+def test_a_score_mod_without_a_derivative_still_runs_forward():
+    q, k, v, dout = _qkv()
+    out = fm.attention_reference(q, k, v, score_mod=_abs_score_mod)
+    assert np.isfinite(out).all()
+    with pytest.raises(ModError, match=r"'_abs_score_mod'.*dscore"):
+        fm.attention_reference_backward(dout, q, k, v, score_mod=_abs_score_mod)

@@ -183,7 +183,7 @@ def attention_reference_backward(
 
 def _backward(ar: _Arith, do: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
               opts: AttentionOptions, dlse: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    fwd = _forward(ar, q, k, v, opts)
+    fwd = _forward(ar, q, k, v, opts, grad=True)
     r, mm = ar.round, ar.matmul
     p = fwd.p  # (B, H, Sq, Sk)
     dv = _group_sum(mm(p.swapaxes(-1, -2), do), opts)  # (B, H_kv, Sk, Dv)
@@ -249,7 +249,7 @@ class _Forward:
 
 
 def _forward(ar: _Arith, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-             opts: AttentionOptions) -> _Forward:
+             opts: AttentionOptions, grad: bool = False) -> _Forward:
     r, mm = ar.round, ar.matmul
     q, k, v = ar.input(q), ar.input(k), ar.input(v)
     k, v = np.repeat(k, opts.group, axis=1), np.repeat(v, opts.group, axis=1)  # GQA -> H heads
@@ -264,7 +264,7 @@ def _forward(ar: _Arith, q: np.ndarray, k: np.ndarray, v: np.ndarray,
         s = r(opts.softcap * tanh)
     if opts.has_bias:
         s = r(s + ar.input(opts.dense_bias()))
-    s, dmod = _score_mod(ar, s, opts)
+    s, dmod = _score_mod(ar, s, opts, grad)
     ok = opts.spec.dense()  # (B, H|1, Sq, Sk)
     if opts.mods is not None and opts.mods.mask_mod is not None:
         ok = ok & opts.mods.dense_mask(opts.batch, opts.heads, opts.sq, opts.sk)
@@ -285,21 +285,22 @@ def _forward(ar: _Arith, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     return _Forward(q=q, k=k, v=v, tanh=tanh, dmod=dmod, p=p, out=out, lse=lse)
 
 
-def _score_mod(ar: _Arith, s: np.ndarray,
-               opts: AttentionOptions) -> tuple[np.ndarray, np.ndarray | None]:
-    """The score_mod applied per (b, h) to the (B, H, Sq, Sk) scores, and its derivative
-    at the pre-mod scores (None without a score_mod). Computed in the compute dtype and
+def _score_mod(ar: _Arith, s: np.ndarray, opts: AttentionOptions,
+               grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The score_mod applied per (b, h) to the (B, H, Sq, Sk) scores, and (if ``grad``) its
+    derivative at the pre-mod scores (else None). Computed in the compute dtype and
     rounded to the input dtype once, as one operation."""
     mod = None if opts.mods is None else opts.mods.score_mod
     if mod is None:
         return s, None
     s = np.array(np.broadcast_to(s, (opts.batch, opts.heads, opts.sq, opts.sk)))
-    dmod = np.empty_like(s)
+    dmod = np.empty_like(s) if grad else None
     for b in range(opts.batch):
         for h in range(opts.heads):
-            dmod[b, h] = score_mod_grad(mod, s[b, h], b, h, 0, 0)
+            if dmod is not None:
+                dmod[b, h] = score_mod_grad(mod, s[b, h], b, h, 0, 0)
             apply_score_mod(mod, s[b, h], b, h, 0, 0)
-    return ar.round(s), ar.round(dmod)
+    return ar.round(s), None if dmod is None else ar.round(dmod)
 
 
 def _zero_padding(*xs: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, ...]:
