@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from flashmath.attention.reference import attention_reference, attention_reference_backward
+from flashmath.conformance import ATTENTION_OPTIONS, as_kernel, run_case
 from flashmath.conformance.mod_cases import MOD_OPTIONS, mod_cases
-from flashmath.conformance.run import ATTENTION_OPTIONS, as_kernel, run_case
 
 CASES = mod_cases(("float32", "bfloat16"))
 

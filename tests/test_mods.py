@@ -430,3 +430,16 @@ def test_a_score_mod_without_a_derivative_still_runs_forward():
     assert np.isfinite(out).all()
     with pytest.raises(ModError, match=r"'_abs_score_mod'.*dscore"):
         fm.attention_reference_backward(dout, q, k, v, score_mod=_abs_score_mod)
+
+
+def test_a_score_mod_writing_in_place_costs_no_copy():
+    def add_one(score, b, h, q_idx, kv_idx):
+        score += 1
+        return score
+
+    s = np.zeros((3, 4))
+    assert apply_score_mod(add_one, s, 0, 0, 0, 0) is s and (s == 1).all()
+    frozen = np.zeros((3, 4))
+    frozen.setflags(write=False)
+    out = apply_score_mod(lambda s, b, h, q, k: s + q, frozen, 0, 0, 2, 0)
+    assert out is not frozen and (out[:, 0] == [2, 3, 4]).all()

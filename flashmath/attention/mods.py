@@ -116,6 +116,8 @@ def _as_tile(role: str, mod: Any, out: Any, shape: tuple[int, int], kinds: str) 
                        f"{what} array broadcastable to the tile {shape}{hint}")
     if arr.dtype.kind not in kinds:
         raise ModError(f"{role} {mod_name(mod)!r} returned dtype {arr.dtype}; expected {what}")
+    if arr.shape == shape:
+        return arr
     try:
         return np.broadcast_to(arr, shape)
     except ValueError:

@@ -22,7 +22,7 @@ import numpy as np
 
 from flashmath import dtypes as dt
 from flashmath.attention import modlib
-from flashmath.conformance.run import BATTERY_DTYPES, Case
+from flashmath.conformance import BATTERY_DTYPES, Case
 
 __all__ = ["MOD_OPTIONS", "mod_cases"]
 
