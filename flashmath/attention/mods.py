@@ -276,6 +276,27 @@ class Mods:
             return TileKind.PARTIAL
         return TileKind(int(np.asarray(tile_kind(b, h, q0, q1, k0, k1))))
 
+    def apply(self, s: np.ndarray, b: int, h: int, q0: int, k0: int, kind: TileKind,
+              dscore: np.ndarray | None = None) -> np.ndarray:
+        """What a kernel does to a tile of scores after softcap and bias: the score_mod (in
+        place), then, on a PARTIAL tile, -inf where the mask_mod says no. ``s`` (nq, nk) sits
+        at absolute positions q0, k0; ``kind`` is the tile's combined kind (and_kinds of
+        MaskSpec.classify and :meth:`kind`). With ``dscore`` (an (nq, nk) buffer, for the
+        backward), d score_mod / d s at the pre-mod scores is written there first (1 with
+        no score_mod). Returns ``s``."""
+        if dscore is not None:
+            if self.score_mod is None:
+                dscore[...] = 1
+            else:
+                dscore[...] = score_mod_grad(self.score_mod, s, b, h, q0, k0)
+        if self.score_mod is not None:
+            s = apply_score_mod(self.score_mod, s, b, h, q0, k0)
+        if self.mask_mod is not None and kind == TileKind.PARTIAL:
+            nq, nk = s.shape
+            np.copyto(s, -np.inf, where=~mask_tile(self.mask_mod, b, h, q0, q0 + nq, k0,
+                                                   k0 + nk))
+        return s
+
     def dense_mask(self, batch: int, heads: int, sq: int, sk: int) -> np.ndarray | None:
         """The mask_mod over every pair, (B, H, sq, sk) bool (positions from 0), or None:
         one call per (b, h), what the reference oracle materialises."""
