@@ -27,7 +27,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from flashmath.attention.blockmask import BlockMask
 from flashmath.attention.masks import Alignment, MaskSpec, block_of
+from flashmath.attention.mods import Mods
 from flashmath.dtypes import FLOAT8_DTYPES, accumulate_dtype, as_float_array
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "check_causal",
     "check_finite",
     "check_lengths",
+    "check_mods",
     "check_positive",
     "check_qkv",
     "check_shapes",
@@ -90,6 +93,7 @@ class AttentionOptions:
     all_keys: bool = True
     alibi: np.ndarray | None = None
     sinks: np.ndarray | None = None
+    mods: Mods | None = None  # score_mod / mask_mod / block_mask (see check_mods), or None
 
     @property
     def group(self) -> int:
@@ -327,6 +331,9 @@ def resolve(
     k_offset: int = 0,
     q_total: int | None = None,
     k_total: int | None = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    block_mask: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, AttentionOptions]:
     """Validate an attention call; return (q, k, v) as float arrays and the options.
 
@@ -370,6 +377,7 @@ def resolve(
         all_keys=k_offset == 0 and k_total == sk,
         alibi=check_alibi_slopes(alibi_slopes, batch, heads),
         sinks=check_sinks(sinks, heads),
+        mods=check_mods(score_mod, mask_mod, block_mask, batch, heads, q_total, k_total),
     )
     return q, k, v, opts
 
@@ -409,3 +417,30 @@ def check_backward_inputs(opts: AttentionOptions, **arrays: Any) -> list[np.ndar
             )
         checked.append(arr)
     return checked
+
+
+def check_mods(score_mod: Any, mask_mod: Any, block_mask: Any, batch: int, heads: int,
+               q_total: int, k_total: int) -> Mods | None:
+    """score_mod, mask_mod: None or callables (see :mod:`flashmath.attention.mods`);
+    block_mask: None or a BlockMask covering (batch|1, heads|1, q_total, k_total), the
+    global lengths. Given alone, the block mask's mask_mod is the call's; given with a
+    mask_mod, it must be that mod's. Returns None when all three are None."""
+    if score_mod is None and mask_mod is None and block_mask is None:
+        return None
+    for name, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+        if mod is not None and not callable(mod):
+            raise TypeError(f"{name}: expected a callable or None, got {type(mod).__name__}")
+    if block_mask is not None:
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask: expected a BlockMask (from create_block_mask) or "
+                            f"None, got {type(block_mask).__name__}")
+        bb, bh, bsq, bsk = block_mask.shape
+        if bb not in (1, batch) or bh not in (1, heads) or (bsq, bsk) != (q_total, k_total):
+            raise ValueError(f"block_mask: built for (B, H, Sq, Sk) = {block_mask.shape}, "
+                             f"the call has ({batch}, {heads}, {q_total}, {k_total}) (B and "
+                             f"H may be 1: broadcast)")
+        if mask_mod is not None and mask_mod is not block_mask.mask_mod:
+            raise ValueError("block_mask: built from another mask_mod than the mask_mod= "
+                             "given; pass only block_mask= (its mod is used)")
+        mask_mod = block_mask.mask_mod
+    return Mods(score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask)

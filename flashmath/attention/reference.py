@@ -7,7 +7,8 @@ small shapes. The score of query i and key j of head h is
 
     s = softcap(scale * q_i . k_j) + bias[b, h, i, j]      softcap(x) = c * tanh(x / c)
 
-then the masks of :mod:`flashmath.attention.masks` remove pairs (probability exactly 0),
+then ``score_mod`` (if given; :mod:`flashmath.attention.mods`) modifies s, then the masks
+of :mod:`flashmath.attention.masks` and ``mask_mod`` remove pairs (probability exactly 0),
 P = softmax(s) over the keys, out = P @ V, lse = log(sum_j exp(s_ij)).
 
 Two modes:
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from flashmath.attention.mods import apply_score_mod, score_mod_grad
 from flashmath.attention.options import AttentionOptions, check_backward_inputs, resolve
 from flashmath.dtypes import accumulate_dtype
 from flashmath.softmax.rule import row_shift
@@ -56,6 +58,9 @@ def attention_reference(
     scale: float | None = None,
     alibi_slopes: Any = None,
     sinks: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    block_mask: Any = None,
     upcast: bool = True,
     return_lse: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -82,6 +87,13 @@ def attention_reference(
     sinks : (H,) attention-sink logits (gpt-oss): each row's softmax denominator gains
         ``exp(sinks[h])``, a key with no value. lse includes it, so a row with nothing else
         to attend to gives out 0 and lse = sinks[h]; -inf means no sink.
+    score_mod : ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention's), applied
+        after the softcap, bias and ALiBi, before the masks; called once per (b, h) with
+        q_idx (Sq, 1), kv_idx (1, Sk) int64 positions (see :mod:`flashmath.attention.mods`).
+    mask_mod : ``mask_mod(b, h, q_idx, kv_idx) -> bool``, True = may attend; ANDed with
+        causal, window, lengths and mask. Called once per (b, h) like score_mod.
+    block_mask : a BlockMask from ``create_block_mask`` for (B|1, H|1, Sq, Sk): its mask_mod
+        is applied (the same pairs; the oracle ignores the tile classification).
     upcast : True: compute and return float64 (the oracle). False: round every
         operation to the input dtype (the naive same-dtype baseline).
     return_lse : also return the natural-log log-sum-exp of each row's scores, (B, H, Sq).
@@ -102,7 +114,7 @@ def attention_reference(
     q, k, v, opts = resolve(
         q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
         q_lengths=q_lengths, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
-        sinks=sinks,
+        sinks=sinks, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
     )
     ar = _Arith(opts, upcast)
     with np.errstate(all="ignore"):  # NaN/inf give NaN rows, empty rows log(0), by contract
@@ -129,13 +141,18 @@ def attention_reference_backward(
     scale: float | None = None,
     alibi_slopes: Any = None,
     sinks: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    block_mask: Any = None,
     dlse: Any = None,
     upcast: bool = True,
 ) -> tuple[np.ndarray, ...]:
     """Gradients (dq, dk, dv) of sum(dout * attention(q, k, v)), with P materialised.
 
     The explicit formula: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
-    through the softcap dS *= 1 - tanh^2, then dQ = scale dS K and dK = scale dS^T Q.
+    through a score_mod dS *= d score_mod / d s (its ``dscore``, else a complex step: see
+    :func:`flashmath.attention.mods.score_mod_grad`), through the softcap dS *= 1 - tanh^2,
+    then dQ = scale dS K and dK = scale dS^T Q.
     dk and dv have H_kv heads: the query heads sharing a key/value head are summed.
     ``dlse`` (B, H, Sq), optional: the cotangent of the returned lse, so that the gradients
     are those of sum(dout * out) + sum(dlse * lse) (d lse / d s = P: dS gains P * dlse).
@@ -148,7 +165,7 @@ def attention_reference_backward(
     q, k, v, opts = resolve(
         q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
         q_lengths=q_lengths, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
-        sinks=sinks,
+        sinks=sinks, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
     )
     if dlse is None:
         (dout,) = check_backward_inputs(opts, dout=dout)
@@ -166,7 +183,7 @@ def attention_reference_backward(
 
 def _backward(ar: _Arith, do: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
               opts: AttentionOptions, dlse: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    fwd = _forward(ar, q, k, v, opts)
+    fwd = _forward(ar, q, k, v, opts, grad=True)
     r, mm = ar.round, ar.matmul
     p = fwd.p  # (B, H, Sq, Sk)
     dv = _group_sum(mm(p.swapaxes(-1, -2), do), opts)  # (B, H_kv, Sk, Dv)
@@ -175,6 +192,8 @@ def _backward(ar: _Arith, do: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.nd
     if dlse is not None:  # d lse / d s_ij = p_ij: the lse cotangent joins dP - delta
         delta = np.where(np.isfinite(fwd.lse[..., None]), r(delta - dlse[..., None]), 0)
     ds = r(p * r(dp - delta))
+    if fwd.dmod is not None:  # chain through the score_mod (0 where p = 0, even if dmod is not)
+        ds = np.where(p == 0, 0, r(ds * fwd.dmod))
     if fwd.tanh is not None:
         ds = r(ds * r(1 - r(fwd.tanh * fwd.tanh)))
     dq = r(mm(ds, fwd.k) * opts.scale)  # (B, H, Sq, D)
@@ -223,13 +242,14 @@ class _Forward:
         self.k: np.ndarray = arrays["k"]  # repeated to H heads
         self.v: np.ndarray = arrays["v"]  # repeated to H heads
         self.tanh: np.ndarray | None = arrays["tanh"]  # tanh(scale q.k / c) under softcap
+        self.dmod: np.ndarray | None = arrays["dmod"]  # d score_mod / d s, or None
         self.p: np.ndarray = arrays["p"]  # (B, H, Sq, Sk) probabilities, 0 where masked
         self.out: np.ndarray = arrays["out"]
         self.lse: np.ndarray = arrays["lse"]
 
 
 def _forward(ar: _Arith, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-             opts: AttentionOptions) -> _Forward:
+             opts: AttentionOptions, grad: bool = False) -> _Forward:
     r, mm = ar.round, ar.matmul
     q, k, v = ar.input(q), ar.input(k), ar.input(v)
     k, v = np.repeat(k, opts.group, axis=1), np.repeat(v, opts.group, axis=1)  # GQA -> H heads
@@ -244,7 +264,10 @@ def _forward(ar: _Arith, q: np.ndarray, k: np.ndarray, v: np.ndarray,
         s = r(opts.softcap * tanh)
     if opts.has_bias:
         s = r(s + ar.input(opts.dense_bias()))
+    s, dmod = _score_mod(ar, s, opts, grad)
     ok = opts.spec.dense()  # (B, H|1, Sq, Sk)
+    if opts.mods is not None and opts.mods.mask_mod is not None:
+        ok = ok & opts.mods.dense_mask(opts.batch, opts.heads, opts.sq, opts.sk)
     s = np.where(ok, s, -np.inf)  # masked pairs: probability exactly 0
     m = np.max(s, axis=-1, initial=-np.inf)  # (B, H, Sq)
     sink = None
@@ -259,7 +282,25 @@ def _forward(ar: _Arith, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     p = r(e / np.where(l == 0, 1, l)[..., None])
     out = mm(p, v)  # (B, H, Sq, Dv)
     lse = m + np.log(l)  # l == 0 (nothing to attend to) only when m = -inf: lse = -inf
-    return _Forward(q=q, k=k, v=v, tanh=tanh, p=p, out=out, lse=lse)
+    return _Forward(q=q, k=k, v=v, tanh=tanh, dmod=dmod, p=p, out=out, lse=lse)
+
+
+def _score_mod(ar: _Arith, s: np.ndarray, opts: AttentionOptions,
+               grad: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The score_mod applied per (b, h) to the (B, H, Sq, Sk) scores, and (if ``grad``) its
+    derivative at the pre-mod scores (else None). Computed in the compute dtype and
+    rounded to the input dtype once, as one operation."""
+    mod = None if opts.mods is None else opts.mods.score_mod
+    if mod is None:
+        return s, None
+    s = np.array(np.broadcast_to(s, (opts.batch, opts.heads, opts.sq, opts.sk)))
+    dmod = np.empty_like(s) if grad else None
+    for b in range(opts.batch):
+        for h in range(opts.heads):
+            if dmod is not None:
+                dmod[b, h] = score_mod_grad(mod, s[b, h], b, h, 0, 0)
+            apply_score_mod(mod, s[b, h], b, h, 0, 0)
+    return ar.round(s), None if dmod is None else ar.round(dmod)
 
 
 def _zero_padding(*xs: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, ...]:
