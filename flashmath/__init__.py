@@ -5,6 +5,7 @@ B batch, H query heads, H_kv key/value heads, Sq/Sk query/key lengths, D head di
 """
 
 from flashmath import dtypes, naive
+from flashmath.attention.blockmask import BlockMask, create_block_mask
 from flashmath.attention.decode import flash_decode
 from flashmath.attention.reference import attention_reference, attention_reference_backward
 from flashmath.attention.tiled import flash_attention, flash_attention_backward
@@ -27,12 +28,14 @@ from flashmath.softmax.stable import cross_entropy, log_softmax, logsumexp, soft
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockMask",
     "SafetyReport",
     "SoftmaxState",
     "__version__",
     "analyze_softmax_safety",
     "attention_reference",
     "attention_reference_backward",
+    "create_block_mask",
     "cross_entropy",
     "dtypes",
     "flash_attention",

@@ -32,6 +32,12 @@ ORDER = ["causal", "window", "mask", "bias", "alibi_slopes", "sinks", "kv_length
 
 #: What each option means, the same for every backend that takes it.
 MEANING = {
+    "score_mod": "score_mod(score, b, h, q_idx, kv_idx) -> score, after softcap and bias",
+    "mask_mod": "mask_mod(b, h, q_idx, kv_idx) -> bool, ANDed with the masks",
+    "block_mask": "a BlockMask from create_block_mask (its mask_mod, tiles classified)",
+    "block_table": "(B, max_pages) page indices of a paged cache",
+    "k_new": "(B, H_kv, S_new, D) keys appended to the cache in place before attending",
+    "v_new": "(B, H_kv, S_new, Dv) values appended with k_new",
     "causal": 'False, True (bottom-right aligned) or "top_left" (torch\'s)',
     "window": "(left, right) keys either side of the diagonal, None unbounded",
     "mask": "boolean, broadcastable to (B, H, Sq, Sk); True = may attend",
