@@ -182,7 +182,7 @@ def _c_array(x: npt.ArrayLike, dtype: np.dtype[Any], name: str) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype != dtype:
         raise TypeError(f"{name}: expected a {dtype} array, got dtype {a.dtype}")
-    return np.ascontiguousarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")  # (0-d stays 0-d)
 
 
 def _out(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
