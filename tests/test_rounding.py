@@ -194,3 +194,16 @@ def test_cast_is_astype_bit_for_bit(src: str, dst: str) -> None:
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
     out = np.empty(x.shape, as_dtype(dst))
     assert cast(x, as_dtype(dst), out=out) is out and out.tobytes() == want.tobytes()
+
+
+def test_online_softmax_float16_is_its_float32_result_rounded_by_numpy() -> None:
+    from flashmath.softmax.online import SoftmaxState, softmax_online
+
+    x = (2 * np.random.default_rng(5).standard_normal((8, 3000))).astype(np.float16)
+    p16, _ = softmax_online(x, 512, axis=0)
+    p32, _ = softmax_online(x.astype(np.float32), 512, axis=0)
+    assert p16.dtype == np.float16 and np.array_equal(p16.view(np.uint16), numpy_f16(p32))
+    v = np.random.default_rng(6).standard_normal((3000, 4)).astype(np.float32) * 1e-6
+    state = SoftmaxState.empty(8, 4).update(x.astype(np.float32), v)
+    out = state.finalize(dtype=np.float16)
+    assert np.array_equal(out.view(np.uint16), numpy_f16(state.finalize()))

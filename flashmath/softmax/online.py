@@ -41,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flashmath.dtypes import accumulate_dtype, as_accumulate_dtype, as_dtype, as_float_array
+from flashmath.rounding import cast
 from flashmath.softmax.rule import rescale, row_shift
 
 __all__ = [
@@ -289,7 +290,7 @@ class SoftmaxState:
         nonempty = (self.l != 0)[..., None]  # NaN rows count as non-empty and stay NaN
         with np.errstate(invalid="ignore"):
             np.divide(self.o, self.l[..., None], out=out, where=nonempty)
-        return out if dtype is None else out.astype(as_dtype(dtype), copy=False)
+        return out if dtype is None else cast(out, as_dtype(dtype))  # NumPy's bits, fast
 
 
 def merge(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
@@ -457,4 +458,4 @@ def softmax_online(
         p = np.exp(s - row_shift(m)[..., None])
         probs = np.zeros(s.shape, acc)
         np.divide(p, l[..., None], out=probs, where=(l != 0)[..., None])
-    return np.moveaxis(probs, -1, axis).astype(xa.dtype, copy=False), trace
+    return cast(np.moveaxis(probs, -1, axis), xa.dtype), trace  # float16: no slow path
