@@ -761,7 +761,7 @@ def _log_sum(
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         e = np.exp(d)
         if b is None:
-            top = np.count_nonzero(at_max, axis=axes, keepdims=True).astype(e.dtype)
+            top = _count_per_row(at_max, axes).astype(e.dtype)
         else:
             e *= b
             top = np.sum(np.where(at_max, b, 0), axis=axes, keepdims=True, dtype=e.dtype)
@@ -775,6 +775,15 @@ def _log_sum(
             np.log(np.abs(total)),
         )
     return log_s, np.sign(total)
+
+
+def _count_per_row(mask: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``np.count_nonzero(mask, axis=axes, keepdims=True)``; for a few long rows (a block
+    of the fast path) one whole-row count each, which skips the reduction's casting
+    buffer (several times faster)."""
+    if mask.ndim == 2 and axes == (1,) and mask.shape[0] <= 16:
+        return np.array([[np.count_nonzero(row)] for row in mask], dtype=np.intp)
+    return np.count_nonzero(mask, axis=axes, keepdims=True)
 
 
 def _cross_entropy(
