@@ -782,7 +782,8 @@ def _count_per_row(mask: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     of the fast path) one whole-row count each, which skips the reduction's casting
     buffer (several times faster)."""
     if mask.ndim == 2 and axes == (1,) and mask.shape[0] <= 16:
-        return np.array([[np.count_nonzero(row)] for row in mask], dtype=np.intp)
+        counts = [np.count_nonzero(row) for row in mask]
+        return np.array(counts, dtype=np.intp).reshape(mask.shape[0], 1)
     return np.count_nonzero(mask, axis=axes, keepdims=True)
 
 
