@@ -27,18 +27,17 @@ vectorised passes of integer and float32 arithmetic over cache-sized blocks:
 - :func:`cast`: ``a.astype(dtype)`` through the functions above where one applies.
 
 Shapes: any; the result has ``x``'s shape (C order). Dtypes: exactly the ones named;
-other input raises TypeError naming the argument. May import: nothing of flashmath but
-dtypes.
+other input raises TypeError naming the argument. May import: nothing of flashmath (a
+bottom layer beside dtypes; NumPy and ml_dtypes only).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import numpy.typing as npt
-
-from flashmath.dtypes import bfloat16
 
 __all__ = ["BLOCK", "cast", "float16_to_float32", "float32_to_bfloat16", "float32_to_float16"]
 
@@ -47,6 +46,7 @@ BLOCK = 1 << 15
 
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
+_BF16 = np.dtype(ml_dtypes.bfloat16)  # (dtypes.bfloat16: bottom modules do not import each other)
 
 
 def float32_to_float16(x: npt.ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
@@ -97,7 +97,7 @@ def float32_to_bfloat16(x: npt.ArrayLike, out: np.ndarray | None = None) -> np.n
     ``x``'s sign. ``out``: as in :func:`float32_to_float16` (bfloat16).
     """
     a = _c_array(x, _F32, "x")
-    res = _out(out, a.shape, bfloat16)
+    res = _out(out, a.shape, _BF16)
     src, dst = a.reshape(-1).view(np.uint32), res.reshape(-1).view(np.uint16)
     for lo in range(0, src.size, BLOCK):
         _f32_to_bf16_block(src[lo : lo + BLOCK], dst[lo : lo + BLOCK])
@@ -113,7 +113,7 @@ def cast(a: np.ndarray, dtype: npt.DTypeLike, out: np.ndarray | None = None) -> 
     dt = np.dtype(dtype)
     a = np.asarray(a)
     fast = {(_F32, _F16): float32_to_float16, (_F16, _F32): float16_to_float32,
-            (_F32, bfloat16): float32_to_bfloat16}.get((a.dtype, dt))
+            (_F32, _BF16): float32_to_bfloat16}.get((a.dtype, dt))
     if fast is not None:
         return fast(a, out)
     if out is None:
