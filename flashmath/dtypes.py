@@ -108,9 +108,13 @@ def as_float_array(x: Any, *, name: str = "x") -> np.ndarray:
     """Return ``x`` as a NumPy array of a supported float dtype (no copy when already one).
 
     Integer and bool input promotes to float64. Complex, object, string, datetime and
-    other dtypes raise TypeError naming ``name`` and the dtype.
+    other dtypes raise TypeError naming ``name`` and the dtype; a ragged nested sequence
+    raises ValueError naming ``name``.
     """
-    arr = np.asarray(x)
+    try:
+        arr = np.asarray(x)
+    except ValueError as exc:  # a ragged list: NumPy's message does not say which argument
+        raise ValueError(f"{name}: not a rectangular array of numbers ({exc})") from None
     dt = arr.dtype
     if dt in DTYPES.values():
         return arr

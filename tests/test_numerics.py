@@ -1046,3 +1046,183 @@ def test_regression_cross_entropy_array_like_logits_not_overwritten() -> None:
     wrapped = _ArrayLike(np.array([[1.0, 2.0, 3.0]]))
     fm.cross_entropy(wrapped, np.array([0]))
     np.testing.assert_array_equal(wrapped.a, [[1.0, 2.0, 3.0]])
+
+
+# --------------------------------------------------------------------------------------
+# The fast path (issue 16): rows along the trailing axes of a C-contiguous array are
+# computed in blocks of rows, on both cores when large. Whatever the blocks and the
+# threads, every row gives the bits the general path gives (a Fortran-ordered copy or
+# an all-True ``where`` takes the general path), and the narrow dtypes are today's
+# float32 results rounded once by NumPy's cast.
+# --------------------------------------------------------------------------------------
+
+FAST_DTYPES = ["float64", "float32", "float16", "bfloat16", "float8_e4m3fn"]
+
+
+def fast_inputs(dt: np.dtype, shape: tuple[int, ...] = (37, 301)) -> np.ndarray:  # type: ignore[type-arg]
+    rng = np.random.default_rng(16)
+    x = (rng.standard_normal(shape) * rng.choice([0.1, 3.0, 30.0], (*shape[:-1], 1)))
+    x = x.astype(dt)
+    flat = x.reshape(-1, shape[-1])
+    flat[3, ::5] = -np.inf  # masked entries
+    flat[4] = -np.inf  # a dead row
+    flat[5, 7] = np.nan  # a NaN row
+    if np.isinf(np.array(np.inf).astype(dt)):
+        flat[6, 1] = np.inf  # a +inf row
+    return x
+
+
+def same_bits(a: object, b: object) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def all_calls(x: np.ndarray, general: bool = False) -> list[object]:
+    """Every fast-path call on x; with ``general`` the same calls forced onto the general
+    path without changing the memory layout of the rows (an all-True ``where``; for
+    cross_entropy a row-contiguous but not C-contiguous view)."""
+    kw: dict[str, object] = {"where": np.ones(x.shape, bool)} if general else {}
+    logits = x
+    if general:
+        logits = np.zeros((*x.shape[:-1], x.shape[-1] + 3), x.dtype)[..., : x.shape[-1]]
+        logits[...] = x
+    labels = np.random.default_rng(1).integers(0, x.shape[-1], x.shape[:-1])
+    return [
+        fm.softmax(x, **kw), fm.softmax(x, empty="uniform", **kw),  # type: ignore[arg-type]
+        fm.softmax(x, empty="nan", **kw), fm.log_softmax(x, **kw),  # type: ignore[arg-type]
+        fm.logsumexp(x, **kw), *fm.logsumexp(x, return_sign=True, **kw),  # type: ignore[arg-type]
+        fm.logsumexp(x, keepdims=True, **kw),  # type: ignore[arg-type]
+        fm.cross_entropy(logits, labels, reduction="none"),
+        fm.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none"),
+        fm.cross_entropy(logits[7:], labels[7:]),  # rows without NaN: a finite mean
+    ]
+
+
+@pytest.mark.parametrize("name", FAST_DTYPES)
+@pytest.mark.parametrize("block_bytes, parallel_min", [(1 << 18, 1 << 18), (4, 1), (5000, 1)])
+def test_fast_path_is_bit_identical_to_the_general_path(
+    monkeypatch: pytest.MonkeyPatch, name: str, block_bytes: int, parallel_min: int
+) -> None:
+    from flashmath.softmax import stable
+
+    x = fast_inputs(DTYPES[name])
+    general = all_calls(x, general=True)
+    monkeypatch.setattr(stable, "BLOCK_BYTES", block_bytes)  # one row per block, or a few
+    monkeypatch.setattr(stable, "PARALLEL_MIN", parallel_min)  # and threads even when small
+    for i, (fast, slow) in enumerate(zip(all_calls(x), general, strict=True)):
+        assert same_bits(fast, slow), (name, i)
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_narrow_results_are_float32_results_rounded_once_by_numpy(name: str) -> None:
+    dt = DTYPES[name]
+    x = fast_inputs(dt, (256, 3000))  # a long row: the float16 results are mostly subnormal
+    a = x.astype(np.float32)
+    with np.errstate(all="ignore"):
+        m = np.max(a, axis=-1, keepdims=True)
+        shift = np.where(np.isneginf(m), np.float32(0), m)
+        e = np.exp(a - shift)
+        p = e / np.maximum(np.sum(e, axis=-1, keepdims=True), 1)
+        want = p.astype(dt)
+    assert same_bits(fm.softmax(x), want)
+    if name == "float16":
+        assert np.count_nonzero(np.abs(want.astype(np.float32)) < 2.0**-14) > want.size // 2
+
+
+def test_fast_path_over_several_trailing_axes_and_3d() -> None:
+    x = fast_inputs(np.dtype(np.float32), (6, 7, 50))
+    ones = np.ones(x.shape, bool)  # an all-True where: the general path, same layout
+    for axis in [-1, (1, 2), (2, 1), None]:
+        want = fm.softmax(x, axis=axis, where=ones)
+        want_lse = fm.logsumexp(x, axis=axis, where=ones)
+        assert same_bits(fm.softmax(x, axis=axis), want), axis
+        assert same_bits(fm.logsumexp(x, axis=axis), want_lse), axis
+
+
+def _peak_extra(fn: object, out_bytes: int) -> int:
+    import tracemalloc
+
+    fn()  # type: ignore[operator]  # warm (the shared thread pool, lazy imports)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        fn()  # type: ignore[operator]
+        return tracemalloc.get_traced_memory()[1] - out_bytes
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("name", ["float64", "float32", "float16", "bfloat16"])
+def test_peak_memory_is_the_output_plus_cache_sized_blocks(name: str) -> None:
+    """float32/float64: nothing beyond the output but a few cache-sized blocks (a copy of
+    the input would be 16 or 32 MiB); float16/bfloat16: at most one float32 copy of the
+    input (in fact the same few blocks)."""
+    from flashmath.softmax.stable import BLOCK_BYTES
+
+    dt = DTYPES[name]
+    x = np.random.default_rng(0).standard_normal((2048, 2048)).astype(dt)
+    y = np.random.default_rng(1).integers(0, 2048, 2048)
+    blocks = 8 * BLOCK_BYTES  # a few temporaries per block, one block per core
+    limit = blocks if dt.itemsize >= 4 else x.size * 4
+    out = x.nbytes
+    assert _peak_extra(lambda: fm.softmax(x), out) <= limit
+    assert _peak_extra(lambda: fm.log_softmax(x), out) <= limit
+    assert _peak_extra(lambda: fm.logsumexp(x), 2048 * 8) <= limit
+    assert _peak_extra(lambda: fm.cross_entropy(x, y), 2048 * 8) <= limit
+    assert 8 * BLOCK_BYTES < x.size * 4 / 4  # the bound is far below a float32 copy
+
+
+# --- Messages (issue 17) ---
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [fm.softmax, fm.log_softmax, fm.logsumexp, fm.naive.softmax, fm.naive.logsumexp,
+     lambda x: fm.cross_entropy(x, 0), lambda x: fm.naive.cross_entropy(x, 0)],
+)
+def test_regression_ragged_list_names_the_argument(fn) -> None:  # type: ignore[no-untyped-def]
+    name = "logits" if "cross_entropy" in getattr(fn, "__code__", fn.__code__).co_names else "x"
+    with pytest.raises(ValueError, match=rf"^{name}: not a rectangular array of numbers"):
+        fn([[1.0, 2.0], [3.0]])
+
+
+@pytest.mark.parametrize(
+    "logits, labels, message",
+    [
+        (np.zeros(3), 5, r"labels: values \[5\] are out of range \[0, 3\)"),
+        (np.zeros((2, 3)), [0, -1], r"labels: values \[-1\] are out of range \[0, 3\)"),
+        (np.zeros((2, 3)), [0, 1, 2], r"labels: shape \(3,\) does not match"),
+    ],
+)
+def test_regression_naive_cross_entropy_checks_labels_like_the_stable_one(
+    logits: np.ndarray, labels: object, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        fm.naive.cross_entropy(logits, labels)
+    with pytest.raises(ValueError, match=message):
+        fm.cross_entropy(logits, labels)
+    with pytest.raises(TypeError, match="labels: expected an integer array"):
+        fm.naive.cross_entropy(logits, np.zeros(logits.shape[:-1]))
+
+
+def test_naive_cross_entropy_valid_labels_unchanged() -> None:
+    x = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    want = -np.log(np.exp(x[[0, 1], [2, 0]]) / np.exp(x).sum(-1))
+    np.testing.assert_allclose(fm.naive.cross_entropy(x, [2, 0], reduction="none"), want,
+                               rtol=1e-15)
+    assert float(fm.naive.cross_entropy(np.float64(3.0), 0)) == 0.0  # 0-d: one class
+
+
+@pytest.mark.parametrize(
+    "batch_shape, d, message",
+    [((), 2.5, r"d: a size must be an int, got 2.5"),
+     ((2, 3.0), 4, r"batch_shape: a size must be an int, got 3.0"),
+     (2.5, 4, r"batch_shape: expected an int or a tuple of ints, got 2.5"),
+     ((2,), True, r"d: a size must be an int, got True")],
+)
+def test_regression_softmax_state_empty_sizes_must_be_ints(batch_shape, d, message) -> None:  # type: ignore[no-untyped-def]
+    from flashmath.softmax.online import SoftmaxState
+
+    with pytest.raises(TypeError, match=message):
+        SoftmaxState.empty(batch_shape, d)
+    assert SoftmaxState.empty((2, np.int64(3)), np.int32(4)).o.shape == (2, 3, 4)

@@ -44,7 +44,10 @@ import numpy as np
 import numpy.typing as npt
 
 from flashmath.dtypes import as_float_array
-from flashmath.softmax.stable import REDUCTIONS  # the same reductions as the stable versions
+from flashmath.softmax.stable import (  # the same reductions and labels as the stable versions
+    REDUCTIONS,
+    check_labels,
+)
 
 __all__ = ["cross_entropy", "exp_and_softmax", "log_softmax", "logsumexp", "softmax"]
 
@@ -81,13 +84,22 @@ def cross_entropy(
 
     ``labels`` has the logits' shape without ``axis``; ``reduction`` is "mean",
     "sum" or "none" (the per-label losses, ``labels.shape``), as in
-    :func:`flashmath.cross_entropy` (no ignore_index or smoothing here).
+    :func:`flashmath.cross_entropy` (no ignore_index or smoothing here). Labels are
+    checked as the stable version checks them: non-integer labels are a TypeError, a
+    wrong shape or a label outside ``[0, C)`` a ValueError naming ``labels``.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     arr = as_float_array(logits, name="logits")
-    y = np.asarray(labels)
-    _, p = exp_and_softmax(arr, axis)
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"axis: the naive cross_entropy takes one int class axis, got {axis!r}")
+    shape = arr.shape or (1,)  # a 0-d input is one class
+    if not -len(shape) <= axis < len(shape):
+        raise np.exceptions.AxisError(
+            f"axis: {axis} is out of bounds for logits of dimension {len(shape)}"
+        )
+    y, _ = check_labels(labels, shape, int(axis) % len(shape))
+    _, p = exp_and_softmax(arr, axis if arr.ndim else -1)
     if p.ndim == 0:
         p = p.reshape(1)
         axis = 0

@@ -41,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flashmath.dtypes import accumulate_dtype, as_accumulate_dtype, as_dtype, as_float_array
+from flashmath.rounding import cast
 from flashmath.softmax.rule import rescale, row_shift
 
 __all__ = [
@@ -104,6 +105,25 @@ def _read_chunk(
     return s, v
 
 
+def _sizes(name: str, sizes: Any) -> tuple[int, ...]:
+    """``sizes`` (a sequence of ints) as a tuple of ints; TypeError naming ``name`` otherwise
+    (2.5, "3", True and None are not sizes)."""
+    try:
+        items = tuple(sizes)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int or a tuple of ints, got {sizes!r}") from None
+    out = []
+    for n in items:
+        if isinstance(n, bool):
+            raise TypeError(f"{name}: a size must be an int, got {n!r}")
+        try:
+            out.append(operator.index(n))
+        except TypeError:
+            raise TypeError(f"{name}: a size must be an int, got {n!r} "
+                            f"({type(n).__name__})") from None
+    return tuple(out)
+
+
 def _readonly(x: Any, dtype: np.dtype[Any]) -> np.ndarray:
     """x as an array of dtype, seen through a read-only view (the caller's array is untouched)."""
     view = np.asarray(x, dtype=dtype).view()
@@ -159,8 +179,9 @@ class SoftmaxState:
         on their own, so the default never costs float64 inputs their precision; pass
         dtype=np.float64 to start there, or a narrow dtype (the lab) to show why not.
         """
-        shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
-        d = operator.index(d)
+        shape = _sizes("batch_shape", (batch_shape,) if isinstance(batch_shape, int | np.integer)
+                       else batch_shape)
+        (d,) = _sizes("d", (d,))
         if d < 0 or any(n < 0 for n in shape):
             raise ValueError(f"SoftmaxState.empty: negative size in batch_shape {shape}, d={d}")
         dt = as_accumulate_dtype(dtype, name="dtype")
@@ -269,7 +290,7 @@ class SoftmaxState:
         nonempty = (self.l != 0)[..., None]  # NaN rows count as non-empty and stay NaN
         with np.errstate(invalid="ignore"):
             np.divide(self.o, self.l[..., None], out=out, where=nonempty)
-        return out if dtype is None else out.astype(as_dtype(dtype), copy=False)
+        return out if dtype is None else cast(out, as_dtype(dtype))  # NumPy's bits, fast
 
 
 def merge(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
@@ -437,4 +458,4 @@ def softmax_online(
         p = np.exp(s - row_shift(m)[..., None])
         probs = np.zeros(s.shape, acc)
         np.divide(p, l[..., None], out=probs, where=(l != 0)[..., None])
-    return np.moveaxis(probs, -1, axis).astype(xa.dtype, copy=False), trace
+    return cast(np.moveaxis(probs, -1, axis), xa.dtype), trace  # float16: no slow path

@@ -84,6 +84,19 @@ float8_e5m2    0.11       0.11         0.10       0.11
 (one ulp = eps: float32 1.2e-7, float16 9.8e-4, bfloat16 7.8e-3, float8_e4m3fn
 0.125, float8_e5m2 0.25; the narrow dtypes land within half an ulp.)
 
+Speed and memory. When the reduced axes are the trailing axes of a C-contiguous input
+(the usual ``axis=-1``) and there is no ``where``/``b``, the rows are computed in blocks
+of about 256 KiB of accumulate dtype, so every temporary stays in the cache, and the
+blocks are shared between the cores (:mod:`flashmath.parallel`) once the input has
+2**18 elements or more; smaller inputs take no thread overhead. Each block runs, row by
+row, exactly the NumPy operations of the general path, so the results are bit for bit
+those of the general path whatever the blocks or threads. Extra memory beyond the
+output is a few blocks (about 1.5 MiB), for every dtype; narrow inputs are widened to
+float32 a block at a time and rounded back with :func:`flashmath.rounding.cast` (NumPy's
+bits, without its 25x slower path for float16 results that are subnormal, which is most
+of a softmax over a large vocabulary). Other layouts take the general path: one array in
+the accumulate dtype, then the same steps over the whole array.
+
 Examples
 --------
 The textbook formula overflows where the shifted one does not:
@@ -109,9 +122,11 @@ import numpy as np
 import numpy.typing as npt
 
 from flashmath.dtypes import accumulate_dtype, as_float_array
+from flashmath.parallel import row_blocks, run_units
+from flashmath.rounding import cast
 from flashmath.softmax.rule import row_shift
 
-__all__ = ["cross_entropy", "log_softmax", "logsumexp", "softmax"]
+__all__ = ["check_labels", "cross_entropy", "log_softmax", "logsumexp", "softmax"]
 
 Empty = Literal["zeros", "uniform", "nan"]
 Reduction = Literal["mean", "sum", "none"]
@@ -180,7 +195,10 @@ def softmax(
     """
     if empty not in _EMPTY:
         raise ValueError(f"empty: expected one of {_EMPTY}, got {empty!r}")
-    rows = _prepare(x, axis, where, accum_dtype)
+    flat = _flat(x, axis, accum_dtype, plain=where is None)
+    if isinstance(flat, _Flat):
+        return _softmax_rows(flat, empty).reshape(flat.shape)
+    rows = _prepare(flat, axis, where, accum_dtype, given=x)
     out = _softmax(rows.a, rows.axes, empty, owned=rows.owned)
     return _finish(out, rows.in_dtype, rows.shape)
 
@@ -228,7 +246,10 @@ def log_softmax(
     >>> float(fm.log_softmax([0.0, -50.0])[0])             # -exp(-50), not 0
     -1.9287498479639178e-22
     """
-    rows = _prepare(x, axis, where, accum_dtype)
+    flat = _flat(x, axis, accum_dtype, plain=where is None)
+    if isinstance(flat, _Flat):
+        return _log_softmax_rows(flat).reshape(flat.shape)
+    rows = _prepare(flat, axis, where, accum_dtype, given=x)
     d, _ = _shifted(rows.a, rows.axes, owned=rows.owned)
     log_s, _ = _log_sum(d, rows.axes)
     # log_s >= 0 in every row with something left; clamping at 0 keeps a dead row
@@ -291,7 +312,13 @@ def logsumexp(
     >>> fm.logsumexp([1.0, 2.0], b=[1.0, -1.0], return_sign=True)
     (np.float64(1.5413248546129181), np.float64(-1.0))
     """
-    rows = _prepare(x, axis, where, accum_dtype, b=b)
+    flat = _flat(x, axis, accum_dtype, plain=where is None and b is None)
+    if isinstance(flat, _Flat):
+        lse, sign = _logsumexp_rows(flat)
+        shape = _reduced_shape(flat.shape, flat.axes, keepdims, flat.shape)
+        result = _finish(lse, flat.x.dtype, shape)
+        return (result, _finish(sign, flat.x.dtype, shape)) if return_sign else result
+    rows = _prepare(flat, axis, where, accum_dtype, b=b, given=x)
     d, shift = _shifted(rows.a, rows.axes, owned=rows.owned)
     log_s, sign = _log_sum(d, rows.axes, rows.b)
     # The shift is 0 for dead rows, so they come out as 0 + -inf = -inf.
@@ -383,18 +410,26 @@ def cross_entropy(
         raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing!r}")
     if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
         raise TypeError(f"axis: cross_entropy takes one int class axis, got {axis!r}")
-    rows = _prepare(logits, axis, None, accum_dtype, name="logits")
-    (ax,) = rows.axes
-    y, ignored = _check_labels(labels, rows.a.shape, ax, ignore_index)
-    loss = _cross_entropy(rows.a, y, ignored, ax, smoothing, owned=rows.owned)
+    flat = _flat(logits, axis, accum_dtype, name="logits")
+    if isinstance(flat, _Flat):
+        ax = len(flat.shape) - 1
+        y, ignored = check_labels(labels, flat.shape, ax, ignore_index)
+        in_dtype = flat.x.dtype
+        loss = _cross_entropy_rows(flat, y, ignored, smoothing)
+    else:
+        rows = _prepare(flat, axis, None, accum_dtype, name="logits", given=logits)
+        (ax,) = rows.axes
+        y, ignored = check_labels(labels, rows.a.shape, ax, ignore_index)
+        in_dtype = rows.in_dtype
+        loss = _cross_entropy(rows.a, y, ignored, ax, smoothing, owned=rows.owned)
     if reduction == "none":
-        return _finish(loss, rows.in_dtype, y.shape)
+        return _finish(loss, in_dtype, y.shape)
     total = np.sum(loss)
     if reduction == "mean":
         count = loss.size if ignored is None else loss.size - int(np.count_nonzero(ignored))
         with np.errstate(invalid="ignore", divide="ignore"):
             total = total / np.asarray(count, dtype=loss.dtype)  # every label ignored: 0/0 = NaN
-    return _finish(np.asarray(total), rows.in_dtype, ())
+    return _finish(np.asarray(total), in_dtype, ())
 
 
 # --------------------------------------------------------------------------------------
@@ -419,9 +454,15 @@ def _prepare(
     *,
     name: str = "x",
     b: npt.ArrayLike | None = None,
+    given: Any = None,
 ) -> _Rows:
-    """Promote ``x``, choose the accumulate dtype, normalise ``axis``, apply ``where``/``b``."""
-    given = np.asarray(x) if hasattr(x, "__array__") else None  # memory the caller owns
+    """Promote ``x``, choose the accumulate dtype, normalise ``axis``, apply ``where``/``b``.
+
+    ``given`` is what the caller passed, if ``x`` is that already converted: an array
+    ``x`` shares memory with only if it is the caller's.
+    """
+    caller = x if given is None else given
+    given = np.asarray(caller) if hasattr(caller, "__array__") else None  # the caller's memory
     arr = as_float_array(x, name=name)
     in_dtype = arr.dtype
     acc = accumulate_dtype(in_dtype, accum_dtype)  # refuses dtypes without -inf
@@ -486,10 +527,17 @@ def _broadcast_where(where: npt.ArrayLike, shape: tuple[int, ...], name: str) ->
         ) from None
 
 
-def _check_labels(
-    labels: npt.ArrayLike, shape: tuple[int, ...], axis: int, ignore_index: int | None
+def check_labels(
+    labels: npt.ArrayLike, shape: tuple[int, ...], axis: int, ignore_index: int | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Validate labels against logits of ``shape``; return them and the ignored mask."""
+    """Validate class labels against logits of ``shape`` with class axis ``axis`` (>= 0).
+
+    Returns ``(labels as an array, the mask of labels equal to ignore_index or None)``.
+    Raises TypeError for non-integer labels, ValueError for labels whose shape is not
+    ``shape`` without ``axis`` or for a label outside ``[0, shape[axis])`` that is not
+    ``ignore_index`` (the message lists the offending values). Used by both
+    cross-entropies (stable and naive), so they refuse the same labels the same way.
+    """
     y = np.asarray(labels)
     if y.dtype.kind not in "iu":
         raise TypeError(f"labels: expected an integer array of class indices, got dtype {y.dtype}")
@@ -525,8 +573,134 @@ def _reduced_shape(
 
 
 def _finish(out: np.ndarray, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
-    """Round to the caller's dtype, give the result its shape; 0-d becomes a NumPy scalar."""
-    return out.astype(dtype, copy=False).reshape(shape)[()]
+    """Round to the caller's dtype (:func:`flashmath.rounding.cast`: NumPy's bits, without
+    its slow path), give the result its shape; 0-d becomes a NumPy scalar."""
+    return cast(out, dtype).reshape(shape)[()]
+
+
+# --------------------------------------------------------------------------------------
+# The fast path: rows along the trailing axes of a C-contiguous array, in cache-sized
+# blocks of rows, on both cores when the array is large. Every block does, row by row,
+# exactly the operations of the general path below (the same NumPy calls on the same
+# row-contiguous data), so results are bit for bit the same whatever the blocks.
+# --------------------------------------------------------------------------------------
+
+#: Bytes of accumulate dtype per block of rows (its temporaries stay in the cache).
+BLOCK_BYTES = 1 << 18
+#: Elements from which the blocks are shared between the cores (below: no thread overhead).
+PARALLEL_MIN = 1 << 18
+
+
+class _Flat(NamedTuple):
+    x: np.ndarray  # (R, n): the caller's data in its own dtype, one row per row
+    acc: np.dtype[Any]  # the accumulate dtype
+    shape: tuple[int, ...]  # the caller's shape
+    axes: tuple[int, ...]  # the reduced axes: the trailing ones
+
+
+def _flat(
+    x: npt.ArrayLike, axis: Any, accum_dtype: Any, *, name: str = "x", plain: bool = True
+) -> _Flat | np.ndarray:
+    """``x`` as (rows, row length) when the fast path applies (no ``where``/``b``, the
+    reduced axes trailing, C order, non-empty, >= 1-d), else ``x`` as an array."""
+    arr = as_float_array(x, name=name)
+    if not plain or arr.ndim == 0 or arr.size == 0 or not arr.flags.c_contiguous:
+        return arr
+    axes = _normalize_axes(axis, arr.ndim)
+    k = len(axes)
+    if sorted(axes) != list(range(arr.ndim - k, arr.ndim)):
+        return arr
+    acc = accumulate_dtype(arr.dtype, accum_dtype)
+    n = math.prod(arr.shape[arr.ndim - k :])
+    return _Flat(arr.reshape(-1, n), acc, arr.shape, tuple(sorted(axes)))
+
+
+def _each_block(f: _Flat, work: Any) -> None:
+    """``work(rows)`` for blocks of rows, shared between the cores for large arrays."""
+    rows, n = f.x.shape
+    blocks = row_blocks(rows, n, block=max(1, BLOCK_BYTES // f.acc.itemsize))
+    run_units(blocks, work, parallel=rows * n >= PARALLEL_MIN)
+
+
+def _load(f: _Flat, rows: slice, into: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(a - shift, shift)`` for a block: a = the rows in the accumulate dtype, written
+    into ``into`` when given (a block of the output in that dtype), else a fresh block."""
+    xb = f.x[rows]
+    if xb.dtype != f.acc:
+        xb = cast(xb, f.acc, out=into)
+        into = xb
+    shift = _row_shift_of(xb, (1,))
+    return np.subtract(xb, shift, out=into), shift
+
+
+def _store(out: np.ndarray, rows: slice, d: np.ndarray) -> None:
+    """Round a block computed apart (narrow output) into its rows of ``out``."""
+    if not np.may_share_memory(d, out):
+        cast(d, out.dtype, out=out[rows])
+
+
+def _softmax_rows(f: _Flat, empty: str) -> np.ndarray:
+    out = np.empty(f.x.shape, f.x.dtype)
+    fill = np.nan if empty == "nan" else 1.0 / f.x.shape[1]
+
+    def work(rows: slice) -> None:
+        with np.errstate(invalid="ignore", over="ignore"):
+            d, _ = _load(f, rows, out[rows] if out.dtype == f.acc else None)
+            e = np.exp(d, out=d)
+            s = np.sum(e, axis=1, keepdims=True)
+            np.divide(e, np.maximum(s, 1), out=e)
+            if empty != "zeros":
+                np.copyto(e, np.array(fill, dtype=e.dtype), where=s == 0)
+            _store(out, rows, e)
+
+    _each_block(f, work)
+    return out
+
+
+def _log_softmax_rows(f: _Flat) -> np.ndarray:
+    out = np.empty(f.x.shape, f.x.dtype)
+
+    def work(rows: slice) -> None:
+        with np.errstate(invalid="ignore", over="ignore"):
+            d, _ = _load(f, rows, out[rows] if out.dtype == f.acc else None)
+            log_s, _ = _log_sum(d, (1,))
+            _store(out, rows, np.subtract(d, np.maximum(log_s, 0), out=d))
+
+    _each_block(f, work)
+    return out
+
+
+def _logsumexp_rows(f: _Flat) -> tuple[np.ndarray, np.ndarray]:
+    lse = np.empty((f.x.shape[0], 1), f.acc)
+    sign = np.empty((f.x.shape[0], 1), f.acc)
+
+    def work(rows: slice) -> None:
+        with np.errstate(invalid="ignore"):
+            d, shift = _load(f, rows, None)
+            log_s, sign[rows] = _log_sum(d, (1,))
+            np.add(shift, log_s, out=lse[rows])
+
+    _each_block(f, work)
+    return lse, sign
+
+
+def _cross_entropy_rows(
+    f: _Flat, y: np.ndarray, ignored: np.ndarray | None, smoothing: float
+) -> np.ndarray:
+    """Per-label loss as :func:`_cross_entropy` computes it, ``y.shape``, accumulate dtype."""
+    idx = (y if ignored is None else np.where(ignored, 0, y)).reshape(-1, 1)
+    loss = np.empty((f.x.shape[0], 1), f.acc)
+
+    def work(rows: slice) -> None:
+        with np.errstate(invalid="ignore"):
+            d, _ = _load(f, rows, None)
+            log_s = np.maximum(_log_sum(d, (1,))[0], 0)
+            picked = np.take_along_axis(d, idx[rows], axis=1)
+            loss[rows] = _smoothed(log_s - picked, log_s, d, 1, smoothing)
+
+    _each_block(f, work)
+    out = loss.reshape(y.shape)
+    return out if ignored is None else np.where(ignored, np.zeros((), out.dtype), out)
 
 
 
@@ -587,7 +761,7 @@ def _log_sum(
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         e = np.exp(d)
         if b is None:
-            top = np.count_nonzero(at_max, axis=axes, keepdims=True).astype(e.dtype)
+            top = _count_per_row(at_max, axes).astype(e.dtype)
         else:
             e *= b
             top = np.sum(np.where(at_max, b, 0), axis=axes, keepdims=True, dtype=e.dtype)
@@ -601,6 +775,16 @@ def _log_sum(
             np.log(np.abs(total)),
         )
     return log_s, np.sign(total)
+
+
+def _count_per_row(mask: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``np.count_nonzero(mask, axis=axes, keepdims=True)``; for a few long rows (a block
+    of the fast path) one whole-row count each, which skips the reduction's casting
+    buffer (several times faster)."""
+    if mask.ndim == 2 and axes == (1,) and mask.shape[0] <= 16:
+        counts = [np.count_nonzero(row) for row in mask]
+        return np.array(counts, dtype=np.intp).reshape(mask.shape[0], 1)
+    return np.count_nonzero(mask, axis=axes, keepdims=True)
 
 
 def _cross_entropy(
@@ -623,11 +807,19 @@ def _cross_entropy(
     idx = y if ignored is None else np.where(ignored, 0, y)
     picked = np.take_along_axis(d, np.expand_dims(idx, axis), axis=axis)
     with np.errstate(invalid="ignore"):
-        loss = log_s - picked
-        if smoothing:
-            uniform = log_s - np.mean(d, axis=axis, keepdims=True)
-            loss = uniform if smoothing == 1.0 else (1.0 - smoothing) * loss + smoothing * uniform
+        loss = _smoothed(log_s - picked, log_s, d, axis, smoothing)
     loss = np.squeeze(loss, axis=axis).astype(a.dtype, copy=False)
     if ignored is not None:
         loss = np.where(ignored, np.zeros((), loss.dtype), loss)
     return loss
+
+
+def _smoothed(
+    loss: np.ndarray, log_s: np.ndarray, d: np.ndarray, axis: int, smoothing: float
+) -> np.ndarray:
+    """torch's label smoothing of the per-label ``loss`` (keepdims), from the shifted
+    logits ``d`` and their ``log_s``: ``(1 - s) loss + s (log_s - mean(d))``."""
+    if not smoothing:
+        return loss
+    uniform = log_s - np.mean(d, axis=axis, keepdims=True)
+    return uniform if smoothing == 1.0 else (1.0 - smoothing) * loss + smoothing * uniform
