@@ -35,6 +35,7 @@ VOLATILE_SUFFIXES = (
     "_s", "_ms", "_us", "_seconds", "_gflops", "_tflops", "_per_s", "_ratio_time",
     "peak_bytes",  # tracemalloc peaks wobble by tens of bytes between runs
     "headline",  # prose for report.md, which may quote timings and peaks
+    "_from_timing",  # figures derived from a measured throughput (a model fed by timings)
 )
 
 

@@ -217,8 +217,8 @@ SEED_MEMORY = {False: (2, 8, 4096, 64, 128), True: (1, 2, 1024, 64, 128)}
 def _seed_rel_check(ctx: Context, name: str, n: int, d: int, tile: int) -> dict[str, Any]:
     rng = ctx.rng(20_000 + n)
     q, k, v = (rng.standard_normal((1, 1, n, d)) for _ in range(3))
-    flash = fm.flash_attention(q, k, v, causal=True, block_q=tile, block_k=tile)
-    naive = fm.attention_reference(q, k, v, causal=True)
+    flash = np.asarray(fm.flash_attention(q, k, v, causal=True, block_q=tile, block_k=tile))
+    naive = np.asarray(fm.attention_reference(q, k, v, causal=True))
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.abs(flash - naive) / np.abs(naive)
     return {"section": "seed_checks", "check": name, "N": n, "D": d, "tile": tile,

@@ -529,7 +529,7 @@ def run(ctx: Context) -> Result:
               for r in thresholds]
     stress_threshold = float(fm.overflow_threshold(STRESS_DTYPE))
     stress, example = _stress(ctx, stress_threshold)
-    extra = {"quiz": _softmax_records("quiz_q3", QUIZ_SCORES),
+    extra: dict[str, Any] = {"quiz": _softmax_records("quiz_q3", QUIZ_SCORES),
              "negative": _softmax_records("very_negative", (NEGATIVE_SCORE,) * 4),
              "constructed": _constructed_record(stress_threshold),
              "bandwidth": _bandwidth_record()}
@@ -563,7 +563,8 @@ def run(ctx: Context) -> Result:
         f"scaled by 1/sqrt(d) {_rate(rates['scaled'])}, scaled with the seed's outlier "
         f"{_rate(rates['scaled, outlier'])}")
     text = _readme(thresholds, breaks, stress, extra, summary, stress_threshold)
-    records = [*thresholds, *breaks, *stress, *extra["quiz"], *extra["negative"],
-               extra["constructed"], extra["bandwidth"]]
+    records: list[dict[str, Any]] = [*thresholds, *breaks, *stress, *extra["quiz"],
+                                     *extra["negative"], extra["constructed"],
+                                     extra["bandwidth"]]
     return Result(records=records, summary=summary, figures=figures, readme=text,
                   headline=summary["headline"])

@@ -34,8 +34,8 @@ def _body(body: str | Sequence[str]) -> str:
     return body if isinstance(body, str) else "\n".join(body)
 
 
-def render(name: str, seeds: Sequence[str], headline: str, answers: Sequence[str],
-           sections: Sequence[Section] = ()) -> str:
+def render(name: str, seeds: Sequence[str], headline: str,
+           answers: Sequence[str | Sequence[str]], sections: Sequence[Section] = ()) -> str:
     """The Markdown README of experiment ``name``.
 
     answers: one answer per question of ``seeds.questions(name)``, in that order (ValueError
