@@ -444,3 +444,17 @@ def test_lab_extra_installs_what_the_lab_imports() -> None:
     assert {"scipy", "mpmath"} <= set(names)
     dev = (root / "dev.py").read_text()
     assert 'EXTRAS = {"lab": "lab", "test": "test"}' in dev
+
+
+def test_headlines_are_whole_or_cut_at_a_word() -> None:
+    from flashmath.lab import report
+
+    ring = ("ring attention equals the float64 oracle to 1.78e-15 (relative, float64, W up to "
+            "4); one rank's peak memory at S = 2048 falls from 27.9 MB (W = 1) to 5.55 MB "
+            "(W = 8); transfers hide above 1.01e+03 tokens per rank on NVLink, 8.02e+03 on "
+            "InfiniBand, 3.2e+04 on 100 GbE")
+    assert report.headline_of(Result(records=[], headline=ring)) == ring
+    long = " ".join(f"word{i}" for i in range(200))
+    cut = report.headline_of(Result(records=[], headline=long), limit=50)
+    assert cut.endswith("…") and len(cut) <= 50
+    assert long.startswith(cut[:-1]) and long[len(cut) - 1] == " "  # ends at a word boundary
