@@ -4,7 +4,7 @@ Every experiment module under ``flashmath/lab/`` defines::
 
     NAME = "softmax-stability"          # the id used by --only and the output folder
     TITLE = "Break naive softmax ..."   # one line, shown by --list and in report.md
-    SEEDS = ("001",)                    # the seed labs it implements (shared/seeds)
+    SEEDS = ("001",)                    # the seed labs it answers (docs/seeds.md)
 
     def run(ctx: Context) -> Result: ...
 
