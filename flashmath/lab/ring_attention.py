@@ -110,7 +110,7 @@ def _accuracy(ctx: Context) -> list[dict[str, Any]]:
 
 def _memory_seq(ctx: Context) -> int:
     """The fixed S of the memory section, and of the real process groups (full run)."""
-    return 2048 if ctx.quick else 4096
+    return 1024 if ctx.quick else 4096
 
 
 def _memory(ctx: Context) -> tuple[list[dict[str, Any]], float]:

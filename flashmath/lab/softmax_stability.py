@@ -164,7 +164,7 @@ def _battery_record(case: str, x64: np.ndarray, dt: np.dtype[Any]) -> tuple[dict
     """One (case, dtype) measurement: a JSON record and the arrays the heatmap needs."""
     x = x64.astype(dt)
     xin = x.astype(np.float64)  # the exact values the dtype holds
-    oracle, _, oracle_ce, source = _oracle(xin)
+    oracle, oracle_lse, oracle_ce, source = _oracle(xin)
     with np.errstate(all="ignore"):
         naive = np.asarray(fm.naive.softmax(x))
     stable = np.asarray(fm.softmax(x))
@@ -196,7 +196,7 @@ def _battery_record(case: str, x64: np.ndarray, dt: np.dtype[Any]) -> tuple[dict
     rec["naive_mechanism"] = _mechanism(x, dt, naive, rec["naive_err"])
     rec["rel_diff_where_naive_valid"] = _rel_diff_where_valid(naive, stable)
     rec["oracle_ce"] = oracle_ce
-    rec["oracle_lse"] = _oracle(xin)[1]
+    rec["oracle_lse"] = oracle_lse
     if n <= KEEP_VECTOR:  # the loss for every label, to read the seed's guesses against
         rec["oracle_ce_by_label"] = [rec["oracle_lse"] - float(v) for v in xin]
     rec["naive_ce"], rec["naive_ce_undefined"] = _cross_entropy(fm.naive.cross_entropy, x, n)
