@@ -31,9 +31,10 @@ def test_registered_under_its_name():
     assert online_softmax.NAME == "online-softmax" and online_softmax.SEEDS == ("000", "002")
 
 
-def test_quick_run_is_fast_and_has_every_section(quick):
-    result, seconds = quick
-    assert seconds < 5.0
+def test_quick_run_is_smaller_and_has_every_section(quick):
+    result, _seconds = quick  # speed goals live in benchmarks/, not in timed tests
+    grid = section(result, "grid")
+    assert {r["N"] for r in grid} == set(online_softmax.GRID_N[True])
     for name in SECTIONS:
         assert section(result, name), name
     assert set(result.figures) == {"chunk_sensitivity"}

@@ -46,6 +46,8 @@ TITLE = "Tiled attention vs the float64 oracle: the 2x accuracy rule, peak memor
 SEEDS = ("003",)
 
 DTYPES = ("float32", "float16", "bfloat16")
+#: The share of entries the random boolean mask case keeps.
+MASK_KEEP = 0.7
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def _options(rng: np.random.Generator, case: Case) -> dict[str, Any]:
     if opts.get("bias") == "alibi":
         opts["bias"] = alibi_bias(H, Sq, Sk)  # (1, H, Sq, Sk)
     if opts.get("mask") == "random":
-        opts["mask"] = rng.random((B, 1, Sq, Sk)) < 0.7
+        opts["mask"] = rng.random((B, 1, Sq, Sk)) < MASK_KEEP
     for name in ("kv_lengths", "q_lengths"):
         if name in opts:
             opts[name] = np.asarray(opts[name])
@@ -139,6 +141,9 @@ def _equivalence(ctx: Context, case: Case, dtype: str, seed: int) -> dict[str, A
         "B": B, "H": H, "H_kv": Hkv, "Sq": Sq, "Sk": Sk, "D": D, "Dv": Dv,
         "block_q": bq, "block_k": bk,
         "options": sorted(k for k in case.options if k != "score_scale"),
+        # the numbers in the case's name, as numbers
+        "softcap": case.options.get("softcap"), "score_scale": case.options.get("score_scale"),
+        "mask_keep": MASK_KEEP if case.options.get("mask") == "random" else None,
         "max_err": rule["out_err"], "naive_max_err": rule["out_naive_err"],
         "ratio": rule["out_ratio"], "passes_2x": rule["passes"],
         "err_ulps": rule["out_err"] / ulp, "naive_err_ulps": rule["out_naive_err"] / ulp,
