@@ -22,6 +22,7 @@ model      flashmath.distributed.model: compute vs transfer time of one step for
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -344,7 +345,7 @@ def _summary(acc: list[dict[str, Any]], memory: list[dict[str, Any]],
     names = list(dict.fromkeys(r["name"] for r in fwd if not r["measured"]))  # presets
     h, hk = MODEL_SHAPE["heads"], MODEL_SHAPE["gqa_kv_heads"]
     return {"headline": headline, "worst_float64_relative_error": worst64,
-            "doubling_peak_bytes": _doubling(memory),
+            "doubling_peak_bytes": _doubling(memory), "cpu_count": os.cpu_count(),
             "worst_float64_abs_error": max(max(r[f"err_{n}"] for n in ("out", "dq", "dk", "dv"))
                                            for r in f64),
             "gqa_crossover_ratio": {n: by[(n, h, False)] / by[(n, hk, False)] for n in names},
@@ -422,12 +423,13 @@ def _answer_memory(memory: list[dict[str, Any]], procs: list[dict[str, Any]],
             f"Real process groups: W gloo ranks spawned on 127.0.0.1 (S = {procs[0]['S']}, "
             "float32, causal, zigzag), each running `flashmath ring`'s demo: ring forward and "
             "backward with tracemalloc on, then absolute errors against the float64 oracle. "
-            "The resident peak includes the interpreter, torch and NumPy themselves (a few "
-            "hundred MB per process), which is why the tracemalloc figure is the one to compare "
-            "with the replayed rank above. "
+            "The resident peak includes the interpreter, torch and NumPy themselves ("
+            f"{fmt_bytes(min(r['rss_peak_bytes'] for r in procs))} to "
+            f"{fmt_bytes(max(r['rss_peak_bytes'] for r in procs))} per process here), which is "
+            "why the tracemalloc figure is the one to compare with the replayed rank above. "
             + (f"Loopback bandwidth between two ranks: {_g(max(bw) / 1e9)} GB/s. " if bw else "")
-            + "On this 2-core machine the ranks share the cores, so wait time includes "
-            "waiting for a neighbour's compute, not only transfers.",
+            + f"On this {summary['cpu_count']}-core machine the ranks share the cores, so wait "
+            "time includes waiting for a neighbour's compute, not only transfers.",
             "",
             markdown_table(procs, [
                 ("W", "W"), ("rank", "rank"),
