@@ -67,3 +67,12 @@ def test_same_seed_same_results(quick: Result) -> None:
     again = fp8_attention.run(Context(name=fp8_attention.NAME, quick=True))
     assert dumps_json(strip_volatile(again.records)) == dumps_json(strip_volatile(quick.records))
     assert again.readme == quick.readme
+
+
+def test_figure_shows_every_series(quick: Result) -> None:
+    bars, sink = quick.figures["fp8_rmse"].get_axes()
+    lines = [ln for ln in sink.get_lines() if ln.get_label().endswith(("1", "256"))]
+    assert len(lines) == len(fp8_attention.SINK_VARIANTS)
+    # coinciding variants stay apart: each has its own marker, size and dash pattern
+    assert len({(ln.get_marker(), ln.get_markersize(), ln.get_linestyle()) for ln in lines}) == 4
+    assert len(bars.patches) == 2 * len(fp8_attention.LABELS)

@@ -166,11 +166,15 @@ def _figure(table: list[dict[str, Any]], sink: list[dict[str, Any]]) -> Any:
     ax.set_xticks(x, [LABELS[c].replace(" + ", "\n+ ") for c in configs], fontsize=7)
     ax.set_ylabel("RMSE vs float64 oracle")
     ax.set_title("FP16 and e4m3 attention")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     ax = axes[1]
-    for (order, ps), marker in zip(SINK_VARIANTS, ("o", "s", "^", "D"), strict=True):
+    # the variants that fix the underflow coincide: big hollow markers under small filled
+    # ones and four dash patterns keep each visible
+    styles = (("o", 11, "-"), ("s", 9, "--"), ("^", 7, "-."), ("D", 4, ":"))
+    for (order, ps), (marker, size, ls) in zip(SINK_VARIANTS, styles, strict=True):
         rows = [r for r in sink if r["order"] == order and r["p_scale"] == ps]
-        ax.plot([r["delta"] for r in rows], [r["mse"] for r in rows], marker=marker,
+        ax.plot([r["delta"] for r in rows], [r["mse"] for r in rows], marker=marker, ms=size,
+                ls=ls, lw=1.4, mfc="none" if size > 5 else None, mew=1.5,
                 label=f"{order} order, P scale {ps:g}")
     ax.set_yscale("log")
     ax.set_xlabel(f"sink strength delta (bias on the first {SINK_KEYS} keys)")
