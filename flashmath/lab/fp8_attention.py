@@ -28,6 +28,7 @@ from flashmath.attention import fp8
 from flashmath.lab import plotting, readme
 from flashmath.lab.experiment import Context, Result
 from flashmath.text import markdown_table
+from flashmath.text import number as _g  # the one number formatter (3 significant digits)
 
 NAME = "fp8-attention"
 TITLE = "FP8 attention: per-tensor vs block scales, the Hadamard transform, the P cast at a sink"
@@ -182,10 +183,6 @@ def _figure(table: list[dict[str, Any]], sink: list[dict[str, Any]]) -> Any:
     ax.set_title("the P cast under an attention sink")
     ax.legend(fontsize=7)
     return fig
-
-
-def _g(x: Any) -> str:
-    return "–" if x is None else f"{x:.3g}"
 
 
 def _answer_outliers(table: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:

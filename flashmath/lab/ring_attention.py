@@ -34,6 +34,7 @@ from flashmath.lab import plotting, readme
 from flashmath.lab.experiment import Context, Result, Skipped
 from flashmath.measure.cpu import attention_flops
 from flashmath.text import fmt_bytes, markdown_table
+from flashmath.text import number as _g  # the one number formatter (3 significant digits)
 
 NAME = "ring-attention"
 TITLE = "Ring attention over torch.distributed: exact across ranks, memory per rank, comm/compute"
@@ -314,10 +315,6 @@ def _doubling(memory: list[dict[str, Any]]) -> float:
     """Geometric mean of peak(W) / peak(2W) from W = 2 on."""
     ratios = [a["peak_bytes"] / b["peak_bytes"] for a, b in itertools.pairwise(memory[1:])]
     return float(np.exp(np.mean(np.log(ratios)))) if ratios else float("nan")
-
-
-def _g(x: float) -> str:
-    return f"{x:.3g}"
 
 
 def _summary(acc: list[dict[str, Any]], memory: list[dict[str, Any]],
