@@ -35,8 +35,9 @@ import flashmath as fm
 from flashmath import dtypes
 from flashmath.attention.masks import alibi_bias
 from flashmath.conformance.judge import accuracy_rule
-from flashmath.lab import plotting, readme
+from flashmath.lab import plotting
 from flashmath.lab.experiment import Context, Result
+from flashmath.lab.readme import Section, render
 from flashmath.lab.report import fmt_value
 from flashmath.measure import cpu as bench
 from flashmath.text import fmt_bytes, markdown_table
@@ -507,10 +508,10 @@ def _readme(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     speed = [r for r in records if r["section"] == "speed"]
     eq_answer, eq_body = _eq_sections(eq, summary)
     answers = [*_seed_answers(records), eq_answer]
-    sections: list[readme.Section] = [
+    sections: list[Section] = [
         ("Equivalence with the float64 oracle, float32 / float16 / bfloat16", eq_body),
         ("Memory", _memory_section(mem, summary)),
         ("Speed (forward, float32)", _speed_section(speed)),
         ("Figures", "![equivalence](equivalence.png)"),
     ]
-    return readme.render(NAME, SEEDS, summary["headline"], answers, sections)
+    return render(NAME, SEEDS, summary["headline"], answers, sections)

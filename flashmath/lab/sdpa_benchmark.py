@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flashmath.lab import plotting, readme
-from flashmath.lab.experiment import Context, Result, Skipped
+from flashmath.lab import experiment, plotting, readme
+from flashmath.lab.experiment import Context, Result
 
 NAME = "sdpa-benchmark"
 TITLE = "flashmath.triton vs torch SDPA (flash, cuDNN): TFLOP/s forward and backward on a GPU"
@@ -40,7 +40,7 @@ def _skip_reason() -> str | None:
 def run(ctx: Context) -> Result:
     reason = _skip_reason()
     if reason is not None:
-        raise Skipped(f"{reason}; nothing was measured. Run `flashmath lab --only "
+        raise experiment.Skipped(f"{reason}; nothing was measured. Run `flashmath lab --only "
                       "sdpa-benchmark` (or `python benchmarks/bench_triton.py`) on a machine "
                       "with a CUDA GPU and `pip install 'flashmath[gpu]'`")
     import torch
