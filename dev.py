@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The two Quick start commands, needing only Python >= 3.11 and pip.
 
-    python3 dev.py lab [LAB OPTIONS]   # install flashmath in .venv, run `flashmath lab` on CPU
+    python3 dev.py lab [LAB OPTIONS]   # install flashmath[lab] in .venv, run `flashmath lab` on CPU
     python3 dev.py test [PYTEST ARGS]  # install the test extras, run ruff, mypy and pytest
 
 Both create ./.venv on first use and reinstall only when pyproject.toml changes.
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
-EXTRAS = {"lab": "torch", "test": "test"}
+EXTRAS = {"lab": "lab", "test": "test"}
 
 
 def _ensure_env(extra: str) -> None:

@@ -71,6 +71,15 @@ def test_report(quick):
     assert set(quick.figures) == {"equivalence", "memory"}
     assert quick.headline and quick.headline in quick.readme
     assert "FAIL" not in quick.readme and "nan" not in quick.readme.lower()
+    # seed 003's own checks: float64, relative error, and its memory check
+    checks = {r["check"]: r for r in quick.records if r["section"] == "seed_checks"}
+    for name in ("check 1", "check 3"):
+        assert checks[name]["dtype"] == "float64" and checks[name]["pass"]
+        assert checks[name]["max_rel_err"] < 1e-9  # float64 is far inside the seed's 1e-4
+    assert checks["check 2"]["pass"]
+    assert checks["docstring"]["with_right"] == pytest.approx(checks["docstring"]["exact"])
+    assert abs(checks["docstring"]["with_wrong"] - checks["docstring"]["exact"]) > 0.5
+    assert "max relative error against the naive formula" in quick.readme
     to_jsonable(quick.records)
     to_jsonable(quick.summary)
 

@@ -66,7 +66,7 @@ def test_stress_grid(result: Result) -> None:
     rows = section(result, "stress")
     grid = {(r["seq_len"], r["d_model"], r["scores"]) for r in rows}
     assert grid == {(s, d, k) for s in ov.SEQ_LENS for d in ov.D_MODELS
-                    for k in ("unscaled", "scaled")}
+                    for k in ov.SCORE_KINDS}
     assert all(r["trials"] == ov.QUICK_TRIALS and r["dtype"] == "float16" for r in rows)
     by = {(r["seq_len"], r["d_model"], r["scores"]): r for r in rows}
     for s in ov.SEQ_LENS:
@@ -74,6 +74,8 @@ def test_stress_grid(result: Result) -> None:
             unscaled, scaled = by[(s, d, "unscaled")], by[(s, d, "scaled")]
             assert unscaled["mean_max_score"] > scaled["mean_max_score"]
             assert unscaled["failure_rate"] >= scaled["failure_rate"]
+            # the seed's outlier K[5] = Q[10] * 3 gives a scaled score of about 3 sqrt(d) > 11
+            assert by[(s, d, "scaled, outlier")]["failure_rate"] >= 0.8
     # the prediction is exact: max score above the threshold <=> exp overflowed in float16
     assert result.summary["prediction_matches"] == result.summary["stress_trials"]
     for r in rows:
@@ -89,7 +91,41 @@ def test_figures_and_readme(result: Result) -> None:
     for name in dtypes.DTYPES:
         assert f"| {name} |" in result.readme
     assert result.headline.startswith("exp overflows above 11.0859 (float16)")
+    assert "scaled with the seed's outlier" in result.headline
+    assert "The key's answer c) is wrong" in result.readme  # [0, nan, 0, 0], not all NaN
+    assert "Only 1 of the 4 entries is NaN" in result.readme
     runner.dumps_json(result.records)
+
+
+def test_reflections(result: Result) -> None:
+    (built,) = section(result, "constructed")
+    assert built["scaled_score"] == pytest.approx(built["closed_form"])
+    assert built["naive_nan"] and built["scaled_score"] > built["threshold"]
+    for r in section(result, "very_negative"):
+        assert r["naive_nan_count"] == 4 and r["stable"] == pytest.approx([0.25] * 4)
+    for r in section(result, "quiz_q3"):
+        assert r["naive_nan_count"] == 1 and r["stable"] == pytest.approx([0, 1, 0, 0])
+    (bw,) = section(result, "bandwidth")
+    assert bw["kv_bytes"]["float64"] == 4 * bw["kv_bytes"]["bfloat16"]
+
+
+def test_exp_figure_shows_every_series(result: Result) -> None:
+    """Every dtype's threshold marker is drawn and distinguishable (marker or size), and no
+    legend sits inside the axes over the points."""
+    axes = result.figures["exp_vs_dtype_max"].get_axes()
+    seen = {}
+    for ax in axes:
+        for line in ax.get_lines():
+            label = line.get_label()
+            if ":" in label:
+                seen[label.split(":")[0]] = (line.get_marker(), line.get_markersize(),
+                                             line.get_linestyle())
+        legend = ax.get_legend()
+        assert legend is not None
+        # anchored below the axes (y < 0 in axes coordinates)
+        assert legend.get_bbox_to_anchor().transformed(ax.transAxes.inverted()).y1 <= 0
+    assert set(seen) == set(dtypes.DTYPES)
+    assert len(set(seen.values())) == len(seen)
 
 
 def test_quick_and_full_differ_only_in_trials(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,3 +98,21 @@ def test_quick_run_model_and_report(quick: Result) -> None:
     assert "nan" not in quick.readme.lower()
     to_jsonable(quick.records)
     to_jsonable(quick.summary)
+
+
+def test_readme_prose_agrees_with_its_table(quick: Result) -> None:
+    """GQA's crossover ratio is quoted as the table's own ratio (latency included), errors are
+    labelled absolute or relative, bytes are decimal on the plot too, and a CPU is slow per
+    FLOP."""
+    result = quick
+    text, summary = result.readme, result.summary
+    assert "cuts the crossover by 4" not in text and "slow per FLOP" in text
+    assert "max abs err out" in text and "worst relative err" in text
+    model = [r for r in result.records if r["section"] == "model" and not r["measured"]
+             and r["pass"] == "forward" and not r["causal"]]
+    by = {(r["name"], r["H_kv"]): r["crossover_shard_len"] for r in model}
+    for name, ratio in summary["gqa_crossover_ratio"].items():
+        assert ratio == pytest.approx(by[(name, 32)] / by[(name, 8)])
+        assert f"{name} {ratio:.3g}x" in text
+    ylabel = result.figures["memory_per_rank"].get_axes()[0].get_ylabel()
+    assert "MB" in ylabel and "MiB" not in ylabel

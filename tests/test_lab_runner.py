@@ -420,3 +420,41 @@ def test_regression_ctrl_c_while_writing_leaves_no_half_written_folder(
     assert [e["status"] for e in m["experiments"]] == ["ok", "interrupted"]
     assert (run_dir / "alpha" / "line.png").exists()
     assert sorted(p.name for p in run_dir.iterdir()) == ["alpha", "manifest.json", "report.md"]
+
+
+def test_list_honours_only(register: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    register(fake("alpha", ok_run, "Alpha things", ("001",)),
+             fake("beta", ok_run, "Beta things", ("003", "004")))
+    assert cli.main(["lab", "--list", "--only", "beta"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["beta  Beta things  [seeds: 003, 004]"]
+    assert cli.main(["lab", "--list", "--only", "gamma"]) == 2
+    assert "'gamma'" in capsys.readouterr().err
+
+
+def test_lab_extra_installs_what_the_lab_imports() -> None:
+    """`python3 dev.py lab` installs flashmath[lab]: torch pinned, scipy for softmax-stability's
+    float64 cross-check, mpmath for its oracle."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    names = {req.split("=")[0].split(">")[0].split(";")[0].strip(): req for req in extras["lab"]}
+    assert names["torch"] == "torch==2.13.0"
+    assert {"scipy", "mpmath"} <= set(names)
+    dev = (root / "dev.py").read_text()
+    assert 'EXTRAS = {"lab": "lab", "test": "test"}' in dev
+
+
+def test_headlines_are_whole_or_cut_at_a_word() -> None:
+    from flashmath.lab import report
+
+    ring = ("ring attention equals the float64 oracle to 1.78e-15 (relative, float64, W up to "
+            "4); one rank's peak memory at S = 2048 falls from 27.9 MB (W = 1) to 5.55 MB "
+            "(W = 8); transfers hide above 1.01e+03 tokens per rank on NVLink, 8.02e+03 on "
+            "InfiniBand, 3.2e+04 on 100 GbE")
+    assert report.headline_of(Result(records=[], headline=ring)) == ring
+    long = " ".join(f"word{i}" for i in range(200))
+    cut = report.headline_of(Result(records=[], headline=long), limit=50)
+    assert cut.endswith("…") and len(cut) <= 50
+    assert long.startswith(cut[:-1]) and long[len(cut) - 1] == " "  # ends at a word boundary

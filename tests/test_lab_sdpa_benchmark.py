@@ -17,25 +17,38 @@ def test_registered_under_its_name():
 
 
 def test_without_cuda_it_is_skipped_quickly_and_says_so(monkeypatch):
+    from flashmath.lab.experiment import Skipped
+
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     start = time.perf_counter()
-    result = sdpa_benchmark.run(Context(name=sdpa_benchmark.NAME, quick=True))
+    with pytest.raises(Skipped, match="skipped: no CUDA device; nothing was measured"):
+        sdpa_benchmark.run(Context(name=sdpa_benchmark.NAME, quick=True))
     assert time.perf_counter() - start < 1.0
-    assert isinstance(result, Result)
-    assert result.records == [{"status": "skipped: no CUDA device"}]
-    assert result.summary["status"] == "skipped: no CUDA device"
-    assert "skipped: no CUDA device" in result.readme and not result.figures
-    json.dumps({"records": result.records, "summary": result.summary})
+
+
+def test_the_run_marks_it_skipped_and_report_says_why(monkeypatch, tmp_path):
+    from flashmath.lab import runner
+
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    outcome = runner.run_lab(tmp_path, only=["sdpa-benchmark"], progress=False)
+    assert outcome.statuses["sdpa-benchmark"] == "skipped"
+    report = (outcome.run_dir / "report.md").read_text()
+    assert "no CUDA device" in report
+    manifest = json.loads((outcome.run_dir / "manifest.json").read_text())
+    (entry,) = [e for e in manifest["experiments"] if e["name"] == "sdpa-benchmark"]
+    assert entry["reason"].startswith("skipped: no CUDA device")
 
 
 def test_without_torch_it_is_skipped(monkeypatch):
     import sys
 
+    from flashmath.lab.experiment import Skipped
+
     monkeypatch.setitem(sys.modules, "torch", None)
-    result = sdpa_benchmark.run(Context(name=sdpa_benchmark.NAME))
-    assert result.summary["status"].startswith("skipped: no CUDA device")
-    assert "pip install 'flashmath[gpu]'" in result.readme
+    with pytest.raises(Skipped, match=r"skipped: no CUDA device.*pip install 'flashmath\[gpu\]'"):
+        sdpa_benchmark.run(Context(name=sdpa_benchmark.NAME))
 
 
 @pytest.mark.gpu
@@ -45,6 +58,7 @@ def test_quick_run_on_gpu():
         pytest.skip("no CUDA device")
     pytest.importorskip("triton")
     result = sdpa_benchmark.run(Context(name=sdpa_benchmark.NAME, quick=True))
+    assert isinstance(result, Result) and "## The questions, answered" in result.readme
     assert result.summary["status"] == "measured" and result.records
     assert all(r["flashmath_tflops"] for r in result.records)
     assert "| float16 |" in result.readme

@@ -50,17 +50,14 @@ def main(args: argparse.Namespace) -> int:
     from flashmath.lab import registry, runner
 
     modules = registry.experiments()
-    if args.list:
-        width = max((len(n) for n in modules), default=0)
-        for name, mod in modules.items():
-            seeds = ", ".join(getattr(mod, "SEEDS", ())) or "-"
-            print(f"{name:<{width}}  {mod.TITLE}  [seeds: {seeds}]")
-        return 0
     try:
-        runner.select(list(modules), args.only)
+        chosen = runner.select(list(modules), args.only)
     except runner.UnknownExperimentError as exc:
         print(f"flashmath lab: error: {exc}", file=sys.stderr)
         return 2
+    if args.list:
+        print(runner.listing({name: modules[name] for name in chosen}))
+        return 0
     if Path(args.out).exists() and not Path(args.out).is_dir():
         print(f"flashmath lab: error: --out: {args.out} exists and is not a folder",
               file=sys.stderr)

@@ -4,7 +4,7 @@ Every experiment module under ``flashmath/lab/`` defines::
 
     NAME = "softmax-stability"          # the id used by --only and the output folder
     TITLE = "Break naive softmax ..."   # one line, shown by --list and in report.md
-    SEEDS = ("001",)                    # the seed labs it implements (shared/seeds)
+    SEEDS = ("001",)                    # the seed labs it answers (docs/seeds.md)
 
     def run(ctx: Context) -> Result: ...
 
@@ -35,6 +35,7 @@ VOLATILE_SUFFIXES = (
     "_s", "_ms", "_us", "_seconds", "_gflops", "_tflops", "_per_s", "_ratio_time",
     "peak_bytes",  # tracemalloc peaks wobble by tens of bytes between runs
     "headline",  # prose for report.md, which may quote timings and peaks
+    "_from_timing",  # figures derived from a measured throughput (a model fed by timings)
 )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmath.lab import plotting
+from flashmath.lab import plotting, readme
 from flashmath.lab.experiment import Context, Result
 from flashmath.measure import iomodel
 from flashmath.text import fmt_bytes, markdown_table
@@ -85,6 +85,8 @@ def _traffic_row(ctx: Context, T: int, d: int, causal: bool, *, count: bool) -> 
             counted[key] == rec for key, rec in fa2.as_record().items() if key in counted),
         "standard_over_fa2": std.total_bytes / fa2.total_bytes,
         "fa2_over_seed_flash": fa2.total_bytes / (seed_flash * 1e6),
+        "kv_passes": -(-T // bq), "seed_standard_over_flash": seed_std / seed_flash,
+        "sram_kib": SRAM_BYTES // 1024,
     }
 
 
@@ -203,49 +205,51 @@ def _readme(records: list[dict[str, Any]], summary: dict[str, Any], sweep_T: int
         f"of {summary['counted_cases']} cases. Longer T are the model alone (\"model only\"): "
         "counting runs the real forward, too slow there for the lab's time budget."
     )
-    return f"""# hbm-traffic (seed 002)
-
-{summary['headline']}.
-
-Per head, float16 elements (lse in float32), on-chip memory M = {SRAM_BYTES // 1024} KiB
-({at['M_elements']} elements: one A100 SM as the FlashAttention paper quotes it). Tile sizes come
-from M by Algorithm 1's rule, B_c = ceil(M / 4d), B_r = min(B_c, d); the FA2 loop order (Q blocks
-outer, what the NumPy forward does) gives the large size to its Q block.
-
-## Seed 002's estimate, the model, the count
-
-{table}
-
-- **Standard attention** writes S and P and reads both back: 4 T² elements plus 4 T d for Q, K, V,
-  O. Seed 002 counts two T² matrices, so at T=4096, d=64 it says
-  {fmt_bytes(at['seed_standard_bytes'])} where Algorithm 0 moves {fmt_bytes(at['standard_bytes'])}.
-- **Tiled attention** never writes S or P, but it is not "Q, K, V, O once" either: with Q blocks
-  of {at['block_q']} rows it reads K and V once per Q block, ceil(T / {at['block_q']}) =
-  {-(-4096 // at['block_q'])} times at T=4096. So the model's {fmt_bytes(at['fa2_total_bytes'])} is
-  {at['fa2_over_seed_flash']:.1f}x seed 002's {fmt_bytes(at['seed_flash_bytes'])}, and the gap grows
-  with T: the traffic is Theta(T² d² / M), quadratic like the standard one, only with a constant
-  smaller by about M / 2d² (the dotted lines in traffic.png). Seed 002's flash estimate is the
-  floor reached only when all of K and V fit on chip.
-- FA1's order (K/V outer) also re-reads and re-writes O and the row statistics on every pass,
-  hence its larger numbers at the same M.
-- {counted_note}
-
-## Causal: skipped tiles
-
-{causal_table}
-
-With the causal mask the forward skips the tiles above the diagonal: at T=4096, d=64 it visits
-{causal_at['fa2_tiles']} of {causal_at['fa2_tiles_total']} tiles and moves
-{fmt_bytes(causal_at['fa2_total_bytes'])} against {fmt_bytes(at['fa2_total_bytes'])} without the
-mask. Standard attention still materialises the full T x T matrices.
-
-## On-chip memory M (T = {sweep_T})
-
-{sram_table}
-
-Doubling M doubles the Q block and halves the number of passes over K and V: the ratio to
-standard attention tracks Theorem 2's M / 2d² (d = 128 needs 4x the memory of d = 64 for the same
-saving).
-
-traffic.png: bytes per head vs T (log-log), and the standard / tiled ratio.
-"""
+    answer = [
+        f"Seed 002's estimate at T = {at['T']}, d = {at['d']}: standard "
+        f"{fmt_bytes(at['seed_standard_bytes'])}, flash {fmt_bytes(at['seed_flash_bytes'])} per "
+        f"head (ratio {at['seed_standard_over_flash']:.3g}x). The model (below, every T and d) "
+        f"says standard {fmt_bytes(at['standard_bytes'])} and tiled (FA2) "
+        f"{fmt_bytes(at['fa2_total_bytes'])}: a ratio of {at['standard_over_fa2']:.1f}x, not "
+        "the seed's, because the seed counts S and P once each (standard attention writes "
+        "and reads both) and K and V once for the tiled forward (which reads them once per Q "
+        "block). " + counted_note,
+        "",
+        table,
+        "",
+        f"- **Standard attention** writes S and P and reads both back: 4 T² elements plus 4 T d "
+        f"for Q, K, V, O. Seed 002 counts two T² matrices, so at T={at['T']}, d={at['d']} it "
+        f"says {fmt_bytes(at['seed_standard_bytes'])} where Algorithm 0 moves "
+        f"{fmt_bytes(at['standard_bytes'])}.",
+        "- **Tiled attention** never writes S or P, but it is not \"Q, K, V, O once\" either: "
+        f"with Q blocks of {at['block_q']} rows it reads K and V once per Q block, "
+        f"ceil(T / {at['block_q']}) = {at['kv_passes']} times at T={at['T']}. So the model's "
+        f"{fmt_bytes(at['fa2_total_bytes'])} is {at['fa2_over_seed_flash']:.1f}x seed 002's "
+        f"{fmt_bytes(at['seed_flash_bytes'])}, and the gap grows with T: the traffic is "
+        "Theta(T² d² / M), quadratic like the standard one, only with a constant smaller by "
+        "about M / 2d² (the dotted lines in traffic.png). Seed 002's flash estimate is the "
+        "floor reached only when all of K and V fit on chip.",
+        "- FA1's order (K/V outer) also re-reads and re-writes O and the row statistics on "
+        "every pass, hence its larger numbers at the same M.",
+    ]
+    method = (f"Per head, float16 elements (lse in float32), on-chip memory M = "
+              f"{at['sram_kib']} KiB ({at['M_elements']} elements: one A100 SM as the "
+              "FlashAttention paper quotes it). Tile sizes come from M by Algorithm 1's rule, "
+              "B_c = ceil(M / 4d), B_r = min(B_c, d); the FA2 loop order (Q blocks outer, what "
+              "the NumPy forward does) gives the large size to its Q block.")
+    causal = [causal_table, "",
+              "With the causal mask the forward skips the tiles above the diagonal: at "
+              f"T={causal_at['T']}, d={causal_at['d']} it visits {causal_at['fa2_tiles']} of "
+              f"{causal_at['fa2_tiles_total']} tiles and moves "
+              f"{fmt_bytes(causal_at['fa2_total_bytes'])} against "
+              f"{fmt_bytes(at['fa2_total_bytes'])} without the mask. Standard attention still "
+              "materialises the full T x T matrices."]
+    sram_text = [sram_table, "",
+                 "Doubling M doubles the Q block and halves the number of passes over K and V: "
+                 "the ratio to standard attention tracks Theorem 2's M / 2d² (d = 128 needs 4x "
+                 "the memory of d = 64 for the same saving).", "",
+                 "![traffic](traffic.png)", "",
+                 "traffic.png: bytes per head vs T (log-log), and the standard / tiled ratio."]
+    return readme.render(NAME, SEEDS, summary["headline"], [answer], [
+        ("Method", method), ("Causal: skipped tiles", causal),
+        (f"On-chip memory M (T = {sweep_T})", sram_text)])

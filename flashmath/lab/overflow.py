@@ -9,10 +9,14 @@ Three measurements, each from flashmath's own functions:
 2. Breaking point: the smallest integer ``m`` for which ``fm.naive.softmax([0, m, 0, 0])``
    in the dtype holds NaN or inf, found by scanning the integers.
 3. Stress test (seed 004's): Q, K ~ N(0, 1) of shape (seq_len, d_model); scores Q @ K.T,
-   unscaled and scaled by 1/sqrt(d_model). A trial fails in float16 when its largest score
+   unscaled, scaled by 1/sqrt(d_model), and scaled after the seed's outlier
+   K[5] = Q[10] * 3. A trial fails in float16 when its largest score
    is above float16's overflow threshold; ``fm.analyze_softmax_safety``'s prediction is
    compared with what ``fm.naive.softmax`` in float16 actually did (the report runs it:
    ``has_inf`` in its exp, ``has_nan`` in its output).
+4. The quiz and the reflection questions: naive softmax of [1, 1000, 1, 1] and of all -1000
+   in float16/32/64, a constructed q = k whose scaled score overflows float16, and the bytes
+   and tensor-core figures behind "why not float64 everywhere".
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 import flashmath as fm
 from flashmath import dtypes
 from flashmath.attention.threads import one_blas_thread
-from flashmath.lab import plotting
+from flashmath.lab import plotting, readme
 from flashmath.lab.experiment import Context, Result
 from flashmath.lab.report import fmt_value as fmt
 from flashmath.softmax import safety
@@ -44,6 +48,20 @@ STRESS_DTYPE = "float16"
 HISTOGRAM_CONFIG = (128, 64)
 #: Integers scanned for the naive breaking point (float64 breaks at 710).
 BREAK_SCAN_LIMIT = 4096
+#: Seed 004's outlier: K[OUTLIER_KEY] = Q[OUTLIER_QUERY] * OUTLIER_FACTOR.
+OUTLIER_KEY, OUTLIER_QUERY, OUTLIER_FACTOR = 5, 10, 3.0
+#: The stress test's kinds of scores.
+SCORE_KINDS = ("unscaled", "scaled", "scaled, outlier")
+#: Seed 004's quiz Q3 input and the reflection's very negative scores.
+QUIZ_SCORES = (1.0, 1000.0, 1.0, 1.0)
+NEGATIVE_SCORE = -1000.0
+#: Reflection 2's constructed example: q = k = c * ones(d), scaled score c^2 sqrt(d).
+CONSTRUCTED_C, CONSTRUCTED_D = 1.5, 64
+#: Reflection 1: dense tensor-core peak TFLOPS of one NVIDIA H100 SXM by dtype (NVIDIA's
+#: datasheet; reference figures, not measured here) and its HBM3 bandwidth in TB/s.
+H100_DENSE_TFLOPS = {"float64": 67.0, "tf32": 494.7, "bfloat16/float16": 989.4,
+                     "float8": 1978.9}
+H100_HBM_TB_PER_S = 3.35
 
 
 def _step(value: Any, dt: np.dtype[Any]) -> Any:
@@ -125,17 +143,18 @@ def _stress(ctx: Context, threshold: float) -> tuple[list[dict[str, Any]], dict[
     for seq in SEQ_LENS:
         for d in D_MODELS:
             ctx.progress(f"stress seq={seq} d={d}")
-            stats: dict[str, list[Any]] = {k: [] for k in (
-                "unscaled_max", "scaled_max", "unscaled_fail", "scaled_fail",
-                "unscaled_pred", "scaled_pred", "unscaled_naive", "scaled_naive",
-                "unscaled_frac", "scaled_frac")}
+            stats: dict[str, list[Any]] = {f"{kind}_{what}": [] for kind in SCORE_KINDS
+                                           for what in ("max", "fail", "pred", "naive", "frac")}
             for t in range(trials):
                 q = rng.standard_normal((seq, d))  # (Sq, D)
                 k = rng.standard_normal((seq, d))  # (Sk, D)
                 with one_blas_thread():  # small product: BLAS threads only oversubscribe
                     unscaled = q @ k.T  # (Sq, Sk)
+                    k[OUTLIER_KEY] = q[OUTLIER_QUERY] * OUTLIER_FACTOR
+                    outlier = q @ k.T / math.sqrt(d)
                 for kind, scores in (("unscaled", unscaled),
-                                     ("scaled", unscaled / math.sqrt(d))):
+                                     ("scaled", unscaled / math.sqrt(d)),
+                                     ("scaled, outlier", outlier)):
                     # the prediction, and what fm.naive.softmax did in the dtype (has_inf/has_nan)
                     report = fm.analyze_softmax_safety(scores, dt)
                     top = float(scores.max())
@@ -146,7 +165,7 @@ def _stress(ctx: Context, threshold: float) -> tuple[list[dict[str, Any]], dict[
                     stats[f"{kind}_frac"].append(report.overflow_count / report.total)
                     if (seq, d) == HISTOGRAM_CONFIG and t == 0:
                         example[kind] = scores
-            for kind in ("unscaled", "scaled"):
+            for kind in SCORE_KINDS:
                 pred, naive = np.array(stats[f"{kind}_pred"]), np.array(stats[f"{kind}_naive"])
                 records.append({
                     "section": "stress", "seq_len": seq, "d_model": d, "scores": kind,
@@ -163,37 +182,107 @@ def _stress(ctx: Context, threshold: float) -> tuple[list[dict[str, Any]], dict[
     return records, example
 
 
+# --------------------------------------------------------------------------- quiz, reflections
+
+
+def _softmax_records(name: str, x: tuple[float, ...]) -> list[dict[str, Any]]:
+    """Naive and stable softmax of ``x`` in float16, float32 and float64."""
+    rows = []
+    for dname in ("float16", "float32", "float64"):
+        xd = np.array(x).astype(dtypes.DTYPES[dname])
+        with np.errstate(all="ignore"):
+            naive = np.asarray(fm.naive.softmax(xd), dtype=np.float64)
+            exps = np.exp(xd).astype(np.float64)
+        rows.append({"section": name, "dtype": dname, "input": list(x), "exp": exps,
+                     "naive": naive, "stable": np.asarray(fm.softmax(xd), dtype=np.float64),
+                     "naive_nan_count": int(np.isnan(naive).sum())})
+    return rows
+
+
+def _constructed_record(threshold: float) -> dict[str, Any]:
+    """Reflection 2: q = k = c * ones(d) against 7 random keys; naive float16 softmax."""
+    c, d = CONSTRUCTED_C, CONSTRUCTED_D
+    rng = np.random.default_rng(0)
+    q = np.full(d, c)
+    keys = np.vstack([q, rng.standard_normal((7, d))])  # (8, D)
+    scores = keys @ q / math.sqrt(d)
+    with np.errstate(all="ignore"):
+        naive = np.asarray(fm.naive.softmax(scores.astype(np.float16)), dtype=np.float64)
+    return {"section": "constructed", "c": c, "d_model": d, "scaled_score": float(scores[0]),
+            "closed_form": c * c * math.sqrt(d), "threshold": threshold,
+            "naive_float16": naive, "naive_nan": bool(np.isnan(naive).any()),
+            "stable_float16": np.asarray(fm.softmax(scores.astype(np.float16)),
+                                         dtype=np.float64)}
+
+
+def _bandwidth_record() -> dict[str, Any]:
+    """Reflection 1: bytes per element, and the K and V of one layer at a long context."""
+    seq, heads, d = 8192, 32, 128
+    itemsize = {n: int(dtypes.DTYPES[n].itemsize) for n in ("float64", "float32", "bfloat16",
+                                                              "float8_e4m3fn")}
+    kv = {n: 2 * seq * heads * d * b for n, b in itemsize.items()}
+    return {"section": "bandwidth", "seq_len": seq, "heads": heads, "head_dim": d,
+            "itemsize": itemsize, "kv_bytes": kv,
+            "kv_read_us_at_hbm": {n: b / (H100_HBM_TB_PER_S * 1e12) * 1e6
+                                  for n, b in kv.items()},
+            "h100_dense_tflops": H100_DENSE_TFLOPS, "h100_hbm_tb_per_s": H100_HBM_TB_PER_S,
+            "tflops_ratio_16_vs_64": H100_DENSE_TFLOPS["bfloat16/float16"]
+            / H100_DENSE_TFLOPS["float64"]}
+
+
 # --------------------------------------------------------------------------- figures
+
+
+#: One marker and one dash pattern per dtype (in DTYPES order), so that dtypes whose points
+#: or max lines coincide stay apart: big hollow markers under small filled ones.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+_DASHES = ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1)))
 
 
 def _exp_figure(thresholds: list[dict[str, Any]]) -> Any:
     """exp(x) on a log scale against each dtype's largest value, in two x ranges.
 
     Drawn as log10(exp(x)) = x * log10(e) with 1eN tick labels: float64's max (1.8e308) is
-    beyond what a log axis can pad around without overflowing.
+    beyond what a log axis can pad around without overflowing. Every dtype has its own
+    marker (sizes shrink in draw order, so coinciding points show as rings around dots) and
+    dash pattern; the legends sit outside the axes, beside the README's table.
     """
     from matplotlib.ticker import FuncFormatter
 
     narrow = [r for r in thresholds if r["overflow_found"] < 20]
     wide = [r for r in thresholds if r["overflow_found"] >= 20]
-    fig, axes = plotting.figure(1, 2, width=12, height=4.8)
+    order = {r["dtype"]: i for i, r in enumerate(thresholds)}
+    fig, axes = plotting.figure(1, 2, width=13, height=5.6)
     for ax, group, x_hi in ((axes[0], narrow, 16.0), (axes[1], wide, 760.0)):
         x = np.linspace(0, x_hi, 400)
         ax.plot(x, x * math.log10(math.e), color="black", lw=1.5, label="exp(x)")
-        for r in group:
+        shift_step = x_hi / 90
+        taken: dict[float, int] = {}
+        for rank, r in enumerate(group):
+            i = order[r["dtype"]]
+            # a point at the same x as an earlier one is drawn shifted right, and says so
+            dup = taken.get(r["overflow_found"], 0)
+            taken[r["overflow_found"]] = dup + 1
+            shift = dup * shift_step
             color = plotting.dtype_color(r["dtype"])
-            ax.axhline(math.log10(r["finfo_max"]), color=color, ls="--", lw=0.9)
-            ax.plot([r["overflow_found"]], [math.log10(r["exp_at_overflow"])], "o",
-                    color=color, label=f"{r['dtype']}: max {r['finfo_max']:.3g}, "
-                                       f"exp overflows above {r['overflow_found']:.4g}")
+            ax.axhline(math.log10(r["finfo_max"]), color=color, ls=_DASHES[i % len(_DASHES)],
+                       lw=1.1)
+            size = 13 - 1.4 * rank
+            filled = rank == len(group) - 1
+            ax.plot([r["overflow_found"] + shift], [math.log10(r["exp_at_overflow"])],
+                    _MARKERS[i % len(_MARKERS)], ms=size, mew=1.6, color=color,
+                    mfc=color if filled else "none", ls=_DASHES[i % len(_DASHES)],
+                    label=f"{r['dtype']}: max {r['finfo_max']:.4g}, "
+                          f"exp overflows above {r['overflow_found']:.4g}"
+                          + (f" (marker drawn {shift:.2g} to the right)" if shift else ""))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"1e{y:.0f}"))
         ax.set_xlabel("x")
         ax.set_ylabel("exp(x)  (log scale)")
         ax.set_xlim(0, x_hi)
-        ax.legend(loc="lower right")
-    axes[0].set_title("float8 and float16: dashed = dtype max")
-    axes[1].set_title("bfloat16, float32, float64: dashed = dtype max")
-    fig.suptitle("exp(x) against each dtype's largest value (dots: measured thresholds)")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
+    axes[0].set_title("float8 and float16: lines = dtype max, markers = thresholds")
+    axes[1].set_title("bfloat16, float32, float64")
+    fig.suptitle("exp(x) against each dtype's largest value (markers: measured thresholds)")
     return fig
 
 
@@ -223,11 +312,8 @@ def _rate(rates: list[float]) -> str:
     return f"{lo:.0%}" if lo == hi else f"{lo:.0%}-{hi:.0%}"
 
 
-def _readme(thr: list[dict[str, Any]], brk: list[dict[str, Any]], stress: list[dict[str, Any]],
-            summary: dict[str, Any], stress_threshold: float) -> str:
-    lines = ["# overflow (seed 004)", "", summary["headline"], "",
-             "## exp thresholds per dtype: found vs closed form", "",
-             "Found: `fm.overflow_threshold` / `fm.underflow_threshold` (exp evaluated in the "
+def _thresholds_section(thr: list[dict[str, Any]]) -> list[str]:
+    lines = ["Found: `fm.overflow_threshold` / `fm.underflow_threshold` (exp evaluated in the "
              "dtype). Closed form: log(finfo.max) and log(smallest subnormal). *Verified*: exp "
              "of the found value is finite (positive) and exp of the next value out is not.",
              "",
@@ -251,8 +337,8 @@ def _readme(thr: list[dict[str, Any]], brk: list[dict[str, Any]], stress: list[d
         + ": exp(x) stays finite while it *rounds* to at most max, and the threshold is a "
         "value of the dtype, so it is the dtype value next to log(max).",
         f"- In {', '.join(half) or 'no dtype'} the underflow point sits log 2 = "
-        f"{fmt(math.log(2))} below log(smallest subnormal): exp(x) rounds up to the smallest "
-        "subnormal from anything above half of it."
+        f"{fmt(math.log(2))} below log(smallest "
+        "subnormal): exp(x) rounds up to the smallest subnormal from anything above half of it."
         + (" In the others the dtype's own spacing near that point decides (gaps from "
            f"{fmt(min(others))} to {fmt(max(others))})." if others else ""),
     ]
@@ -264,51 +350,137 @@ def _readme(thr: list[dict[str, Any]], brk: list[dict[str, Any]], stress: list[d
               if r["overflow_verified"] is False or r["underflow_verified"] is False]
     if failed:
         lines.append(f"- **Not verified**: {', '.join(failed)}.")
+    return lines
 
-    lines += ["", "## Where naive softmax of [0, m, 0, 0] breaks", "",
-              "The smallest integer m at which `fm.naive.softmax` in the dtype returns NaN or "
-              "inf (integers scanned from 0), beside the first integer whose value in the "
-              "dtype lies above the overflow threshold.", "",
-              markdown_table(brk, [
-                  ("dtype", "dtype"), ("breaks at m", "break_at"),
-                  ("m as the dtype holds it", "m_in_dtype"), ("exp(m) in dtype", "exp_m_in_dtype"),
-                  ("output", "output_there"), ("overflow threshold", "overflow_threshold"),
-                  ("first integer above it", "predicted_from_threshold"),
-                  ("agrees", "agrees")], fmt=fmt)]
+
+def _answer_q2(thr: list[dict[str, Any]]) -> str:
+    by = {r["dtype"]: r for r in thr}
+    return ("b) 11: measured, exp overflows in float16 above "
+            f"{fmt(by['float16']['overflow_found'])} (log of float16's max "
+            f"{fmt(by['float16']['finfo_max'])} is "
+            f"{fmt(by['float16']['overflow_closed_form'])}). The other choices are float32's "
+            f"{fmt(by['float32']['overflow_found'])} and float64's "
+            f"{fmt(by['float64']['overflow_found'])}; every dtype's threshold is in the table "
+            "below and in the figure.")
+
+
+def _answer_breaking_point(brk: list[dict[str, Any]]) -> list[str]:
+    lines = ["The smallest integer m at which `fm.naive.softmax` of [0, m, 0, 0] in the dtype "
+             "returns NaN or inf (integers scanned from 0), beside the first integer whose value "
+             "in the dtype lies above the overflow threshold:", "",
+             markdown_table(brk, [
+                 ("dtype", "dtype"), ("breaks at m", "break_at"),
+                 ("m as the dtype holds it", "m_in_dtype"), ("exp(m) in dtype", "exp_m_in_dtype"),
+                 ("output", "output_there"), ("overflow threshold", "overflow_threshold"),
+                 ("first integer above it", "predicted_from_threshold"),
+                 ("agrees", "agrees")], fmt=fmt), ""]
     disagree = [r for r in brk if not r["agrees"]]
-    lines.append("")
-    if disagree:
-        for r in disagree:
-            why = ("0 is not a value of this dtype (it becomes NaN), so the input is broken "
-                   "before exp runs" if not r["zero_representable"] else
-                   f"m is held as {fmt(r.get('m_in_dtype'))}, exp of it is "
-                   f"{fmt(r.get('exp_m_in_dtype'))} and the output is "
-                   f"{fmt(r.get('output_there'))}")
-            lines.append(f"- {r['dtype']}: breaks at {fmt(r['break_at'])}, the threshold "
-                         f"predicts {fmt(r['predicted_from_threshold'])}: {why}.")
-    else:
+    for r in disagree:
+        why = ("0 is not a value of this dtype (it becomes NaN), so the input is broken "
+               "before exp runs" if not r["zero_representable"] else
+               f"m is held as {fmt(r.get('m_in_dtype'))}, exp of it is "
+               f"{fmt(r.get('exp_m_in_dtype'))} and the output is "
+               f"{fmt(r.get('output_there'))}")
+        lines.append(f"- {r['dtype']}: breaks at {fmt(r['break_at'])}, the threshold "
+                     f"predicts {fmt(r['predicted_from_threshold'])}: {why}.")
+    if not disagree:
         lines.append("- In every dtype the breaking point is exactly the first integer above "
                      "the overflow threshold: exp(m) = inf (or NaN without inf), then "
                      "inf/inf = NaN.")
+    return lines
 
-    lines += ["", f"## Stress test: {STRESS_DTYPE} failure rate of attention scores", "",
-              f"Q, K ~ N(0, 1), {stress[0]['trials']} trials per configuration. A trial fails "
-              f"when its largest score is above {STRESS_DTYPE}'s overflow threshold "
-              f"({fmt(stress_threshold)}). *Naive* is the rate at which `fm.naive.softmax` in "
-              f"{STRESS_DTYPE} actually hit inf or NaN; *matched* counts the trials where "
-              "`fm.analyze_softmax_safety`'s prediction agreed with it.", ""]
+
+def _answer_q3(quiz: list[dict[str, Any]]) -> str:
+    outs = "; ".join(f"{r['dtype']} {fmt(r['naive'])}" for r in quiz)
+    nan_counts = {r["naive_nan_count"] for r in quiz}
+    n = len(quiz[0]["input"])
+    wrong = nan_counts != {n}
+    return (f"Measured naive softmax: {outs}. "
+            + ("The key's answer c) is wrong: " if wrong else "The key's answer c) holds: ")
+            + "exp(1000) is inf in every dtype, so the sum is inf; the entry at 1000 is "
+            "inf/inf = NaN, but each other entry is exp(1)/inf = "
+            f"{fmt(quiz[0]['naive'][0])}, a finite number divided by inf, which is 0, not NaN. "
+            f"Only {fmt(max(nan_counts))} of the {n} entries is NaN. (a) is the right *limit*, "
+            "and what the stable softmax returns: "
+            + "; ".join(f"{r['dtype']} {fmt(r['stable'])}" for r in quiz) + ".")
+
+
+def _answer_q4(stress: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    rates = summary["stress_failure_rate"]
+    by = {k: [r for r in stress if r["scores"] == k] for k in SCORE_KINDS}
+    mean_max = {k: max(r["mean_max_score"] for r in rows) for k, rows in by.items()}
+    return (
+        "d) both: for q, k ~ N(0, 1) a score q.k is a sum of d products of unit variance, so its "
+        "variance is d; dividing by sqrt(d) brings it back to 1 (normalised variance) and so "
+        "makes the scores smaller. Measured in float16 (table below): unscaled scores fail "
+        f"in {_rate(rates['unscaled'])} of trials (largest mean max score "
+        f"{fmt(mean_max['unscaled'])}), scaled ones in {_rate(rates['scaled'])} (largest mean "
+        f"max {fmt(mean_max['scaled'])}). But scaling helps, it does not solve: with the seed's "
+        f"outlier K[{OUTLIER_KEY}] = Q[{OUTLIER_QUERY}] * {fmt(OUTLIER_FACTOR)} the scaled score "
+        f"of that pair is {fmt(OUTLIER_FACTOR)} |q|^2 / sqrt(d), about "
+        f"{fmt(OUTLIER_FACTOR)} sqrt(d), and the scaled failure rate becomes "
+        f"{_rate(rates['scaled, outlier'])} (largest mean max {fmt(mean_max['scaled, outlier'])})."
+        " Only the max-subtraction of the stable softmax removes the overflow.")
+
+
+def _answer_fp64(bw: dict[str, Any]) -> str:
+    kv, t = bw["kv_bytes"], bw["kv_read_us_at_hbm"]
+    tf = bw["h100_dense_tflops"]
+    return (
+        f"Bytes: float64 holds {bw['itemsize']['float64']} bytes per value, bfloat16 "
+        f"{bw['itemsize']['bfloat16']} and float8 {bw['itemsize']['float8_e4m3fn']}, and "
+        "attention is bandwidth-bound: the K and V of one layer at "
+        f"{bw['seq_len']} tokens, {bw['heads']} heads of {bw['head_dim']} are "
+        + ", ".join(f"{fmt(kv[n] / 1e6)} MB in {n}" for n in ("float64", "bfloat16",
+                                                             "float8_e4m3fn"))
+        + f", each read once per step at {fmt(bw['h100_hbm_tb_per_s'])} TB/s (an H100's HBM3) in "
+        + ", ".join(f"{fmt(t[n])} us" for n in ("float64", "bfloat16", "float8_e4m3fn"))
+        + ". Tensor cores: an H100 SXM's dense peak (NVIDIA's datasheet, not measured here) is "
+        + ", ".join(f"{fmt(v)} TFLOPS in {n}" for n, v in tf.items())
+        + f", so float64 gives up {fmt(bw['tflops_ratio_16_vs_64'])}x of bfloat16's compute. "
+        "Stable arithmetic in 16 bits, with float32 accumulators, costs neither.")
+
+
+def _answer_constructed(c: dict[str, Any]) -> str:
+    return (
+        f"q = k = {fmt(c['c'])} * ones(d) with d = {c['d_model']}: the scaled score is "
+        f"q.k / sqrt(d) = c^2 sqrt(d) = {fmt(c['closed_form'])} (computed "
+        f"{fmt(c['scaled_score'])}), above float16's {fmt(c['threshold'])}, so naive softmax in "
+        f"float16 of that query against it and 7 random keys gives {fmt(c['naive_float16'])}; "
+        f"the stable one gives {fmt(c['stable_float16'])}. Any c with c^2 sqrt(d) above the "
+        "threshold does it; the outlier case above is the realistic version.")
+
+
+def _answer_negative(neg: list[dict[str, Any]]) -> str:
+    return ("Underflow instead of overflow: exp(-1000) rounds to 0 in every dtype ("
+            + ", ".join(f"{r['dtype']} {fmt(r['exp'][0])}" for r in neg)
+            + "), so the naive sum is 0 and every entry is 0/0 = NaN ("
+            + "; ".join(f"{r['dtype']} {fmt(r['naive'])}" for r in neg)
+            + "). The stable softmax subtracts the max first, so it sees exp(0) = 1 in every "
+            "entry and returns the right, uniform, answer ("
+            + "; ".join(f"{r['dtype']} {fmt(r['stable'])}" for r in neg) + ").")
+
+
+def _stress_section(stress: list[dict[str, Any]], stress_threshold: float) -> list[str]:
+    lines = [f"Q, K ~ N(0, 1), {stress[0]['trials']} trials per configuration; *outlier*: the "
+             f"same Q, K with K[{OUTLIER_KEY}] = Q[{OUTLIER_QUERY}] * {fmt(OUTLIER_FACTOR)}, "
+             "scaled. A trial fails when its largest score is above "
+             f"{STRESS_DTYPE}'s overflow threshold ({fmt(stress_threshold)}). *Naive* is the "
+             f"rate at which `fm.naive.softmax` in {STRESS_DTYPE} actually hit inf or NaN; "
+             "*matched* counts the trials where `fm.analyze_softmax_safety`'s prediction agreed "
+             "with it.", ""]
     by = {(r["seq_len"], r["d_model"], r["scores"]): r for r in stress}
-    pairs = [{"seq_len": seq, "d_model": d, "unscaled": by[(seq, d, "unscaled")],
-              "scaled": by[(seq, d, "scaled")]} for seq in SEQ_LENS for d in D_MODELS]
+    pairs = [{"seq_len": seq, "d_model": d, **{k: by[(seq, d, k)] for k in SCORE_KINDS}}
+             for seq in SEQ_LENS for d in D_MODELS]
     columns: list[Any] = [("seq_len", "seq_len"), ("d_model", "d_model")]
-    for k in ("unscaled", "scaled"):
+    for k in SCORE_KINDS:
         columns += [
             (f"{k}: fail", lambda p, k=k: f"{p[k]['failure_rate']:.0%}"),
             ("mean max", lambda p, k=k: p[k]["mean_max_score"]),
             ("naive", lambda p, k=k: f"{p[k]['naive_failure_rate']:.0%}"),
             ("matched", lambda p, k=k: f"{p[k]['prediction_matches']}/{p[k]['trials']}")]
     lines += [markdown_table(pairs, columns, fmt=fmt), ""]
-    for kind in ("unscaled", "scaled"):
+    for kind in SCORE_KINDS:
         rows = [r for r in stress if r["scores"] == kind]
         top = max(rows, key=lambda r: r["largest_max_score"])
         lines.append(f"- {kind.capitalize()} scores: failure rate "
@@ -324,10 +496,26 @@ def _readme(thr: list[dict[str, Any]], brk: list[dict[str, Any]], stress: list[d
             lines.append(f"  - missed: seq_len {r['seq_len']}, d_model {r['d_model']}, "
                          f"{r['scores']}: largest scores {fmt(r['mismatch_max_scores'])} against "
                          f"the threshold {fmt(stress_threshold)}.")
-    lines += ["", "## Figures", "",
-              "![exp against each dtype's max](exp_vs_dtype_max.png)", "",
-              "![scaled vs unscaled scores](score_histograms.png)"]
-    return "\n".join(lines)
+    return lines
+
+
+def _readme(thr: list[dict[str, Any]], brk: list[dict[str, Any]], stress: list[dict[str, Any]],
+            extra: dict[str, Any], summary: dict[str, Any], stress_threshold: float) -> str:
+    answers = [_answer_q2(thr), _answer_breaking_point(brk), _answer_q3(extra["quiz"]),
+               _answer_q4(stress, summary), _answer_fp64(extra["bandwidth"]),
+               _answer_constructed(extra["constructed"]), _answer_negative(extra["negative"])]
+    sections: list[readme.Section] = [
+        ("exp thresholds per dtype: found vs closed form", _thresholds_section(thr)),
+        (f"Stress test: {STRESS_DTYPE} failure rate of attention scores",
+         _stress_section(stress, stress_threshold)),
+        ("Figures", ["![exp against each dtype's max](exp_vs_dtype_max.png)", "",
+                     "Each dtype has its own marker, size and dash pattern, and the legends "
+                     "sit below the axes; a threshold equal to an earlier dtype's is drawn "
+                     "shifted right, as its legend entry says. The exact values are the "
+                     "thresholds table above.", "",
+                     "![scaled vs unscaled scores](score_histograms.png)"]),
+    ]
+    return readme.render(NAME, SEEDS, summary["headline"], answers, sections)
 
 
 # --------------------------------------------------------------------------- run
@@ -341,6 +529,10 @@ def run(ctx: Context) -> Result:
               for r in thresholds]
     stress_threshold = float(fm.overflow_threshold(STRESS_DTYPE))
     stress, example = _stress(ctx, stress_threshold)
+    extra: dict[str, Any] = {"quiz": _softmax_records("quiz_q3", QUIZ_SCORES),
+             "negative": _softmax_records("very_negative", (NEGATIVE_SCORE,) * 4),
+             "constructed": _constructed_record(stress_threshold),
+             "bandwidth": _bandwidth_record()}
     ctx.progress("figures")
     figures = {"exp_vs_dtype_max": _exp_figure(thresholds),
                "score_histograms": _histogram_figure(example, stress_threshold)}
@@ -348,7 +540,7 @@ def run(ctx: Context) -> Result:
     by_dtype = {r["dtype"]: r for r in thresholds}
     brk = {r["dtype"]: r["break_at"] for r in breaks}
     rates = {kind: [r["failure_rate"] for r in stress if r["scores"] == kind]
-             for kind in ("unscaled", "scaled")}
+             for kind in SCORE_KINDS}
     summary: dict[str, Any] = {
         "overflow_threshold": {r["dtype"]: r["overflow_found"] for r in thresholds},
         "underflow_threshold": {r["dtype"]: r["underflow_found"] for r in thresholds},
@@ -368,7 +560,11 @@ def run(ctx: Context) -> Result:
         + "; naive softmax of [0, m, 0, 0] breaks at m = "
         + "/".join(f"{brk[d]}" for d in main)
         + f"; {STRESS_DTYPE} failure rate unscaled {_rate(rates['unscaled'])}, "
-        f"scaled by 1/sqrt(d) {_rate(rates['scaled'])}")
-    readme = _readme(thresholds, breaks, stress, summary, stress_threshold)
-    return Result(records=thresholds + breaks + stress, summary=summary, figures=figures,
-                  readme=readme, headline=summary["headline"])
+        f"scaled by 1/sqrt(d) {_rate(rates['scaled'])}, scaled with the seed's outlier "
+        f"{_rate(rates['scaled, outlier'])}")
+    text = _readme(thresholds, breaks, stress, extra, summary, stress_threshold)
+    records: list[dict[str, Any]] = [*thresholds, *breaks, *stress, *extra["quiz"],
+                                     *extra["negative"], extra["constructed"],
+                                     extra["bandwidth"]]
+    return Result(records=records, summary=summary, figures=figures, readme=text,
+                  headline=summary["headline"])

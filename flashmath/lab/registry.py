@@ -14,6 +14,7 @@ EXPERIMENT_MODULES: tuple[str, ...] = (
     "hbm_traffic",
     "sdpa_benchmark",
     "ring_attention",
+    "fp8_attention",
 )
 
 

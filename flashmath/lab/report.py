@@ -18,9 +18,14 @@ __all__ = ["fmt_value", "headline_of", "render_report"]
 _STATUS_ORDER = ("ok", "failed", "interrupted", "skipped", "running", "pending")
 
 
-def headline_of(result: Result, limit: int = 240) -> str:
+def headline_of(result: Result, limit: int = 480) -> str:
     """One line for report.md: ``result.headline``, else ``summary["headline"]``, else the
-    README's first line of prose (headings, tables, lists and code skipped)."""
+    README's first line of prose (headings, tables, lists and code skipped).
+
+    Whitespace is collapsed. A headline is kept whole up to ``limit`` characters (the report's
+    table cell wraps it); a longer one is cut at the last word boundary before the limit and
+    ends in "…", never mid-word or mid-number.
+    """
     text = result.headline or result.summary.get("headline") or ""
     if not text:
         in_code = False
@@ -34,7 +39,10 @@ def headline_of(result: Result, limit: int = 240) -> str:
             text = stripped
             break
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:") + "…"
 
 
 def fmt_value(v: Any) -> str:

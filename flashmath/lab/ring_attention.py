@@ -22,23 +22,26 @@ model      flashmath.distributed.model: compute vs transfer time of one step for
 from __future__ import annotations
 
 import itertools
+import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from flashmath.distributed import model
-from flashmath.lab import plotting
+from flashmath.lab import plotting, readme
 from flashmath.lab.experiment import Context, Result, Skipped
 from flashmath.measure.flops import attention_flops
 from flashmath.text import fmt_bytes, markdown_table
+from flashmath.text import number as _g  # the one number formatter (3 significant digits)
 
 NAME = "ring-attention"
 TITLE = "Ring attention over torch.distributed: exact across ranks, memory per rank, comm/compute"
 SEEDS: tuple[str, ...] = ()
 
 #: The head layout the model's crossovers are quoted for (a Llama-style 8B layer, bf16).
-MODEL_SHAPE = {"heads": 32, "dim": 128, "elem_bytes": 2}
+MODEL_SHAPE = {"heads": 32, "dim": 128, "elem_bytes": 2, "gqa_kv_heads": 8}
 #: Links for this CPU's measured throughput (a 10 GbE cluster; 1 GbE).
 CPU_LINKS = {"10 GbE": 1.25e9, "1 GbE": 0.125e9}
 
@@ -95,6 +98,11 @@ def _accuracy(ctx: Context) -> list[dict[str, Any]]:
                     if naive is not None:
                         row[f"naive_err_{name}"] = float(
                             np.abs(np.asarray(naive[i], np.float64) - ref[i]).max())
+                if naive is not None:
+                    row["worst_over_naive"] = max(row[f"err_{n}"] / row[f"naive_err_{n}"]
+                                                  for n in ("out", "dq", "dk", "dv"))
+                row["worst_relative"] = max(row[f"err_{n}"] / max(1.0, row[f"scale_{n}"])
+                                            for n in ("out", "dq", "dk", "dv"))
                 rows.append(row)
     return rows
 
@@ -104,7 +112,7 @@ def _accuracy(ctx: Context) -> list[dict[str, Any]]:
 
 def _memory_seq(ctx: Context) -> int:
     """The fixed S of the memory section, and of the real process groups (full run)."""
-    return 2048 if ctx.quick else 4096
+    return 1024 if ctx.quick else 4096
 
 
 def _memory(ctx: Context) -> tuple[list[dict[str, Any]], float]:
@@ -203,13 +211,14 @@ def _records(mrows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     machine's measured throughput are timings in disguise, so only their README shows them
     (results.json stays the same for the same seed, timings aside)."""
     drop = ("crossover_shard_len", "crossover_seq_len_w8")
-    return [{k: v for k, v in r.items() if not (r["measured"] and k in drop)} for r in mrows]
+    return [{(f"{k}_from_timing" if r["measured"] and k in drop else k): v
+             for k, v in r.items()} for r in mrows]
 
 
 def _model(setups: list[tuple[str, model.Setup]]) -> list[dict[str, Any]]:
     rows = []
     for key, setup in setups:
-        for hk in (MODEL_SHAPE["heads"], 8):
+        for hk in (MODEL_SHAPE["heads"], MODEL_SHAPE["gqa_kv_heads"]):
             for causal in (False, True):
                 for backward in (False, True):
                     s_r = model.crossover_shard_len(
@@ -239,7 +248,7 @@ def _figures(memory: list[dict[str, Any]], procs: list[dict[str, Any]],
              setups: list[tuple[str, model.Setup]]) -> dict[str, Any]:
     fig, ax = plotting.figure(width=6.4, height=4.2)
     w = [r["W"] for r in memory]
-    mib = 2.0**20
+    mib = 1e6  # MB, as the README's tables (flashmath.text.fmt_bytes) print them
     ax.plot(w, [r["peak_bytes"] / mib for r in memory], "o-",
             label="one rank, peers replayed in-process (tracemalloc)")
     ax.plot(w, [memory[0]["peak_bytes"] / mib / x for x in w], "k:", label="ideal: W=1 peak / W")
@@ -253,7 +262,7 @@ def _figures(memory: list[dict[str, Any]], procs: list[dict[str, Any]],
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("world size W (ranks)")
-    ax.set_ylabel("peak MiB per rank (forward + backward)")
+    ax.set_ylabel("peak MB per rank (forward + backward)")
     ax.set_title(f"per-rank memory at S = {memory[0]['S']} (causal, zigzag, float32)")
     ax.legend()
 
@@ -308,10 +317,6 @@ def _doubling(memory: list[dict[str, Any]]) -> float:
     return float(np.exp(np.mean(np.log(ratios)))) if ratios else float("nan")
 
 
-def _g(x: float) -> str:
-    return f"{x:.3g}"
-
-
 def _summary(acc: list[dict[str, Any]], memory: list[dict[str, Any]],
              procs: list[dict[str, Any]], mrows: list[dict[str, Any]],
              cpu_flops: float) -> dict[str, Any]:
@@ -332,122 +337,169 @@ def _summary(acc: list[dict[str, Any]], memory: list[dict[str, Any]],
         f"{mlast['W']}); transfers hide above {_g(cross['h100-nvlink'])} tokens per rank on "
         f"NVLink, {_g(cross['h100-infiniband'])} on InfiniBand, "
         f"{_g(cross['h100-ethernet'])} on 100 GbE")
+    fwd = [r for r in mrows if r["pass"] == "forward"]
+    by = {(r["name"], r["H_kv"], r["causal"]): _cross(r) for r in fwd}
+    names = list(dict.fromkeys(r["name"] for r in fwd if not r["measured"]))  # presets
+    h, hk = MODEL_SHAPE["heads"], MODEL_SHAPE["gqa_kv_heads"]
     return {"headline": headline, "worst_float64_relative_error": worst64,
+            "doubling_peak_bytes": _doubling(memory), "cpu_count": os.cpu_count(),
+            "worst_float64_abs_error": max(max(r[f"err_{n}"] for n in ("out", "dq", "dk", "dv"))
+                                           for r in f64),
+            "gqa_crossover_ratio": {n: by[(n, h, False)] / by[(n, hk, False)] for n in names},
+            "causal_crossover_ratio": {n: by[(n, h, True)] / by[(n, h, False)] for n in names},
+            "backward_flops_factor": model.step_flops(1.0, heads=1, dim=1, backward=True)
+            / model.step_flops(1.0, heads=1, dim=1),
             "worst_float32_error_over_naive": rule, "cpu_flops_per_s": cpu_flops,
             "crossover_shard_len": cross, "processes_run": bool(procs),
             "by_w_peak_bytes": {r["W"]: r["peak_bytes"] for r in memory}}
 
 
-def _readme(acc: list[dict[str, Any]], memory: list[dict[str, Any]],
-            procs: list[dict[str, Any]], mrows: list[dict[str, Any]],
-            summary: dict[str, Any], quick: bool) -> str:
+def _answer_accuracy(acc: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
     errs = ("out", "dq", "dk", "dv")
-    acc_table = markdown_table(acc, [
+    table = markdown_table(acc, [
         ("dtype", "dtype"), ("causal", "causal"), ("layout", "layout"), ("W", "W"),
-        *[(f"max err {n}", f"err_{n}") for n in errs],
-        ("worst err / naive same-dtype err", lambda r: None if "naive_err_out" not in r else
-         max(r[f"err_{n}"] / r[f"naive_err_{n}"] for n in errs)),
+        *[(f"max abs err {n}", f"err_{n}") for n in errs],
+        ("worst relative err", "worst_relative"),
+        ("worst abs err / naive same-dtype err", lambda r: r.get("worst_over_naive")),
     ])
-    mem_table = markdown_table(memory, [
-        ("W", "W"), ("peak (fwd + bwd)", lambda r: fmt_bytes(r["peak_bytes"])),
-        ("forward peak", lambda r: fmt_bytes(r["forward_peak_bytes"])),
-        ("shards q, k, v", lambda r: fmt_bytes(r["shard_bytes"])),
-        ("peak / W=1 peak", "fraction_of_w1_peak_bytes"), ("ideal 1/W", "ideal_over_w1"),
-    ])
+    return [
+        "Yes, to rounding. The ring schedule for W ranks, run in this process (one thread per "
+        "rank, queues for wires: the same forward and backward code `ring_attention` runs "
+        "over torch.distributed), against the float64 oracle `fm.attention_reference` over "
+        f"the whole sequence (S = {acc[0]['S']}, H = {acc[0]['H']}, H_kv = {acc[0]['H_kv']}, "
+        f"D = {acc[0]['D']}). The table's *max abs err* columns are absolute; the *relative* "
+        "error divides each by max(1, max |value|) of the oracle's output or gradient. The "
+        f"worst float64 relative error is {_g(summary['worst_float64_relative_error'])} "
+        f"(the largest absolute one {_g(summary['worst_float64_abs_error'])}): partial results "
+        "merged by their log-sum-exps are exact up to rounding, whatever W and layout. In "
+        f"float32 the ring stays within {_g(summary['worst_float32_error_over_naive'])}x the "
+        "error of the naive formula computed in float32 (the accuracy rule allows 2x forward, "
+        "3x gradients).",
+        "",
+        table,
+    ]
+
+
+def _answer_memory(memory: list[dict[str, Any]], procs: list[dict[str, Any]],
+                   summary: dict[str, Any], quick: bool) -> list[str]:
     m1 = memory[0]
+    lines = [
+        f"From {fmt_bytes(m1['peak_bytes'])} on one rank to "
+        f"{fmt_bytes(memory[-1]['peak_bytes'])} on {memory[-1]['W']}: "
+        f"{_g(memory[-1]['fraction_of_w1_peak_bytes'])} of the single-rank peak (ideal "
+        f"{_g(memory[-1]['ideal_over_w1'])}). S = {m1['S']}, B = {m1['B']}, H = {m1['H']}, "
+        f"D = {m1['D']}, float32, causal, zigzag layout. Rank 0 runs its real forward and "
+        "backward passes; its peers are replayed in this process (the K/V shards it would "
+        "receive are copied in from the whole tensors), so tracemalloc sees exactly one "
+        "rank's allocations: the NumPy kernels' tiles, the K/V receive buffers, the dK/dV in "
+        "flight and the outputs (its inputs are excluded). "
+        + ("The quick run measures memory this way only; the full run also spawns real gloo "
+           "process groups (below). " if quick else "")
+        + "Everything a rank holds is O(S_r): its outputs and gradients, and what only a ring "
+        "needs, a K/V receive buffer (two, from W = 3) and the dK/dV arriving and leaving; "
+        f"those buffers are why W = 2 gives {_g(memory[1]['fraction_of_w1_peak_bytes'])} rather "
+        f"than {_g(memory[1]['ideal_over_w1'])}. From W = 2 on, each doubling of W divides the "
+        f"peak by {_g(summary['doubling_peak_bytes'])} on average (2 would be ideal; the kernels' "
+        "fixed-size tiles are the part that does not shrink). The float32 score matrix the "
+        f"tiled kernels never build would be {fmt_bytes(m1['score_matrix_bytes'])}. Bytes are "
+        "decimal MB/kB here and on the plot.",
+        "",
+        markdown_table(memory, [
+            ("W", "W"), ("peak (fwd + bwd)", lambda r: fmt_bytes(r["peak_bytes"])),
+            ("forward peak", lambda r: fmt_bytes(r["forward_peak_bytes"])),
+            ("shards q, k, v", lambda r: fmt_bytes(r["shard_bytes"])),
+            ("peak / W=1 peak", "fraction_of_w1_peak_bytes"), ("ideal 1/W", "ideal_over_w1"),
+        ]),
+        "",
+        "![memory_per_rank](memory_per_rank.png)",
+    ]
+    if procs:
+        bw = [r["loopback_bytes_per_s"] for r in procs if r.get("loopback_bytes_per_s")]
+        lines += [
+            "",
+            f"Real process groups: W gloo ranks spawned on 127.0.0.1 (S = {procs[0]['S']}, "
+            "float32, causal, zigzag), each running `flashmath ring`'s demo: ring forward and "
+            "backward with tracemalloc on, then absolute errors against the float64 oracle. "
+            "The resident peak includes the interpreter, torch and NumPy themselves ("
+            f"{fmt_bytes(min(r['rss_peak_bytes'] for r in procs))} to "
+            f"{fmt_bytes(max(r['rss_peak_bytes'] for r in procs))} per process here), which is "
+            "why the tracemalloc figure is the one to compare with the replayed rank above. "
+            + (f"Loopback bandwidth between two ranks: {_g(max(bw) / 1e9)} GB/s. " if bw else "")
+            + f"On this {summary['cpu_count']}-core machine the ranks share the cores, so wait "
+            "time includes waiting for a neighbour's compute, not only transfers.",
+            "",
+            markdown_table(procs, [
+                ("W", "W"), ("rank", "rank"),
+                ("ring peak (tracemalloc)", lambda r: fmt_bytes(r["ring_peak_bytes"])),
+                ("resident peak", lambda r: fmt_bytes(r["rss_peak_bytes"])),
+                ("compute s", "compute_s"), ("wait s", "wait_s"),
+                ("max abs err out", "err_out"), ("max abs err dq", "err_dq"),
+                ("max abs err dk", "err_dk"), ("max abs err dv", "err_dv"),
+            ]),
+        ]
+    return lines
+
+
+def _cross(r: Mapping[str, Any], key: str = "crossover_shard_len") -> float:
+    return float(r.get(key, r.get(f"{key}_from_timing")))
+
+
+def _answer_overlap(mrows: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
     fp = [r for r in mrows if r["pass"] == "forward"]
-    model_table = markdown_table(
+    table = markdown_table(
         [r for r in fp if not r["causal"]] + [r for r in fp if r["causal"]], [
             ("setup", "name"), ("H / H_kv", lambda r: f"{r['H']} / {r['H_kv']}"),
-            ("causal", "causal"),
-            ("crossover S_r (tokens/rank)", lambda r: f"{r['crossover_shard_len']:.0f}"),
-            ("crossover S at W = 8", lambda r: f"{r['crossover_seq_len_w8']:.0f}"),
+            ("causal", "causal"), ("latency us", "latency_us"),
+            ("crossover S_r (tokens/rank)", lambda r: f"{_cross(r):.0f}"),
+            ("crossover S at W = 8", lambda r: f"{_cross(r, 'crossover_seq_len_w8'):.0f}"),
         ])
     bw_rows = [r for r in mrows if r["pass"] == "backward" and r["H_kv"] == r["H"]
                and not r["causal"]]
-    parts = [
-        f"# {TITLE}\n",
-        f"**{summary['headline']}.**\n",
-        "## Exact across ranks\n",
-        "The ring schedule for W ranks, run in this process (one thread per rank, queues for "
-        "wires: the same forward and backward code `ring_attention` runs over "
-        "torch.distributed), against the float64 oracle `fm.attention_reference` over the "
-        f"whole sequence (S = {acc[0]['S']}, H = {acc[0]['H']}, H_kv = {acc[0]['H_kv']}, "
-        f"D = {acc[0]['D']}). The worst float64 error, relative to max(1, |value|), is "
-        f"{_g(summary['worst_float64_relative_error'])}: partial results merged by their "
-        "log-sum-exps are exact up to rounding, whatever W and layout. In float32 the ring "
-        f"stays within {_g(summary['worst_float32_error_over_naive'])}x the error of the "
-        "naive formula computed in float32 (the accuracy rule allows 2x forward, 3x "
-        "gradients).\n",
-        acc_table + "\n",
-        "## Memory per rank\n",
-        f"S = {m1['S']}, B = {m1['B']}, H = {m1['H']}, D = {m1['D']}, float32, causal, zigzag "
-        "layout. Rank 0 runs its real forward and backward passes; its peers are replayed in "
-        "this process (the K/V shards it would receive are copied in from the whole "
-        "tensors), so tracemalloc sees exactly one rank's allocations: the NumPy kernels' "
-        "tiles, the K/V receive buffers, the dK/dV in flight and the outputs (its inputs "
-        "are excluded). "
-        + ("The quick run measures memory this way only; the full run also spawns real gloo "
-           "process groups (section below). " if quick else "")
-        + f"Going from 1 to {memory[-1]['W']} ranks the peak falls to "
-        f"{_g(memory[-1]['fraction_of_w1_peak_bytes'])} of the single-rank peak (ideal "
-        f"{_g(memory[-1]['ideal_over_w1'])}). Everything a rank holds is O(S_r): its "
-        "outputs and gradients, and what only a ring needs, a K/V receive buffer (two, "
-        "from W = 3) and the dK/dV arriving and leaving; those buffers are why W = 2 gives "
-        f"{_g(memory[1]['fraction_of_w1_peak_bytes'])} rather than 0.5. From W = 2 on, each "
-        f"doubling of W divides the peak by {_g(_doubling(memory))} on average (2 would be "
-        "ideal; the kernels' fixed-size tiles are the part that does not shrink). The "
-        "float32 score matrix the tiled kernels never build would be "
-        f"{fmt_bytes(m1['score_matrix_bytes'])}.\n",
-        mem_table + "\n",
-    ]
-    if procs:
-        proc_table = markdown_table(procs, [
-            ("W", "W"), ("rank", "rank"),
-            ("ring peak (tracemalloc)", lambda r: fmt_bytes(r["ring_peak_bytes"])),
-            ("resident peak", lambda r: fmt_bytes(r["rss_peak_bytes"])),
-            ("compute s", "compute_s"), ("wait s", "wait_s"),
-            ("max err out", "err_out"), ("max err dq", "err_dq"), ("max err dk", "err_dk"),
-            ("max err dv", "err_dv"),
-        ])
-        bw = [r["loopback_bytes_per_s"] for r in procs if r.get("loopback_bytes_per_s")]
-        parts += [
-            "## Real process groups\n",
-            f"W gloo ranks spawned on 127.0.0.1 (S = {procs[0]['S']}, float32, causal, "
-            "zigzag), each running `flashmath ring`'s demo: ring forward and backward with "
-            "tracemalloc on, then errors against the float64 oracle. The resident peak "
-            "includes the interpreter, torch and NumPy themselves (a few hundred MB per "
-            "process), which is why the tracemalloc figure is the one to compare with the "
-            "replayed rank above. "
-            + (f"Loopback bandwidth between two ranks: {_g(max(bw) / 1e9)} GB/s. " if bw else "")
-            + "On this 2-core machine the ranks share the cores, so wait time includes "
-            "waiting for a neighbour's compute, not only transfers.\n",
-            proc_table + "\n",
-        ]
-    parts += [
-        "## When the ring hides its transfers\n",
-        "One step computes a (S_r x S_r) block, 4 B H S_r^2 D FLOPs (half for causal), "
-        "while the next K/V shard, 2 B H_kv S_r D e bytes, travels; the step costs "
-        "max(compute, transfer). Compute grows as S_r^2 and traffic as S_r, so above the "
-        "crossover S_r* = (2 H_kv e / BW) F / (4 H c) every transfer is hidden. Below, for "
+    gqa = summary["gqa_crossover_ratio"]
+    causal = summary["causal_crossover_ratio"]
+    return [
+        "One step computes a (S_r x S_r) block, a S_r^2 seconds with a = 4 B H D / F "
+        "(F the FLOP rate; half for causal), while the next K/V shard, 2 B H_kv S_r D e bytes, "
+        "travels in b S_r + L seconds (b = 2 B H_kv D e / BW, L the link's latency); the step "
+        "costs max(compute, transfer). Compute grows as S_r^2 and traffic as S_r, so above "
+        "the crossover S_r* = (b + sqrt(b^2 + 4 a L)) / (2 a) every transfer is hidden "
+        "(b / a without latency). Below, for "
         f"H = {MODEL_SHAPE['heads']}, D = {MODEL_SHAPE['dim']}, bf16 (e = 2), forward; the "
-        "H100 setups use round published figures (see flashmath.distributed.model), the "
-        f"CPU rows this machine's measured kernel throughput "
-        f"({_g(summary['cpu_flops_per_s'] / 1e9)} GFLOP/s, fwd + bwd at W = 1).\n",
-        model_table + "\n",
-        "GQA (H_kv = 8) moves a quarter of the bytes for the same FLOPs and cuts the crossover "
-        "by 4; a causal mask halves the work per step and doubles it. The backward moves "
-        "K, V and the float32 dK, dV (3x the forward's bytes in bf16) for 2.5x the FLOPs: "
-        + ", ".join(f"{r['name']} {r['crossover_shard_len']:.0f}" for r in bw_rows)
+        "H100 setups use round published figures (see flashmath.distributed.model), the CPU "
+        "rows this machine's measured kernel throughput "
+        f"({_g(summary['cpu_flops_per_s'] / 1e9)} GFLOP/s, fwd + bwd at W = 1).",
+        "",
+        table,
+        "",
+        f"GQA (H_kv = {MODEL_SHAPE['gqa_kv_heads']}) moves 1/"
+        f"{_g(MODEL_SHAPE['heads'] / MODEL_SHAPE['gqa_kv_heads'])} of the bytes for the same "
+        "FLOPs, which would divide a bandwidth-only crossover b / a by that much; the latency "
+        "term does not shrink with the bytes, so the crossover falls by less: "
+        + ", ".join(f"{name} {_g(v)}x" for name, v in gqa.items())
+        + " (the published setups). A causal mask halves the work per step, which would "
+        "double b / a; with latency it multiplies the crossover by "
+        + ", ".join(f"{name} {_g(v)}x" for name, v in causal.items())
+        + ". The backward moves K, V and the float32 dK, dV (3x the forward's bytes in bf16) "
+        f"for {_g(summary['backward_flops_factor'])}x the FLOPs: "
+        + ", ".join(f"{r['name']} {_cross(r):.0f}" for r in bw_rows)
         + " tokens per rank. In short: NVLink hides the ring from about a thousand tokens "
         "per rank, InfiniBand from several thousand, commodity Ethernet only for shards of "
-        "tens of thousands of tokens; a CPU is so slow per byte that even 1 GbE is hidden "
-        "from modest shards.\n",
-        "Figures: `memory_per_rank.png` (measured peak per rank vs W, with the ideal 1/W), "
-        "`comm_compute_model.png` (left: step compute and transfer time vs shard length "
-        "per setup, crossovers marked; right: modelled ring efficiency vs S on 8 ranks).\n",
+        "tens of thousands of tokens; a CPU is so slow per FLOP that even 1 GbE is hidden "
+        "from modest shards.",
+        "",
+        "![comm_compute_model](comm_compute_model.png)",
+        "",
+        "Left: step compute and transfer time vs shard length per setup, crossovers marked; "
+        "right: modelled ring efficiency vs S on 8 ranks.",
     ]
-    return "\n".join(parts)
+
+
+def _readme(acc: list[dict[str, Any]], memory: list[dict[str, Any]],
+            procs: list[dict[str, Any]], mrows: list[dict[str, Any]],
+            summary: dict[str, Any], quick: bool) -> str:
+    answers = [_answer_accuracy(acc, summary), _answer_memory(memory, procs, summary, quick),
+               _answer_overlap(mrows, summary)]
+    return readme.render(NAME, SEEDS, summary["headline"], answers)
 
 
 # --------------------------------------------------------------------------- run

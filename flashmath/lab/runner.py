@@ -57,6 +57,7 @@ __all__ = [
     "UnknownExperimentError",
     "atomic_write",
     "dumps_json",
+    "listing",
     "make_run_dir",
     "run_lab",
     "save_figure",
@@ -267,6 +268,15 @@ def select(available: Sequence[str], only: Sequence[str] | None) -> list[str]:
             f"valid names: {', '.join(available) or '(none)'}"
         )
     return [name for name in available if name in set(only)]
+
+
+def listing(modules: dict[str, ModuleType]) -> str:
+    """``flashmath lab --list``: one line per experiment, ``NAME  TITLE  [seeds: ...]``,
+    names padded to one width (the modules given, in their order)."""
+    width = max((len(n) for n in modules), default=0)
+    return "\n".join(
+        f"{name:<{width}}  {mod.TITLE}  [seeds: {', '.join(getattr(mod, 'SEEDS', ())) or '-'}]"
+        for name, mod in modules.items())
 
 
 class _Run:

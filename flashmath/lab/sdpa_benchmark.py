@@ -3,15 +3,15 @@
 Seed 002's optional section times torch's scaled_dot_product_attention on a GPU. Here the
 same run times flashmath.triton.flash_attention beside SDPA's flash and cuDNN backends,
 forward, backward and both, over flashmath.triton.bench's grid (``quick``: fewer lengths).
-Without a CUDA device it returns at once, saying "skipped: no CUDA device" in its records,
-summary and README.
+Without a CUDA device it raises ``Skipped`` at once with the reason ("no CUDA device ..."),
+so the run marks it *skipped* and report.md says why.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flashmath.lab import plotting
+from flashmath.lab import experiment, plotting, readme
 from flashmath.lab.experiment import Context, Result
 from flashmath.measure.gpu import SKIPPED  # what the GPU benchmarks say without a GPU
 
@@ -38,15 +38,9 @@ def _skip_reason() -> str | None:
 def run(ctx: Context) -> Result:
     reason = _skip_reason()
     if reason is not None:
-        return Result(
-            records=[{"status": reason}],
-            summary={"status": reason},
-            headline=reason,
-            readme=f"# {TITLE}\n\n**{reason}.** This machine has no GPU that torch can use, so "
-            "nothing was measured. Run `flashmath lab --only sdpa-benchmark` (or "
-            "`python benchmarks/bench_triton.py`) on a machine with a CUDA GPU and "
-            "`pip install 'flashmath[gpu]'`.\n",
-        )
+        raise experiment.Skipped(f"{reason}; nothing was measured. Run `flashmath lab --only "
+                      "sdpa-benchmark` (or `python benchmarks/bench_triton.py`) on a machine "
+                      "with a CUDA GPU and `pip install 'flashmath[gpu]'`")
     import torch
 
     from flashmath.triton import bench
@@ -110,10 +104,7 @@ def _figure(records: list[dict[str, Any]]) -> Any:
 def _readme(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     from flashmath.triton import bench
 
-    lines = [f"# {TITLE}", "", f"Device: {summary['device']}. B * S = {bench.TOKENS} tokens, "
-             f"H * D = {bench.HIDDEN}; FLOPs: forward 4*B*H*S^2*D (halved when causal), "
-             "backward 2.5x. A ratio is flashmath's time over SDPA's: below 1.00x flashmath is "
-             "faster. The target is at most 1.00x on every row.", ""]
+    lines = []
     for mode in _modes(records):
         for peer in ("flash", "cudnn"):
             worst = summary.get(f"{mode}_worst_vs_{peer}_ratio_time")
@@ -124,5 +115,12 @@ def _readme(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         best = summary.get(f"{mode}_best_flashmath_tflops")
         if best is not None:
             lines.append(f"- {mode}: best flashmath {best:.0f} TFLOP/s")
-    lines += ["", bench.format_table(records), ""]
-    return "\n".join(lines)
+    answer = [f"Measured on {summary['device']}, beside flashmath.triton's own kernel, "
+              "forward, backward and both, over a grid of lengths (the seed's single float16 "
+              "causal shape is one row of it):", "", *lines]
+    method = (f"B * S = {bench.TOKENS} tokens, H * D = {bench.HIDDEN}; FLOPs: forward "
+              "4*B*H*S^2*D (halved when causal), backward 2.5x. A ratio is flashmath's time over "
+              "SDPA's: below 1.00x flashmath is faster. The target is at most 1.00x on every row.")
+    return readme.render(NAME, SEEDS, _headline(summary), [answer],
+                         [("Method", method), ("All rows", bench.format_table(records)),
+                          ("Figure", "![tflops](tflops.png)")])

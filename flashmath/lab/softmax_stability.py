@@ -7,8 +7,9 @@ an exact oracle (mpmath at 50 digits on the same, dtype-rounded, input). A float
 checks flashmath against scipy.special.
 
 Error measure: ``err`` is max_i |p_i - p*_i| / max_i p*_i against the oracle's p* (absolute
-error relative to the largest probability, DESIGN.md's rule for outputs rounded back to a
-narrow dtype; element-wise relative error is meaningless for probabilities that underflow).
+error relative to the largest probability, the rule of docs/conventions.md for outputs
+rounded back to a narrow dtype; element-wise relative error is meaningless for probabilities
+that underflow).
 A result "diverges" from the oracle when it has NaN/inf or ``err`` > DIVERGE_EPS x eps(dtype).
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 
 import flashmath as fm
 from flashmath import dtypes
-from flashmath.lab import plotting
+from flashmath.lab import plotting, readme
 from flashmath.lab.experiment import Context, Result
 from flashmath.lab.report import fmt_value as fmt
 from flashmath.softmax.naive import exp_and_softmax
@@ -50,11 +51,13 @@ BATTERY_DTYPES = ("float32", "float16", "bfloat16")
 DIVERGE_EPS = 16
 #: Seed 001's Block D predictions (its own hand-written table), checked against measurement.
 SEED_PREDICTIONS: dict[str, dict[str, Any]] = {
-    "small magnitudes": {"naive_nan": False, "stable_nan": False, "ce": "~1.50"},
+    "small magnitudes": {"naive_nan": False, "stable_nan": False, "ce": 1.50},
     "mixed magnitudes": {"naive_nan": False, "stable_nan": False, "ce": None},
-    "large positive": {"naive_nan": True, "stable_nan": False, "ce": "~91"},
-    "large negative": {"naive_nan": True, "stable_nan": False, "ce": "~0"},
+    "large positive": {"naive_nan": True, "stable_nan": False, "ce": 91.0},
+    "large negative": {"naive_nan": True, "stable_nan": False, "ce": 0.0},
 }
+#: The seed's stop condition 2: naive NaN on at least this many cases.
+STOP_NAIVE_NAN = 2
 #: The scipy.special functions of the float64 cross-check (flashmath has each by that name).
 SCIPY_FUNCTIONS = ("softmax", "log_softmax", "logsumexp")
 #: Vectors up to this length keep their full probabilities in results.json.
@@ -161,7 +164,7 @@ def _battery_record(case: str, x64: np.ndarray, dt: np.dtype[Any]) -> tuple[dict
     """One (case, dtype) measurement: a JSON record and the arrays the heatmap needs."""
     x = x64.astype(dt)
     xin = x.astype(np.float64)  # the exact values the dtype holds
-    oracle, _, oracle_ce, source = _oracle(xin)
+    oracle, oracle_lse, oracle_ce, source = _oracle(xin)
     with np.errstate(all="ignore"):
         naive = np.asarray(fm.naive.softmax(x))
     stable = np.asarray(fm.softmax(x))
@@ -181,15 +184,38 @@ def _battery_record(case: str, x64: np.ndarray, dt: np.dtype[Any]) -> tuple[dict
             f"{kind}_diverged": bool(not math.isfinite(err)
                                      or err > DIVERGE_EPS * float(dtypes.finfo(dt).eps)),
         }
+    info = dtypes.finfo(dt)
+    with np.errstate(all="ignore"):
+        e = np.exp(x)
+        rec |= {"overflow_threshold": float(fm.overflow_threshold(dt)),
+                "underflow_threshold": float(fm.underflow_threshold(dt)),
+                "dtype_tiny": float(info.tiny), "dtype_eps": float(info.eps),
+                "naive_exp_of_max": float(np.exp(np.max(x))),
+                "naive_sum_exp": float(np.sum(e)), "exact_sum_exp": float(np.sum(
+                    e.astype(np.float64)))}
     rec["naive_mechanism"] = _mechanism(x, dt, naive, rec["naive_err"])
     rec["rel_diff_where_naive_valid"] = _rel_diff_where_valid(naive, stable)
     rec["oracle_ce"] = oracle_ce
+    rec["oracle_lse"] = oracle_lse
+    if n <= KEEP_VECTOR:  # the loss for every label, to read the seed's guesses against
+        rec["oracle_ce_by_label"] = [rec["oracle_lse"] - float(v) for v in xin]
     rec["naive_ce"], rec["naive_ce_undefined"] = _cross_entropy(fm.naive.cross_entropy, x, n)
     rec["stable_ce"], rec["stable_ce_undefined"] = _cross_entropy(fm.cross_entropy, x, n)
     if n <= KEEP_VECTOR:
         rec |= {"input": xin, "oracle_p": oracle, "naive_p": naive.astype(np.float64),
                 "stable_p": stable.astype(np.float64)}
     return rec, {"naive": naive.astype(np.float64), "stable": stable.astype(np.float64)}
+
+
+def _oracle_digits() -> int | None:
+    """The mpmath oracle's working digits (None without mpmath)."""
+    try:
+        import mpmath  # noqa: F401
+
+        from flashmath.softmax import mp_oracle
+    except ImportError:
+        return None
+    return int(mp_oracle.DPS)
 
 
 def _max_abs_diff(a: Any, b: Any) -> float:
@@ -261,128 +287,186 @@ def _heatmap(vectors: dict[tuple[str, str], dict[str, np.ndarray]]) -> Any:
 # --------------------------------------------------------------------------- readme
 
 
-def _readme(battery: list[dict[str, Any]], f64: list[dict[str, Any]],
-            scipy_note: str | None, summary: dict[str, Any]) -> str:
-    by = {(r["case"], r["dtype"]): r for r in battery}
-    lines = [
-        "# softmax-stability (seed 001)",
-        "",
-        summary["headline"],
-        "",
-        f"Seed 001's eight logit vectors, label y = {LABEL} for cross-entropy, in "
-        f"{', '.join(BATTERY_DTYPES)}. Naive: `fm.naive` (the textbook formulas, computed in "
-        "the input dtype). Stable: `fm.softmax` / `fm.cross_entropy` (max-shift, float32 "
-        f"accumulators for narrow input, result in the input dtype). Oracle: "
-        f"{summary['oracle']} on the dtype-rounded input. `err` is the largest absolute "
-        "error relative to the largest probability; a result *diverges* when it has NaN/inf "
-        f"or err > {DIVERGE_EPS} eps of its dtype.",
-        "",
-        "## Predictions (Block D): the oracle's exact values stand",
-        "",
-        "Seed 001 asks for predictions before running. Measured columns are float32 (the "
-        "seed's dtype); the exact CE is the oracle's; the seed's own guesses (its Block D "
-        "table) stand beside them.",
-        "",
-        markdown_table(
-            [by[(case, "float32")] | {f"seed_{k}": v for k, v in SEED_PREDICTIONS.get(
-                case, {}).items()} for case, _ in CASES],
-            [("case", "case"), ("seed: naive NaN?", "seed_naive_nan"), ("naive NaN", "naive_nan"),
-             ("seed: stable NaN?", "seed_stable_nan"), ("stable NaN", "stable_nan"),
-             ("seed: CE", "seed_ce"), ("exact CE (oracle)", "oracle_ce"),
-             ("naive CE", lambda r: _ce(r["naive_ce"], r["naive_ce_undefined"])),
-             ("stable CE", lambda r: _ce(r["stable_ce"], r["stable_ce_undefined"]))],
-            fmt=fmt),
-    ]
-    lines += ["", *_prediction_notes(by), "", "## Where naive diverged from the oracle, and why",
-              ""]
-    diverged = [r for r in battery if r["naive_diverged"]]
-    for r in diverged:
-        lines.append(f"- **{r['case']}, {r['dtype']}**: "
-                     f"{'NaN' if r['naive_nan'] else 'err ' + fmt(r['naive_err'])}; "
-                     f"{r['naive_mechanism']}.")
-    if not diverged:
-        lines.append("- nowhere: every naive result stayed within the divergence bound.")
-    stable_bad = [r for r in battery if r["stable_diverged"]]
-    lines += ["", "Stable softmax diverged in "
-              f"{len(stable_bad)} of {len(battery)} (case, dtype) pairs"
-              + (": " + ", ".join(f"{r['case']} ({r['dtype']})" for r in stable_bad)
-                 if stable_bad else "")
-              + "; its largest error per dtype: "
-              + ", ".join(f"{d} {fmt(v)} ({fmt(v / float(dtypes.finfo(d).eps))} eps)"
-                          for d, v in summary["max_err_stable"].items()) + ".", ""]
-    lines += _cross_entropy_notes(battery)
-    columns = [("case", "case"), *((f"{kind} {what}", f"{kind}_{what}")
-                                   for kind in ("naive", "stable")
-                                   for what in ("nan", "sum", "max", "err")),
-               ("max rel diff (naive valid)", "rel_diff_where_naive_valid")]
-    for dname in BATTERY_DTYPES:
-        lines += ["", f"## Results, {dname}", "",
-                  markdown_table([by[(case, dname)] for case, _ in CASES], columns, fmt=fmt)]
-    lines += ["", "## float64: flashmath against scipy.special and the oracle", "",
-              markdown_table(f64, [
-                  ("case", "case"), ("softmax", "scipy_softmax_max_abs_diff"),
-                  ("log_softmax", "scipy_log_softmax_max_abs_diff"),
-                  ("logsumexp", "scipy_logsumexp_max_abs_diff"), ("err vs oracle", "stable_err"),
-                  ("logsumexp rel err", "logsumexp_rel_err")], fmt=fmt),
-              "", scipy_note + "." if scipy_note else
-              "The first three columns are max absolute differences from scipy.special."]
-    lines += ["", "## Figure", "",
-              "![softmax_break](softmax_break.png)", "",
-              "Rows are the cases (the verb vocabulary shows its first entries), each dtype a "
-              "pair of panels: naive left, stable right. Red cells are NaN."]
-    return "\n".join(lines)
+def _empty_row_records() -> list[dict[str, Any]]:
+    """The all -inf row: naive, and each of the stable softmax's ``empty=`` choices, beside a
+    normal row of the same batch (which must stay untouched)."""
+    x = np.array([[-np.inf] * 5, [1.0, 2.0, 3.0, 4.0, 5.0]])
+    with np.errstate(all="ignore"):
+        naive = np.asarray(fm.naive.softmax(x))
+    rows = [{"section": "empty_row", "method": "naive", "output": naive[0],
+             "other_row_ok": bool(np.allclose(naive[1], fm.softmax(x[1])))}]
+    for choice in ("zeros", "uniform", "nan"):
+        p = np.asarray(fm.softmax(x, empty=choice))
+        rows.append({"section": "empty_row", "method": f"stable, empty={choice!r}",
+                     "output": p[0], "other_row_ok": bool(np.allclose(p[1], fm.softmax(x[1])))})
+    rows[1]["logsumexp"] = float(fm.logsumexp(x[0]))
+    return rows
 
 
-def _ce(value: float | None, undefined: str | None) -> str:
-    return f"undefined ({undefined})" if undefined else fmt(value)
+def _nan_in(v: Any) -> str:
+    return "NaN" if v else "no NaN"
+
+
+def _answer_predictions(by: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    table = markdown_table(
+        [by[(case, "float32")] | {f"seed_{k}": v for k, v in SEED_PREDICTIONS.get(
+            case, {}).items()} for case, _ in CASES],
+        [("case", "case"), ("seed: naive NaN?", "seed_naive_nan"), ("naive NaN", "naive_nan"),
+         ("seed: stable NaN?", "seed_stable_nan"), ("stable NaN", "stable_nan"),
+         ("seed: CE", lambda r: "" if r.get("seed_ce") is None else f"~{fmt(r['seed_ce'])}"),
+         ("exact CE (oracle)", "oracle_ce"),
+         ("naive CE", lambda r: _ce(r["naive_ce"], r["naive_ce_undefined"])),
+         ("stable CE", lambda r: _ce(r["stable_ce"], r["stable_ce_undefined"]))], fmt=fmt)
+    return ["The seed's own predictions beside float32 (the seed's dtype) and the exact "
+            "(oracle) loss; where they diverge, why:", "", table, "", *_prediction_notes(by)]
 
 
 def _prediction_notes(by: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
-    """Sentences for each seed prediction the float32 measurement or the oracle contradicts."""
+    """A sentence for each seed prediction the float32 measurement or the oracle contradicts."""
     notes = []
     for case, pred in SEED_PREDICTIONS.items():
         r = by[(case, "float32")]
         if pred["naive_nan"] != r["naive_nan"]:
-            notes.append(f"- {case}: the seed predicted naive NaN = {fmt(pred['naive_nan'])}"
-                         f", float32 measured {fmt(r['naive_nan'])}: "
-                         + (r["naive_mechanism"] or _why_no_nan(r)) + ". In float16 and "
-                         f"bfloat16 naive NaN = {fmt(by[(case, 'float16')]['naive_nan'])} / "
-                         f"{fmt(by[(case, 'bfloat16')]['naive_nan'])}.")
-        ce = pred.get("ce")
-        if ce is not None and r["oracle_ce"] is not None:
-            guess = float(ce.lstrip("~"))
-            if abs(guess - r["oracle_ce"]) > 0.05 * max(1.0, abs(r["oracle_ce"])):
-                lse = r["oracle_ce"] + r["input"][LABEL]
-                notes.append(f"- {case}: the seed guessed CE {ce}; exact CE = logsumexp(x) - "
-                             f"x[{LABEL}] = {fmt(lse)} - ({fmt(r['input'][LABEL])}) = "
-                             f"{fmt(r['oracle_ce'])}.")
+            notes.append(f"- {case}, naive: the seed predicted {_nan_in(pred['naive_nan'])}, "
+                         f"float32 gives {_nan_in(r['naive_nan'])}: "
+                         + (r["naive_mechanism"] or _why_no_nan(r)) + ". It does give NaN in "
+                         "the narrower dtypes (float16: "
+                         f"{_nan_in(by[(case, 'float16')]['naive_nan'])}, bfloat16: "
+                         f"{_nan_in(by[(case, 'bfloat16')]['naive_nan'])}).")
+        guess = pred.get("ce")
+        if guess is None or r["oracle_ce"] is None:
+            continue
+        if abs(guess - r["oracle_ce"]) <= 0.05 * max(1.0, abs(r["oracle_ce"])):
+            continue
+        losses = r["oracle_ce_by_label"]
+        near = int(np.argmin([abs(v - guess) for v in losses]))
+        notes.append(
+            f"- {case}, CE: the seed guessed ~{fmt(guess)}; with y = {LABEL} the loss is "
+            f"logsumexp(x) - x[{LABEL}] = {fmt(r['oracle_lse'])} - ({fmt(r['input'][LABEL])}) "
+            f"= {fmt(r['oracle_ce'])}"
+            + (f" (logsumexp exceeds x[{LABEL}], the largest logit, by only that much: "
+               "exp of every other logit minus it is below float64's resolution at "
+               f"{fmt(r['oracle_lse'])})" if r["oracle_ce"] < 1e-6 else "")
+            + f". The guess is the loss of label {near}: logsumexp(x) - x[{near}] = "
+            f"{fmt(losses[near])}"
+            + (", the largest logit's, so the seed's reasoning picked the max's index instead "
+               f"of y = {LABEL}." if near == int(np.argmax(r["input"])) else "."))
     return notes or ["- Every seed prediction held."]
 
 
 def _why_no_nan(r: dict[str, Any]) -> str:
-    """Why the textbook formula stayed NaN-free in float32: exp of the largest logit."""
-    xmax = float(np.max(r["input"]))
-    with np.errstate(all="ignore"):
-        e = float(np.exp(np.float32(xmax)))
-    f32 = dtypes.finfo("float32")
-    kind = f"a subnormal (below {fmt(float(f32.tiny))})" if 0 < e < float(f32.tiny) else "finite"
-    return (f"exp({fmt(xmax)}) = {fmt(e)} in float32 is {kind} and non-zero, so the sum is "
-            "neither 0 nor inf and no 0/0 or inf/inf occurs")
+    """Why the textbook formula stayed NaN-free: exp of the largest logit is non-zero."""
+    e, tiny = r["naive_exp_of_max"], r["dtype_tiny"]
+    kind = f"a subnormal (below {fmt(tiny)})" if 0 < e < tiny else "finite"
+    return (f"exp({fmt(float(np.max(r['input'])))}) = {fmt(e)} in {r['dtype']} is {kind} and "
+            "non-zero, so the sum is neither 0 nor inf and no 0/0 or inf/inf occurs")
 
 
-def _cross_entropy_notes(battery: list[dict[str, Any]]) -> list[str]:
-    lines = ["## Cross-entropy (y = 1)", ""]
+def _answer_stop_condition(battery: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    nan_cases = summary["naive_nan_cases"]
+    lines = [", ".join(f"{d}: naive NaN in {len(v)} case(s) ({', '.join(v) or 'none'})"
+                       for d, v in nan_cases.items())
+             + f"; stable NaN in {summary['stable_nan_count']} of {summary['battery_size']}."]
+    short = [d for d, v in nan_cases.items() if len(v) < STOP_NAIVE_NAN]
+    if short:
+        lines.append(f"float32 falls short of the seed's {STOP_NAIVE_NAN} cases"
+                     if short == ["float32"] else f"{', '.join(short)} fall(s) short")
+        f32 = [r for r in battery if r["dtype"] == "float32"]
+        over = sorted({float(v) for r in f32 for v in r.get("input", ())
+                       if v > r["overflow_threshold"]})
+        tops = [float(np.max(r["input"])) for r in f32 if "input" in r]
+        lines[-1] += (": float32's exp overflows above "
+                      f"{fmt(f32[0]['overflow_threshold'])} (the battery's logits above it: "
+                      f"{fmt(over)}) and underflows only below "
+                      f"{fmt(f32[0]['underflow_threshold'])}, below every row's largest logit "
+                      f"(the lowest is {fmt(min(tops))}), so no row's exps all vanish. The "
+                      "narrower dtypes overflow and underflow sooner:")
+    lines.append("")
     for r in battery:
-        if r["dtype"] != "float32":
-            continue
-        if r["stable_ce_undefined"]:
+        if r["naive_diverged"]:
+            lines.append(f"- **{r['case']}, {r['dtype']}**: "
+                         f"{'NaN' if r['naive_nan'] else 'err ' + fmt(r['naive_err'])}; "
+                         f"{r['naive_mechanism']}.")
+    return lines
+
+
+def _answer_max_trick(by: dict[tuple[str, str], dict[str, Any]]) -> str:
+    r = by[("large positive", "float32")]
+    return ("softmax(x - c) = softmax(x) for any constant c, because the factor exp(-c) "
+            "multiplies numerator and denominator alike and cancels; choosing c = max(x) makes "
+            "every exponent <= 0, so no exp exceeds 1 (nothing overflows), and the largest term "
+            "is exp(0) = 1, so the sum is at least 1 (no 0/0). Measured on the large positive "
+            f"case in float32: the stable sum is {fmt(r['stable_sum'])} with error "
+            f"{fmt(r['stable_err'])}, where the naive one is {fmt(r['naive_sum'])}.")
+
+
+def _answer_empty_row(rows: list[dict[str, Any]]) -> list[str]:
+    by = {r["method"]: r for r in rows}
+    zeros = by["stable, empty='zeros'"]
+    return [
+        f"flashmath returns zeros (and logsumexp {fmt(zeros['logsumexp'])}): "
+        + "; ".join(f"{r['method']} gives {fmt(r['output'])}" for r in rows)
+        + ". The other row of the same batch is untouched in every case ("
+        + ", ".join(fmt(r["other_row_ok"]) for r in rows) + ").",
+        "",
+        "Zeros is the default because a row with nothing to attend to contributes nothing: "
+        "attention then outputs zeros and its gradients are zero, never NaN (PyTorch's safe "
+        "softmax and FlashAttention agree), and a batch with a fully padded row trains on. "
+        "Uniform (`empty=\"uniform\"`, the seed's hint) is defensible, since the input has no "
+        "signal, but it hides the pathology and puts probability on masked entries; NaN "
+        "(`empty=\"nan\"`) makes the pathology loud and poisons everything downstream. Both "
+        "are a keyword away for a caller who wants them.",
+    ]
+
+
+def _answer_masked_label(battery: list[dict[str, Any]]) -> str:
+    r = next(r for r in battery if r["case"] == "masked entry" and r["dtype"] == "float32")
+    return (f"The masked entry case has x[{LABEL}] = -inf: the exact loss is "
+            f"{fmt(r['oracle_ce'])}, naive {fmt(r['naive_ce'])}, stable {fmt(r['stable_ce'])}. "
+            "Correct (probability 0 for the truth is infinite loss), and a poison pill for "
+            "training: a mask must never cover the true label.")
+
+
+def _answer_scipy(f64: list[dict[str, Any]], scipy_note: str | None,
+                  summary: dict[str, Any]) -> list[str]:
+    if scipy_note:
+        return [scipy_note + "; install the lab extra (`pip install flashmath[lab]`) for it."]
+    diff = summary["scipy_max_abs_diff"]
+    return [
+        "Yes, on every case, adversarial ones included (scipy is stable too): the largest "
+        "absolute differences are "
+        + ", ".join(f"{fn} {fmt(v)}" for fn, v in diff.items())
+        + f"; against the exact oracle flashmath's softmax is off by at most "
+        f"{fmt(summary['float64_max_err_stable'])}.",
+        "",
+        markdown_table(f64, [
+            ("case", "case"), ("softmax", "scipy_softmax_max_abs_diff"),
+            ("log_softmax", "scipy_log_softmax_max_abs_diff"),
+            ("logsumexp", "scipy_logsumexp_max_abs_diff"), ("err vs oracle", "stable_err"),
+            ("logsumexp rel err", "logsumexp_rel_err")], fmt=fmt),
+    ]
+
+
+def _method(summary: dict[str, Any]) -> str:
+    return (f"Seed 001's eight logit vectors, label y = {LABEL} for cross-entropy, in "
+            f"{', '.join(BATTERY_DTYPES)}. Naive: `fm.naive` (the textbook formulas, computed "
+            "in the input dtype). Stable: `fm.softmax` / `fm.cross_entropy` (max-shift, "
+            "float32 accumulators for narrow input, result in the input dtype). Oracle: "
+            f"{summary['oracle']} on the dtype-rounded input. `err` is the largest absolute "
+            "error relative to the largest probability; a result *diverges* when it has "
+            f"NaN/inf or err > {summary['diverge_eps']} eps of its dtype. Stable softmax "
+            f"diverged in {summary['stable_diverged_count']} of {summary['battery_size']} "
+            "(case, dtype) pairs; its largest error per dtype: "
+            + ", ".join(f"{d} {fmt(v)} ({fmt(summary['max_err_stable_eps'][d])} eps)"
+                        for d, v in summary["max_err_stable"].items()) + ".")
+
+
+def _ce_section(battery: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in battery:
+        if r["dtype"] == "float32" and r["stable_ce_undefined"]:
             lines.append(f"- {r['case']}: undefined; stable says {r['stable_ce_undefined']}; "
                          f"naive says {r['naive_ce_undefined']}.")
-        elif r["oracle_ce"] is not None and math.isinf(r["oracle_ce"]):
-            lines.append(f"- {r['case']}: the label's logit is -inf, so the exact loss is "
-                         f"{fmt(r['oracle_ce'])}; naive {fmt(r['naive_ce'])}, stable "
-                         f"{fmt(r['stable_ce'])}. Probability 0 for the truth is infinite "
-                         "loss: a mask must never cover the true label.")
     bad = [r for r in battery if r["naive_ce"] is not None and r["oracle_ce"] is not None
            and not math.isclose(r["naive_ce"], r["oracle_ce"], rel_tol=1e-2, abs_tol=1e-6)]
     if bad:
@@ -391,6 +475,33 @@ def _cross_entropy_notes(battery: list[dict[str, Any]]) -> list[str]:
         lines += [f"  - {r['case']}, {r['dtype']}: {fmt(r['naive_ce'])} instead of "
                   f"{fmt(r['oracle_ce'])}: {_ce_mechanism(r)}" for r in bad]
     return lines
+
+
+def _readme(battery: list[dict[str, Any]], f64: list[dict[str, Any]],
+            scipy_note: str | None, empty_rows: list[dict[str, Any]],
+            summary: dict[str, Any]) -> str:
+    by = {(r["case"], r["dtype"]): r for r in battery}
+    columns = [("case", "case"), *((f"{kind} {what}", f"{kind}_{what}")
+                                   for kind in ("naive", "stable")
+                                   for what in ("nan", "sum", "max", "err")),
+               ("max rel diff (naive valid)", "rel_diff_where_naive_valid")]
+    answers = [_answer_predictions(by), _answer_stop_condition(battery, summary),
+               _answer_max_trick(by), _answer_empty_row(empty_rows),
+               _answer_masked_label(battery), _answer_scipy(f64, scipy_note, summary)]
+    sections: list[readme.Section] = [
+        ("Method", _method(summary)),
+        ("Cross-entropy (y = 1) in every dtype", _ce_section(battery)),
+        *((f"Results, {d}", markdown_table([by[(case, d)] for case, _ in CASES], columns,
+                                           fmt=fmt)) for d in BATTERY_DTYPES),
+        ("Figure", ["![softmax_break](softmax_break.png)", "",
+                    "Rows are the cases (the verb vocabulary shows its first entries), each "
+                    "dtype a pair of panels: naive left, stable right. Red cells are NaN."]),
+    ]
+    return readme.render(NAME, SEEDS, summary["headline"], answers, sections)
+
+
+def _ce(value: float | None, undefined: str | None) -> str:
+    return f"undefined ({undefined})" if undefined else fmt(value)
 
 
 def _ce_mechanism(r: dict[str, Any]) -> str:
@@ -418,6 +529,7 @@ def run(ctx: Context) -> Result:
             vectors[(case, dname)] = vec
     ctx.progress("scipy cross-check")
     f64, scipy_note = _float64_records()
+    empty_rows = _empty_row_records()
     ctx.progress("heatmap")
     fig = _heatmap(vectors)
 
@@ -438,7 +550,13 @@ def run(ctx: Context) -> Result:
         "scipy_max_abs_diff": None if scipy_note else {
             fn: max(r[f"scipy_{fn}_max_abs_diff"] for r in f64) for fn in SCIPY_FUNCTIONS},
         "scipy_note": scipy_note,
+        "battery_size": len(battery),
+        "oracle_digits": _oracle_digits(),
+        "diverge_eps": DIVERGE_EPS,
+        "seed_predictions": SEED_PREDICTIONS,
     }
+    summary["max_err_stable_eps"] = {d: v / float(dtypes.finfo(d).eps)
+                                     for d, v in summary["max_err_stable"].items()}
     n = len(CASES)
     summary["headline"] = (
         "naive softmax gives NaN in "
@@ -448,6 +566,6 @@ def run(ctx: Context) -> Result:
                                           for d, v in summary["max_err_stable"].items())
         + (f"; float64 agrees with scipy to {fmt(max(summary['scipy_max_abs_diff'].values()))}"
            if not scipy_note else ""))
-    readme = _readme(battery, f64, scipy_note, summary)
-    return Result(records=battery + f64, summary=summary, figures={"softmax_break": fig},
-                  readme=readme, headline=summary["headline"])
+    text = _readme(battery, f64, scipy_note, empty_rows, summary)
+    return Result(records=battery + f64 + empty_rows, summary=summary,
+                  figures={"softmax_break": fig}, readme=text, headline=summary["headline"])
