@@ -458,3 +458,58 @@ def test_headlines_are_whole_or_cut_at_a_word() -> None:
     cut = report.headline_of(Result(records=[], headline=long), limit=50)
     assert cut.endswith("…") and len(cut) <= 50
     assert long.startswith(cut[:-1]) and long[len(cut) - 1] == " "  # ends at a word boundary
+
+
+#: Files the overflow experiment writes (results.json, README.md, its plots).
+OVERFLOW_FILES = 4
+
+
+def _fill_disk_after(monkeypatch, runner_mod, writes_ok: int, manifest_fails: bool):
+    """atomic_write raises ENOSPC after ``writes_ok`` experiment files (manifest writes too
+    when ``manifest_fails``): a full disk, injected."""
+    import errno as _errno
+
+    real = runner_mod.atomic_write
+    count = {"n": 0}
+
+    def full(path, data, *args, **kwargs):
+        name = Path(path).name
+        if name in ("manifest.json", "report.md"):
+            if manifest_fails and count["n"] > writes_ok:
+                raise OSError(_errno.ENOSPC, "No space left on device", str(path))
+            return real(path, data, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] > writes_ok:
+            raise OSError(_errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "atomic_write", full)
+
+
+@pytest.mark.parametrize("manifest_fails", [False, True])
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_what_finished(
+        tmp_path, monkeypatch, capsys, manifest_fails):
+    from flashmath.lab import runner as runner_mod
+
+    _fill_disk_after(monkeypatch, runner_mod, writes_ok=OVERFLOW_FILES + 1,
+                     manifest_fails=manifest_fails)
+    code = cli.main(["lab", "--out", str(tmp_path), "--quick", "--no-progress",
+                     "--only", "overflow", "hbm-traffic", "online-softmax"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "No space left on device" in last and "finished experiments are kept" in last
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    if manifest_fails:
+        assert "could not be updated" in last
+    else:
+        assert "manifest.json marks the run failed" in last
+        assert manifest["status"] == "failed"
+        assert "No space left" in manifest["error"]["message"]
+        statuses = {e["name"]: e["status"] for e in manifest["experiments"]}
+        assert "running" not in statuses.values() and "pending" not in statuses.values()
+        assert statuses["overflow"] == "ok"  # finished before the disk filled: kept
+        assert (run_dir / "overflow" / "results.json").exists()
+        assert statuses["hbm-traffic"] == "failed"

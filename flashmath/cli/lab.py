@@ -73,8 +73,13 @@ def main(args: argparse.Namespace) -> int:
                                  config=config, progress=args.progress)
     except OSError as exc:  # a full disk, a folder removed under us: one line, not a trace
         where = f" ({exc.filename})" if exc.filename else ""
+        recorded = getattr(exc, "recorded", None)
+        manifest = ("manifest.json marks the run failed" if recorded else
+                    "manifest.json could not be updated (no room), it may still say "
+                    "'running'" if recorded is False else "")
         print(f"flashmath lab: error: writing the run failed: {exc.strerror or exc}{where}; "
-              f"finished experiments are kept", file=sys.stderr)
+              f"finished experiments are kept" + (f"; {manifest}" if manifest else ""),
+              file=sys.stderr)
         return 2
     counts: dict[str, int] = {}
     for status in outcome.statuses.values():

@@ -26,6 +26,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -50,10 +51,12 @@ import numpy as np
 from flashmath.lab import experiment, plotting, registry, report
 
 __all__ = [
+    "DISK_ERRNOS",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "RunOutcome",
+    "RunWriteError",
     "UnknownExperimentError",
     "atomic_write",
     "dumps_json",
@@ -70,6 +73,20 @@ EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 #: Packages whose versions go into the manifest (read from metadata: nothing is imported).
 VERSIONED_PACKAGES = ("flashmath", "numpy", "ml_dtypes", "matplotlib", "tqdm", "scipy",
                       "mpmath", "torch", "triton")
+
+
+#: Errors of the disk itself (full, over quota, read-only): they end the run, as no
+#: experiment could write its files; anything else an experiment raises only fails it.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+class RunWriteError(OSError):
+    """The run could not write its files (a full disk, say). ``recorded`` says whether
+    manifest.json still took the run's failed status; finished experiments are kept."""
+
+    def __init__(self, cause: OSError, recorded: bool) -> None:
+        super().__init__(cause.errno, cause.strerror, cause.filename)
+        self.recorded = recorded
 
 
 class UnknownExperimentError(ValueError):
@@ -403,15 +420,30 @@ def run_lab(out: Path | str = "lab-runs", *, only: Sequence[str] | None = None,
                 bar.set_postfix_str(run.entries[name]["status"], refresh=False)
                 bar.update(1)
         except KeyboardInterrupt:
-            for name in pending:  # the one running (if any) and those not started
-                if run.entries[name]["status"] in ("pending", "running"):
-                    run.entries[name]["status"] = "interrupted"
-                    shutil.rmtree(run_dir / f".{name}.partial", ignore_errors=True)
+            _abandon(run, pending, "interrupted")
             run.finish("interrupted")
             return RunOutcome(run_dir, _statuses(run), EXIT_INTERRUPTED)
+        except OSError as exc:  # the disk (not an experiment) failed: end the run
+            _abandon(run, pending, "failed", reason=f"not written: {exc.strerror or exc}")
+            run.manifest["error"] = {"type": type(exc).__name__, "message": str(exc)}
+            try:
+                run.finish("failed")
+            except OSError:
+                raise RunWriteError(exc, recorded=False) from exc
+            raise RunWriteError(exc, recorded=True) from exc
     failed = any(e["status"] == "failed" for e in run.entries.values())
     run.finish("failed" if failed else "ok")
     return RunOutcome(run_dir, _statuses(run), EXIT_FAILED if failed else EXIT_OK)
+
+
+def _abandon(run: _Run, pending: list[str], status: str, reason: str | None = None) -> None:
+    """Mark the experiment that was running (if any) and those not started."""
+    for name in pending:
+        if run.entries[name]["status"] in ("pending", "running"):
+            run.entries[name]["status"] = status
+            if reason:
+                run.entries[name]["reason"] = reason
+            shutil.rmtree(run.run_dir / f".{name}.partial", ignore_errors=True)
 
 
 def _statuses(run: _Run) -> dict[str, str]:
@@ -439,16 +471,26 @@ def _run_one(run: _Run, name: str, mod: ModuleType, *, seed: int, quick: bool,
             files, headline = _write_result(exp_dir, name, mod, result, seed=seed, quick=quick)
     except experiment.Skipped as exc:
         entry.update(status="skipped", reason=str(exc) or "skipped by the experiment")
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise  # the disk is full or read-only: run_lab ends the run
+        _record_failure(run, name, exp_dir, entry, exc)
     except Exception as exc:  # the experiment failed: record it, keep going
-        exp_dir.mkdir(exist_ok=True)
-        atomic_write(exp_dir / "traceback.txt", traceback.format_exc())
-        entry.update(status="failed", error={
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": f"{name}/traceback.txt",
-        })
+        _record_failure(run, name, exp_dir, entry, exc)
     else:
         entry.update(status="ok", files=files, headline=headline)
     finally:
         entry.update(duration_s=round(time.perf_counter() - t0, 3), ended_at=_utc_now())
     run.save()
+
+
+def _record_failure(run: _Run, name: str, exp_dir: Path, entry: dict[str, Any],
+                    exc: BaseException) -> None:
+    """The experiment failed: its traceback beside its results, its entry says why."""
+    exp_dir.mkdir(exist_ok=True)
+    atomic_write(exp_dir / "traceback.txt", traceback.format_exc())
+    entry.update(status="failed", error={
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": f"{name}/traceback.txt",
+    })
