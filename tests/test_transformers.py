@@ -264,3 +264,20 @@ def test_mask_forms_map_to_the_same_attention():
     assert outs[0].shape == (2, 6, 4, 8)
     for out in outs[1:]:
         assert err(out[rows], outs[0][rows]) < 1e-6
+
+
+def test_logit_errors_table():
+    """The model-attention measurement: one row per (dtype, length, implementation), the
+    errors positive and finite, flashmath's within 2x eager's (the accuracy rule's bound)."""
+    from flashmath.integrations.model_errors import logit_errors
+
+    rows = logit_errors(("bfloat16", "float16"), (32,), ["eager", "sdpa", NAME])
+    assert [(r["dtype"], r["impl"]) for r in rows] == [
+        (d, i) for d in ("bfloat16", "float16") for i in ("eager", "sdpa", NAME)]
+    for row in rows:
+        assert row["seq_len"] == 32 and 0 < row["mean_error"] <= row["max_error"] < 1
+        assert row["ratio_to_eager"] <= 2 if row["impl"] == NAME else True
+    with pytest.raises(ValueError, match="dtypes"):
+        logit_errors(("float8",), (32,))
+    with pytest.raises(ValueError, match="seq_lens"):
+        logit_errors(("bfloat16",), (0,))

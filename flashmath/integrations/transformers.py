@@ -119,6 +119,7 @@ def attention_forward(
         bias = options.get("bias")
         options["bias"] = position_bias if bias is None else bias + position_bias
     out = flash_attention(query, key, value, scale=scaling, softcap=softcap, **options)
+    assert isinstance(out, torch.Tensor)  # no return_lse
     return out.transpose(1, 2).contiguous(), None
 
 
