@@ -281,3 +281,18 @@ def test_logit_errors_table():
         logit_errors(("float8",), (32,))
     with pytest.raises(ValueError, match="seq_lens"):
         logit_errors(("bfloat16",), (0,))
+
+
+def test_docs_examples_run_as_written():
+    """docs/torch.md's "Use it in your model" code blocks run exactly as written."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "torch.md").read_text()
+    section = doc.split("## Use it in your model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    for i, code in enumerate(blocks):
+        scope: dict = {}
+        exec(compile(code, f"docs/torch.md example {i + 1}", "exec"), scope)
+    assert scope["q"].grad.shape == scope["q"].shape and scope["k"].grad is not None
