@@ -19,6 +19,7 @@ initializer range is raised so that attention is peaked and its numerics reach t
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 
@@ -102,18 +103,23 @@ def build(cls_name, kwargs, impls, dtype):
 
 @functools.cache
 def family_models(family, dtype):
-    """The family's oracle, eager and flashmath models in ``dtype`` (built once)."""
+    """The family's oracle, eager and flashmath models in ``dtype`` (built once, copied
+    to each dtype)."""
+    if dtype != torch.float32:
+        return {k: copy.deepcopy(m).to(dtype) for k, m in
+                family_models(family, torch.float32).items()}
     cls_name, kwargs = FAMILIES[family]
     return build(cls_name, kwargs, [ORACLE, "eager", NAME], dtype)
 
 
 def batch(padding):
-    """input_ids (3, SEQ) and attention_mask (None unpadded; 0 = padding)."""
-    ids = torch.randint(0, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(1))
+    """input_ids (2, SEQ) and attention_mask (None unpadded; 0 = padding): row 0 padded
+    by 6 tokens (more than some windows), row 1 not."""
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     if padding is None:
         return ids, None
-    mask = torch.ones(3, SEQ, dtype=torch.long)
-    for row, pad in enumerate((4, 0, 9)):
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    for row, pad in enumerate((6, 0)):
         if pad:
             mask[row, :pad] = 0 if padding == "left" else 1
             if padding == "right":
