@@ -35,7 +35,7 @@ from flashmath.integrations.transformers import (  # noqa: E402
     register,
 )
 
-NAME = register()
+NAME = DEFAULT_NAME
 ORACLE = "oracle64"
 
 
@@ -56,9 +56,16 @@ def oracle_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return (torch.softmax(s, dim=-1) @ value).transpose(1, 2).contiguous(), None
 
 
-transformers.AttentionInterface.register(ORACLE, oracle_attention)
-transformers.masking_utils.AttentionMaskInterface.register(
-    ORACLE, transformers.masking_utils.eager_mask)
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    """flashmath and the oracle registered with transformers. Done here, not at import:
+    transformers.masking_utils imports triton, and tests/test_triton.py must set
+    TRITON_INTERPRET before anything imports triton (collection imports every module)."""
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    assert register() == NAME
+    transformers.AttentionInterface.register(ORACLE, oracle_attention)
+    AttentionMaskInterface.register(ORACLE, eager_mask)
 SEQ, VOCAB = 16, 128
 COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
