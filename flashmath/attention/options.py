@@ -54,7 +54,7 @@ __all__ = [
 #: ``causal=``: False (no mask), True (bottom-right aligned: the last query sees every key,
 #: FlashAttention >= 2.1) or "top_left" (query i sees keys 0..i, torch SDPA's is_causal).
 #: :func:`check_causal` also takes "bottom_right", a spelled-out True.
-Causal = bool | Literal["top_left"]
+Causal = bool | Literal["top_left", "bottom_right"]
 #: ``window=``: (left, right) keys either side of the diagonal, None for an unbounded side.
 Window = tuple[int | None, int | None] | None
 

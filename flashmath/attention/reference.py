@@ -36,7 +36,12 @@ from typing import Any
 import numpy as np
 
 from flashmath.attention.mods import apply_score_mod, score_mod_grad
-from flashmath.attention.options import AttentionOptions, check_backward_inputs, resolve
+from flashmath.attention.options import (
+    AttentionOptions,
+    Causal,
+    check_backward_inputs,
+    resolve,
+)
 from flashmath.dtypes import accumulate_dtype
 from flashmath.softmax.rule import row_shift
 
@@ -48,7 +53,7 @@ def attention_reference(
     k: Any,
     v: Any,
     *,
-    causal: bool | str = False,
+    causal: Causal = False,
     window: tuple[int | None, int | None] | None = None,
     mask: Any = None,
     bias: Any = None,
@@ -131,7 +136,7 @@ def attention_reference_backward(
     k: Any,
     v: Any,
     *,
-    causal: bool | str = False,
+    causal: Causal = False,
     window: tuple[int | None, int | None] | None = None,
     mask: Any = None,
     bias: Any = None,

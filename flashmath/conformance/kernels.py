@@ -58,7 +58,7 @@ import numpy as np
 
 from flashmath import dtypes as _dt
 from flashmath.attention import naive as naive_attention
-from flashmath.attention.options import resolve
+from flashmath.attention.options import Causal, resolve
 from flashmath.attention.tiled import flash_attention, flash_attention_backward
 from flashmath.conformance.cases import (
     ATTENTION_KEYWORDS,
@@ -326,7 +326,7 @@ def torch_softmax(x: Any, axis: int = -1) -> Any:
     return torch.softmax(x, dim=axis)
 
 
-def sdpa(q: Any, k: Any, v: Any, *, causal: bool | str = False, window: Any = None,
+def sdpa(q: Any, k: Any, v: Any, *, causal: Causal = False, window: Any = None,
          mask: Any = None, bias: Any = None, kv_lengths: Any = None, q_lengths: Any = None,
          scale: float | None = None) -> Any:
     """torch's scaled_dot_product_attention with flashmath's options (torch tensors in).

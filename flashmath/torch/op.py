@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from flashmath.attention.options import check_causal, check_window
+from flashmath.attention.options import Causal, check_causal, check_window
 from flashmath.attention.tiled import flash_attention_backward as _np_backward
 from flashmath.attention.tiled import tiled_forward
 from flashmath.dtypes import from_torch, to_torch
@@ -33,7 +33,6 @@ SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 #: The options the CUDA (Triton) path takes; mask, bias and q_lengths are CPU-only for now.
 TRITON_OPTIONS = frozenset({"causal", "window", "kv_lengths", "softcap", "scale"})
 
-Causal = bool | Literal["top_left", "bottom_right"]
 
 
 # ---------------------------------------------------------------------------------------
