@@ -15,6 +15,7 @@ EXPERIMENT_MODULES: tuple[str, ...] = (
     "sdpa_benchmark",
     "ring_attention",
     "fp8_attention",
+    "model_attention",
 )
 
 

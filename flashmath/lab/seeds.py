@@ -124,6 +124,12 @@ QUESTIONS: dict[str, tuple[Question, ...]] = {
           "forward key order lose probabilities to underflow when P is cast to FP8, and do "
           "reverse order and a P scale of 256 remove it (the follow-up: 3-10x lower MSE)?"),
     ),
+    "model-attention": (
+        Q("", "bfloat16", "In a small transformers model in bfloat16, which attention "
+          "implementation (eager, sdpa, flashmath) gives logits closest to the float64 "
+          "model, and by how much?"),
+        Q("", "float16", "And in float16?"),
+    ),
 }
 
 
