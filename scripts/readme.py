@@ -15,8 +15,9 @@ The figure files are written by the commands that measure them, each naming its 
     softmax-cpu     python benchmarks/bench_softmax.py --write docs/figures/softmax-cpu.md
     model-cpu       python benchmarks/bench_model.py --write docs/figures/model-cpu.md
     check-torch     python scripts/readme.py --run check-torch
+    check-torch-float16  python scripts/readme.py --run check-torch-float16
     lab-times       python scripts/readme.py --run lab-times
-    docs/parity.md  checked against the backends' signatures by a test
+    parity          docs/parity.md, written by python tests/test_parity.py
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ def run_check_torch() -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_check_torch_float16() -> str:
+    """`flashmath check attention torch --dtype float16`, as a user sees it."""
+    cmd = ["check", "attention", "torch", "--dtype", "float16"]
+    done = subprocess.run([sys.executable, "-m", "flashmath", *cmd], cwd=ROOT,
+                          capture_output=True, text=True)
+    return (f"Measured by `python scripts/readme.py --run check-torch-float16` on {_machine()}:"
+            f"\n\n```\n$ flashmath {' '.join(cmd)}\n{done.stdout.rstrip()}\n```\n")
+
+
 def run_lab_times() -> str:
     """Wall time of `flashmath lab --quick` and of the full lab on this machine."""
     lines = [f"Measured by `python scripts/readme.py --run lab-times` on {_machine()}:", ""]
@@ -89,7 +99,8 @@ def run_lab_times() -> str:
     return "\n".join(lines) + "\n"
 
 
-RUNS = {"check-torch": run_check_torch, "lab-times": run_lab_times}
+RUNS = {"check-torch": run_check_torch, "check-torch-float16": run_check_torch_float16,
+        "lab-times": run_lab_times}
 
 
 def main(argv: list[str]) -> int:
