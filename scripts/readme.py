@@ -74,7 +74,8 @@ def run_check_torch() -> str:
         what = "with `--grads`" if grads else "forward"
         lines.append(f"- torch SDPA, {what}: {len(ran) - len(failed)} of {len(ran)} cases pass"
                      f" ({len(skipped)} skipped)" + (":" if failed else "."))
-        lines += [f"  - FAIL {r.case} [{r.dtype}]: {r.message}" for r in failed]
+        lines += [f"  - FAIL {r.case} [{r.dtype}]: {r.message.split(']: ', 1)[-1]}"
+                  for r in failed]
     return "\n".join(lines) + "\n"
 
 

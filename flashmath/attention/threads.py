@@ -1,13 +1,13 @@
 """How the NumPy kernels use the cores: one worker thread per core, BLAS single-threaded in each.
 
 The tiled loops split work into independent units (a (batch, head) slice) and run them on
-a thread pool. NumPy releases the GIL inside BLAS calls and inside ufunc loops on large
-arrays, so the threads really run in parallel. Each worker limits OpenBLAS to one thread
-for its own calls (``openblas_set_num_threads_local``, OpenBLAS >= 0.3.27): OpenBLAS's own
-threads on top of ours oversubscribe the cores, and on a busy machine its spinning
-threads made the forward 2-10x slower in measurements. The limit is thread-local and
-restored after each unit; where NumPy's BLAS is not such an OpenBLAS the limiter does
-nothing.
+the package's one thread pool (:mod:`flashmath.parallel`). NumPy releases the GIL inside
+BLAS calls and inside ufunc loops on large arrays, so the threads really run in parallel.
+Each worker limits OpenBLAS to one thread for its own calls
+(``openblas_set_num_threads_local``, OpenBLAS >= 0.3.27): OpenBLAS's own threads on top of
+ours oversubscribe the cores, and on a busy machine its spinning threads made the forward
+2-10x slower in measurements. The limit is thread-local and restored after each unit;
+where NumPy's BLAS is not such an OpenBLAS the limiter does nothing.
 """
 
 from __future__ import annotations
@@ -15,24 +15,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
 
+from flashmath import parallel
+from flashmath.parallel import cores
+
 __all__ = ["cores", "one_blas_thread", "run_units"]
 
 U = TypeVar("U")
-
-
-def cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @functools.cache
@@ -70,7 +63,8 @@ def one_blas_thread() -> Iterator[None]:
 
 
 def run_units(units: Sequence[U], work: Callable[[U], None]) -> None:
-    """work(unit) for every unit, on up to one thread per core.
+    """work(unit) for every unit, on the shared pool (:func:`flashmath.parallel.run_units`:
+    one thread per core, inline for one unit or from inside the pool).
 
     The units must write disjoint outputs (no locks are taken). Each runs with BLAS on
     one thread and with NumPy's floating-point warnings off: the kernels produce NaN rows
@@ -82,11 +76,4 @@ def run_units(units: Sequence[U], work: Callable[[U], None]) -> None:
         with one_blas_thread(), np.errstate(all="ignore"):
             work(unit)
 
-    workers = min(len(units), cores())
-    if workers <= 1:
-        for unit in units:
-            quiet(unit)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(quiet, unit) for unit in units]:
-            future.result()
+    parallel.run_units(units, quiet)
