@@ -1103,12 +1103,12 @@ def all_calls(x: np.ndarray, general: bool = False) -> list[object]:
 def test_fast_path_is_bit_identical_to_the_general_path(
     monkeypatch: pytest.MonkeyPatch, name: str, block_bytes: int, parallel_min: int
 ) -> None:
-    from flashmath.softmax import stable
+    from flashmath.softmax import blocks
 
     x = fast_inputs(DTYPES[name])
     general = all_calls(x, general=True)
-    monkeypatch.setattr(stable, "BLOCK_BYTES", block_bytes)  # one row per block, or a few
-    monkeypatch.setattr(stable, "PARALLEL_MIN", parallel_min)  # and threads even when small
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", block_bytes)  # one row per block, or a few
+    monkeypatch.setattr(blocks, "PARALLEL_MIN", parallel_min)  # and threads even when small
     for i, (fast, slow) in enumerate(zip(all_calls(x), general, strict=True)):
         assert same_bits(fast, slow), (name, i)
 
@@ -1157,7 +1157,7 @@ def test_peak_memory_is_the_output_plus_cache_sized_blocks(name: str) -> None:
     """float32/float64: nothing beyond the output but a few cache-sized blocks (a copy of
     the input would be 16 or 32 MiB); float16/bfloat16: at most one float32 copy of the
     input (in fact the same few blocks)."""
-    from flashmath.softmax.stable import BLOCK_BYTES
+    from flashmath.softmax.blocks import BLOCK_BYTES
 
     dt = DTYPES[name]
     x = np.random.default_rng(0).standard_normal((2048, 2048)).astype(dt)

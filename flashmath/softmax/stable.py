@@ -6,8 +6,8 @@ A *row* is everything that shares the reduced axes (``axis``, an int or a
 tuple of ints). The public functions are thin: they promote the input
 (:func:`flashmath.dtypes.as_float_array`), pick the accumulate dtype
 (:func:`flashmath.dtypes.accumulate_dtype`), normalise ``axis`` and validate
-the other arguments, then hand over to the private workers ``_softmax``,
-``_log_sum`` and friends, which hold the maths. Shapes are fixed up at the end.
+the other arguments, then hand over to the private workers ``maths.normalized``,
+``maths.log_sum`` and friends, which hold the maths. Shapes are fixed up at the end.
 
 Edge cases (the same for every function; DESIGN.md):
 
@@ -115,16 +115,14 @@ np.True_
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from flashmath.dtypes import accumulate_dtype, as_float_array
-from flashmath.parallel import row_blocks, run_units
-from flashmath.rounding import cast
-from flashmath.softmax.rule import row_shift
+from flashmath.softmax import blocks, inputs, maths
+from flashmath.softmax.inputs import check_labels
 
 __all__ = ["check_labels", "cross_entropy", "log_softmax", "logsumexp", "softmax"]
 
@@ -195,12 +193,12 @@ def softmax(
     """
     if empty not in _EMPTY:
         raise ValueError(f"empty: expected one of {_EMPTY}, got {empty!r}")
-    flat = _flat(x, axis, accum_dtype, plain=where is None)
-    if isinstance(flat, _Flat):
-        return _softmax_rows(flat, empty).reshape(flat.shape)
-    rows = _prepare(flat, axis, where, accum_dtype, given=x)
-    out = _softmax(rows.a, rows.axes, empty, owned=rows.owned)
-    return _finish(out, rows.in_dtype, rows.shape)
+    flat = _fast(x, axis, accum_dtype, plain=where is None)
+    if isinstance(flat, blocks.Flat):
+        return blocks.softmax_rows(flat, empty).reshape(flat.shape)
+    rows = inputs.prepare(flat, axis, where, accum_dtype, given=x)
+    out = maths.normalized(rows.a, rows.axes, empty, owned=rows.owned)
+    return inputs.finish(out, rows.in_dtype, rows.shape)
 
 
 def log_softmax(
@@ -246,16 +244,16 @@ def log_softmax(
     >>> float(fm.log_softmax([0.0, -50.0])[0])             # -exp(-50), not 0
     -1.9287498479639178e-22
     """
-    flat = _flat(x, axis, accum_dtype, plain=where is None)
-    if isinstance(flat, _Flat):
-        return _log_softmax_rows(flat).reshape(flat.shape)
-    rows = _prepare(flat, axis, where, accum_dtype, given=x)
-    d, _ = _shifted(rows.a, rows.axes, owned=rows.owned)
-    log_s, _ = _log_sum(d, rows.axes)
+    flat = _fast(x, axis, accum_dtype, plain=where is None)
+    if isinstance(flat, blocks.Flat):
+        return blocks.log_softmax_rows(flat).reshape(flat.shape)
+    rows = inputs.prepare(flat, axis, where, accum_dtype, given=x)
+    d, _ = maths.shifted(rows.a, rows.axes, owned=rows.owned)
+    log_s, _ = maths.log_sum(d, rows.axes)
     # log_s >= 0 in every row with something left; clamping at 0 keeps a dead row
     # (log_s = -inf, d = -inf) at -inf instead of -inf - -inf = NaN. NaN passes through.
     out = np.subtract(d, np.maximum(log_s, 0), out=d)
-    return _finish(out, rows.in_dtype, rows.shape)
+    return inputs.finish(out, rows.in_dtype, rows.shape)
 
 
 def logsumexp(
@@ -312,23 +310,23 @@ def logsumexp(
     >>> fm.logsumexp([1.0, 2.0], b=[1.0, -1.0], return_sign=True)
     (np.float64(1.5413248546129181), np.float64(-1.0))
     """
-    flat = _flat(x, axis, accum_dtype, plain=where is None and b is None)
-    if isinstance(flat, _Flat):
-        lse, sign = _logsumexp_rows(flat)
-        shape = _reduced_shape(flat.shape, flat.axes, keepdims, flat.shape)
-        result = _finish(lse, flat.x.dtype, shape)
-        return (result, _finish(sign, flat.x.dtype, shape)) if return_sign else result
-    rows = _prepare(flat, axis, where, accum_dtype, b=b, given=x)
-    d, shift = _shifted(rows.a, rows.axes, owned=rows.owned)
-    log_s, sign = _log_sum(d, rows.axes, rows.b)
+    flat = _fast(x, axis, accum_dtype, plain=where is None and b is None)
+    if isinstance(flat, blocks.Flat):
+        lse, sign = blocks.logsumexp_rows(flat)
+        shape = inputs.reduced_shape(flat.shape, flat.axes, keepdims, flat.shape)
+        result = inputs.finish(lse, flat.x.dtype, shape)
+        return (result, inputs.finish(sign, flat.x.dtype, shape)) if return_sign else result
+    rows = inputs.prepare(flat, axis, where, accum_dtype, b=b, given=x)
+    d, shift = maths.shifted(rows.a, rows.axes, owned=rows.owned)
+    log_s, sign = maths.log_sum(d, rows.axes, rows.b)
     # The shift is 0 for dead rows, so they come out as 0 + -inf = -inf.
     out = np.add(shift, log_s, out=log_s)
     if not return_sign:
         out[sign < 0] = np.nan
-    out_shape = _reduced_shape(rows.a.shape, rows.axes, keepdims, rows.shape)
-    result = _finish(out, rows.in_dtype, out_shape)
+    out_shape = inputs.reduced_shape(rows.a.shape, rows.axes, keepdims, rows.shape)
+    result = inputs.finish(out, rows.in_dtype, out_shape)
     if return_sign:
-        return result, _finish(sign, rows.in_dtype, out_shape)
+        return result, inputs.finish(sign, rows.in_dtype, out_shape)
     return result
 
 
@@ -410,416 +408,39 @@ def cross_entropy(
         raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing!r}")
     if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
         raise TypeError(f"axis: cross_entropy takes one int class axis, got {axis!r}")
-    flat = _flat(logits, axis, accum_dtype, name="logits")
-    if isinstance(flat, _Flat):
+    flat = _fast(logits, axis, accum_dtype, name="logits")
+    if isinstance(flat, blocks.Flat):
         ax = len(flat.shape) - 1
         y, ignored = check_labels(labels, flat.shape, ax, ignore_index)
         in_dtype = flat.x.dtype
-        loss = _cross_entropy_rows(flat, y, ignored, smoothing)
+        loss = blocks.cross_entropy_rows(flat, y, ignored, smoothing)
     else:
-        rows = _prepare(flat, axis, None, accum_dtype, name="logits", given=logits)
+        rows = inputs.prepare(flat, axis, None, accum_dtype, name="logits", given=logits)
         (ax,) = rows.axes
         y, ignored = check_labels(labels, rows.a.shape, ax, ignore_index)
         in_dtype = rows.in_dtype
-        loss = _cross_entropy(rows.a, y, ignored, ax, smoothing, owned=rows.owned)
+        loss = maths.nll(rows.a, y, ignored, ax, smoothing, owned=rows.owned)
     if reduction == "none":
-        return _finish(loss, in_dtype, y.shape)
+        return inputs.finish(loss, in_dtype, y.shape)
     total = np.sum(loss)
     if reduction == "mean":
         count = loss.size if ignored is None else loss.size - int(np.count_nonzero(ignored))
         with np.errstate(invalid="ignore", divide="ignore"):
             total = total / np.asarray(count, dtype=loss.dtype)  # every label ignored: 0/0 = NaN
-    return _finish(np.asarray(total), in_dtype, ())
+    return inputs.finish(np.asarray(total), in_dtype, ())
 
 
-# --------------------------------------------------------------------------------------
-# Argument handling.
-# --------------------------------------------------------------------------------------
 
 
-class _Rows(NamedTuple):
-    a: np.ndarray  # the input in the accumulate dtype, >= 1-d, masked entries -inf
-    axes: tuple[int, ...]  # the reduced axes, non-negative, sorted as given
-    in_dtype: np.dtype[Any]  # the dtype results return in
-    shape: tuple[int, ...]  # the caller's shape (0-d inputs are read as shape (1,))
-    owned: bool  # a is a fresh array this call may overwrite
-    b: np.ndarray | None  # logsumexp weights, broadcast to a.shape, accumulate dtype
-
-
-def _prepare(
-    x: npt.ArrayLike,
-    axis: int | tuple[int, ...] | None,
-    where: npt.ArrayLike | None,
-    accum_dtype: npt.DTypeLike | str | None,
-    *,
-    name: str = "x",
-    b: npt.ArrayLike | None = None,
-    given: Any = None,
-) -> _Rows:
-    """Promote ``x``, choose the accumulate dtype, normalise ``axis``, apply ``where``/``b``.
-
-    ``given`` is what the caller passed, if ``x`` is that already converted: an array
-    ``x`` shares memory with only if it is the caller's.
-    """
-    caller = x if given is None else given
-    given = np.asarray(caller) if hasattr(caller, "__array__") else None  # the caller's memory
+def _fast(x: npt.ArrayLike, axis: Any, accum_dtype: Any, *, name: str = "x",
+          plain: bool = True) -> blocks.Flat | np.ndarray:
+    """``x`` prepared for the row-block fast path when it applies (no ``where``/``b``,
+    the reduced axes trailing, C order), else ``x`` as an array for the general path."""
     arr = as_float_array(x, name=name)
-    in_dtype = arr.dtype
-    acc = accumulate_dtype(in_dtype, accum_dtype)  # refuses dtypes without -inf
-    weights = None
-    if b is not None:
-        weights = as_float_array(b, name="b")
-        try:
-            shape = np.broadcast_shapes(arr.shape, weights.shape)
-        except ValueError:
-            raise ValueError(
-                f"b: shape {weights.shape} does not broadcast with {name}'s shape {arr.shape}"
-            ) from None
-        arr = np.broadcast_to(arr, shape)
-        weights = np.broadcast_to(weights, shape).astype(acc, copy=False)
-    shape = arr.shape
-    if arr.ndim == 0:  # one row of one element, as torch and scipy read a 0-d input
-        arr = arr.reshape(1)
-        weights = None if weights is None else weights.reshape(1)
-    axes = _normalize_axes(axis, arr.ndim)
-    a = arr.astype(acc, copy=False)
-    # Fresh (ours to overwrite) only if made here: never a view of the caller's memory,
-    # whether that is an ndarray, or a torch tensor seen through np.asarray.
-    owned = given is None or not np.may_share_memory(a, given)
-    keep = None if where is None else _broadcast_where(where, shape, name).reshape(a.shape)
-    if weights is not None:  # a zero weight removes the entry, even an inf or NaN one (scipy)
-        nonzero = weights != 0
-        keep = nonzero if keep is None else keep & nonzero
-    if keep is not None:
-        a = np.where(keep, a, np.array(-np.inf, dtype=acc))
-        owned = True
-    return _Rows(a, axes, in_dtype, shape, owned, weights)
-
-
-def _normalize_axes(axis: Any, ndim: int) -> tuple[int, ...]:
-    """``axis`` (int, tuple/list of ints, or None for all) as non-negative ints."""
-    if axis is None:
-        return tuple(range(ndim))
-    items = tuple(axis) if isinstance(axis, tuple | list) else (axis,)
-    out = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, int | np.integer):
-            raise TypeError(f"axis: expected an int or a tuple of ints, got {axis!r}")
-        if not -ndim <= item < ndim:
-            raise np.exceptions.AxisError(
-                f"axis: {axis!r} is out of bounds for an array of dimension {ndim}"
-            )
-        out.append(int(item) % ndim)
-    if len(set(out)) != len(out):
-        raise ValueError(f"axis: {axis!r} repeats an axis")
-    return tuple(out)
-
-
-def _broadcast_where(where: npt.ArrayLike, shape: tuple[int, ...], name: str) -> np.ndarray:
-    keep = np.asarray(where)
-    if keep.dtype != np.bool_:
-        raise TypeError(f"where: expected a boolean array, got dtype {keep.dtype}")
-    try:
-        return np.broadcast_to(keep, shape)
-    except ValueError:
-        raise ValueError(
-            f"where: shape {keep.shape} does not broadcast to {name}'s shape {shape}"
-        ) from None
-
-
-def check_labels(
-    labels: npt.ArrayLike, shape: tuple[int, ...], axis: int, ignore_index: int | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Validate class labels against logits of ``shape`` with class axis ``axis`` (>= 0).
-
-    Returns ``(labels as an array, the mask of labels equal to ignore_index or None)``.
-    Raises TypeError for non-integer labels, ValueError for labels whose shape is not
-    ``shape`` without ``axis`` or for a label outside ``[0, shape[axis])`` that is not
-    ``ignore_index`` (the message lists the offending values). Used by both
-    cross-entropies (stable and naive), so they refuse the same labels the same way.
-    """
-    y = np.asarray(labels)
-    if y.dtype.kind not in "iu":
-        raise TypeError(f"labels: expected an integer array of class indices, got dtype {y.dtype}")
-    expected = shape[:axis] + shape[axis + 1 :]
-    if y.shape != expected:
-        raise ValueError(
-            f"labels: shape {y.shape} does not match logits' shape {shape} without "
-            f"axis {axis}, which is {expected}"
-        )
-    n_classes = shape[axis]
-    ignored = None if ignore_index is None else y == ignore_index
-    bad = (y < 0) | (y >= n_classes)
-    if ignored is not None:
-        bad &= ~ignored
-    if bad.any():
-        values = np.unique(y[bad])
-        raise ValueError(
-            f"labels: values {values[:8].tolist()}{' ...' if values.size > 8 else ''} are out "
-            f"of range [0, {n_classes}) for logits axis {axis} of size {n_classes}"
-            + ("" if ignore_index is None else f" and are not ignore_index={ignore_index}")
-        )
-    return y, ignored
-
-
-def _reduced_shape(
-    shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool, caller_shape: tuple[int, ...]
-) -> tuple[int, ...]:
-    if not caller_shape:  # a 0-d input reduces to a 0-d result, with or without keepdims
-        return ()
-    if keepdims:
-        return tuple(1 if i in axes else n for i, n in enumerate(shape))
-    return tuple(n for i, n in enumerate(shape) if i not in axes)
-
-
-def _finish(out: np.ndarray, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
-    """Round to the caller's dtype (:func:`flashmath.rounding.cast`: NumPy's bits, without
-    its slow path), give the result its shape; 0-d becomes a NumPy scalar."""
-    return cast(out, dtype).reshape(shape)[()]
-
-
-# --------------------------------------------------------------------------------------
-# The fast path: rows along the trailing axes of a C-contiguous array, in cache-sized
-# blocks of rows, on both cores when the array is large. Every block does, row by row,
-# exactly the operations of the general path below (the same NumPy calls on the same
-# row-contiguous data), so results are bit for bit the same whatever the blocks.
-# --------------------------------------------------------------------------------------
-
-#: Bytes of accumulate dtype per block of rows (its temporaries stay in the cache).
-BLOCK_BYTES = 1 << 18
-#: Elements from which the blocks are shared between the cores (below: no thread overhead).
-PARALLEL_MIN = 1 << 18
-
-
-class _Flat(NamedTuple):
-    x: np.ndarray  # (R, n): the caller's data in its own dtype, one row per row
-    acc: np.dtype[Any]  # the accumulate dtype
-    shape: tuple[int, ...]  # the caller's shape
-    axes: tuple[int, ...]  # the reduced axes: the trailing ones
-
-
-def _flat(
-    x: npt.ArrayLike, axis: Any, accum_dtype: Any, *, name: str = "x", plain: bool = True
-) -> _Flat | np.ndarray:
-    """``x`` as (rows, row length) when the fast path applies (no ``where``/``b``, the
-    reduced axes trailing, C order, non-empty, >= 1-d), else ``x`` as an array."""
-    arr = as_float_array(x, name=name)
-    if not plain or arr.ndim == 0 or arr.size == 0 or not arr.flags.c_contiguous:
+    if not plain:
         return arr
-    axes = _normalize_axes(axis, arr.ndim)
-    k = len(axes)
-    if sorted(axes) != list(range(arr.ndim - k, arr.ndim)):
+    if arr.ndim == 0 or arr.size == 0:
         return arr
-    acc = accumulate_dtype(arr.dtype, accum_dtype)
-    n = math.prod(arr.shape[arr.ndim - k :])
-    return _Flat(arr.reshape(-1, n), acc, arr.shape, tuple(sorted(axes)))
-
-
-def _each_block(f: _Flat, work: Any) -> None:
-    """``work(rows)`` for blocks of rows, shared between the cores for large arrays."""
-    rows, n = f.x.shape
-    blocks = row_blocks(rows, n, block=max(1, BLOCK_BYTES // f.acc.itemsize))
-    run_units(blocks, work, parallel=rows * n >= PARALLEL_MIN)
-
-
-def _load(f: _Flat, rows: slice, into: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(a - shift, shift)`` for a block: a = the rows in the accumulate dtype, written
-    into ``into`` when given (a block of the output in that dtype), else a fresh block."""
-    xb = f.x[rows]
-    if xb.dtype != f.acc:
-        xb = cast(xb, f.acc, out=into)
-        into = xb
-    shift = _row_shift_of(xb, (1,))
-    return np.subtract(xb, shift, out=into), shift
-
-
-def _store(out: np.ndarray, rows: slice, d: np.ndarray) -> None:
-    """Round a block computed apart (narrow output) into its rows of ``out``."""
-    if not np.may_share_memory(d, out):
-        cast(d, out.dtype, out=out[rows])
-
-
-def _softmax_rows(f: _Flat, empty: str) -> np.ndarray:
-    out = np.empty(f.x.shape, f.x.dtype)
-    fill = np.nan if empty == "nan" else 1.0 / f.x.shape[1]
-
-    def work(rows: slice) -> None:
-        with np.errstate(invalid="ignore", over="ignore"):
-            d, _ = _load(f, rows, out[rows] if out.dtype == f.acc else None)
-            e = np.exp(d, out=d)
-            s = np.sum(e, axis=1, keepdims=True)
-            np.divide(e, np.maximum(s, 1), out=e)
-            if empty != "zeros":
-                np.copyto(e, np.array(fill, dtype=e.dtype), where=s == 0)
-            _store(out, rows, e)
-
-    _each_block(f, work)
-    return out
-
-
-def _log_softmax_rows(f: _Flat) -> np.ndarray:
-    out = np.empty(f.x.shape, f.x.dtype)
-
-    def work(rows: slice) -> None:
-        with np.errstate(invalid="ignore", over="ignore"):
-            d, _ = _load(f, rows, out[rows] if out.dtype == f.acc else None)
-            log_s, _ = _log_sum(d, (1,))
-            _store(out, rows, np.subtract(d, np.maximum(log_s, 0), out=d))
-
-    _each_block(f, work)
-    return out
-
-
-def _logsumexp_rows(f: _Flat) -> tuple[np.ndarray, np.ndarray]:
-    lse = np.empty((f.x.shape[0], 1), f.acc)
-    sign = np.empty((f.x.shape[0], 1), f.acc)
-
-    def work(rows: slice) -> None:
-        with np.errstate(invalid="ignore"):
-            d, shift = _load(f, rows, None)
-            log_s, sign[rows] = _log_sum(d, (1,))
-            np.add(shift, log_s, out=lse[rows])
-
-    _each_block(f, work)
-    return lse, sign
-
-
-def _cross_entropy_rows(
-    f: _Flat, y: np.ndarray, ignored: np.ndarray | None, smoothing: float
-) -> np.ndarray:
-    """Per-label loss as :func:`_cross_entropy` computes it, ``y.shape``, accumulate dtype."""
-    idx = (y if ignored is None else np.where(ignored, 0, y)).reshape(-1, 1)
-    loss = np.empty((f.x.shape[0], 1), f.acc)
-
-    def work(rows: slice) -> None:
-        with np.errstate(invalid="ignore"):
-            d, _ = _load(f, rows, None)
-            log_s = np.maximum(_log_sum(d, (1,))[0], 0)
-            picked = np.take_along_axis(d, idx[rows], axis=1)
-            loss[rows] = _smoothed(log_s - picked, log_s, d, 1, smoothing)
-
-    _each_block(f, work)
-    out = loss.reshape(y.shape)
-    return out if ignored is None else np.where(ignored, np.zeros((), out.dtype), out)
-
-
-
-
-# --------------------------------------------------------------------------------------
-# The maths.
-# --------------------------------------------------------------------------------------
-
-
-def _row_shift_of(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """Each row's max where it is finite, 0 for a dead row (keepdims shape).
-
-    ``initial=-inf`` gives a zero-length row the max -inf (shift 0) instead of an error;
-    NaN propagates through the max, +inf stays +inf: both make the row NaN downstream.
-    """
-    return row_shift(np.max(a, axis=axes, keepdims=True, initial=-np.inf))
-
-
-def _shifted(
-    a: np.ndarray, axes: tuple[int, ...], *, owned: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(a - shift, shift)`` with ``shift = row_shift(max)`` (keepdims): the first is
-    <= 0 and exactly 0 at each row's max; a fresh array, or ``a`` itself if ``owned``."""
-    shift = _row_shift_of(a, axes)
-    with np.errstate(invalid="ignore"):  # inf - inf in a +inf row: NaN, on purpose
-        return np.subtract(a, shift, out=a if owned else None), shift
-
-
-def _softmax(a: np.ndarray, axes: tuple[int, ...], empty: str, *, owned: bool) -> np.ndarray:
-    d, _ = _shifted(a, axes, owned=owned)
-    with np.errstate(over="ignore"):  # only a narrow accum_dtype's sum can overflow
-        e = np.exp(d, out=d)
-        s = np.sum(e, axis=axes, keepdims=True)
-    # s >= 1 wherever the row has anything left (its max contributes exp(0) = 1), and
-    # s = 0 for a dead row: dividing by max(s, 1) gives that row 0 / 1 = 0, no branch.
-    out = np.divide(e, np.maximum(s, 1), out=e)
-    if empty != "zeros" and out.size:  # (a zero-length row has no entries to fill)
-        dead = s == 0
-        if dead.any():
-            n = math.prod(a.shape[i] for i in axes)
-            fill = np.nan if empty == "nan" else 1.0 / n
-            out = np.where(dead, np.array(fill, dtype=out.dtype), out)
-    return out
-
-
-def _log_sum(
-    d: np.ndarray, axes: tuple[int, ...], b: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``log|sum(b * exp(d))|`` and the sum's sign, per row (keepdims), for shifted ``d``.
-
-    The terms at the row max (``d == 0``, each exactly ``b``) are summed apart into
-    ``top``, the rest into ``rest``, and the log taken as ``log|top| + log1p(rest/top)``:
-    accurate also when ``rest`` is tiny (scipy's device). Where that form does not
-    apply (``top == 0``, or ``rest/top <= -1`` with negative weights) ``log|top + rest|``
-    is used; for a dead row that is ``log(0) = -inf``, on purpose.
-    """
-    at_max = d == 0
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        e = np.exp(d)
-        if b is None:
-            top = _count_per_row(at_max, axes).astype(e.dtype)
-        else:
-            e *= b
-            top = np.sum(np.where(at_max, b, 0), axis=axes, keepdims=True, dtype=e.dtype)
-        np.copyto(e, 0, where=at_max)
-        rest = np.sum(e, axis=axes, keepdims=True)
-        total = top + rest
-        ratio = rest / top
-        log_s = np.where(
-            (top != 0) & (ratio > -1),
-            np.log(np.abs(top)) + np.log1p(ratio),
-            np.log(np.abs(total)),
-        )
-    return log_s, np.sign(total)
-
-
-def _count_per_row(mask: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """``np.count_nonzero(mask, axis=axes, keepdims=True)``; for a few long rows (a block
-    of the fast path) one whole-row count each, which skips the reduction's casting
-    buffer (several times faster)."""
-    if mask.ndim == 2 and axes == (1,) and mask.shape[0] <= 16:
-        counts = [np.count_nonzero(row) for row in mask]
-        return np.array(counts, dtype=np.intp).reshape(mask.shape[0], 1)
-    return np.count_nonzero(mask, axis=axes, keepdims=True)
-
-
-def _cross_entropy(
-    a: np.ndarray,
-    y: np.ndarray,
-    ignored: np.ndarray | None,
-    axis: int,
-    smoothing: float,
-    *,
-    owned: bool,
-) -> np.ndarray:
-    """Per-label loss, ``y.shape``, accumulate dtype; 0 where ignored."""
-    if a.shape[axis] == 0:  # no classes: every label was ignore_index (else an error)
-        return np.zeros(y.shape, dtype=a.dtype)
-    d, _ = _shifted(a, (axis,), owned=owned)
-    log_s, _ = _log_sum(d, (axis,))
-    # log_s >= 0 in every live row; a dead row (log_s = -inf) must still lose +inf,
-    # so clamp at 0: then 0 - d[y] = +inf. NaN (a +inf or NaN row) passes through.
-    log_s = np.maximum(log_s, 0)
-    idx = y if ignored is None else np.where(ignored, 0, y)
-    picked = np.take_along_axis(d, np.expand_dims(idx, axis), axis=axis)
-    with np.errstate(invalid="ignore"):
-        loss = _smoothed(log_s - picked, log_s, d, axis, smoothing)
-    loss = np.squeeze(loss, axis=axis).astype(a.dtype, copy=False)
-    if ignored is not None:
-        loss = np.where(ignored, np.zeros((), loss.dtype), loss)
-    return loss
-
-
-def _smoothed(
-    loss: np.ndarray, log_s: np.ndarray, d: np.ndarray, axis: int, smoothing: float
-) -> np.ndarray:
-    """torch's label smoothing of the per-label ``loss`` (keepdims), from the shifted
-    logits ``d`` and their ``log_s``: ``(1 - s) loss + s (log_s - mean(d))``."""
-    if not smoothing:
-        return loss
-    uniform = log_s - np.mean(d, axis=axis, keepdims=True)
-    return uniform if smoothing == 1.0 else (1.0 - smoothing) * loss + smoothing * uniform
+    found = blocks.flat(arr, inputs.normalize_axes(axis, arr.ndim),
+                        accumulate_dtype(arr.dtype, accum_dtype))
+    return arr if found is None else found

@@ -1,0 +1,134 @@
+"""The maths of the stable softmax family on prepared arrays (the rows already in the
+accumulate dtype, the reduced axes known): the shift by the row max, the normalised
+exponentials, log-sum-exp with counts of the maxima, and the per-label cross-entropy.
+
+:mod:`flashmath.softmax.stable` validates and prepares the input and calls these; the
+row-block fast path (:mod:`flashmath.softmax.blocks`) calls the same functions on each
+block, so both give the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from flashmath.softmax.rule import row_shift
+
+__all__ = ["count_per_row", "log_sum", "nll", "normalized", "shift_of", "shifted", "smoothed"]
+
+
+
+def shift_of(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Each row's max where it is finite, 0 for a dead row (keepdims shape).
+
+    ``initial=-inf`` gives a zero-length row the max -inf (shift 0) instead of an error;
+    NaN propagates through the max, +inf stays +inf: both make the row NaN downstream.
+    """
+    return row_shift(np.max(a, axis=axes, keepdims=True, initial=-np.inf))
+
+
+def shifted(
+    a: np.ndarray, axes: tuple[int, ...], *, owned: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(a - shift, shift)`` with ``shift = row_shift(max)`` (keepdims): the first is
+    <= 0 and exactly 0 at each row's max; a fresh array, or ``a`` itself if ``owned``."""
+    shift = shift_of(a, axes)
+    with np.errstate(invalid="ignore"):  # inf - inf in a +inf row: NaN, on purpose
+        return np.subtract(a, shift, out=a if owned else None), shift
+
+
+def normalized(a: np.ndarray, axes: tuple[int, ...], empty: str, *, owned: bool) -> np.ndarray:
+    d, _ = shifted(a, axes, owned=owned)
+    with np.errstate(over="ignore"):  # only a narrow accum_dtype's sum can overflow
+        e = np.exp(d, out=d)
+        s = np.sum(e, axis=axes, keepdims=True)
+    # s >= 1 wherever the row has anything left (its max contributes exp(0) = 1), and
+    # s = 0 for a dead row: dividing by max(s, 1) gives that row 0 / 1 = 0, no branch.
+    out = np.divide(e, np.maximum(s, 1), out=e)
+    if empty != "zeros" and out.size:  # (a zero-length row has no entries to fill)
+        dead = s == 0
+        if dead.any():
+            n = math.prod(a.shape[i] for i in axes)
+            fill = np.nan if empty == "nan" else 1.0 / n
+            out = np.where(dead, np.array(fill, dtype=out.dtype), out)
+    return out
+
+
+def log_sum(
+    d: np.ndarray, axes: tuple[int, ...], b: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``log|sum(b * exp(d))|`` and the sum's sign, per row (keepdims), for shifted ``d``.
+
+    The terms at the row max (``d == 0``, each exactly ``b``) are summed apart into
+    ``top``, the rest into ``rest``, and the log taken as ``log|top| + log1p(rest/top)``:
+    accurate also when ``rest`` is tiny (scipy's device). Where that form does not
+    apply (``top == 0``, or ``rest/top <= -1`` with negative weights) ``log|top + rest|``
+    is used; for a dead row that is ``log(0) = -inf``, on purpose.
+    """
+    at_max = d == 0
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        e = np.exp(d)
+        if b is None:
+            top = count_per_row(at_max, axes).astype(e.dtype)
+        else:
+            e *= b
+            top = np.sum(np.where(at_max, b, 0), axis=axes, keepdims=True, dtype=e.dtype)
+        np.copyto(e, 0, where=at_max)
+        rest = np.sum(e, axis=axes, keepdims=True)
+        total = top + rest
+        ratio = rest / top
+        log_s = np.where(
+            (top != 0) & (ratio > -1),
+            np.log(np.abs(top)) + np.log1p(ratio),
+            np.log(np.abs(total)),
+        )
+    return log_s, np.sign(total)
+
+
+def count_per_row(mask: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``np.count_nonzero(mask, axis=axes, keepdims=True)``; for a few long rows (a block
+    of the fast path) one whole-row count each, which skips the reduction's casting
+    buffer (several times faster)."""
+    if mask.ndim == 2 and axes == (1,) and mask.shape[0] <= 16:
+        counts = [np.count_nonzero(row) for row in mask]
+        return np.array(counts, dtype=np.intp).reshape(mask.shape[0], 1)
+    return np.count_nonzero(mask, axis=axes, keepdims=True)
+
+
+def nll(
+    a: np.ndarray,
+    y: np.ndarray,
+    ignored: np.ndarray | None,
+    axis: int,
+    smoothing: float,
+    *,
+    owned: bool,
+) -> np.ndarray:
+    """Per-label loss, ``y.shape``, accumulate dtype; 0 where ignored."""
+    if a.shape[axis] == 0:  # no classes: every label was ignore_index (else an error)
+        return np.zeros(y.shape, dtype=a.dtype)
+    d, _ = shifted(a, (axis,), owned=owned)
+    log_s, _ = log_sum(d, (axis,))
+    # log_s >= 0 in every live row; a dead row (log_s = -inf) must still lose +inf,
+    # so clamp at 0: then 0 - d[y] = +inf. NaN (a +inf or NaN row) passes through.
+    log_s = np.maximum(log_s, 0)
+    idx = y if ignored is None else np.where(ignored, 0, y)
+    picked = np.take_along_axis(d, np.expand_dims(idx, axis), axis=axis)
+    with np.errstate(invalid="ignore"):
+        loss = smoothed(log_s - picked, log_s, d, axis, smoothing)
+    loss = np.squeeze(loss, axis=axis).astype(a.dtype, copy=False)
+    if ignored is not None:
+        loss = np.where(ignored, np.zeros((), loss.dtype), loss)
+    return loss
+
+
+def smoothed(
+    loss: np.ndarray, log_s: np.ndarray, d: np.ndarray, axis: int, smoothing: float
+) -> np.ndarray:
+    """torch's label smoothing of the per-label ``loss`` (keepdims), from the shifted
+    logits ``d`` and their ``log_s``: ``(1 - s) loss + s (log_s - mean(d))``."""
+    if not smoothing:
+        return loss
+    uniform = log_s - np.mean(d, axis=axis, keepdims=True)
+    return uniform if smoothing == 1.0 else (1.0 - smoothing) * loss + smoothing * uniform
