@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
+from flashmath.files import write_figure
 from flashmath.integrations.model_errors import SMALL_CONFIG, small_model
 from flashmath.integrations.transformers import register
-from flashmath.lab.runner import machine_info
-from flashmath.measure.cpu import time_calls
+from flashmath.measure.machine import describe
+from flashmath.measure.timing import time_calls
 from flashmath.text import markdown_table
 
 
@@ -50,22 +51,19 @@ def main(argv: list[str] | None = None) -> int:
                        repeat=args.repeat)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
-    info = machine_info()
     rows = [{"what": f"flashmath / sdpa, seq {args.seq}, {args.dtype}, fwd+bwd",
              "median": med[name] / med["sdpa"], "best": best[name] / best["sdpa"],
              "flashmath_s": med[name], "sdpa_s": med["sdpa"], "rounds": len(times[name])}]
     table = markdown_table(rows, [("small Llama on CPU", "what"), ("ratio (median)", "median"),
                                   ("ratio (best)", "best"), ("flashmath s", "flashmath_s"),
                                   ("sdpa s", "sdpa_s"), ("rounds", "rounds")])
-    machine = (f"Machine: {info['processor'] or info['machine']}, {info['cpu_count']} CPUs, "
-               f"torch {torch.__version__} ({torch.get_num_threads()} threads). "
+    machine = (f"Machine: {describe()}. "
                f"Regenerate: `python benchmarks/bench_model.py --seq {args.seq} "
                f"--repeat {args.repeat} --write docs/figures/model-cpu.md`.")
     text = f"{table}\n\n{machine}\n"
     print(text)
     if args.write:
-        args.write.parent.mkdir(parents=True, exist_ok=True)
-        args.write.write_text(text, encoding="utf-8")
+        write_figure(args.write, text)
     return 0
 
 

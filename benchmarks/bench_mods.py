@@ -38,13 +38,10 @@ import numpy as np
 import flashmath as fm
 from flashmath.attention import modlib
 from flashmath.attention.blockmask import create_block_mask
+from flashmath.files import write_figure
 from flashmath.measure.machine import describe
+from flashmath.measure.timing import time_calls
 from flashmath.text import number
-
-try:
-    from flashmath.measure.timing import time_calls
-except ImportError:  # the timing helper's older home
-    from flashmath.measure.cpu import time_calls
 
 S, H, D, DOCS, WINDOW = 4096, 2, 64, 8, 512
 
@@ -207,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(rows) + "\n"
     print(text)
     if args.write:
-        args.write.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.write.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.write)
+        write_figure(args.write, text)
     return 0
 
 

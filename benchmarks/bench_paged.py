@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import flashmath as fm
+from flashmath.files import write_figure
 from flashmath.measure.machine import describe
 from flashmath.measure.timing import time_calls
 
@@ -64,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             f"alternating rounds on {describe()}.\n\n" + "\n".join(rows) + "\n")
     print(text)
     if args.write:
-        args.write.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.write.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.write)
+        write_figure(args.write, text)
     return 0
 
 

@@ -17,20 +17,19 @@ float16/bfloat16, and faster than scipy.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import flashmath as fm
 from flashmath.dtypes import as_dtype, to_torch
-from flashmath.measure.cpu import time_calls
+from flashmath.files import write_figure
+from flashmath.measure.machine import describe
+from flashmath.measure.timing import time_calls
 from flashmath.text import markdown_table, number
 
 
@@ -135,19 +134,8 @@ def _line(row: dict[str, Any], case: Case) -> str:
 
 
 def machine() -> str:
-    """CPU model, cores this process may use, NumPy and torch versions."""
-    import torch
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                         model)
-    except OSError:
-        pass
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{model}, {n} cores; Python {platform.python_version()}, NumPy {np.__version__}, "
-            f"torch {torch.__version__} (2 threads)")
+    """The machine, as every benchmark names it."""
+    return describe()
 
 
 def markdown(rows: list[dict[str, Any]], repeat: int) -> str:
@@ -195,10 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     print(machine())
     rows = run(cases, args.repeat)
     if args.write:
-        path = Path(args.write)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(markdown(rows, args.repeat))
-        print(f"wrote {path}")
+        write_figure(args.write, markdown(rows, args.repeat))
+        print(f"wrote {args.write}")
     return 0
 
 

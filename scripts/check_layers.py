@@ -3,7 +3,7 @@
 
 The layers, lowest first (a module may import its own package and any lower layer)::
 
-    0  flashmath.dtypes, flashmath.text, (other bottom modules listed in BOTTOM)
+    0  flashmath.dtypes, flashmath.text, ... (the bottom modules listed in BOTTOM)
     1  flashmath.softmax
     2  flashmath.attention
     3  flashmath.conformance | flashmath.measure
@@ -29,7 +29,7 @@ import ast
 import sys
 from pathlib import Path
 
-BOTTOM = ("dtypes", "text", "rounding", "parallel")
+BOTTOM = ("dtypes", "text", "rounding", "parallel", "files")
 PACKAGES = {
     "softmax": 1,
     "attention": 2,

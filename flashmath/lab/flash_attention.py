@@ -40,6 +40,7 @@ from flashmath.lab.experiment import Context, Result
 from flashmath.lab.readme import Section, render
 from flashmath.lab.report import fmt_value
 from flashmath.measure import cpu as bench
+from flashmath.measure.timing import time_calls
 from flashmath.text import fmt_bytes, markdown_table
 
 NAME = "flash-attention"
@@ -197,7 +198,7 @@ def _speed(ctx: Context, B: int, H: int, S: int, D: int, causal: bool,
     t = bench.time_attention(B, H, S, D, causal=causal, repeat=repeat, backward=False)
     rng = ctx.rng(10_000 + S)
     q, k, v = (rng.standard_normal((B, H, S, D)).astype(np.float32) for _ in range(3))
-    ref = bench.time_calls(
+    ref = time_calls(
         {"ref": lambda: fm.attention_reference(q, k, v, causal=causal, upcast=False)}, repeat)
     t_ref = min(ref["ref"])
     has_torch = t["torch_fwd_s"] is not None

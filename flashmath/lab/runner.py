@@ -35,7 +35,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -48,7 +47,9 @@ from typing import Any
 
 import numpy as np
 
+from flashmath.files import atomic_write
 from flashmath.lab import experiment, plotting, registry, report
+from flashmath.measure.machine import cpu_model
 
 __all__ = [
     "DISK_ERRNOS",
@@ -103,39 +104,6 @@ class RunOutcome:
 
 
 # --------------------------------------------------------------------------- files
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
-
-    Temporary file in the same folder, flush + fsync, then ``os.replace`` (atomic on POSIX and
-    Windows); the folder is fsynced too where the platform allows it.
-    """
-    path = Path(path)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def to_jsonable(obj: Any, where: str = "$") -> Any:
@@ -228,20 +196,10 @@ def machine_info() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": _processor_name(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python_implementation": platform.python_implementation(),
     }
-
-
-def _processor_name() -> str | None:
-    """The CPU model: /proc/cpuinfo's "model name" on Linux, else platform.processor()."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or None
 
 
 def git_info() -> dict[str, Any] | None:
