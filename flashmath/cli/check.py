@@ -157,7 +157,8 @@ def _check_writable(path: Path) -> None:
 def _write_json(path: Path, kind: str, target: str, kernel: testing.Kernel, grads: bool,
                 results: Sequence[testing.CheckResult], counts: dict[str, int],
                 ok: bool) -> None:
-    from flashmath.lab.runner import atomic_write, dumps_json
+    from flashmath.files import atomic_write
+    from flashmath.lab.runner import dumps_json
 
     doc = {
         "kind": kind,
