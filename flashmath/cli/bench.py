@@ -26,51 +26,37 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from flashmath.cli import args as types
 from flashmath.measure.cpu import peak_memory, time_attention, time_seed003
 from flashmath.text import number
 
 __all__ = ["TARGETS", "Target", "configure", "main"]
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse turns the ValueError into exit 2)."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
 
 
-def _non_negative(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
-_positive.__name__ = "positive integer"  # what argparse's "invalid ... value" names
-_non_negative.__name__ = "non-negative integer"
 
 _DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 def _configure_attention(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq", type=_positive, nargs="+", default=[4096], help="sequence lengths S")
-    p.add_argument("--batch", type=_positive, default=2)
-    p.add_argument("--heads", type=_positive, default=8)
-    p.add_argument("--dim", type=_positive, default=64, help="head dim D")
+    p.add_argument("--seq", type=types.positive, nargs="+", default=[4096],
+                   help="sequence lengths S")
+    p.add_argument("--batch", type=types.positive, default=2)
+    p.add_argument("--heads", type=types.positive, default=8)
+    p.add_argument("--dim", type=types.positive, default=64, help="head dim D")
     p.add_argument("--dtype", default="float32", choices=_DTYPES)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--causal", action="store_true", help="causal only (default: both)")
     mode.add_argument("--non-causal", action="store_true", help="non-causal only")
-    p.add_argument("--repeat", type=_positive, default=3,
+    p.add_argument("--repeat", type=types.positive, default=3,
                    help="timed rounds (best and median kept)")
-    p.add_argument("--block-q", type=_positive, default=None)
-    p.add_argument("--block-k", type=_positive, default=None)
+    p.add_argument("--block-q", type=types.positive, default=None)
+    p.add_argument("--block-k", type=types.positive, default=None)
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
-    p.add_argument("--seed003-seq", type=_non_negative, default=1024,
+    p.add_argument("--seed003-seq", type=types.non_negative, default=1024,
                    help="length at which the original per-row-exp loop is timed (0: skip)")
-    p.add_argument("--memory-seq", type=_positive, nargs="*",
+    p.add_argument("--memory-seq", type=types.positive, nargs="*",
                    default=[4096, 8192, 16384, 32768],
                    help="lengths for the peak-memory table (B = H = 1)")
 

@@ -14,11 +14,11 @@ options. Exit status: 0 every rank passed, 1 a rank failed, 2 bad arguments.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from typing import Any
 
+from flashmath.cli import args as types
 from flashmath.distributed.demo import DTYPES, DemoConfig, format_rows, run_demo_rank
 
 __all__ = ["configure", "main"]
@@ -27,43 +27,27 @@ __all__ = ["configure", "main"]
 BACKENDS = ("gloo", "nccl", "mpi")
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse turns the ValueError into exit 2)."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
 
 
-def _seconds(text: str) -> float:
-    """argparse type: a finite number of seconds > 0."""
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(text)
-    return value
-
-
-_positive.__name__ = "positive integer"  # what argparse's "invalid ... value" names
-_seconds.__name__ = "positive number of seconds"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add `flashmath ring`'s options."""
-    parser.add_argument("--world-size", type=_positive, default=2,
+    parser.add_argument("--world-size", type=types.positive, default=2,
                         help="ranks to spawn on this machine (ignored under torchrun)")
-    parser.add_argument("--seq", type=_positive, default=2048, help="whole sequence length S")
-    parser.add_argument("--batch", type=_positive, default=1)
-    parser.add_argument("--heads", type=_positive, default=4, help="query heads H")
-    parser.add_argument("--kv-heads", type=_positive, default=None,
+    parser.add_argument("--seq", type=types.positive, default=2048, help="whole sequence length S")
+    parser.add_argument("--batch", type=types.positive, default=1)
+    parser.add_argument("--heads", type=types.positive, default=4, help="query heads H")
+    parser.add_argument("--kv-heads", type=types.positive, default=None,
                         help="K/V heads (GQA); default H")
-    parser.add_argument("--dim", type=_positive, default=64, help="head dim D")
+    parser.add_argument("--dim", type=types.positive, default=64, help="head dim D")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--layout", choices=("contiguous", "zigzag"), default=None,
                         help="how the sequence is sharded (default: zigzag if --causal)")
     parser.add_argument("--dtype", choices=DTYPES, default="float64")
     parser.add_argument("--backend", default="gloo", choices=BACKENDS,
                         help="torch.distributed backend")
-    parser.add_argument("--timeout", type=_seconds, default=60.0,
+    parser.add_argument("--timeout", type=types.seconds, default=60.0,
                         help="seconds any transfer may wait before every rank raises")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-check", dest="check", action="store_false",
