@@ -39,7 +39,7 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="no CUDA device")
 TRITON = declare(
     flash_attention, backend="torch", device=DEVICE, name="flashmath.triton",
     supports={"causal", "causal_top_left", "window", "kv_lengths", "softcap", "scale", "gqa",
-              "dv"},
+              "dv", "alibi_slopes"},
     dtypes=("float16", "bfloat16", "float32"),
 )
 
@@ -71,8 +71,14 @@ CASES = [
     ("tiles-divide-causal", 1, 2, 2, 64, 64, 16, 16, {"causal": True}),
     ("all",                2, 2, 1, 40, 56, 16, 16, {"causal": True, "window": (20, None),
                                                     "kv_lengths": [50, 31], "softcap": 4.0}),
+    ("alibi",              1, 2, 2, 40, 40, 16, 16, {"alibi_slopes": np.array([0.5, 0.125])}),
+    ("alibi-all",          2, 4, 2, 24, 48, 16, 16, {"causal": True, "softcap": 4.0,
+                                                    "kv_lengths": [48, 13],
+                                                    "alibi_slopes": np.array(
+                                                        [[0.5, 0.25, 0.125, 0.0625],
+                                                         [1.0, 0.3, 0.0, 2.0]])}),
 ]
-WIDE = {"plain", "causal-br-sq>sk", "gqa", "kv-lengths-causal", "softcap", "all"}
+WIDE = {"plain", "causal-br-sq>sk", "gqa", "kv-lengths-causal", "softcap", "all", "alibi-all"}
 GRID = [pytest.param(c, torch.float16, id=f"{c[0]}-float16") for c in CASES] + [
     pytest.param(c, dt, id=f"{c[0]}-{str(dt)[6:]}")
     for dt in (torch.bfloat16, torch.float32) for c in CASES if c[0] in WIDE]
@@ -506,7 +512,7 @@ from triton.runtime.autotuner import Heuristics
 from flashmath.triton import kernels as K
 assert not K.INTERPRETED
 TENSORS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
-STATS = {"M2", "L2", "Delta", "DLse"}
+STATS = {"M2", "L2", "Delta", "DLse", "Alibi"}
 FLOATS = {"qk_scale", "cap_scale", "sm_scale"}
 def build(fn, consts, dt):
     sig = {n: "constexpr" if n in consts else f"*{dt}" if n in TENSORS else "*fp32" if n in STATS
@@ -520,7 +526,8 @@ def build(fn, consts, dt):
 for dt, dtype, d, dv, extras, block in (("fp16", tl.float16, 48, 24, True, 64),
                                         ("bf16", tl.bfloat16, 64, 64, False, 32)):
     c = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=64, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-             ALIGN_BOTTOM=extras, HAS_KV_LEN=extras, SOFTCAP=extras, PRECISION="tf32",
+             ALIGN_BOTTOM=extras, HAS_KV_LEN=extras, SOFTCAP=extras, HAS_ALIBI=extras,
+             PRECISION="tf32",
              DTYPE=dtype, DOT=dtype, BLOCK_M=block, BLOCK_N=block, LEAD=extras, TRAIL=True)
     for kernel in (K.attn_fwd, K.attn_bwd_dkdv, K.attn_bwd_dq):
         fn = kernel.fn if isinstance(kernel, Heuristics) else kernel  # the jit function

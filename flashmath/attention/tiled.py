@@ -93,6 +93,7 @@ def flash_attention(
     q_lengths: Any = None,
     softcap: float | None = None,
     scale: float | None = None,
+    alibi_slopes: Any = None,
     block_q: int | None = None,
     block_k: int | None = None,
     accum_dtype: Any = None,
@@ -104,7 +105,7 @@ def flash_attention(
     ----------
     q : (B, H, Sq, D); k : (B, H_kv, Sk, D); v : (B, H_kv, Sk, Dv)
         One float dtype; H % H_kv == 0 (GQA/MQA: query head h reads head h // (H // H_kv)).
-    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale
+    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale, alibi_slopes
         As :func:`flashmath.attention_reference`: causal True is bottom-right aligned
         (query i sees key j iff j <= i + Sk - Sq; with lengths, i + kv_len - q_len),
         "top_left" is torch's; scores are softcap(scale * q . k) + bias, then masked.
@@ -130,8 +131,8 @@ def flash_attention(
     """
     out, lse = tiled_forward(
         q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
-        q_lengths=q_lengths, softcap=softcap, scale=scale, block_q=block_q, block_k=block_k,
-        accum_dtype=accum_dtype,
+        q_lengths=q_lengths, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
+        block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
     )
     return (out, lse) if return_lse else out
 
@@ -152,6 +153,7 @@ def flash_attention_backward(
     q_lengths: Any = None,
     softcap: float | None = None,
     scale: float | None = None,
+    alibi_slopes: Any = None,
     block_q: int | None = None,
     block_k: int | None = None,
     accum_dtype: Any = None,
@@ -170,7 +172,7 @@ def flash_attention_backward(
     return tiled_backward(
         dout, q, k, v, out, lse, causal=causal, window=window, mask=mask, bias=bias,
         kv_lengths=kv_lengths, q_lengths=q_lengths, softcap=softcap, scale=scale,
-        block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
+        alibi_slopes=alibi_slopes, block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
     )
 
 

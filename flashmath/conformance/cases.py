@@ -49,7 +49,8 @@ Kind = Literal["softmax", "attention"]
 SOFTMAX_OPTIONS = frozenset({"axis", "where"})
 #: Attention keyword options, as fm.attention_reference names them.
 ATTENTION_KEYWORDS = frozenset(
-    {"causal", "window", "mask", "bias", "kv_lengths", "q_lengths", "softcap", "scale"}
+    {"causal", "window", "mask", "bias", "kv_lengths", "q_lengths", "softcap", "scale",
+     "alibi_slopes", "sinks", "score_mod", "mask_mod"}
 )
 #: Attention options: the keywords plus three capabilities that must be declared
 #: (``causal_top_left``: ``causal="top_left"`` with Sq != Sk; ``gqa``: fewer kv heads than
@@ -245,6 +246,10 @@ ATTENTION_SPECS: tuple[_AttnSpec, ...] = (
           options=_mask_with_dead_row, requires={"mask"}),
     _spec("ALiBi bias", "float bias, one slope per head",
           options=lambda _r: {"bias": alibi_bias(2, 16, 16)}, requires={"bias"}),
+    _spec("ALiBi slopes", "alibi_slopes per batch entry and head (flash-attention's), causal",
+          B=2, Sq=12, Sk=20, options=lambda _r: {
+              "alibi_slopes": np.array([[0.5, 0.0625], [2.0, 0.25]]), "causal": True},
+          requires={"alibi_slopes", "causal"}),
     _spec("padded keys", "kv_lengths = [16, 5]", B=2,
           options=lambda _r: {"kv_lengths": np.array([16, 5])}, requires={"kv_lengths"}),
     _spec("padded queries", "q_lengths = [16, 6]", B=2,

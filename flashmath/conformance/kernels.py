@@ -365,7 +365,9 @@ def sdpa(q: Any, k: Any, v: Any, *, causal: Causal = False, window: Any = None,
 
 
 #: What SDPA expresses: every option but softcap.
-_SDPA_SUPPORTS = ATTENTION_OPTIONS - {"softcap"}
+_SDPA_SUPPORTS = ATTENTION_OPTIONS - {"softcap", "alibi_slopes", "sinks", "score_mod", "mask_mod"}
+#: What flashmath's tiled kernels take (every option the battery knows).
+_FLASHMATH_SUPPORTS = ATTENTION_OPTIONS - {"sinks", "score_mod", "mask_mod"}
 
 
 def _torch_target(kind: Kind) -> Kernel:
@@ -385,13 +387,13 @@ def _builtin(target: str, kind: Kind) -> Kernel:
     if target == "flashmath":
         if kind == "softmax":
             return declare(softmax, name="flashmath.softmax")
-        return declare(flash_attention, supports=ATTENTION_OPTIONS,
+        return declare(flash_attention, supports=_FLASHMATH_SUPPORTS,
                        backward=flashmath_attention_backward, name="flashmath.flash_attention")
     if target == "torch":
         return _torch_target(kind)
     if kind == "softmax":
         return declare(naive_softmax.softmax, name="flashmath.naive.softmax")
-    return declare(naive_attention.attention, supports=ATTENTION_OPTIONS,
+    return declare(naive_attention.attention, supports=_FLASHMATH_SUPPORTS,
                    name="textbook attention (no max shift)")
 
 

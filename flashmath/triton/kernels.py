@@ -210,9 +210,11 @@ _query_runs = {
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                offs_m, blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sk, qk_scale, cap_scale,
+               alibi2,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
+               DTYPE: tl.constexpr,
                DOT: tl.constexpr):
     """The online-softmax loop over key blocks [blk_lo, blk_hi); returns (acc, l, m)."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -229,6 +231,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
         s, _t = _scores(q, kT.to(DOT), qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BM, BN)
+        if HAS_ALIBI:  # -slope * |distance to the diagonal|, in log2 units
+            s = s - alibi2 * tl.abs(offs_n[None, :] - offs_m[:, None] - diag).to(tl.float32)
         if MASKED:
             ok = _allowed(offs_m[:, None], offs_n[None, :], diag, win_left, win_right, kv_len)
             s = tl.where(ok, s, float("-inf"))
@@ -252,7 +256,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
 
 @triton.heuristics(_key_runs)
 @triton.jit
-def attn_fwd(Q, K, V, Out, M2, L2, KvLen,
+def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi,
              stride_qb, stride_qh, stride_qm, stride_qd,
              stride_kb, stride_kh, stride_kn, stride_kd,
              stride_vb, stride_vh, stride_vn, stride_vd,
@@ -262,6 +266,7 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen,
              BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
              SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
              DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             HAS_ALIBI: tl.constexpr,
              LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (query block, batch * head): O, m2 and l2 of BLOCK_M query rows."""
     pid_m = tl.program_id(0)
@@ -270,6 +275,9 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen,
     h = bh % H
     hkv = h // GROUP  # GQA: query head h reads K/V head h // (H / H_kv)
     kv_len, diag = _diagonal(KvLen, b, Sk, Sq, HAS_KV_LEN, ALIGN_BOTTOM)
+    alibi2 = 0.0
+    if HAS_ALIBI:  # slope * log2(e) of (b, h)
+        alibi2 = tl.load(Alibi + bh)
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -293,19 +301,21 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen,
     if LEAD:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                    stride_vn, stride_vd, offs_m, lo, full_lo, diag, win_left,
-                                   win_right, kv_len, Sk, qk_scale, cap_scale, HEAD_DIM,
-                                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP,
+                                   win_right, kv_len, Sk, qk_scale, cap_scale, alibi2, HEAD_DIM,
+                                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP, HAS_ALIBI,
                                    PRECISION, DTYPE, DOT)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                stride_vn, stride_vd, offs_m, full_lo, full_hi, diag, win_left,
-                               win_right, kv_len, Sk, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V,
-                               BLOCK_D, BLOCK_DV, BLOCK_N, False, SOFTCAP, PRECISION, DTYPE,
+                               win_right, kv_len, Sk, qk_scale, cap_scale, alibi2, HEAD_DIM,
+                               HEAD_DIM_V,
+                               BLOCK_D, BLOCK_DV, BLOCK_N, False, SOFTCAP, HAS_ALIBI, PRECISION,
+                               DTYPE,
                                DOT)
     if TRAIL:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                    stride_vn, stride_vd, offs_m, full_hi, hi, diag, win_left,
-                                   win_right, kv_len, Sk, qk_scale, cap_scale, HEAD_DIM,
-                                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP,
+                                   win_right, kv_len, Sk, qk_scale, cap_scale, alibi2, HEAD_DIM,
+                                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP, HAS_ALIBI,
                                    PRECISION, DTYPE, DOT)
 
     # -- epilogue: O = acc / l (0 where nothing was seen), l2 = log2(l) (-inf there) --------
@@ -356,10 +366,11 @@ def attn_bwd_preprocess(Out, DO, DLse, Delta,
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, offs_n, blk_lo, blk_hi, diag,
-                win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
+                win_left, win_right, kv_len, Sq, qk_scale, cap_scale, alibi2,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
+                DTYPE: tl.constexpr,
                 DOT: tl.constexpr):
     """dK and dV of one key block over query blocks [blk_lo, blk_hi), transposed
     (keys along rows): P^T = exp2((S^T - m2) - l2), dV += P^T dO, dS^T = P^T (dP^T - Delta)."""
@@ -381,6 +392,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
             m2 = tl.load(m_base + offs_m)
             l2 = tl.load(l_base + offs_m)
         sT, tT = _scores(k, qT, qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BN, BM)
+        if HAS_ALIBI:
+            sT = sT - alibi2 * tl.abs(offs_n[:, None] - offs_m[None, :] - diag).to(tl.float32)
         pT = tl.math.exp2((sT - m2[None, :]) - l2[None, :])
         if MASKED:  # also drops rows past Sq and rows with m2 = -inf (nothing to attend)
             ok = _allowed(offs_m[None, :], offs_n[:, None], diag, win_left, win_right, kv_len)
@@ -405,7 +418,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
 
 @triton.heuristics(_query_runs)
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen,
+def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
@@ -417,6 +430,7 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen,
                   BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
                   DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr,
                   LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (key block, batch * K/V head): dK, dV of BLOCK_N keys, summed over
     the GROUP query heads that share this K/V head, in registers (deterministic)."""
@@ -451,22 +465,30 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen,
         m_base = M2 + (b * H + h) * Sq
         l_base = L2 + (b * H + h) * Sq
         delta_base = Delta + (b * H + h) * Sq
+        alibi2 = 0.0
+        if HAS_ALIBI:
+            alibi2 = tl.load(Alibi + b * H + h)
         if LEAD:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, lo,
                                  full_lo, diag, win_left, win_right, kv_len, Sq, qk_scale,
-                                 cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
-                                 True, SOFTCAP, PRECISION, DTYPE, DOT)
+                                 cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                 BLOCK_M,
+                                 True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                              stride_qm, stride_qd, stride_dom, stride_dod, offs_n, full_lo,
                              full_hi, diag, win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
+                             alibi2,
                              HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, SOFTCAP,
+                             HAS_ALIBI,
                              PRECISION, DTYPE, DOT)
         if TRAIL:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, full_hi,
                                  hi, diag, win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
+                                 alibi2,
                                  HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, True, SOFTCAP,
+                                 HAS_ALIBI,
                                  PRECISION, DTYPE, DOT)
 
     dk *= sm_scale
@@ -481,10 +503,11 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen,
 @triton.jit
 def _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
               stride_vd, offs_m, blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sk,
-              qk_scale, cap_scale,
+              qk_scale, cap_scale, alibi2,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
+              DTYPE: tl.constexpr,
               DOT: tl.constexpr):
     """dQ of one query block over key blocks [blk_lo, blk_hi): dQ += dS K."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -503,6 +526,8 @@ def _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, st
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0).to(DOT)
             vT = tl.load(vT_ptrs, mask=dv_ok[:, None], other=0.0).to(DOT)
         s, t = _scores(q, kT, qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BM, BN)
+        if HAS_ALIBI:
+            s = s - alibi2 * tl.abs(offs_n[None, :] - offs_m[:, None] - diag).to(tl.float32)
         p = tl.math.exp2((s - m2[:, None]) - l2[:, None])
         if MASKED:
             ok = _allowed(offs_m[:, None], offs_n[None, :], diag, win_left, win_right, kv_len)
@@ -517,7 +542,7 @@ def _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, st
 
 @triton.heuristics(_key_runs)
 @triton.jit
-def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen,
+def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen, Alibi,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
@@ -528,6 +553,7 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen,
                 BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
                 DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_ALIBI: tl.constexpr,
                 LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (query block, batch * head): dQ of BLOCK_M rows (no atomics)."""
     pid_m = tl.program_id(0)
@@ -536,6 +562,9 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen,
     h = bh % H
     hkv = h // GROUP
     kv_len, diag = _diagonal(KvLen, b, Sk, Sq, HAS_KV_LEN, ALIGN_BOTTOM)
+    alibi2 = 0.0
+    if HAS_ALIBI:
+        alibi2 = tl.load(Alibi + bh)
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -562,17 +591,20 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen,
     if LEAD:
         dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd,
                        stride_vn, stride_vd, offs_m, lo, full_lo, diag, win_left, win_right,
-                       kv_len, Sk, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                       BLOCK_N, True, SOFTCAP, PRECISION, DTYPE, DOT)
+                       kv_len, Sk, qk_scale, cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                       BLOCK_DV,
+                       BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
     dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
                    stride_vd, offs_m, full_lo, full_hi, diag, win_left, win_right, kv_len, Sk,
-                   qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False,
-                   SOFTCAP, PRECISION, DTYPE, DOT)
+                   qk_scale, cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+                   False,
+                   SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
     if TRAIL:
         dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd,
                        stride_vn, stride_vd, offs_m, full_hi, hi, diag, win_left, win_right,
-                       kv_len, Sk, qk_scale, cap_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                       BLOCK_N, True, SOFTCAP, PRECISION, DTYPE, DOT)
+                       kv_len, Sk, qk_scale, cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                       BLOCK_DV,
+                       BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
 
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh
@@ -624,7 +656,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 #: What a tuned config is kept for: causal and windowed calls (win_*) tune apart from full ones.
 _TUNE_KEY = ["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "ALIGN_BOTTOM", "HAS_KV_LEN", "SOFTCAP",
-             "GROUP", "win_left", "win_right"]
+             "HAS_ALIBI", "GROUP", "win_left", "win_right"]
 
 attn_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_TUNE_KEY,
                                  prune_configs_by={"early_config_prune": _prune})(attn_fwd)

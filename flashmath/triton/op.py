@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +26,7 @@ from flashmath.attention.masks import band
 from flashmath.attention.options import (
     Causal,
     Window,
+    check_alibi_slopes,
     check_blocks,
     check_causal,
     check_finite,
@@ -136,7 +138,7 @@ class _Spec:
 
 
 def _consts(q: torch.Tensor, v: torch.Tensor, spec: _Spec, kv_len: torch.Tensor | None,
-            ) -> dict[str, Any]:
+            alibi: torch.Tensor | None = None) -> dict[str, Any]:
     d, dv = q.shape[-1], v.shape[-1]
     return {
         "HEAD_DIM": d,
@@ -146,6 +148,7 @@ def _consts(q: torch.Tensor, v: torch.Tensor, spec: _Spec, kv_len: torch.Tensor 
         "ALIGN_BOTTOM": spec.align_bottom,
         "HAS_KV_LEN": kv_len is not None,
         "SOFTCAP": spec.softcap is not None,
+        "HAS_ALIBI": alibi is not None,
         "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         "DTYPE": _TL_DTYPES[q.dtype],
         # the interpreter multiplies bfloat16 bit patterns (see kernels.py): dots in float32
@@ -154,7 +157,7 @@ def _consts(q: torch.Tensor, v: torch.Tensor, spec: _Spec, kv_len: torch.Tensor 
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor | None,
-             spec: _Spec, blocks: Blocks | None,
+             alibi: torch.Tensor | None, spec: _Spec, blocks: Blocks | None,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (B, H, Sq, Dv) in q's dtype, m2 and l2 (B, H, Sq) float32): each row's max score
     and log2 of its softmax denominator, in log2 units (kernels.py: why they stay apart)."""
@@ -165,21 +168,21 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Te
     l2 = torch.empty_like(m2)
     qk_scale, cap_scale = spec.scalars()
     _launch(kernels.attn_fwd, kernels.attn_fwd_tuned, blocks, Sq, "BLOCK_M", B * H,
-            q, k, v, out, m2, l2, kv_len,
+            q, k, v, out, m2, l2, kv_len, alibi,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, H // H_kv, Sq, Sk, qk_scale, cap_scale, spec.win_left, spec.win_right,
-            **_consts(q, v, spec, kv_len))
+            **_consts(q, v, spec, kv_len, alibi))
     return out, m2, l2
 
 
 def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor, out: torch.Tensor, m2: torch.Tensor, l2: torch.Tensor,
-              kv_len: torch.Tensor | None, spec: _Spec, blocks: Blocks | None,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              kv_len: torch.Tensor | None, alibi: torch.Tensor | None, spec: _Spec,
+              blocks: Blocks | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv): the Delta preprocess, then the dK/dV and dQ passes (no atomics)."""
     B, H, Sq, _ = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
-    consts = _consts(q, v, spec, kv_len)
+    consts = _consts(q, v, spec, kv_len, alibi)
     delta = torch.empty_like(m2)
     if Sq and B * H:
         kernels.attn_bwd_preprocess[(triton.cdiv(Sq, 64), B * H)](
@@ -191,11 +194,11 @@ def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
     scalars = (H, H // H_kv, Sq, Sk, qk_scale, cap_scale, spec.scale, spec.win_left,
                spec.win_right)
     _launch(kernels.attn_bwd_dkdv, kernels.attn_bwd_dkdv_tuned, blocks, Sk, "BLOCK_N", B * H_kv,
-            q, k, v, do, dk, dv, m2, l2, delta, kv_len,
+            q, k, v, do, dk, dv, m2, l2, delta, kv_len, alibi,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             *scalars, **consts)
     _launch(kernels.attn_bwd_dq, kernels.attn_bwd_dq_tuned, blocks, Sq, "BLOCK_M", B * H,
-            q, k, v, do, dq, m2, l2, delta, kv_len,
+            q, k, v, do, dq, m2, l2, delta, kv_len, alibi,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             *scalars, **consts)
     return dq, dk, dv
@@ -207,11 +210,11 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_len: torch.Tensor | None, spec: _Spec, blocks: Blocks | None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_len: torch.Tensor | None, alibi: torch.Tensor | None, spec: _Spec,
+                blocks: Blocks | None) -> tuple[torch.Tensor, torch.Tensor]:
         # the backward tiles as the forward did
-        out, m2, l2 = _forward(q, k, v, kv_len, spec, blocks)
-        ctx.save_for_backward(q, k, v, out, m2, l2, kv_len)
+        out, m2, l2 = _forward(q, k, v, kv_len, alibi, spec, blocks)
+        ctx.save_for_backward(q, k, v, out, m2, l2, kv_len, alibi)
         ctx.spec, ctx.blocks = spec, blocks
         ctx.set_materialize_grads(False)
         return out, (m2 + l2) * _LN2  # users get the natural log, as every backend
@@ -219,13 +222,14 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None,
                  ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, m2, l2, kv_len = ctx.saved_tensors
+        q, k, v, out, m2, l2, kv_len, alibi = ctx.saved_tensors
         if dout is None:  # only lse was used downstream
             dout = torch.zeros_like(out)
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
-        dq, dk, dv = _backward(dout, dlse, q, k, v, out, m2, l2, kv_len, ctx.spec, ctx.blocks)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _backward(dout, dlse, q, k, v, out, m2, l2, kv_len, alibi, ctx.spec,
+                               ctx.blocks)
+        return dq, dk, dv, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,6 +247,7 @@ def flash_attention(
     kv_lengths: torch.Tensor | Sequence[int] | None = None,
     softcap: float | None = None,
     scale: float | None = None,
+    alibi_slopes: Any = None,
     block_q: int | None = None,
     block_k: int | None = None,
     return_lse: bool = False,
@@ -271,6 +276,8 @@ def flash_attention(
                               kv_lengths[b] - Sq for the bottom-right alignment
         softcap               scores s -> softcap * tanh(s / softcap), s already scaled
         scale                 defaults to 1 / sqrt(D)
+        alibi_slopes          (H,) or (B, H): pair (i, j) gets -slope * |j - i - diagonal|,
+                              added after the softcap (flash-attention's alibi_slopes)
         block_q, block_k      tile sizes (powers of two >= 16); None autotunes on a GPU
                               (the interpreter uses 32); one side alone pairs with 64
         return_lse            also return lse (it is differentiable too)
@@ -281,8 +288,9 @@ def flash_attention(
     Raises TypeError / ValueError naming the argument and the shapes it got.
     """
     spec, kv_len = _validate(q, k, v, causal, window, kv_lengths, softcap, scale)
+    alibi = _alibi(alibi_slopes, q)
     blocks = _blocks(block_q, block_k)
-    out, lse = _FlashAttention.apply(q, k, v, kv_len, spec, blocks)
+    out, lse = _FlashAttention.apply(q, k, v, kv_len, alibi, spec, blocks)
     return (out, lse) if return_lse else out
 
 
@@ -326,3 +334,17 @@ def _kv_lengths(kv_lengths: Any, B: int, Sk: int, device: torch.device) -> torch
         kv_lengths = kv_lengths.detach().cpu()  # one host sync, to check the range
     lengths = check_lengths(kv_lengths, "kv_lengths", B, Sk)
     return None if lengths is None else torch.as_tensor(lengths, dtype=torch.int32, device=device)
+
+
+def _alibi(alibi_slopes: Any, q: torch.Tensor) -> torch.Tensor | None:
+    """alibi_slopes checked ((H,) or (B, H) finite reals), as slope * log2(e) float32 (B * H,)
+    on q's device (the kernels' scores are in log2 units); None stays None."""
+    if alibi_slopes is None:
+        return None
+    if isinstance(alibi_slopes, torch.Tensor):
+        alibi_slopes = alibi_slopes.detach().cpu().double().numpy()
+    slopes = check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[1])
+    assert slopes is not None
+    full = np.broadcast_to(slopes, (q.shape[0], q.shape[1])) * kernels.LOG2E
+    return torch.as_tensor(np.ascontiguousarray(full).ravel(), dtype=torch.float32,
+                           device=q.device)
