@@ -39,7 +39,7 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="no CUDA device")
 TRITON = declare(
     flash_attention, backend="torch", device=DEVICE, name="flashmath.triton",
     supports={"causal", "causal_top_left", "window", "kv_lengths", "softcap", "scale", "gqa",
-              "dv", "alibi_slopes"},
+              "dv", "alibi_slopes", "sinks"},
     dtypes=("float16", "bfloat16", "float32"),
 )
 
@@ -77,8 +77,12 @@ CASES = [
                                                     "alibi_slopes": np.array(
                                                         [[0.5, 0.25, 0.125, 0.0625],
                                                          [1.0, 0.3, 0.0, 2.0]])}),
+    ("sinks",              2, 4, 2, 24, 40, 16, 16, {"causal": True, "kv_lengths": [40, 9],
+                                                    "sinks": np.array([0.5, -1.0, 3.0,
+                                                                       -np.inf])}),
 ]
-WIDE = {"plain", "causal-br-sq>sk", "gqa", "kv-lengths-causal", "softcap", "all", "alibi-all"}
+WIDE = {"plain", "causal-br-sq>sk", "gqa", "kv-lengths-causal", "softcap", "all", "alibi-all",
+        "sinks"}
 GRID = [pytest.param(c, torch.float16, id=f"{c[0]}-float16") for c in CASES] + [
     pytest.param(c, dt, id=f"{c[0]}-{str(dt)[6:]}")
     for dt in (torch.bfloat16, torch.float32) for c in CASES if c[0] in WIDE]
@@ -512,7 +516,7 @@ from triton.runtime.autotuner import Heuristics
 from flashmath.triton import kernels as K
 assert not K.INTERPRETED
 TENSORS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
-STATS = {"M2", "L2", "Delta", "DLse", "Alibi"}
+STATS = {"M2", "L2", "Delta", "DLse", "Alibi", "Sinks"}
 FLOATS = {"qk_scale", "cap_scale", "sm_scale"}
 def build(fn, consts, dt):
     sig = {n: "constexpr" if n in consts else f"*{dt}" if n in TENSORS else "*fp32" if n in STATS
@@ -531,7 +535,8 @@ for dt, dtype, d, dv, extras, block in (("fp16", tl.float16, 48, 24, True, 64),
              DTYPE=dtype, DOT=dtype, BLOCK_M=block, BLOCK_N=block, LEAD=extras, TRAIL=True)
     for kernel in (K.attn_fwd, K.attn_bwd_dkdv, K.attn_bwd_dq):
         fn = kernel.fn if isinstance(kernel, Heuristics) else kernel  # the jit function
-        print(dt, fn.__name__, "wgmma" if build(fn, c, dt) else "no-wgmma")
+        kc = dict(c, HAS_SINKS=extras) if "HAS_SINKS" in fn.arg_names else c
+        print(dt, fn.__name__, "wgmma" if build(fn, kc, dt) else "no-wgmma")
     build(K.attn_bwd_preprocess, dict(HEAD_DIM_V=dv, BLOCK_DV=c["BLOCK_DV"], HAS_DLSE=True,
                                       BLOCK_M=64), dt)
 """
@@ -549,3 +554,27 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.split("\n")
     assert sum("wgmma" == line.split()[-1] for line in lines if line) == 3  # Hopper MMA
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sinks_gradient_and_lse_match_the_oracle(dtype):
+    """The sinks are learnable: their gradient (through out and through lse) against the
+    float64 oracle's, and lse includes them (a row with nothing else gives lse = sink)."""
+    case = next(c for c in CASES if c[0] == "sinks")
+    q, k, v, dout = make_inputs(case, dtype)
+    opts = {key: val for key, val in case[-1].items() if key != "sinks"}
+    sinks = torch.tensor([0.5, -1.0, 3.0, -4.0], dtype=torch.float32, requires_grad=True)
+    dlse = torch.randn(q.shape[:3], generator=torch.Generator().manual_seed(3))
+    with op.fixed_blocks(16, 16):
+        out, lse = flash_attention(q, k, v, sinks=sinks, return_lse=True, **opts)
+    ((out.float() * dout.float()).sum() + (lse * dlse).sum()).backward()
+    np_in = [numpy_of(t) for t in (q, k, v, dout)]
+    ref_out, ref_lse = fm.attention_reference(*np_in[:3], sinks=sinks.detach().numpy(),
+                                              return_lse=True, **opts)
+    *_, ref_ds = fm.attention_reference_backward(np_in[3], *np_in[:3],
+                                                 sinks=sinks.detach().numpy(),
+                                                 dlse=dlse.numpy(), **opts)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    np.testing.assert_allclose(lse.detach().cpu().numpy(), ref_lse, atol=1e-4)
+    np.testing.assert_allclose(out.detach().float().cpu().numpy(), ref_out, atol=tol)
+    np.testing.assert_allclose(sinks.grad.numpy(), ref_ds, rtol=1e-2, atol=tol)

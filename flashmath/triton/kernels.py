@@ -256,7 +256,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
 
 @triton.heuristics(_key_runs)
 @triton.jit
-def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi,
+def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi, Sinks,
              stride_qb, stride_qh, stride_qm, stride_qd,
              stride_kb, stride_kh, stride_kn, stride_kd,
              stride_vb, stride_vh, stride_vn, stride_vd,
@@ -266,7 +266,7 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi,
              BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
              SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
              DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             HAS_ALIBI: tl.constexpr,
+             HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
              LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (query block, batch * head): O, m2 and l2 of BLOCK_M query rows."""
     pid_m = tl.program_id(0)
@@ -318,6 +318,15 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi,
                                    HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP, HAS_ALIBI,
                                    PRECISION, DTYPE, DOT)
 
+    # -- an attention sink: one more logit in the denominator, with no value ---------------
+    if HAS_SINKS:
+        sink2 = tl.load(Sinks + h)  # sinks[h] * log2(e)
+        m_f = tl.maximum(m_i, sink2)
+        m_fs = tl.where(m_f == float("-inf"), 0.0, m_f)
+        alpha = tl.math.exp2(m_i - m_fs)
+        l_i = l_i * alpha + tl.math.exp2(sink2 - m_fs)
+        acc = acc * alpha[:, None]
+        m_i = m_f
     # -- epilogue: O = acc / l (0 where nothing was seen), l2 = log2(l) (-inf there) --------
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

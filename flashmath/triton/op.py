@@ -33,6 +33,7 @@ from flashmath.attention.options import (
     check_lengths,
     check_positive,
     check_shapes,
+    check_sinks,
     check_window,
 )
 from flashmath.triton import kernels
@@ -157,8 +158,8 @@ def _consts(q: torch.Tensor, v: torch.Tensor, spec: _Spec, kv_len: torch.Tensor 
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor | None,
-             alibi: torch.Tensor | None, spec: _Spec, blocks: Blocks | None,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             alibi: torch.Tensor | None, sinks2: torch.Tensor | None, spec: _Spec,
+             blocks: Blocks | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (B, H, Sq, Dv) in q's dtype, m2 and l2 (B, H, Sq) float32): each row's max score
     and log2 of its softmax denominator, in log2 units (kernels.py: why they stay apart)."""
     B, H, Sq, _ = q.shape
@@ -168,18 +169,20 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Te
     l2 = torch.empty_like(m2)
     qk_scale, cap_scale = spec.scalars()
     _launch(kernels.attn_fwd, kernels.attn_fwd_tuned, blocks, Sq, "BLOCK_M", B * H,
-            q, k, v, out, m2, l2, kv_len, alibi,
+            q, k, v, out, m2, l2, kv_len, alibi, sinks2,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             H, H // H_kv, Sq, Sk, qk_scale, cap_scale, spec.win_left, spec.win_right,
-            **_consts(q, v, spec, kv_len, alibi))
+            HAS_SINKS=sinks2 is not None, **_consts(q, v, spec, kv_len, alibi))
     return out, m2, l2
 
 
 def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor, out: torch.Tensor, m2: torch.Tensor, l2: torch.Tensor,
               kv_len: torch.Tensor | None, alibi: torch.Tensor | None, spec: _Spec,
-              blocks: Blocks | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv): the Delta preprocess, then the dK/dV and dQ passes (no atomics)."""
+              blocks: Blocks | None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, Delta): the Delta preprocess (rowsum(dO * O) - dlse, (B, H, Sq)), then
+    the dK/dV and dQ passes (no atomics)."""
     B, H, Sq, _ = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     consts = _consts(q, v, spec, kv_len, alibi)
@@ -201,20 +204,22 @@ def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
             q, k, v, do, dq, m2, l2, delta, kv_len, alibi,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             *scalars, **consts)
-    return dq, dk, dv
+    return dq, dk, dv, delta
 
 
 class _FlashAttention(torch.autograd.Function):
-    """out, lse = f(q, k, v); the backward recomputes P from each row's max and log2-sum
-    (m2, l2), tile by tile: the probability matrix is never stored."""
+    """out, lse = f(q, k, v, sinks); the backward recomputes P from each row's max and
+    log2-sum (m2, l2), tile by tile: the probability matrix is never stored."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_len: torch.Tensor | None, alibi: torch.Tensor | None, spec: _Spec,
-                blocks: Blocks | None) -> tuple[torch.Tensor, torch.Tensor]:
+                sinks: torch.Tensor | None, kv_len: torch.Tensor | None,
+                alibi: torch.Tensor | None, spec: _Spec, blocks: Blocks | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         # the backward tiles as the forward did
-        out, m2, l2 = _forward(q, k, v, kv_len, alibi, spec, blocks)
-        ctx.save_for_backward(q, k, v, out, m2, l2, kv_len, alibi)
+        sinks2 = None if sinks is None else (sinks.detach().float() * kernels.LOG2E).contiguous()
+        out, m2, l2 = _forward(q, k, v, kv_len, alibi, sinks2, spec, blocks)
+        ctx.save_for_backward(q, k, v, out, m2, l2, kv_len, alibi, sinks)
         ctx.spec, ctx.blocks = spec, blocks
         ctx.set_materialize_grads(False)
         return out, (m2 + l2) * _LN2  # users get the natural log, as every backend
@@ -222,14 +227,20 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None,
                  ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, m2, l2, kv_len, alibi = ctx.saved_tensors
+        q, k, v, out, m2, l2, kv_len, alibi, sinks = ctx.saved_tensors
         if dout is None:  # only lse was used downstream
             dout = torch.zeros_like(out)
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
-        dq, dk, dv = _backward(dout, dlse, q, k, v, out, m2, l2, kv_len, alibi, ctx.spec,
-                               ctx.blocks)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv, delta = _backward(dout, dlse, q, k, v, out, m2, l2, kv_len, alibi,
+                                      ctx.spec, ctx.blocks)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            # d out / d sink = -p_sink out, d lse / d sink = p_sink: dsink = -sum p_sink Delta
+            # (Delta = rowsum(dO * O) - dlse), p_sink = exp(sink - lse)
+            p_sink = torch.exp(sinks.float()[None, :, None] - (m2 + l2) * _LN2)
+            dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
+        return dq, dk, dv, dsinks, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,6 +259,7 @@ def flash_attention(
     softcap: float | None = None,
     scale: float | None = None,
     alibi_slopes: Any = None,
+    sinks: torch.Tensor | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     return_lse: bool = False,
@@ -278,6 +290,9 @@ def flash_attention(
         scale                 defaults to 1 / sqrt(D)
         alibi_slopes          (H,) or (B, H): pair (i, j) gets -slope * |j - i - diagonal|,
                               added after the softcap (flash-attention's alibi_slopes)
+        sinks                 (H,) attention-sink logits (gpt-oss): one more logit in each
+                              row's denominator with no value; lse includes it, and the
+                              sinks get a gradient when they require one
         block_q, block_k      tile sizes (powers of two >= 16); None autotunes on a GPU
                               (the interpreter uses 32); one side alone pairs with 64
         return_lse            also return lse (it is differentiable too)
@@ -289,8 +304,9 @@ def flash_attention(
     """
     spec, kv_len = _validate(q, k, v, causal, window, kv_lengths, softcap, scale)
     alibi = _alibi(alibi_slopes, q)
+    sinks = _sinks(sinks, q)
     blocks = _blocks(block_q, block_k)
-    out, lse = _FlashAttention.apply(q, k, v, kv_len, alibi, spec, blocks)
+    out, lse = _FlashAttention.apply(q, k, v, sinks, kv_len, alibi, spec, blocks)
     return (out, lse) if return_lse else out
 
 
@@ -348,3 +364,18 @@ def _alibi(alibi_slopes: Any, q: torch.Tensor) -> torch.Tensor | None:
     full = np.broadcast_to(slopes, (q.shape[0], q.shape[1])) * kernels.LOG2E
     return torch.as_tensor(np.ascontiguousarray(full).ravel(), dtype=torch.float32,
                            device=q.device)
+
+
+def _sinks(sinks: Any, q: torch.Tensor) -> torch.Tensor | None:
+    """sinks checked ((H,) reals, finite or -inf) on q's device; a tensor keeps its autograd
+    graph (the sinks are learnable), anything else becomes a float32 tensor."""
+    if sinks is None:
+        return None
+    values = sinks.detach().cpu().double().numpy() if isinstance(sinks, torch.Tensor) else sinks
+    checked = check_sinks(values, q.shape[1])
+    if isinstance(sinks, torch.Tensor):
+        if sinks.device != q.device:
+            raise ValueError(f"sinks: must be on q's device {q.device}, got {sinks.device}")
+        return sinks
+    assert checked is not None
+    return torch.as_tensor(checked, dtype=torch.float32, device=q.device)
