@@ -53,7 +53,7 @@ k_offset=0, q_total=None, k_total=None) -> (out, lse)`` and
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -68,6 +68,7 @@ from flashmath.attention.schedule import (
     units,
 )
 from flashmath.attention.threads import run_units
+from flashmath.dtypes import finfo
 from flashmath.softmax.rule import rescale, row_shift
 
 __all__ = [
@@ -178,10 +179,12 @@ def flash_attention_backward(
 
 
 def _wide_float32(plan: Plan) -> bool:
-    """float32 input computed in float32 tiles: the case where flashmath and the naive
-    formula share a dtype; the backward then forms the few quantities that decide its
-    error against that formula in float64 (see :func:`_probabilities`)."""
-    return plan.opts.dtype == np.float32 and plan.acc == np.float32
+    """float32 tiles (float32, float16, bfloat16 input by default): the backward then forms
+    the few quantities that decide its error in float64: the row sums, dp = do v^T and
+    dp - delta, rounded once (see :func:`_probabilities`). For float32 input flashmath and
+    the naive formula share a dtype, so this is what keeps dq, dk inside the rule; for
+    narrower input it keeps a row with one visible key at dq = dk = 0 exactly."""
+    return plan.acc == np.float32
 
 
 def _folds_scale(plan: Plan) -> bool:
@@ -407,16 +410,23 @@ def _backward_unit(
     # float32 input: dp = do v^T and dp - delta in float64, rounded once (see _probabilities)
     v64 = np.asarray(v, np.float64) if _wide_float32(plan) else None
     dp64 = None if v64 is None else np.empty((plan.bq, plan.bk), np.float64)
+    v_max = float(np.max(np.abs(v), initial=0.0)) if opts.all_keys else 0.0
     for i0, i1, tiles in _blocks(plan, b):
         if not tiles:
             continue
         ni = i1 - i0
         qs = _q_block(plan, b, h, i0, i1)  # (ni, D), scaled if folded
         do = np.asarray(dout[b, h, i0:i1], acc)  # (ni, Dv)
-        shift, f, o = _probabilities(plan, b, h, qs, k, i0, i1, tiles, lse[b, h, i0:i1], buf,
-                                     v64 if opts.all_keys else None)
-        if o is not None and f is not None:  # delta from this pass's own out, in float64
-            delta = np.einsum("id,id->i", do, o * f[:, None], dtype=st)[:, None]
+        pr = _probabilities(plan, b, h, qs, k, i0, i1, tiles, lse[b, h, i0:i1], buf,
+                            (v if v64 is None else v64) if opts.all_keys else None)
+        shift, f = pr.shift, pr.f
+        if pr.o is not None and f is not None:  # delta from this pass's own out, in float64
+            o = pr.o * f[:, None]
+            _check_given(plan, "out", out[b, h, i0:i1], o, v_max)
+            if pr.lse is not None:
+                _check_given(plan, "lse", lse[b, h, i0:i1], pr.lse, 0.0)
+            delta = np.einsum("id,id->i", do, o, dtype=st)
+            delta = (delta if v64 is not None else delta.astype(acc))[:, None]
         else:
             delta = np.einsum("id,id->i", do, out[b, h, i0:i1], dtype=st)
             delta = (delta if v64 is not None else delta.astype(acc))[:, None]
@@ -451,36 +461,83 @@ def _backward_unit(
         dq[b, h, i0:i1] = dq_blk * opts.scale
 
 
+#: The given out and lse must match the backward's own recomputation within this many
+#: units of the coarser of the input and tile dtypes' epsilon (see :func:`_check_given`).
+_GIVEN_TOLERANCE = 64
+
+
+def _check_given(plan: Plan, name: str, given: np.ndarray, want: np.ndarray,
+                 v_max: float) -> None:
+    """Raise ValueError when the given out or lse rows do not belong to these inputs.
+
+    want: the backward's own recomputation (float64). NaN in ``given`` where ``want`` is
+    not NaN (an all-NaN out or lse, for instance) is always an error; so is a value off
+    by more than _GIVEN_TOLERANCE epsilons of the coarser of the stored (lse: float32 or
+    float64; out: the input dtype) and tile dtypes (relative to 1 + |lse| for lse, to
+    the row's max |out| plus the slice's max |v| for out), checked only when the tiles
+    are float32 or wider (narrower tile sums drift)."""
+    g = np.asarray(given, np.float64)
+    fin = np.isfinite(want)
+    wrong = (np.isnan(g) & ~np.isnan(want)) | (fin & ~np.isfinite(g))
+    wrong |= np.isneginf(want) & ~np.isneginf(g)
+    if plan.acc.itemsize >= 4:
+        stored = plan.opts.lse_dtype if name == "lse" else plan.opts.dtype
+        eps = max(float(finfo(stored).eps), float(finfo(plan.acc).eps))
+        dev = np.abs(np.where(fin, g - want, 0.0))
+        if name == "lse":
+            bound = _GIVEN_TOLERANCE * eps * (1 + np.abs(np.where(fin, want, 0.0)))
+        else:
+            row = np.max(np.abs(np.where(fin, want, 0.0)), axis=-1, keepdims=True)
+            bound = _GIVEN_TOLERANCE * eps * (row + v_max)
+        wrong |= dev > bound
+    if wrong.any():
+        raise ValueError(
+            f"{name}: {int(wrong.sum())} value(s) differ from the forward of these q, k, v "
+            f"and options (NaN or off by more than rounding); pass the out and lse that "
+            f"flash_attention(..., return_lse=True) returned for the same inputs"
+        )
+
+
+class _RowProbs(NamedTuple):
+    """What :func:`_probabilities` returns for a block of rows: p = exp(s - shift) * f."""
+
+    shift: np.ndarray  # (ni, 1), tile dtype
+    f: np.ndarray | None  # (ni,), state dtype; None: 1
+    o: np.ndarray | None  # (ni, Dv) sum_j exp(s_j - shift) v_j, state dtype; or None
+    lse: np.ndarray | None  # (ni,) the recomputed lse (float64), or None
+
+
 def _probabilities(
     plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
     tiles: list[Tile], lse: np.ndarray, buf: np.ndarray,
-    v64: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(shift, f, o) such that a row block's probabilities are p = exp(s - shift) * f.
+    v: np.ndarray | None = None,
+) -> _RowProbs:
+    """How the backward rebuilds a row block's probabilities, p = exp(s - shift) * f.
 
-    Narrow inputs (float16, bfloat16, float8 are narrower than the float32 lse): shift =
-    lse, f = None (1), FlashAttention's p = exp(s - lse); lse's rounding is far below the
-    inputs' precision. Inputs as wide as lse (float32, float64): exp(s - lse) would carry
-    lse's rounding, |lse| eps / 2, into every p of the row, and the rounding of s - lse,
-    up to |s - m| + log l ulps, where the naive exp(s - m) / l has |s - m|. So one extra
-    online pass over the block's tiles recomputes the row max m and l = sum exp(s - m)
-    (state dtype), and shift = m with f = 1 / l when the keys are the whole sequence, or
-    f = exp(m - lse) for a shard (whose row sums are not 1: lse is the global one).
-    Empty rows get shift 0 and f 0.
+    When the keys are the whole sequence (not a shard), one online pass over the block's
+    tiles recomputes the row max m, l = sum exp(s - m) and, given v, o = sum exp(s - m) v
+    (state dtype: float64 for float32 and wider tiles): shift = m, f = 1 / l, and the
+    backward forms delta = rowsum(do * o f) from these very probabilities. The given lse
+    and out are then only checked against this recomputation (:func:`_check_given`), not
+    used: exp(s - lse) would carry lse's float32 rounding (|lse| eps / 2) into every p of
+    a row, and delta from the given out its rounding to the input dtype (for float16 and
+    bfloat16 about 1e-3 |do| |out| per term), which the near-cancelling dp - delta of a
+    dominant key turned into dq, dk up to 3x (float16) and 10x (float32) the naive
+    formula's error. Empty rows get shift 0 and f 0.
 
-    o: with v64 (the slice's values in float64, float32 input with all keys), the same
-    pass also sums o = sum_j exp(s_j - shift) v_j in float64 (ni, Dv), so that the
-    backward's delta = rowsum(do * o f) matches the very p it uses; from the given
-    float32 out, delta carried out's rounding (|do| |out| eps / 2 per term), which the
-    near-cancelling dp - delta of a dominant key turned into gradients up to 10x the naive
-    formula's error. None otherwise.
+    For a shard (not all keys), the row sums over the local keys are not 1: shift = m and
+    f = exp(m - lse) with the given (global) lse for float32 and wider inputs, shift = lse
+    and f = None for narrower ones; o is None and delta comes from the given (global) out.
     """
     opts = plan.opts
-    if opts.dtype.itemsize < opts.lse_dtype.itemsize:
-        return row_shift(np.asarray(lse, plan.acc))[:, None], None, None
-    m, l, o = _online(plan, b, h, qs, k, v64, i0, i1, tiles, buf, sum64=_wide_float32(plan))
-    if opts.all_keys:
-        f = np.divide(1, l, out=np.zeros_like(l), where=l != 0)
-    else:
+    if not opts.all_keys and opts.dtype.itemsize < opts.lse_dtype.itemsize:
+        return _RowProbs(row_shift(np.asarray(lse, plan.acc))[:, None], None, None, None)
+    m, l, o = _online(plan, b, h, qs, k, v if opts.all_keys else None, i0, i1, tiles, buf,
+                      sum64=_wide_float32(plan))
+    shift = row_shift(m).astype(plan.acc)[:, None]
+    if not opts.all_keys:
         f = np.exp(m - row_shift(np.asarray(lse, plan.state)))  # 0 where m = -inf
-    return row_shift(m).astype(plan.acc)[:, None], f, (o if v64 is not None else None)
+        return _RowProbs(shift, f, None, None)
+    f = np.divide(1, l, out=np.zeros_like(l), where=l != 0)
+    lse_re = np.asarray(m, np.float64) + np.log(np.asarray(l, np.float64))
+    return _RowProbs(shift, f, o if v is not None else None, lse_re)
