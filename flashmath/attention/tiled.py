@@ -62,12 +62,13 @@ from flashmath.attention.options import check_backward_inputs
 from flashmath.attention.schedule import (
     DEFAULT_BLOCK_K,
     DEFAULT_BLOCK_Q,
+    Block,
     Plan,
     Tile,
-    schedule,
-    units,
+    Unit,
+    work_units,
 )
-from flashmath.attention.threads import run_units
+from flashmath.attention.threads import cores, run_units
 from flashmath.dtypes import finfo
 from flashmath.softmax.rule import rescale, row_shift
 
@@ -202,14 +203,37 @@ def _q_block(plan: Plan, b: int, h: int, i0: int, i1: int) -> np.ndarray:
     return np.multiply(plan.q[b, h, i0:i1], factor, dtype=plan.acc)
 
 
+#: float32 input: the score GEMM runs in float64 and is rounded once (see _exact_scores).
+#: A switch for measurements (benchmarks/bench_attention.py --no-exact-scores).
+EXACT_SCORES = True
+
+
+def _exact_scores(plan: Plan) -> bool:
+    """float32 input in float32 tiles: s = scale q k^T is computed in float64 (products of
+    float32 numbers are exact there) and rounded to float32 once. A float32 GEMM's
+    rounding of s, about |s| sqrt(D) eps, is the largest error in p whenever scores are
+    large; the naive and the PyTorch-style baselines carry it too, as independent draws,
+    so with float32 scores flashmath's max error was a coin toss against theirs (2% of
+    random cases over 2x the PyTorch-style baseline). Costs a float64 GEMM per tile."""
+    return EXACT_SCORES and plan.opts.dtype == np.float32 and plan.acc == np.float32
+
+
+#: Keys per float64 piece of an exact score tile.
+_EXACT_CHUNK = 128
+
+
+def _score_rows(plan: Plan, b: int, h: int, i0: int, i1: int, qs: np.ndarray) -> np.ndarray:
+    """The query rows for the score GEMM: qs (from _q_block), or scale * q in float64
+    with exact scores."""
+    if not _exact_scores(plan):
+        return qs
+    return np.multiply(plan.q[b, h, i0:i1], plan.opts.scale, dtype=np.float64)
+
+
 def _kv(plan: Plan, b: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     """k[b, kv head], v[b, kv head] in the accumulate dtype (views when no cast is needed)."""
     hk = h // plan.opts.group
     return np.asarray(plan.k[b, hk], plan.acc), np.asarray(plan.v[b, hk], plan.acc)
-
-
-def _blocks(plan: Plan, b: int) -> Any:
-    return schedule(plan.opts.spec, b, plan.bq, plan.bk)
 
 
 def _scores(
@@ -224,9 +248,15 @@ def _scores(
     """
     opts = plan.opts
     s = buf[: i1 - i0, : j1 - j0]
-    np.matmul(qs, k[j0:j1].T, out=s)
-    if not _folds_scale(plan):
-        s *= opts.scale
+    if qs.dtype != s.dtype:  # exact scores: scale q k^T in float64, rounded once
+        for c0 in range(j0, j1, _EXACT_CHUNK):  # float64 pieces stay small (memory)
+            c1 = min(c0 + _EXACT_CHUNK, j1)
+            k64 = np.asarray(k[c0:c1], np.float64)
+            np.copyto(s[:, c0 - j0 : c1 - j0], np.matmul(qs, k64.T), casting="same_kind")
+    else:
+        np.matmul(qs, k[j0:j1].T, out=s)
+        if not _folds_scale(plan):
+            s *= opts.scale
     if opts.softcap is not None:
         s *= 1.0 / opts.softcap
         np.tanh(s, out=s)
@@ -259,21 +289,23 @@ def tiled_forward(
     out = np.zeros((opts.batch, opts.heads, opts.sq, opts.dv), opts.dtype)
     lse = np.full((opts.batch, opts.heads, opts.sq), -np.inf, opts.lse_dtype)
 
-    def work(unit: tuple[int, int]) -> None:
-        _forward_unit(plan, *unit, out, lse)
+    def work(unit: Unit) -> None:
+        _forward_unit(plan, unit.b, unit.h, unit.blocks, out, lse)
 
-    run_units(units(opts), work)
+    run_units(work_units(plan, cores()), work)
     return out, lse
 
 
-def _forward_unit(plan: Plan, b: int, h: int, out: np.ndarray, lse: np.ndarray) -> None:
-    """Forward of slice (b, h): out[b, h] and lse[b, h] for the rows that see any key."""
+def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], out: np.ndarray,
+                  lse: np.ndarray) -> None:
+    """Forward of the row blocks ``blocks`` of slice (b, h): out[b, h] and lse[b, h] for
+    the rows that see any key."""
     k, v = _kv(plan, b, h)
     buf = np.empty((plan.bq, plan.bk), plan.acc)  # the score tile, reused
-    for i0, i1, tiles in _blocks(plan, b):
+    for i0, i1, tiles in blocks:
         if not tiles:
             continue  # nothing visible: out stays 0, lse -inf
-        qs = _q_block(plan, b, h, i0, i1)  # (ni, D)
+        qs = _score_rows(plan, b, h, i0, i1, _q_block(plan, b, h, i0, i1))
         if len(tiles) == 1:
             m, l, o = _one_tile(plan, b, h, qs, k, v, i0, i1, tiles[0], buf)
         else:
@@ -375,14 +407,19 @@ def tiled_backward(
     opts = plan.opts
     dout, out, lse = check_backward_inputs(opts, dout=dout, out=out, lse=lse)
     dq = np.zeros(plan.q.shape, opts.dtype)
-    # Per query head; summed over each group of heads below (disjoint writes per thread).
-    dk = np.zeros((opts.batch, opts.heads, opts.sk, opts.d), plan.state)
-    dv = np.zeros((opts.batch, opts.heads, opts.sk, opts.dv), plan.state)
+    todo = work_units(plan, cores())
+    parts = todo[0].parts if todo else 1
+    # Per query head and part; summed over parts and each group of heads below (disjoint
+    # writes per thread).
+    dk = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.d), plan.state)
+    dv = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.dv), plan.state)
 
-    def work(unit: tuple[int, int]) -> None:
-        _backward_unit(plan, *unit, dout, out, lse, dq, dk, dv)
+    def work(unit: Unit) -> None:
+        _backward_unit(plan, unit.b, unit.h, unit.blocks, dout, out, lse, dq,
+                       dk[unit.part], dv[unit.part])
 
-    run_units(units(opts), work)
+    run_units(todo, work)
+    dk, dv = (x[0] if parts == 1 else x.sum(axis=0) for x in (dk, dv))
     if not _folds_scale(plan):
         dk *= opts.scale
     shape = (opts.batch, opts.kv_heads, opts.group, opts.sk)
@@ -392,10 +429,11 @@ def tiled_backward(
 
 
 def _backward_unit(
-    plan: Plan, b: int, h: int, dout: np.ndarray, out: np.ndarray, lse: np.ndarray,
-    dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+    plan: Plan, b: int, h: int, blocks: list[Block], dout: np.ndarray, out: np.ndarray,
+    lse: np.ndarray, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
 ) -> None:
-    """Gradients of slice (b, h): dq[b, h], and this head's dk[b, h], dv[b, h].
+    """Gradients of the row blocks ``blocks`` of slice (b, h): their dq[b, h] rows, and
+    their contributions to this head's dk[b, h], dv[b, h].
 
     With p = exp(s - shift) * f (f per row, see :func:`_probabilities`), the row factor f
     is folded into the small operands instead of the tile: dv += p~^T (f do),
@@ -411,13 +449,14 @@ def _backward_unit(
     v64 = np.asarray(v, np.float64) if _wide_float32(plan) else None
     dp64 = None if v64 is None else np.empty((plan.bq, plan.bk), np.float64)
     v_max = float(np.max(np.abs(v), initial=0.0)) if opts.all_keys else 0.0
-    for i0, i1, tiles in _blocks(plan, b):
+    for i0, i1, tiles in blocks:
         if not tiles:
             continue
         ni = i1 - i0
         qs = _q_block(plan, b, h, i0, i1)  # (ni, D), scaled if folded
+        qs_s = _score_rows(plan, b, h, i0, i1, qs)
         do = np.asarray(dout[b, h, i0:i1], acc)  # (ni, Dv)
-        pr = _probabilities(plan, b, h, qs, k, i0, i1, tiles, lse[b, h, i0:i1], buf,
+        pr = _probabilities(plan, b, h, qs_s, k, i0, i1, tiles, lse[b, h, i0:i1], buf,
                             (v if v64 is None else v64) if opts.all_keys else None)
         shift, f = pr.shift, pr.f
         if pr.o is not None and f is not None:  # delta from this pass's own out, in float64
@@ -436,7 +475,7 @@ def _backward_unit(
         dq_blk = np.zeros((ni, opts.d), st)
         for j0, j1, kind in tiles:
             nj = j1 - j0
-            p = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf, tanh_buf)
+            p = _scores(plan, b, h, qs_s, k, i0, i1, j0, j1, kind, buf, tanh_buf)
             p -= shift
             np.exp(p, out=p)  # p~ = exp(s - shift)
             dv_h[j0:j1] += p.T @ do_f
