@@ -160,8 +160,9 @@ def _nan_policy_ok(q: np.ndarray, k: np.ndarray, opts: Any, out: np.ndarray) -> 
 
 def judge(case: dict[str, Any], *, use_torch: bool = True) -> dict[str, Any]:
     """Errors and ratios of one case. Returns {"nan_ok": bool, "float64_rel": float or
-    None, "ratios": {baseline: {output: ratio}}} (ratios empty for float64 and for cases
-    with a planted non-finite value)."""
+    None, "ratios": {baseline: {output: (judged ratio, raw ratio)}}} (ratios empty for
+    float64 and for cases with a planted non-finite value); the judged ratio is 0 where
+    flashmath is exact enough (:data:`EXACT`, correctly rounded)."""
     dt = as_dtype(case["dtype"])
     q, k, v, do = (np.asarray(case[x]).astype(dt) for x in ("q", "k", "v", "dout"))
     opts, (bq, bk) = case["options"], case["blocks"]
@@ -188,12 +189,12 @@ def judge(case: dict[str, Any], *, use_torch: bool = True) -> dict[str, Any]:
     for name, base in bases.items():
         ratios = {}
         for x in OUTPUTS:
-            err = _err(mine[x], ref[x])
-            if err <= exact * _magnitude(ref[x]) or correctly_rounded(mine[x], ref[x], dt):
-                ratios[x] = 0.0
-                continue
-            base_err = _err(base[x], ref[x])
-            ratios[x] = err / base_err if base_err > 0 else float("inf")
+            err, base_err = _err(mine[x], ref[x]), _err(base[x], ref[x])
+            exact_enough = (err <= exact * _magnitude(ref[x])
+                            or correctly_rounded(mine[x], ref[x], dt))
+            raw = err / base_err if base_err > 0 else (0.0 if err == 0 else float("inf"))
+            # (judged ratio, raw ratio): the judged one is 0 when flashmath is exact enough
+            ratios[x] = (0.0 if exact_enough else raw, raw)
         rec["ratios"][name] = ratios
     return rec
 
@@ -206,8 +207,10 @@ class Stats:
     nan_breaks: list[int] = field(default_factory=list)
     float64_worst: float = 0.0
     float64_cases: int = 0
-    #: (dtype, baseline, output) -> [(ratio, case index)]
+    #: (dtype, baseline, output) -> [(judged ratio, case index)]
     ratios: dict[tuple[str, str, str], list[tuple[float, int]]] = field(default_factory=dict)
+    #: (dtype, baseline, output) -> raw ratios (err / baseline err, exact cases included)
+    raw: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
 
     def over(self) -> dict[tuple[str, str, str], list[tuple[float, int]]]:
         return {key: [(r, i) for r, i in rs if r > FACTORS[key[2]]]
@@ -217,9 +220,11 @@ class Stats:
         rows = []
         for (dtype, base, x), rs in sorted(self.ratios.items()):
             vals = [r for r, _ in rs]
+            raw = [r for r in self.raw[(dtype, base, x)] if np.isfinite(r)]
             rows.append({"dtype": dtype, "baseline": base, "output": x, "cases": len(vals),
-                         "median": statistics.median(vals), "max": max(vals),
-                         "over": sum(r > FACTORS[x] for r in vals)})
+                         "median": statistics.median(raw), "max": max(vals),
+                         "raw_max": max(raw), "over": sum(r > FACTORS[x] for r in vals),
+                         "exact": sum(r == 0 for r in vals)})
         return rows
 
 
@@ -240,8 +245,10 @@ def run_fuzz(n: int, seed: int, dtypes: tuple[str, ...] = ("float32", "float16",
             stats.float64_cases += 1
             stats.float64_worst = max(stats.float64_worst, rec["float64_rel"])
         for base, ratios in rec["ratios"].items():
-            for x, r in ratios.items():
-                stats.ratios.setdefault((dtype_name(as_dtype(dt)), base, x), []).append((r, i))
+            for x, (r, raw) in ratios.items():
+                key = (dtype_name(as_dtype(dt)), base, x)
+                stats.ratios.setdefault(key, []).append((r, i))
+                stats.raw.setdefault(key, []).append(raw)
     return stats
 
 

@@ -60,8 +60,8 @@ def test_the_judge_can_fail():
         rec = judge(case)
     finally:
         fm.flash_attention = real
-    assert rec["ratios"]["naive"]["out"] > FACTORS["out"]
-    assert rec["ratios"]["torch"]["out"] > FACTORS["out"]
+    assert rec["ratios"]["naive"]["out"][0] > FACTORS["out"]
+    assert rec["ratios"]["torch"]["out"][0] > FACTORS["out"]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -79,8 +79,8 @@ def test_flash_attn_split_kv_cases(dtype, opts):
     rec = judge(case)
     assert rec["nan_ok"]
     for base, ratios in rec["ratios"].items():
-        for x, r in ratios.items():
-            assert r <= FACTORS[x], (base, x, r)
+        for x, (judged, _) in ratios.items():
+            assert judged <= FACTORS[x], (base, x, judged)
 
 
 def test_few_slices_are_cut_into_parts_covering_every_block_once():
