@@ -33,9 +33,12 @@ float32. lse is float32 (float64 for float64 input). The backward rejects float8
 Accuracy (the rule of docs/conventions.md, against the naive same-dtype formula and a
 PyTorch-style baseline; measured by benchmarks/fuzz_attention.py): narrow inputs meet it
 with room (median errors 0.1-0.4x the baselines'). float32 input computes its scores in
-float64 and rounds them once (:func:`_exact_scores`): a float32 score GEMM's rounding is
-the largest error in p whenever scores are large, and the baselines carry it too, so
-without this flashmath's error was a coin toss against theirs. The backward spends one
+float64 and keeps them as a float32 value plus its float32 rounding residual
+(:func:`_exact_scores`, :func:`_scores`): the shift by the row max is then exact where it
+matters, so p = exp(s - m) carries eps / 2 relative error however large the scores; a
+float32 score GEMM's rounding, |s| eps, is the largest error in p whenever scores are
+large, and the baselines carry it too, so without this flashmath's error was a coin toss
+against theirs. The backward spends one
 extra pass per row block recomputing the row max, sum and output (float64 sums), from
 which it builds p and delta rather than from the given, rounded lse and out (see
 :func:`_probabilities`). Rows whose visible keys fit one tile take :func:`_one_tile`,
@@ -268,12 +271,41 @@ EXACT_SCORES = True
 
 def _exact_scores(plan: Plan) -> bool:
     """float32 input in float32 tiles: s = scale q k^T is computed in float64 (products of
-    float32 numbers are exact there) and rounded to float32 once. A float32 GEMM's
-    rounding of s, about |s| sqrt(D) eps, is the largest error in p whenever scores are
-    large; the naive and the PyTorch-style baselines carry it too, as independent draws,
-    so with float32 scores flashmath's max error was a coin toss against theirs (2% of
-    random cases over 2x the PyTorch-style baseline). Costs a float64 GEMM per tile."""
+    float32 numbers are exact there) and kept as its float32 rounding plus the rounding
+    residual (see :func:`_scores`). A float32 GEMM's rounding of s, about |s| sqrt(D) eps,
+    is the largest error in p whenever scores are large; the naive and the PyTorch-style
+    baselines carry it too, as independent draws, so with float32 scores flashmath's max
+    error was a coin toss against theirs (2% of random cases over 2x the PyTorch-style
+    baseline; 0.5% with s rounded once). Costs a float64 GEMM and three passes per tile."""
     return EXACT_SCORES and plan.opts.dtype == np.float32 and plan.acc == np.float32
+
+
+def _lo_buffer(plan: Plan) -> np.ndarray | None:
+    """The tile buffer for exact scores' rounding residuals (see :func:`_scores`), or None."""
+    return np.empty((plan.bq, plan.bk), plan.acc) if _exact_scores(plan) else None
+
+
+def _row_max(s: np.ndarray, lo: np.ndarray | None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each row's max of s and, with exact scores' residuals lo, the residual at that
+    entry (0 for an empty row): the shift (m, lo_m) makes the max entry's
+    (s - m) + lo - lo_m exactly 0, so a row with one visible key has p = 1 exactly."""
+    if lo is None:
+        return s.max(axis=1), None
+    rows = np.arange(s.shape[0])
+    at = s.argmax(axis=1)
+    m = s[rows, at]
+    return m, np.where(np.isfinite(m), lo[rows, at], np.zeros((), lo.dtype))
+
+
+def _shift(s: np.ndarray, lo: np.ndarray | None, m: np.ndarray,
+           lo_m: np.ndarray | None) -> None:
+    """s <- (s - m) + lo - lo_m in place, row by row (m already made safe by row_shift);
+    without residuals s - m."""
+    s -= m[:, None]
+    if lo is not None and lo_m is not None:
+        s += lo
+        s -= lo_m[:, None]
 
 
 #: Keys per float64 piece of an exact score tile.
@@ -297,20 +329,36 @@ def _kv(plan: Plan, b: int, h: int) -> tuple[np.ndarray, np.ndarray]:
 def _scores(
     plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
     j0: int, j1: int, kind: TileKind, buf: np.ndarray, tanh_buf: np.ndarray | None = None,
-) -> np.ndarray:
+    lo_buf: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The tile's scores softcap(scale q k^T) + bias, masked with -inf, in ``buf``.
 
-    qs is the query block (ni, D) from plan.q_block, k the slice's keys (Sk, D). Returns the
-    (ni, nj) view of buf. With a softcap and tanh_buf given, tanh(scale q k^T / c) is
+    qs is the query block (ni, D) from :func:`_score_rows`, k the slice's keys (Sk, D).
+    Returns (s, lo): s the (ni, nj) view of buf; lo None, or, with exact scores, no
+    softcap and lo_buf given, the (ni, nj) view of lo_buf holding the rounding residual
+    s_exact - s of the float64 product (0 where it is not finite), so that a shift by a
+    nearby row max is exact: (s - m) + lo is s_exact - m rounded once, and p = exp of
+    it has relative error eps / 2 however large the scores are (rounding s itself costs
+    |s| eps / 2 in every p). With a softcap and tanh_buf given, tanh(scale q k^T / c) is
     kept there for the backward.
     """
     opts = plan.opts
     s = buf[: i1 - i0, : j1 - j0]
+    lo = None
     if qs.dtype != s.dtype:  # exact scores: scale q k^T in float64, rounded once
+        if lo_buf is not None and opts.softcap is None:
+            lo = lo_buf[: i1 - i0, : j1 - j0]
         for c0 in range(j0, j1, _EXACT_CHUNK):  # float64 pieces stay small (memory)
             c1 = min(c0 + _EXACT_CHUNK, j1)
-            k64 = np.asarray(k[c0:c1], np.float64)
-            np.copyto(s[:, c0 - j0 : c1 - j0], np.matmul(qs, k64.T), casting="same_kind")
+            s64 = np.matmul(qs, np.asarray(k[c0:c1], np.float64).T)
+            hi = s[:, c0 - j0 : c1 - j0]
+            np.copyto(hi, s64, casting="same_kind")
+            if lo is not None:
+                np.subtract(s64, hi, out=s64)
+                lo_c = lo[:, c0 - j0 : c1 - j0]
+                np.copyto(lo_c, s64, casting="same_kind")
+                if not math.isfinite(float(np.add.reduce(lo_c, axis=None))):
+                    np.copyto(lo_c, 0.0, where=~np.isfinite(lo_c))  # inf/NaN scores
     else:
         np.matmul(qs, k[j0:j1].T, out=s)
         if not _folds_scale(plan):
@@ -327,7 +375,7 @@ def _scores(
         for c0, c1 in opts.spec.masked_columns(b, i0, i1, j0, j1):
             np.copyto(s[:, c0 - j0 : c1 - j0], -np.inf,
                       where=~opts.spec.block(b, h, i0, i1, c0, c1))
-    return s
+    return s, lo
 
 
 # --- Forward ---
@@ -360,14 +408,15 @@ def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], out: np.ndarr
     the rows that see any key."""
     k, v = _kv(plan, b, h)
     buf = np.empty((plan.bq, plan.bk), plan.acc)  # the score tile, reused
+    lo_buf = _lo_buffer(plan)
     for i0, i1, tiles in blocks:
         if not tiles:
             continue  # nothing visible: out stays 0, lse -inf
         qs = _score_rows(plan, b, h, i0, i1, _q_block(plan, b, h, i0, i1))
         if len(tiles) == 1:
-            m, l, o = _one_tile(plan, b, h, qs, k, v, i0, i1, tiles[0], buf)
+            m, l, o = _one_tile(plan, b, h, qs, k, v, i0, i1, tiles[0], buf, lo_buf)
         else:
-            m, l, o = _online(plan, b, h, qs, k, v, i0, i1, tiles, buf)
+            m, l, o, _ = _online(plan, b, h, qs, k, v, i0, i1, tiles, buf, lo_buf=lo_buf)
             # o / l; an empty row (l = 0, m = -inf) gives 0
             o = np.divide(o, l[:, None], out=np.zeros_like(o), where=l[:, None] != 0)
         out[b, h, i0:i1] = o
@@ -380,7 +429,7 @@ _ONE_TILE_CHUNK = 8192
 
 def _one_tile(
     plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, v: np.ndarray,
-    i0: int, i1: int, tile: Tile, buf: np.ndarray,
+    i0: int, i1: int, tile: Tile, buf: np.ndarray, lo_buf: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows [i0, i1) that see a single tile: the online rule has nothing to merge, so
     P = exp(s - m) / l and P @ V are formed in the state dtype (float64 for float32
@@ -393,10 +442,11 @@ def _one_tile(
     """
     j0, j1, kind = tile
     st = plan.state
-    s = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf)  # (ni, nj)
-    m = s.max(axis=1).astype(st)
-    s -= row_shift(m).astype(plan.acc)[:, None]
+    s, lo = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf, lo_buf=lo_buf)  # (ni, nj)
+    m_hi, lo_m = _row_max(s, lo)
+    _shift(s, lo, row_shift(m_hi), lo_m)
     np.exp(s, out=s)  # exp(s - m), in place
+    m = m_hi.astype(st) if lo_m is None else np.add(m_hi, lo_m, dtype=st)
     l = s.sum(axis=1, dtype=st)
     inv = 1 / np.where(l == 0, 1, l)  # an empty row (l = 0) stays 0
     o = np.zeros((i1 - i0, v.shape[1]), st)
@@ -417,8 +467,8 @@ def _one_tile(
 def _online(
     plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, v: np.ndarray | None,
     i0: int, i1: int, tiles: list[Tile], buf: np.ndarray,
-    sum64: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    sum64: bool = False, lo_buf: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """The online softmax of query rows [i0, i1) over their tiles (flashmath.softmax.online's rule).
 
     Returns (m, l, o) in the state dtype: the row max, sum_j exp(s_j - m) and, given v,
@@ -429,14 +479,26 @@ def _online(
     acc, st, ni = plan.acc, plan.state, i1 - i0
     dv = 0 if v is None else v.shape[1]
     m = np.full(ni, -np.inf, st)  # running max (values of acc: exact in st)
+    m_hi = np.full(ni, -np.inf, acc)  # with exact scores' residuals: m = m_hi + lo_m
+    lo_m: np.ndarray | None = None
     l = np.zeros(ni, st)  # running sum of exp(s - m)
     o = np.zeros((ni, dv), st)  # running sum of exp(s - m) v
     ones = np.ones(plan.bk, acc)  # row sums as a BLAS matrix-vector product
     for j0, j1, kind in tiles:
-        s = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf)  # (ni, nj)
-        m_new = np.maximum(m, s.max(axis=1))
+        s, lo = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf, lo_buf=lo_buf)
+        t_hi, t_lo = _row_max(s, lo)
+        if t_lo is None:
+            m_new = np.maximum(m, t_hi)
+            shift = row_shift(m_new).astype(acc)
+        else:
+            t_m = np.add(t_hi, t_lo, dtype=st)
+            up = t_m > m
+            m_new = np.where(up, t_m, m)
+            m_hi = np.where(up, t_hi, m_hi)
+            lo_m = np.where(up, t_lo, t_lo if lo_m is None else lo_m)
+            shift = row_shift(m_hi)
         alpha = rescale(m, m_new)
-        s -= row_shift(m_new).astype(acc)[:, None]
+        _shift(s, lo, shift, lo_m)
         np.exp(s, out=s)  # p~ = exp(s - m_new), in place
         l *= alpha
         if sum64:
@@ -447,7 +509,7 @@ def _online(
             o *= alpha[:, None]
             o += s @ v[j0:j1]
         m = m_new
-    return m, l, o
+    return m, l, o, (None if lo_m is None else (m_hi, lo_m))
 
 
 # --- Backward ---
@@ -502,6 +564,7 @@ def _backward_unit(
     buf = np.empty((plan.bq, plan.bk), acc)  # scores, then p~
     dbuf = np.empty((plan.bq, plan.bk), acc)  # dp, then ds~
     tanh_buf = None if opts.softcap is None else np.empty((plan.bq, plan.bk), acc)
+    lo_buf = _lo_buffer(plan)
     dk_h, dv_h = dk[b, h], dv[b, h]  # (Sk, D), (Sk, Dv) accumulators
     # float32 input: dp = do v^T and dp - delta in float64, rounded once (see _probabilities)
     v64 = np.asarray(v, np.float64) if _wide_float32(plan) else None
@@ -515,7 +578,7 @@ def _backward_unit(
         qs_s = _score_rows(plan, b, h, i0, i1, qs)
         do = np.asarray(dout[b, h, i0:i1], acc)  # (ni, Dv)
         pr = _probabilities(plan, b, h, qs_s, k, i0, i1, tiles, lse[b, h, i0:i1], buf,
-                            (v if v64 is None else v64) if opts.all_keys else None)
+                            (v if v64 is None else v64) if opts.all_keys else None, lo_buf)
         shift, f = pr.shift, pr.f
         if pr.o is not None and f is not None:  # delta from this pass's own out, in float64
             o = pr.o * f[:, None]
@@ -533,8 +596,8 @@ def _backward_unit(
         dq_blk = np.zeros((ni, opts.d), st)
         for j0, j1, kind in tiles:
             nj = j1 - j0
-            p = _scores(plan, b, h, qs_s, k, i0, i1, j0, j1, kind, buf, tanh_buf)
-            p -= shift
+            p, lo = _scores(plan, b, h, qs_s, k, i0, i1, j0, j1, kind, buf, tanh_buf, lo_buf)
+            _shift(p, lo, shift, pr.lo_shift)
             np.exp(p, out=p)  # p~ = exp(s - shift)
             dv_h[j0:j1] += p.T @ do_f
             if v64 is not None and do64 is not None and dp64 is not None:
@@ -600,7 +663,8 @@ def _check_given(plan: Plan, name: str, given: np.ndarray, want: np.ndarray,
 class _RowProbs(NamedTuple):
     """What :func:`_probabilities` returns for a block of rows: p = exp(s - shift) * f."""
 
-    shift: np.ndarray  # (ni, 1), tile dtype
+    shift: np.ndarray  # (ni,), tile dtype
+    lo_shift: np.ndarray | None  # (ni,) the max entry's residual with exact scores
     f: np.ndarray | None  # (ni,), state dtype; None: 1
     o: np.ndarray | None  # (ni, Dv) sum_j exp(s_j - shift) v_j, state dtype; or None
     lse: np.ndarray | None  # (ni,) the recomputed lse (float64), or None
@@ -609,7 +673,7 @@ class _RowProbs(NamedTuple):
 def _probabilities(
     plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
     tiles: list[Tile], lse: np.ndarray, buf: np.ndarray,
-    v: np.ndarray | None = None,
+    v: np.ndarray | None = None, lo_buf: np.ndarray | None = None,
 ) -> _RowProbs:
     """How the backward rebuilds a row block's probabilities, p = exp(s - shift) * f.
 
@@ -630,13 +694,14 @@ def _probabilities(
     """
     opts = plan.opts
     if not opts.all_keys and opts.dtype.itemsize < opts.lse_dtype.itemsize:
-        return _RowProbs(row_shift(np.asarray(lse, plan.acc))[:, None], None, None, None)
-    m, l, o = _online(plan, b, h, qs, k, v if opts.all_keys else None, i0, i1, tiles, buf,
-                      sum64=_wide_float32(plan))
-    shift = row_shift(m).astype(plan.acc)[:, None]
+        return _RowProbs(row_shift(np.asarray(lse, plan.acc)), None, None, None, None)
+    m, l, o, hl = _online(plan, b, h, qs, k, v if opts.all_keys else None, i0, i1, tiles,
+                          buf, sum64=_wide_float32(plan), lo_buf=lo_buf)
+    shift, lo_shift = (row_shift(m).astype(plan.acc), None) if hl is None else \
+        (row_shift(hl[0]), hl[1])
     if not opts.all_keys:
         f = np.exp(m - row_shift(np.asarray(lse, plan.state)))  # 0 where m = -inf
-        return _RowProbs(shift, f, None, None)
+        return _RowProbs(shift, lo_shift, f, None, None)
     f = np.divide(1, l, out=np.zeros_like(l), where=l != 0)
     lse_re = np.asarray(m, np.float64) + np.log(np.asarray(l, np.float64))
-    return _RowProbs(shift, f, o if v is not None else None, lse_re)
+    return _RowProbs(shift, lo_shift, f, o if v is not None else None, lse_re)
