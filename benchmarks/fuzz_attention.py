@@ -27,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=3000, help="cases per dtype")
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"],
+                   choices=["float32", "float16", "bfloat16"])
     p.add_argument("--no-torch", action="store_true", help="skip the torch-style baseline")
     p.add_argument("--show", type=int, default=3, help="worst cases listed per row")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    stats = run_fuzz(args.cases, args.seed, use_torch=not args.no_torch)
+    stats = run_fuzz(args.cases, args.seed, tuple(args.dtypes), use_torch=not args.no_torch)
     print(f"{stats.cases} cases (seed {args.seed}, {args.cases} per dtype) in "
           f"{time.perf_counter() - t0:.0f} s")
     print("| dtype | baseline | output | cases | median ratio | max ratio | max judged | "
