@@ -72,8 +72,10 @@ def machine() -> dict[str, str]:
             "torch": tv}
 
 
-def run(shapes: list[str], repeat: int) -> list[dict[str, Any]]:
-    rows = []
+def run(shapes: list[str], repeat: int, done: Any = None) -> list[dict[str, Any]]:
+    """Time every shape, causal and not; ``done(rows)`` after each row (to write as it
+    goes, so that a run stopped early still leaves its finished rows)."""
+    rows: list[dict[str, Any]] = []
     for name in shapes:
         b, h, s, d = SHAPES[name]
         for causal in (False, True):
@@ -81,6 +83,8 @@ def run(shapes: list[str], repeat: int) -> list[dict[str, Any]]:
             r["shape"] = name
             rows.append(r)
             print(_line(r), flush=True)
+            if done is not None:
+                done(rows)
     return rows
 
 
@@ -166,15 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     tiled.EXACT_SCORES = not args.no_exact_scores
     info = machine()
     print(f"{info['cpu']} ({info['cores']} cores), {info['numpy']}, {info['torch']}")
+    command = "python benchmarks/bench_attention.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    total = 2 * len(args.shapes)
+
+    def write(rows: list[dict[str, Any]], mem: list[str]) -> None:
+        if args.write:
+            text = markdown(info, rows, mem, args.repeat, command.strip())
+            if len(rows) < total:
+                text += f"\n(incomplete: {len(rows)} of {total} rows so far)\n"
+            with open(args.write, "w") as f:
+                f.write(text)
+
     print(HEADER, flush=True)
-    rows = run(args.shapes, args.repeat)
+    rows = run(args.shapes, args.repeat, done=lambda rs: write(rs, []))
     mem = memory_lines()
     print("\n".join(mem))
+    write(rows, mem)
     if args.write:
-        command = "python benchmarks/bench_attention.py " + " ".join(
-            argv if argv is not None else sys.argv[1:])
-        with open(args.write, "w") as f:
-            f.write(markdown(info, rows, mem, args.repeat, command.strip()))
         print(f"wrote {args.write}")
     return 0
 

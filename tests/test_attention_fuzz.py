@@ -49,7 +49,7 @@ def test_the_judge_can_fail():
     rng = np.random.default_rng(3)
     case = random_case(rng, "float16")
     case.update(options={}, blocks=(None, None), planted=False)
-    real = fm.flash_attention
+    real, real_backward = fm.flash_attention, fm.flash_attention_backward
 
     def sloppy(q, k, v, **kw):
         out = real(q, k, v, **kw)
@@ -57,11 +57,16 @@ def test_the_judge_can_fail():
             return (out[0] * (1 + 2.0**-7)).astype(out[0].dtype), out[1]
         return out
 
-    fm.flash_attention = sloppy
+    def backward(do, q, k, v, out, lse, **kw):  # the backward refuses a wrong out
+        blocks = {x: kw[x] for x in ("block_q", "block_k")}
+        good = real(q, k, v, return_lse=True, **blocks)
+        return real_backward(do, q, k, v, *good, **kw)
+
+    fm.flash_attention, fm.flash_attention_backward = sloppy, backward
     try:
         rec = judge(case)
     finally:
-        fm.flash_attention = real
+        fm.flash_attention, fm.flash_attention_backward = real, real_backward
     assert rec["ratios"]["naive"]["out"][0] > FACTORS["out"]
     assert rec["ratios"]["torch"]["out"][0] > FACTORS["out"]
 
