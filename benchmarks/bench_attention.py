@@ -122,7 +122,8 @@ def memory_lines() -> list[str]:
 
 def markdown(info: dict[str, str], rows: list[dict[str, Any]], mem: list[str], repeat: int,
              command: str) -> str:
-    exact = "float64 scores rounded once (default)" if tiled.EXACT_SCORES else \
+    exact = "float32 scores computed in float64, kept with their rounding residual (default)" \
+        if tiled.EXACT_SCORES else \
         "float32 scores (--no-exact-scores, a measurement switch)"
     lines = [
         "# flashmath's NumPy attention against torch SDPA on CPU",
