@@ -65,14 +65,14 @@ def test_accuracy_rule(dtype, record_property):
 #: 1e-9 float32 ulps. Errors at or below this count as exact.
 EXACT_AT_FLOAT32 = 1e-12
 RANDOM_CASES = 300
-#: Measured over the RANDOM_CASES of seed 20261121 (and 3000 cases of another seed).
-#: dq, dk: the backward forms delta and dp - delta in float64 (flash.py's module docs):
-#: medians 0.81 / 0.74, every case within the rule (max 2.2x / 2.7x over 3000).
-#: out, dv: float32 tiles like the naive formula's, so median 1.0 with a tail: 1 case of
-#: 300 over the rule for each here (0.2% / 0.03% over 3000; max 4.4x / 3.2x). Removing it
-#: needs P V (and P^T dO) in float64: +45% forward time, over the speed target.
-MEDIAN_CEILING = {"out": 1.05, "dq": 0.9, "dk": 0.85, "dv": 1.05}
-MAX_OVER_RULE = {"out": 3, "dq": 0, "dk": 0, "dv": 3}  # cases of RANDOM_CASES
+#: Measured over the RANDOM_CASES of seed 20261121 (tests/attention_fuzz.py and
+#: benchmarks/fuzz_attention.py run >= 3000 cases against both baselines). float32
+#: scores are float64 with their residual and the backward forms delta and dp - delta in
+#: float64 (flashmath.attention.tiled's module docs): medians out 0.14, dq 0.28, dk 0.28,
+#: dv 0.58; max 0.65 / 1.5 / 1.3 / 3.9. dv = P^T dO stays a float32 GEMM like the naive
+#: formula's: 1 case here over the rule (3.9x, a final rounding on a tiny problem).
+MEDIAN_CEILING = {"out": 0.5, "dq": 0.6, "dk": 0.6, "dv": 0.9}
+MAX_OVER_RULE = {"out": 0, "dq": 0, "dk": 0, "dv": 1}  # cases of RANDOM_CASES
 WORST_RATIO = 6.0
 
 

@@ -134,3 +134,62 @@ def test_shards_with_offsets_rebuild_the_whole(causal):
             got_dv[:, :, k0:k1] += g[2]
     for got, want in ((got_dq, dq), (got_dk, dk), (got_dv, dv)):
         assert_close(got, want, rel=1e-12)
+
+
+# --- The given out and lse (issue 17: they used to be ignored without a word) ---
+
+_WRONG = {
+    "lse + 1": lambda out, lse: (out, lse + 1),
+    "all-NaN lse": lambda out, lse: (out, np.full_like(lse, np.nan)),
+    "2 * out": lambda out, lse: (2 * out, lse),
+    "all-NaN out": lambda out, lse: (np.full_like(out, np.nan), lse),
+    "lse of another causal mode": None,  # filled in the test
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, "bfloat16"])
+@pytest.mark.parametrize("wrong", [w for w in _WRONG if _WRONG[w] is not None])
+def test_wrong_out_or_lse_is_an_error_naming_it(dtype, wrong):
+    from flashmath.dtypes import as_dtype
+
+    dt = as_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    rng = np.random.default_rng(17)
+    q, k, v = qkv(rng, 1, 2, 40, 50, 8, h_kv=1, dtype=dt)
+    out, lse = fm.flash_attention(q, k, v, causal=True, return_lse=True, block_k=16)
+    dout = rng.standard_normal(out.shape).astype(dt)
+    bad_out, bad_lse = _WRONG[wrong](out, lse)
+    name = "lse" if "lse" in wrong else "out"
+    with pytest.raises(ValueError, match=rf"^{name}: "):
+        fm.flash_attention_backward(dout, q, k, v, bad_out, bad_lse, causal=True, block_k=16)
+
+
+def test_out_and_lse_of_other_options_or_shapes_are_errors():
+    rng = np.random.default_rng(18)
+    q, k, v = qkv(rng, 1, 2, 24, 24, 8, dtype=np.float32)
+    out, lse = fm.flash_attention(q, k, v, return_lse=True)  # not causal
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^(out|lse): "):
+        fm.flash_attention_backward(dout, q, k, v, out, lse, causal=True)
+    with pytest.raises(ValueError, match=r"^lse: expected shape \(1, 2, 24\)"):
+        fm.flash_attention_backward(dout, q, k, v, out, lse[..., :-1])
+    with pytest.raises(ValueError, match=r"^out: expected shape \(1, 2, 24, 8\)"):
+        fm.flash_attention_backward(dout, q, k, v, out[:, :1], lse)
+
+
+def test_given_out_and_lse_that_are_right_give_the_same_gradients_as_recomputed():
+    """The backward builds p and delta from its own recomputation; the forward's out and
+    lse pass the check (with other tile sizes too), and NaN rows of NaN input are allowed."""
+    rng = np.random.default_rng(19)
+    q, k, v = qkv(rng, 2, 2, 30, 45, 8, dtype=np.float32)
+    q[0, 1, 3, 0] = np.nan  # that row's out and lse are NaN: not an error
+    out, lse = fm.flash_attention(q, k, v, causal=True, return_lse=True, block_q=7, block_k=9)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    g1 = fm.flash_attention_backward(dout, q, k, v, out, lse, causal=True)
+    g2 = fm.flash_attention_backward(dout, q, k, v, out, lse, causal=True, block_q=5,
+                                     block_k=11)
+    want = fm.attention_reference_backward(dout, q, k, v, causal=True)
+    for a, b, w in zip(g1, g2, want, strict=True):  # slice (0, 1) holds the NaN row
+        for x in (a, b):
+            assert_close(x[1], w[1], rel=1e-5)
+            assert_close(x[0, 0], w[0, 0], rel=1e-5)
+    assert np.isnan(out[0, 1, 3]).all() and np.isfinite(out[1]).all()

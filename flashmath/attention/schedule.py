@@ -25,9 +25,11 @@ import numpy as np
 
 from flashmath.attention.masks import MaskSpec, TileKind
 from flashmath.attention.options import AttentionOptions, check_blocks, resolve
+from flashmath.attention.threads import cores
 from flashmath.dtypes import accumulate_dtype
 
-__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "Plan", "Tile", "schedule", "units"]
+__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "Plan", "Tile", "Unit", "parts_per_slice",
+           "schedule", "units", "work_units"]
 
 #: Default tile sizes (query rows, keys), chosen by measurement (``flashmath bench``):
 #: large enough to keep BLAS busy, small enough that a float32 tile stays in L2.
@@ -36,6 +38,8 @@ DEFAULT_BLOCK_K = 1024
 
 #: A visited key tile: keys [j0, j1) and what it needs (FULL or PARTIAL).
 Tile = tuple[int, int, TileKind]
+#: Rows of one pass over a (batch, head) slice: (i0, i1, tiles) as :func:`schedule` yields.
+Block = tuple[int, int, list[Tile]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,7 +51,8 @@ class Plan:
         dq, dk, dv): float64 when acc is float32 or wider (a few (rows, D) arrays per tile,
         so it is nearly free and removes the rounding of the running sums and rescales),
         acc itself when acc is narrower (``accum_dtype="float16"`` shows narrow sums).
-    bq, bk: the tile sizes, clipped to Sq and Sk.
+    bq, bk: the tile sizes, clipped to Sq and Sk (the defaults are halved when the
+        slices are cut into parts, see :func:`work_units`).
     """
 
     q: np.ndarray
@@ -69,11 +74,14 @@ class Plan:
         and the tile sizes (None: the defaults)."""
         q, k, v, opts = resolve(q, k, v, **options)
         check_blocks(block_q, block_k)
+        # Slices cut into parts (few slices, work_units) run a thread per part: default
+        # tiles of half the rows and keys keep the threads' scratch memory below one's.
+        split = 2 if parts_per_slice(opts.batch * opts.heads, cores(), 2) > 1 else 1
         return cls(
             q=q, k=k, v=v, opts=opts,
             acc=accumulate_dtype(opts.dtype, accum_dtype),
-            bq=max(1, min(block_q or DEFAULT_BLOCK_Q, opts.sq)),
-            bk=max(1, min(block_k or DEFAULT_BLOCK_K, opts.sk)),
+            bq=max(1, min(block_q or DEFAULT_BLOCK_Q // split, opts.sq)),
+            bk=max(1, min(block_k or DEFAULT_BLOCK_K // split, opts.sk)),
         )
 
 
@@ -102,3 +110,56 @@ def schedule(spec: MaskSpec, b: int, block_q: int, block_k: int
 def units(opts: AttentionOptions) -> list[tuple[int, int]]:
     """The (batch, head) slices: the work units of forward and backward."""
     return [(b, h) for b in range(opts.batch) for h in range(opts.heads)]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One work unit of the tiled passes: part ``part`` (of ``parts``) of slice (b, h),
+    the row blocks ``blocks`` (a contiguous run of :func:`schedule`'s)."""
+
+    b: int
+    h: int
+    part: int
+    parts: int
+    blocks: list[Block]
+
+
+def parts_per_slice(slices: int, workers: int, max_parts: int) -> int:
+    """How many parts to cut each (batch, head) slice into so that the workers stay busy:
+    1 when the slices already divide evenly among the workers (B H = 16 on 2 cores), else
+    the smallest count (at most 8 and ``max_parts``, the row blocks) that makes the units
+    a multiple of the workers, or 8 when none does (B = 1, H = 3 on 2 cores: 2 parts)."""
+    if workers <= 1 or slices % workers == 0:
+        return 1
+    for p in range(2, 9):
+        if (slices * p) % workers == 0:
+            return max(1, min(p, max_parts))
+    return max(1, min(8, max_parts))
+
+
+def work_units(plan: Plan, workers: int) -> list[Unit]:
+    """The units of one pass: every (batch, head) slice, cut by query blocks into
+    :func:`parts_per_slice` parts of about equal work (tile area: causal rows late in the
+    sequence see more keys), so that few slices still keep ``workers`` threads busy."""
+    opts = plan.opts
+    per_b = [list(schedule(opts.spec, b, plan.bq, plan.bk)) for b in range(opts.batch)]
+    n_blocks = max((len(x) for x in per_b), default=1)
+    parts = parts_per_slice(opts.batch * opts.heads, workers, n_blocks)
+    out: list[Unit] = []
+    for b, blocks in enumerate(per_b):
+        pieces = _split(blocks, parts)
+        out += [Unit(b, h, p, parts, piece) for h in range(opts.heads)
+                for p, piece in enumerate(pieces)]
+    return out
+
+
+def _split(blocks: list[Block], parts: int) -> list[list[Block]]:
+    """blocks cut into ``parts`` contiguous runs of about equal tile area (some may be empty)."""
+    if parts == 1:
+        return [blocks]
+    work = np.cumsum([(i1 - i0) * sum(j1 - j0 for j0, j1, _ in tiles) + 1
+                      for i0, i1, tiles in blocks])
+    total = float(work[-1]) if len(work) else 0.0
+    cuts = [0] + [int(np.searchsorted(work, total * p / parts)) for p in range(1, parts)]
+    cuts.append(len(blocks))
+    return [blocks[cuts[p] : cuts[p + 1]] for p in range(parts)]

@@ -11,29 +11,38 @@ The loop (one shape for forward and backward, :func:`flashmath.attention.schedul
             for each key tile the mask leaves non-empty (clipped to the band):
                 s = scale * q k^T -> softcap -> + bias -> mask (PARTIAL tiles only)
                 forward:  online softmax (m, l, o) with flashmath.softmax.online's rule
-                backward: p = exp(s - lse); dv += p^T do; ds = p (do v^T - delta);
+                backward: p = exp(s - m) / l (m, l, out recomputed, see _probabilities);
+                          dv += p^T do; ds = p (do v^T - delta);
                           dq += ds k; dk += ds^T q     (delta = rowsum(do * out))
 
 Tiles that a causal, window or length mask leaves empty are skipped (never read,
 never computed); FULL tiles build no mask (:class:`~flashmath.attention.masks.MaskSpec`).
 Speed: the scale is folded into q (when a power of two), exp runs in place in a reused
 tile buffer, row sums are BLAS matrix-vector products, the matmuls are BLAS calls on
-whole tiles, and the (b, h) slices run on a thread per core (NumPy releases the GIL in
-BLAS and in ufunc loops; BLAS itself runs one thread per worker, see
-:mod:`flashmath.attention.threads`). Extra memory is a few tile buffers per thread plus
-per-block accumulators: linear in S.
+whole tiles, and the (b, h) slices (cut by query blocks into parts when they are too
+few for the cores, :func:`~flashmath.attention.schedule.work_units`) run on a thread
+per core (NumPy releases the GIL in BLAS and in ufunc loops; BLAS itself runs one
+thread per worker, see :mod:`flashmath.attention.threads`). Extra memory is a few tile
+buffers per thread plus per-block accumulators: linear in S.
 
 Dtypes: float64 computes in float64; float32, float16, bfloat16 and float8 compute the
 tiles in float32 (``accum_dtype`` overrides) and return the input dtype; what is summed
 across tiles (m, l, o; dq, dk, dv) is float64 unless ``accum_dtype`` is narrower than
 float32. lse is float32 (float64 for float64 input). The backward rejects float8.
 
-Accuracy: narrow inputs meet the accuracy rule with room (errors about 0.3x the naive
-same-dtype formula's). For float32 and float64 input, p = exp(s - lse) would inherit
-lse's rounding (|lse| eps / 2 in every p of a row); the backward then spends one extra
-pass per row block recomputing the row max and sum, see :func:`_probabilities`. Rows
-whose visible keys fit one tile take :func:`_one_tile`, which forms P and P V in the
-state dtype and rounds once.
+Accuracy (the rule of docs/conventions.md, against the naive same-dtype formula and a
+PyTorch-style baseline; measured by benchmarks/fuzz_attention.py): narrow inputs meet it
+with room (median errors 0.1-0.4x the baselines'). float32 input computes its scores in
+float64 and keeps them as a float32 value plus its float32 rounding residual
+(:func:`_exact_scores`, :func:`_scores`): the shift by the row max is then exact where it
+matters, so p = exp(s - m) carries eps / 2 relative error however large the scores; a
+float32 score GEMM's rounding, |s| eps, is the largest error in p whenever scores are
+large, and the baselines carry it too, so without this flashmath's error was a coin toss
+against theirs. The backward spends one
+extra pass per row block recomputing the row max, sum and output (float64 sums), from
+which it builds p and delta rather than from the given, rounded lse and out (see
+:func:`_probabilities`). Rows whose visible keys fit one tile take :func:`_one_tile`,
+which forms P and P V in the state dtype and rounds once.
 
 Shards (the public shard API, used by ring attention and split-KV decoding):
 
@@ -53,7 +62,7 @@ k_offset=0, q_total=None, k_total=None) -> (out, lse)`` and
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -62,12 +71,14 @@ from flashmath.attention.options import check_backward_inputs
 from flashmath.attention.schedule import (
     DEFAULT_BLOCK_K,
     DEFAULT_BLOCK_Q,
+    Block,
     Plan,
     Tile,
-    schedule,
-    units,
+    Unit,
+    work_units,
 )
-from flashmath.attention.threads import run_units
+from flashmath.attention.threads import cores, run_units
+from flashmath.dtypes import finfo
 from flashmath.softmax.rule import rescale, row_shift
 
 __all__ = [
@@ -109,14 +120,38 @@ def flash_attention(
         As :func:`flashmath.attention_reference`: causal True is bottom-right aligned
         (query i sees key j iff j <= i + Sk - Sq; with lengths, i + kv_len - q_len),
         "top_left" is torch's; scores are softcap(scale * q . k) + bias, then masked.
-    block_q, block_k : tile sizes (default DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K).
-    accum_dtype : the dtype of the tile arithmetic (default float32, float64 for float64).
+    block_q, block_k : tile sizes (default DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K; both halved
+        when B * H slices are too few to keep every core busy and are cut by query blocks).
+    accum_dtype : the dtype of the tile arithmetic (default float32, float64 for float64;
+        float32 input computes its scores q k^T in float64, rounded to float32 once).
     return_lse : also return lse, the natural-log log-sum-exp of each row's scores.
 
     Returns
     -------
     out : (B, H, Sq, Dv) in the input dtype; rows with nothing to attend to are 0.
     lse : (B, H, Sq), float32 (float64 for float64 input); -inf for those rows.
+
+    Raises
+    ------
+    TypeError
+        q, k, v not of one float dtype; a mask that is not boolean or a boolean bias;
+        window sides, block sizes or lengths of the wrong type; accum_dtype not a float.
+    ValueError
+        q, k, v not 4-D or with mismatched B, D, (H_kv, Sk), or H not a multiple of H_kv;
+        D = 0; a mask or bias that does not broadcast to (B, H, Sq, Sk); a negative window
+        side; lengths outside [0, Sk] (kv_lengths) or [0, Sq] (q_lengths) or not of shape
+        (B,); a non-finite or non-positive softcap, a non-finite scale; block sizes < 1;
+        an unknown causal value. Every message names the argument.
+
+    NaN policy
+    ----------
+    Masked pairs get probability exactly 0 and are never read when a whole tile is masked
+    (padding beyond q_lengths / kv_lengths may hold anything, NaN included). A row with
+    nothing to attend to gives out 0 and lse -inf, never NaN. A +inf or NaN among a row's
+    visible scores (from NaN/inf in q, in a visible key, or in the bias) makes that row's
+    out (and lse) NaN; other rows are untouched. A -inf score is a masked pair. NaN or inf
+    in v reaches the rows that read it; within a partly masked tile this can include rows
+    that mask that key (0 * NaN in the tile's matrix product), as in any GEMM kernel.
 
     Examples
     --------
@@ -160,14 +195,42 @@ def flash_attention_backward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients (dq, dk, dv) of sum(dout * out), recomputing the scores tile by tile.
 
-    out and lse are the forward's (``flash_attention(..., return_lse=True)``); the
-    probabilities are rebuilt from lse (p = exp(s - lse)) and never stored; delta =
-    rowsum(dout * out). Options must be the forward's. dout is (B, H, Sq, Dv).
+    Parameters
+    ----------
+    dout : (B, H, Sq, Dv), the gradient of the loss with respect to out.
+    q, k, v : as :func:`flash_attention` (float64, float32, float16 or bfloat16; float8
+        is rejected with a TypeError).
+    out : (B, H, Sq, Dv) and lse : (B, H, Sq)
+        The forward's, ``flash_attention(..., return_lse=True)``, for these very inputs
+        and options. What is done with them: the backward runs one extra pass per block
+        of query rows that recomputes the row max, the row sum (hence lse) and the row
+        output in float64 sums, and builds the probabilities p = exp(s - m) / l and
+        delta = rowsum(dout * out) from that recomputation, not from the given arrays:
+        the given lse is rounded to float32 and the given out to the input dtype, and
+        building p or delta from them put dq and dk over the accuracy rule (up to 10x
+        the naive formula's error in float32, 3x in float16). The given out and lse are
+        checked against the recomputation instead: NaN where it is not NaN (an all-NaN
+        out or lse, for instance), a wrong shape, or values off by more than rounding
+        (2 * out, lse + 1) raise ValueError naming ``out`` or ``lse`` (the size check is
+        skipped for accum_dtype narrower than float32). The shard API
+        (:func:`tiled_backward` with k_offset / k_total) uses the given global lse and
+        out, which it cannot recompute from a shard of the keys.
+    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale
+        The forward's options, unchanged.
+    block_q, block_k, accum_dtype
+        As :func:`flash_attention` (the tiles need not be the forward's).
 
-    Returns dq (B, H, Sq, D), dk (B, H_kv, Sk, D), dv (B, H_kv, Sk, Dv) in the input
-    dtype; dk and dv sum the query heads sharing a key/value head. Padding queries, rows
-    with nothing to attend to and keys no query sees get exactly 0. The bias is a
-    constant (no gradient). float8 input is rejected (TypeError).
+    Returns
+    -------
+    dq (B, H, Sq, D), dk (B, H_kv, Sk, D), dv (B, H_kv, Sk, Dv) in the input dtype; dk and
+    dv sum the query heads sharing a key/value head. Padding queries, rows with nothing
+    to attend to and keys no query sees get exactly 0. The bias is a constant (no
+    gradient).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`flash_attention`, and for dout, out, lse as above.
     """
     return tiled_backward(
         dout, q, k, v, out, lse, causal=causal, window=window, mask=mask, bias=bias,
@@ -180,10 +243,12 @@ def flash_attention_backward(
 
 
 def _wide_float32(plan: Plan) -> bool:
-    """float32 input computed in float32 tiles: the case where flashmath and the naive
-    formula share a dtype; the backward then forms the few quantities that decide its
-    error against that formula in float64 (see :func:`_probabilities`)."""
-    return plan.opts.dtype == np.float32 and plan.acc == np.float32
+    """float32 tiles (float32, float16, bfloat16 input by default): the backward then forms
+    the few quantities that decide its error in float64: the row sums, dp = do v^T and
+    dp - delta, rounded once (see :func:`_probabilities`). For float32 input flashmath and
+    the naive formula share a dtype, so this is what keeps dq, dk inside the rule; for
+    narrower input it keeps a row with one visible key at dq = dk = 0 exactly."""
+    return plan.acc == np.float32
 
 
 def _folds_scale(plan: Plan) -> bool:
@@ -201,31 +266,105 @@ def _q_block(plan: Plan, b: int, h: int, i0: int, i1: int) -> np.ndarray:
     return np.multiply(plan.q[b, h, i0:i1], factor, dtype=plan.acc)
 
 
+#: float32 input: the score GEMM runs in float64 and is rounded once (see _exact_scores).
+#: A switch for measurements (benchmarks/bench_attention.py --no-exact-scores).
+EXACT_SCORES = True
+
+
+def _exact_scores(plan: Plan) -> bool:
+    """float32 input in float32 tiles: s = scale q k^T is computed in float64 (products of
+    float32 numbers are exact there) and kept as its float32 rounding plus the rounding
+    residual (see :func:`_scores`). A float32 GEMM's rounding of s, about |s| sqrt(D) eps,
+    is the largest error in p whenever scores are large; the naive and the PyTorch-style
+    baselines carry it too, as independent draws, so with float32 scores flashmath's max
+    error was a coin toss against theirs (2% of random cases over 2x the PyTorch-style
+    baseline; 0.5% with s rounded once). Costs a float64 GEMM and three passes per tile."""
+    return EXACT_SCORES and plan.opts.dtype == np.float32 and plan.acc == np.float32
+
+
+def _lo_buffer(plan: Plan) -> np.ndarray | None:
+    """The tile buffer for exact scores' rounding residuals (see :func:`_scores`), or None."""
+    return np.empty((plan.bq, plan.bk), plan.acc) if _exact_scores(plan) else None
+
+
+def _row_max(s: np.ndarray, lo: np.ndarray | None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each row's max of s and, with exact scores' residuals lo, the residual at that
+    entry (0 for an empty row): the shift (m, lo_m) makes the max entry's
+    (s - m) + lo - lo_m exactly 0, so a row with one visible key has p = 1 exactly."""
+    if lo is None:
+        return s.max(axis=1), None
+    rows = np.arange(s.shape[0])
+    at = s.argmax(axis=1)
+    m = s[rows, at]
+    return m, np.where(np.isfinite(m), lo[rows, at], np.zeros((), lo.dtype))
+
+
+def _shift(s: np.ndarray, lo: np.ndarray | None, m: np.ndarray,
+           lo_m: np.ndarray | None) -> None:
+    """s <- (s - m) + lo - lo_m in place, row by row (m already made safe by row_shift);
+    without residuals s - m."""
+    s -= m[:, None]
+    if lo is not None and lo_m is not None:
+        s += lo
+        s -= lo_m[:, None]
+
+
+#: Keys per float64 piece of an exact score tile.
+_EXACT_CHUNK = 128
+
+
+def _score_rows(plan: Plan, b: int, h: int, i0: int, i1: int, qs: np.ndarray) -> np.ndarray:
+    """The query rows for the score GEMM: qs (from _q_block), or scale * q in float64
+    with exact scores."""
+    if not _exact_scores(plan):
+        return qs
+    return np.multiply(plan.q[b, h, i0:i1], plan.opts.scale, dtype=np.float64)
+
+
 def _kv(plan: Plan, b: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     """k[b, kv head], v[b, kv head] in the accumulate dtype (views when no cast is needed)."""
     hk = h // plan.opts.group
     return np.asarray(plan.k[b, hk], plan.acc), np.asarray(plan.v[b, hk], plan.acc)
 
 
-def _blocks(plan: Plan, b: int) -> Any:
-    return schedule(plan.opts.spec, b, plan.bq, plan.bk)
-
-
 def _scores(
     plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
     j0: int, j1: int, kind: TileKind, buf: np.ndarray, tanh_buf: np.ndarray | None = None,
-) -> np.ndarray:
+    lo_buf: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The tile's scores softcap(scale q k^T) + bias, masked with -inf, in ``buf``.
 
-    qs is the query block (ni, D) from plan.q_block, k the slice's keys (Sk, D). Returns the
-    (ni, nj) view of buf. With a softcap and tanh_buf given, tanh(scale q k^T / c) is
+    qs is the query block (ni, D) from :func:`_score_rows`, k the slice's keys (Sk, D).
+    Returns (s, lo): s the (ni, nj) view of buf; lo None, or, with exact scores, no
+    softcap and lo_buf given, the (ni, nj) view of lo_buf holding the rounding residual
+    s_exact - s of the float64 product (0 where it is not finite), so that a shift by a
+    nearby row max is exact: (s - m) + lo is s_exact - m rounded once, and p = exp of
+    it has relative error eps / 2 however large the scores are (rounding s itself costs
+    |s| eps / 2 in every p). With a softcap and tanh_buf given, tanh(scale q k^T / c) is
     kept there for the backward.
     """
     opts = plan.opts
     s = buf[: i1 - i0, : j1 - j0]
-    np.matmul(qs, k[j0:j1].T, out=s)
-    if not _folds_scale(plan):
-        s *= opts.scale
+    lo = None
+    if qs.dtype != s.dtype:  # exact scores: scale q k^T in float64, rounded once
+        if lo_buf is not None and opts.softcap is None:
+            lo = lo_buf[: i1 - i0, : j1 - j0]
+        for c0 in range(j0, j1, _EXACT_CHUNK):  # float64 pieces stay small (memory)
+            c1 = min(c0 + _EXACT_CHUNK, j1)
+            s64 = np.matmul(qs, np.asarray(k[c0:c1], np.float64).T)
+            hi = s[:, c0 - j0 : c1 - j0]
+            np.copyto(hi, s64, casting="same_kind")
+            if lo is not None:
+                np.subtract(s64, hi, out=s64)
+                lo_c = lo[:, c0 - j0 : c1 - j0]
+                np.copyto(lo_c, s64, casting="same_kind")
+                if not math.isfinite(float(np.add.reduce(lo_c, axis=None))):
+                    np.copyto(lo_c, 0.0, where=~np.isfinite(lo_c))  # inf/NaN scores
+    else:
+        np.matmul(qs, k[j0:j1].T, out=s)
+        if not _folds_scale(plan):
+            s *= opts.scale
     if opts.softcap is not None:
         s *= 1.0 / opts.softcap
         np.tanh(s, out=s)
@@ -238,7 +377,7 @@ def _scores(
         for c0, c1 in opts.spec.masked_columns(b, i0, i1, j0, j1):
             np.copyto(s[:, c0 - j0 : c1 - j0], -np.inf,
                       where=~opts.spec.block(b, h, i0, i1, c0, c1))
-    return s
+    return s, lo
 
 
 # --- Forward ---
@@ -258,25 +397,28 @@ def tiled_forward(
     out = np.zeros((opts.batch, opts.heads, opts.sq, opts.dv), opts.dtype)
     lse = np.full((opts.batch, opts.heads, opts.sq), -np.inf, opts.lse_dtype)
 
-    def work(unit: tuple[int, int]) -> None:
-        _forward_unit(plan, *unit, out, lse)
+    def work(unit: Unit) -> None:
+        _forward_unit(plan, unit.b, unit.h, unit.blocks, out, lse)
 
-    run_units(units(opts), work)
+    run_units(work_units(plan, cores()), work)
     return out, lse
 
 
-def _forward_unit(plan: Plan, b: int, h: int, out: np.ndarray, lse: np.ndarray) -> None:
-    """Forward of slice (b, h): out[b, h] and lse[b, h] for the rows that see any key."""
+def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], out: np.ndarray,
+                  lse: np.ndarray) -> None:
+    """Forward of the row blocks ``blocks`` of slice (b, h): out[b, h] and lse[b, h] for
+    the rows that see any key."""
     k, v = _kv(plan, b, h)
     buf = np.empty((plan.bq, plan.bk), plan.acc)  # the score tile, reused
-    for i0, i1, tiles in _blocks(plan, b):
+    lo_buf = _lo_buffer(plan)
+    for i0, i1, tiles in blocks:
         if not tiles:
             continue  # nothing visible: out stays 0, lse -inf
-        qs = _q_block(plan, b, h, i0, i1)  # (ni, D)
+        qs = _score_rows(plan, b, h, i0, i1, _q_block(plan, b, h, i0, i1))
         if len(tiles) == 1:
-            m, l, o = _one_tile(plan, b, h, qs, k, v, i0, i1, tiles[0], buf)
+            m, l, o = _one_tile(plan, b, h, qs, k, v, i0, i1, tiles[0], buf, lo_buf)
         else:
-            m, l, o = _online(plan, b, h, qs, k, v, i0, i1, tiles, buf)
+            m, l, o, _ = _online(plan, b, h, qs, k, v, i0, i1, tiles, buf, lo_buf=lo_buf)
             # o / l; an empty row (l = 0, m = -inf) gives 0
             o = np.divide(o, l[:, None], out=np.zeros_like(o), where=l[:, None] != 0)
         out[b, h, i0:i1] = o
@@ -289,7 +431,7 @@ _ONE_TILE_CHUNK = 8192
 
 def _one_tile(
     plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, v: np.ndarray,
-    i0: int, i1: int, tile: Tile, buf: np.ndarray,
+    i0: int, i1: int, tile: Tile, buf: np.ndarray, lo_buf: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows [i0, i1) that see a single tile: the online rule has nothing to merge, so
     P = exp(s - m) / l and P @ V are formed in the state dtype (float64 for float32
@@ -302,10 +444,11 @@ def _one_tile(
     """
     j0, j1, kind = tile
     st = plan.state
-    s = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf)  # (ni, nj)
-    m = s.max(axis=1).astype(st)
-    s -= row_shift(m).astype(plan.acc)[:, None]
+    s, lo = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf, lo_buf=lo_buf)  # (ni, nj)
+    m_hi, lo_m = _row_max(s, lo)
+    _shift(s, lo, row_shift(m_hi), lo_m)
     np.exp(s, out=s)  # exp(s - m), in place
+    m = m_hi.astype(st) if lo_m is None else np.add(m_hi, lo_m, dtype=st)
     l = s.sum(axis=1, dtype=st)
     inv = 1 / np.where(l == 0, 1, l)  # an empty row (l = 0) stays 0
     o = np.zeros((i1 - i0, v.shape[1]), st)
@@ -326,8 +469,8 @@ def _one_tile(
 def _online(
     plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, v: np.ndarray | None,
     i0: int, i1: int, tiles: list[Tile], buf: np.ndarray,
-    sum64: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    sum64: bool = False, lo_buf: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """The online softmax of query rows [i0, i1) over their tiles (flashmath.softmax.online's rule).
 
     Returns (m, l, o) in the state dtype: the row max, sum_j exp(s_j - m) and, given v,
@@ -338,14 +481,26 @@ def _online(
     acc, st, ni = plan.acc, plan.state, i1 - i0
     dv = 0 if v is None else v.shape[1]
     m = np.full(ni, -np.inf, st)  # running max (values of acc: exact in st)
+    m_hi = np.full(ni, -np.inf, acc)  # with exact scores' residuals: m = m_hi + lo_m
+    lo_m: np.ndarray | None = None
     l = np.zeros(ni, st)  # running sum of exp(s - m)
     o = np.zeros((ni, dv), st)  # running sum of exp(s - m) v
     ones = np.ones(plan.bk, acc)  # row sums as a BLAS matrix-vector product
     for j0, j1, kind in tiles:
-        s = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf)  # (ni, nj)
-        m_new = np.maximum(m, s.max(axis=1))
+        s, lo = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf, lo_buf=lo_buf)
+        t_hi, t_lo = _row_max(s, lo)
+        if t_lo is None:
+            m_new = np.maximum(m, t_hi)
+            shift = row_shift(m_new).astype(acc)
+        else:
+            t_m = np.add(t_hi, t_lo, dtype=st)
+            up = t_m > m
+            m_new = np.where(up, t_m, m)
+            m_hi = np.where(up, t_hi, m_hi)
+            lo_m = np.where(up, t_lo, t_lo if lo_m is None else lo_m)
+            shift = row_shift(m_hi)
         alpha = rescale(m, m_new)
-        s -= row_shift(m_new).astype(acc)[:, None]
+        _shift(s, lo, shift, lo_m)
         np.exp(s, out=s)  # p~ = exp(s - m_new), in place
         l *= alpha
         if sum64:
@@ -356,7 +511,7 @@ def _online(
             o *= alpha[:, None]
             o += s @ v[j0:j1]
         m = m_new
-    return m, l, o
+    return m, l, o, (None if lo_m is None else (m_hi, lo_m))
 
 
 # --- Backward ---
@@ -374,14 +529,19 @@ def tiled_backward(
     opts = plan.opts
     dout, out, lse = check_backward_inputs(opts, dout=dout, out=out, lse=lse)
     dq = np.zeros(plan.q.shape, opts.dtype)
-    # Per query head; summed over each group of heads below (disjoint writes per thread).
-    dk = np.zeros((opts.batch, opts.heads, opts.sk, opts.d), plan.state)
-    dv = np.zeros((opts.batch, opts.heads, opts.sk, opts.dv), plan.state)
+    todo = work_units(plan, cores())
+    parts = todo[0].parts if todo else 1
+    # Per query head and part; summed over parts and each group of heads below (disjoint
+    # writes per thread).
+    dk = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.d), plan.state)
+    dv = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.dv), plan.state)
 
-    def work(unit: tuple[int, int]) -> None:
-        _backward_unit(plan, *unit, dout, out, lse, dq, dk, dv)
+    def work(unit: Unit) -> None:
+        _backward_unit(plan, unit.b, unit.h, unit.blocks, dout, out, lse, dq,
+                       dk[unit.part], dv[unit.part])
 
-    run_units(units(opts), work)
+    run_units(todo, work)
+    dk, dv = (x[0] if parts == 1 else x.sum(axis=0) for x in (dk, dv))
     if not _folds_scale(plan):
         dk *= opts.scale
     shape = (opts.batch, opts.kv_heads, opts.group, opts.sk)
@@ -391,10 +551,11 @@ def tiled_backward(
 
 
 def _backward_unit(
-    plan: Plan, b: int, h: int, dout: np.ndarray, out: np.ndarray, lse: np.ndarray,
-    dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+    plan: Plan, b: int, h: int, blocks: list[Block], dout: np.ndarray, out: np.ndarray,
+    lse: np.ndarray, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
 ) -> None:
-    """Gradients of slice (b, h): dq[b, h], and this head's dk[b, h], dv[b, h].
+    """Gradients of the row blocks ``blocks`` of slice (b, h): their dq[b, h] rows, and
+    their contributions to this head's dk[b, h], dv[b, h].
 
     With p = exp(s - shift) * f (f per row, see :func:`_probabilities`), the row factor f
     is folded into the small operands instead of the tile: dv += p~^T (f do),
@@ -405,20 +566,29 @@ def _backward_unit(
     buf = np.empty((plan.bq, plan.bk), acc)  # scores, then p~
     dbuf = np.empty((plan.bq, plan.bk), acc)  # dp, then ds~
     tanh_buf = None if opts.softcap is None else np.empty((plan.bq, plan.bk), acc)
+    lo_buf = _lo_buffer(plan)
     dk_h, dv_h = dk[b, h], dv[b, h]  # (Sk, D), (Sk, Dv) accumulators
     # float32 input: dp = do v^T and dp - delta in float64, rounded once (see _probabilities)
     v64 = np.asarray(v, np.float64) if _wide_float32(plan) else None
     dp64 = None if v64 is None else np.empty((plan.bq, plan.bk), np.float64)
-    for i0, i1, tiles in _blocks(plan, b):
+    v_max = float(np.max(np.abs(v), initial=0.0)) if opts.all_keys else 0.0
+    for i0, i1, tiles in blocks:
         if not tiles:
             continue
         ni = i1 - i0
         qs = _q_block(plan, b, h, i0, i1)  # (ni, D), scaled if folded
+        qs_s = _score_rows(plan, b, h, i0, i1, qs)
         do = np.asarray(dout[b, h, i0:i1], acc)  # (ni, Dv)
-        shift, f, o = _probabilities(plan, b, h, qs, k, i0, i1, tiles, lse[b, h, i0:i1], buf,
-                                     v64 if opts.all_keys else None)
-        if o is not None and f is not None:  # delta from this pass's own out, in float64
-            delta = np.einsum("id,id->i", do, o * f[:, None], dtype=st)[:, None]
+        pr = _probabilities(plan, b, h, qs_s, k, i0, i1, tiles, lse[b, h, i0:i1], buf,
+                            (v if v64 is None else v64) if opts.all_keys else None, lo_buf)
+        shift, f = pr.shift, pr.f
+        if pr.o is not None and f is not None:  # delta from this pass's own out, in float64
+            o = pr.o * f[:, None]
+            _check_given(plan, "out", out[b, h, i0:i1], o, v_max)
+            if pr.lse is not None:
+                _check_given(plan, "lse", lse[b, h, i0:i1], pr.lse, 0.0)
+            delta = np.einsum("id,id->i", do, o, dtype=st)
+            delta = (delta if v64 is not None else delta.astype(acc))[:, None]
         else:
             delta = np.einsum("id,id->i", do, out[b, h, i0:i1], dtype=st)
             delta = (delta if v64 is not None else delta.astype(acc))[:, None]
@@ -428,8 +598,8 @@ def _backward_unit(
         dq_blk = np.zeros((ni, opts.d), st)
         for j0, j1, kind in tiles:
             nj = j1 - j0
-            p = _scores(plan, b, h, qs, k, i0, i1, j0, j1, kind, buf, tanh_buf)
-            p -= shift
+            p, lo = _scores(plan, b, h, qs_s, k, i0, i1, j0, j1, kind, buf, tanh_buf, lo_buf)
+            _shift(p, lo, shift, pr.lo_shift)
             np.exp(p, out=p)  # p~ = exp(s - shift)
             dv_h[j0:j1] += p.T @ do_f
             if v64 is not None and do64 is not None and dp64 is not None:
@@ -453,36 +623,87 @@ def _backward_unit(
         dq[b, h, i0:i1] = dq_blk * opts.scale
 
 
+#: The given out and lse must match the backward's own recomputation within their
+#: rounding to the stored dtype plus this many tile-dtype epsilons times sqrt(Sk) (sums
+#: of Sk terms computed in another order; see :func:`_check_given`).
+_GIVEN_TOLERANCE = 16
+
+
+def _check_given(plan: Plan, name: str, given: np.ndarray, want: np.ndarray,
+                 v_max: float) -> None:
+    """Raise ValueError when the given out or lse rows do not belong to these inputs.
+
+    want: the backward's own recomputation (float64). NaN in ``given`` where ``want`` is
+    not NaN (an all-NaN out or lse, for instance), or a non-finite value where ``want``
+    is finite, is always an error. So is a deviation beyond eps_stored |want| +
+    _GIVEN_TOLERANCE sqrt(Sk) eps_tile * scale, with eps_stored the epsilon of the dtype
+    the value was stored in (lse: float32 or float64; out: the input dtype), scale
+    1 + |lse| for lse and the row's max |out| plus the slice's max |v| for out; this size
+    check runs only when the tiles are float32 or wider (narrower tile sums drift)."""
+    g = np.asarray(given, np.float64)
+    fin = np.isfinite(want)
+    wrong = (np.isnan(g) & ~np.isnan(want)) | (fin & ~np.isfinite(g))
+    wrong |= np.isneginf(want) & ~np.isneginf(g)
+    if plan.acc.itemsize >= 4:
+        stored = plan.opts.lse_dtype if name == "lse" else plan.opts.dtype
+        w = np.abs(np.where(fin, want, 0.0))
+        noise = _GIVEN_TOLERANCE * math.sqrt(plan.opts.sk) * float(finfo(plan.acc).eps)
+        if name == "lse":
+            scale = 1 + w
+        else:
+            scale = np.max(w, axis=-1, keepdims=True) + v_max
+        bound = float(finfo(stored).eps) * w + noise * scale
+        wrong |= np.abs(np.where(fin, g - want, 0.0)) > bound
+    if wrong.any():
+        raise ValueError(
+            f"{name}: {int(wrong.sum())} value(s) differ from the forward of these q, k, v "
+            f"and options (NaN or off by more than rounding); pass the out and lse that "
+            f"flash_attention(..., return_lse=True) returned for the same inputs"
+        )
+
+
+class _RowProbs(NamedTuple):
+    """What :func:`_probabilities` returns for a block of rows: p = exp(s - shift) * f."""
+
+    shift: np.ndarray  # (ni,), tile dtype
+    lo_shift: np.ndarray | None  # (ni,) the max entry's residual with exact scores
+    f: np.ndarray | None  # (ni,), state dtype; None: 1
+    o: np.ndarray | None  # (ni, Dv) sum_j exp(s_j - shift) v_j, state dtype; or None
+    lse: np.ndarray | None  # (ni,) the recomputed lse (float64), or None
+
+
 def _probabilities(
     plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
     tiles: list[Tile], lse: np.ndarray, buf: np.ndarray,
-    v64: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(shift, f, o) such that a row block's probabilities are p = exp(s - shift) * f.
+    v: np.ndarray | None = None, lo_buf: np.ndarray | None = None,
+) -> _RowProbs:
+    """How the backward rebuilds a row block's probabilities, p = exp(s - shift) * f.
 
-    Narrow inputs (float16, bfloat16, float8 are narrower than the float32 lse): shift =
-    lse, f = None (1), FlashAttention's p = exp(s - lse); lse's rounding is far below the
-    inputs' precision. Inputs as wide as lse (float32, float64): exp(s - lse) would carry
-    lse's rounding, |lse| eps / 2, into every p of the row, and the rounding of s - lse,
-    up to |s - m| + log l ulps, where the naive exp(s - m) / l has |s - m|. So one extra
-    online pass over the block's tiles recomputes the row max m and l = sum exp(s - m)
-    (state dtype), and shift = m with f = 1 / l when the keys are the whole sequence, or
-    f = exp(m - lse) for a shard (whose row sums are not 1: lse is the global one).
-    Empty rows get shift 0 and f 0.
+    When the keys are the whole sequence (not a shard), one online pass over the block's
+    tiles recomputes the row max m, l = sum exp(s - m) and, given v, o = sum exp(s - m) v
+    (state dtype: float64 for float32 and wider tiles): shift = m, f = 1 / l, and the
+    backward forms delta = rowsum(do * o f) from these very probabilities. The given lse
+    and out are then only checked against this recomputation (:func:`_check_given`), not
+    used: exp(s - lse) would carry lse's float32 rounding (|lse| eps / 2) into every p of
+    a row, and delta from the given out its rounding to the input dtype (for float16 and
+    bfloat16 about 1e-3 |do| |out| per term), which the near-cancelling dp - delta of a
+    dominant key turned into dq, dk up to 3x (float16) and 10x (float32) the naive
+    formula's error. Empty rows get shift 0 and f 0.
 
-    o: with v64 (the slice's values in float64, float32 input with all keys), the same
-    pass also sums o = sum_j exp(s_j - shift) v_j in float64 (ni, Dv), so that the
-    backward's delta = rowsum(do * o f) matches the very p it uses; from the given
-    float32 out, delta carried out's rounding (|do| |out| eps / 2 per term), which the
-    near-cancelling dp - delta of a dominant key turned into gradients up to 10x the naive
-    formula's error. None otherwise.
+    For a shard (not all keys), the row sums over the local keys are not 1: shift = m and
+    f = exp(m - lse) with the given (global) lse for float32 and wider inputs, shift = lse
+    and f = None for narrower ones; o is None and delta comes from the given (global) out.
     """
     opts = plan.opts
-    if opts.dtype.itemsize < opts.lse_dtype.itemsize:
-        return row_shift(np.asarray(lse, plan.acc))[:, None], None, None
-    m, l, o = _online(plan, b, h, qs, k, v64, i0, i1, tiles, buf, sum64=_wide_float32(plan))
-    if opts.all_keys:
-        f = np.divide(1, l, out=np.zeros_like(l), where=l != 0)
-    else:
+    if not opts.all_keys and opts.dtype.itemsize < opts.lse_dtype.itemsize:
+        return _RowProbs(row_shift(np.asarray(lse, plan.acc)), None, None, None, None)
+    m, l, o, hl = _online(plan, b, h, qs, k, v if opts.all_keys else None, i0, i1, tiles,
+                          buf, sum64=_wide_float32(plan), lo_buf=lo_buf)
+    shift, lo_shift = (row_shift(m).astype(plan.acc), None) if hl is None else \
+        (row_shift(hl[0]), hl[1])
+    if not opts.all_keys:
         f = np.exp(m - row_shift(np.asarray(lse, plan.state)))  # 0 where m = -inf
-    return row_shift(m).astype(plan.acc)[:, None], f, (o if v64 is not None else None)
+        return _RowProbs(shift, lo_shift, f, None, None)
+    f = np.divide(1, l, out=np.zeros_like(l), where=l != 0)
+    lse_re = np.asarray(m, np.float64) + np.log(np.asarray(l, np.float64))
+    return _RowProbs(shift, lo_shift, f, o if v is not None else None, lse_re)

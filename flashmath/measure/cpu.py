@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmath.attention.tiled import flash_attention
+from flashmath.attention.tiled import flash_attention, flash_attention_backward
 from flashmath.dtypes import as_dtype
 from flashmath.measure.flops import attention_flops
 from flashmath.measure.timing import time_calls
@@ -54,16 +54,14 @@ def time_attention(
     ``fwd_median_ratio_time``; ``*_fwd_gflops``; the same with ``fwdbwd`` when
     ``backward``. torch entries are None when torch is not importable or ``torch=False``.
     """
-    import flashmath as fm
-
     q, k, v, dout = _inputs(b, h, s, d, dtype, seed)
     tiles: dict[str, Any] = {"block_q": block_q, "block_k": block_k}
     fns: dict[str, Callable[[], Any]] = {
-        "fm_fwd": lambda: fm.flash_attention(q, k, v, causal=causal, **tiles)}
+        "fm_fwd": lambda: flash_attention(q, k, v, causal=causal, **tiles)}
     if backward:
         def fm_fwdbwd() -> None:
-            out, lse = fm.flash_attention(q, k, v, causal=causal, return_lse=True, **tiles)
-            fm.flash_attention_backward(dout, q, k, v, out, lse, causal=causal, **tiles)
+            out, lse = flash_attention(q, k, v, causal=causal, return_lse=True, **tiles)
+            flash_attention_backward(dout, q, k, v, out, lse, causal=causal, **tiles)
         fns["fm_fwdbwd"] = fm_fwdbwd
     tt = _torch() if torch else None
     if tt is not None:
@@ -190,14 +188,12 @@ def peak_memory(s: int, *, b: int = 1, h: int = 1, d: int = 64, causal: bool = F
     (B H S S * 4, the float32 score matrix a standard forward would build) and
     ``peak_fraction`` = peak / scores.
     """
-    import flashmath as fm
-
     q, k, v, _ = _inputs(b, h, s, d, dtype, 0)
     out_bytes = b * h * s * d * q.itemsize + b * h * s * (8 if dtype == "float64" else 4)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        fm.flash_attention(q, k, v, causal=causal, block_q=block_q, block_k=block_k,
+        flash_attention(q, k, v, causal=causal, block_q=block_q, block_k=block_k,
                            return_lse=True)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
