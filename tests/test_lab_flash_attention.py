@@ -100,4 +100,6 @@ def test_same_seed_same_results(quick):
     again = _quick_run()
     assert _deterministic(again.records) == _deterministic(quick.records)
     assert _deterministic(again.summary) == _deterministic(quick.summary)
-    assert again.headline == quick.headline
+    # the headline quotes tracemalloc peaks, which wobble with thread timing (results.json
+    # marks it volatile); its accuracy count must not
+    assert again.headline.split("; at S=")[0] == quick.headline.split("; at S=")[0]

@@ -180,3 +180,52 @@ def test_dlse_has_the_shape_of_lse():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"dlse: expected shape \(2, 4, 5\)"):
         fm.attention_reference_backward(np.ones((2, 4, 5, 4)), q, k, v, dlse=np.ones((2, 4)))
+
+
+# --- the tiled kernel against the oracle: sinks, dlse, ALiBi slopes ---------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("opts", [{}, {"causal": True}, {"window": (2, 1), "softcap": 3.0},
+                                  {"kv_lengths": np.array([7, 0]), "causal": True}])
+def test_tiled_sinks_dlse_and_alibi_match_the_oracle(dtype, opts):
+    q, k, v = (x.astype(dtype) for x in _qkv(seed=8))
+    rng = np.random.default_rng(9)
+    dout = rng.standard_normal((2, 4, 5, 4)).astype(dtype)
+    dlse = rng.standard_normal((2, 4, 5))
+    extra = {"sinks": np.array([0.5, -1.0, 2.0, -np.inf]),
+             "alibi_slopes": alibi_slopes(4), **opts}
+    out, lse = fm.flash_attention(q, k, v, return_lse=True, block_q=2, block_k=3, **extra)
+    grads = fm.flash_attention_backward(dout, q, k, v, out, lse, dlse=dlse, block_q=2,
+                                        block_k=3, **extra)
+    ref_out, ref_lse = fm.attention_reference(q, k, v, return_lse=True, **extra)
+    ref = fm.attention_reference_backward(dout, q, k, v, dlse=dlse, **extra)
+    base = fm.attention_reference_backward(dout, q, k, v, dlse=dlse, upcast=False, **extra)
+    assert len(grads) == 4
+    np.testing.assert_allclose(lse, ref_lse, rtol=0, atol=1e-12 if dtype == np.float64
+                               else 1e-5)
+    if dtype == np.float64:
+        np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-13)
+        for got, want in zip(grads, ref, strict=True):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        return
+    eps = float(np.finfo(dtype).eps)
+    for got, want, naive in zip(grads, ref, base, strict=True):
+        err = np.abs(np.asarray(got, np.float64) - want).max()
+        floor = eps * np.abs(want).max()
+        assert err <= 3 * max(np.abs(np.asarray(naive, np.float64) - want).max(), floor)
+
+
+def test_tiled_rows_that_see_nothing_with_and_without_a_sink():
+    """Causal with Sq > Sk: the first rows see no key. With a sink they give out 0 and
+    lse = sink; a head whose sink is -inf gives lse -inf; never NaN."""
+    q, k, v = _qkv(b=1, h=2, hkv=2, sq=9, sk=4, seed=10)
+    sinks = np.array([1.5, -np.inf])
+    out, lse = fm.flash_attention(q, k, v, causal=True, sinks=sinks, return_lse=True,
+                                  block_q=4, block_k=2)
+    ref_out, ref_lse = fm.attention_reference(q, k, v, causal=True, sinks=sinks,
+                                              return_lse=True)
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, ref_out, atol=1e-14)
+    np.testing.assert_array_equal(lse[0, :, :5], np.array([[1.5] * 5, [-np.inf] * 5]))
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-13)

@@ -67,7 +67,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from flashmath.attention.masks import TileKind
-from flashmath.attention.options import check_backward_inputs
+from flashmath.attention.options import AttentionOptions, check_backward_inputs
 from flashmath.attention.schedule import (
     DEFAULT_BLOCK_K,
     DEFAULT_BLOCK_Q,
@@ -105,6 +105,7 @@ def flash_attention(
     softcap: float | None = None,
     scale: float | None = None,
     alibi_slopes: Any = None,
+    sinks: Any = None,
     block_q: int | None = None,
     block_k: int | None = None,
     accum_dtype: Any = None,
@@ -116,7 +117,7 @@ def flash_attention(
     ----------
     q : (B, H, Sq, D); k : (B, H_kv, Sk, D); v : (B, H_kv, Sk, Dv)
         One float dtype; H % H_kv == 0 (GQA/MQA: query head h reads head h // (H // H_kv)).
-    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale, alibi_slopes
+    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale, alibi_slopes, sinks
         As :func:`flashmath.attention_reference`: causal True is bottom-right aligned
         (query i sees key j iff j <= i + Sk - Sq; with lengths, i + kv_len - q_len),
         "top_left" is torch's; scores are softcap(scale * q . k) + bias, then masked.
@@ -167,7 +168,7 @@ def flash_attention(
     out, lse = tiled_forward(
         q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
         q_lengths=q_lengths, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
-        block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
+        sinks=sinks, block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
     )
     return (out, lse) if return_lse else out
 
@@ -189,10 +190,12 @@ def flash_attention_backward(
     softcap: float | None = None,
     scale: float | None = None,
     alibi_slopes: Any = None,
+    sinks: Any = None,
+    dlse: Any = None,
     block_q: int | None = None,
     block_k: int | None = None,
     accum_dtype: Any = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     """Gradients (dq, dk, dv) of sum(dout * out), recomputing the scores tile by tile.
 
     Parameters
@@ -215,17 +218,21 @@ def flash_attention_backward(
         skipped for accum_dtype narrower than float32). The shard API
         (:func:`tiled_backward` with k_offset / k_total) uses the given global lse and
         out, which it cannot recompute from a shard of the keys.
-    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale
+    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale, alibi_slopes, sinks
         The forward's options, unchanged.
+    dlse : (B, H, Sq), optional: the cotangent of the returned lse, so the gradients are
+        those of sum(dout * out) + sum(dlse * lse) (through ``fm.merge_outputs``, split-KV
+        or ring merges); d lse / d s = p, so each row's dp - delta gains dlse.
     block_q, block_k, accum_dtype
         As :func:`flash_attention` (the tiles need not be the forward's).
 
     Returns
     -------
     dq (B, H, Sq, D), dk (B, H_kv, Sk, D), dv (B, H_kv, Sk, Dv) in the input dtype; dk and
-    dv sum the query heads sharing a key/value head. Padding queries, rows with nothing
-    to attend to and keys no query sees get exactly 0. The bias is a constant (no
-    gradient).
+    dv sum the query heads sharing a key/value head. With ``sinks``, a fourth result:
+    dsinks (H,), float32 (float64 for float64 input). Padding queries, rows with nothing
+    to attend to and keys no query sees get exactly 0. The bias and ALiBi are constants
+    (no gradient).
 
     Raises
     ------
@@ -235,7 +242,8 @@ def flash_attention_backward(
     return tiled_backward(
         dout, q, k, v, out, lse, causal=causal, window=window, mask=mask, bias=bias,
         kv_lengths=kv_lengths, q_lengths=q_lengths, softcap=softcap, scale=scale,
-        alibi_slopes=alibi_slopes, block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
+        alibi_slopes=alibi_slopes, sinks=sinks, dlse=dlse, block_q=block_q, block_k=block_k,
+        accum_dtype=accum_dtype,
     )
 
 
@@ -411,9 +419,12 @@ def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], out: np.ndarr
     k, v = _kv(plan, b, h)
     buf = np.empty((plan.bq, plan.bk), plan.acc)  # the score tile, reused
     lo_buf = _lo_buffer(plan)
+    sink = None if plan.opts.sinks is None or not plan.opts.all_keys else plan.opts.sinks[h]
     for i0, i1, tiles in blocks:
-        if not tiles:
-            continue  # nothing visible: out stays 0, lse -inf
+        if not tiles:  # nothing visible: out stays 0, lse -inf (the sink's, with a sink)
+            if sink is not None:
+                lse[b, h, i0:i1] = sink
+            continue
         qs = _score_rows(plan, b, h, i0, i1, _q_block(plan, b, h, i0, i1))
         if len(tiles) == 1:
             m, l, o = _one_tile(plan, b, h, qs, k, v, i0, i1, tiles[0], buf, lo_buf)
@@ -421,8 +432,14 @@ def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], out: np.ndarr
             m, l, o, _ = _online(plan, b, h, qs, k, v, i0, i1, tiles, buf, lo_buf=lo_buf)
             # o / l; an empty row (l = 0, m = -inf) gives 0
             o = np.divide(o, l[:, None], out=np.zeros_like(o), where=l[:, None] != 0)
+        row_lse = m + np.log(l)  # -inf for an empty row
+        if sink is not None:  # a value-less state with lse = sink, merged exactly
+            with_sink = np.logaddexp(row_lse, sink)
+            keep = np.exp(row_lse - row_shift(with_sink))  # 0 for a row with neither
+            o = o * keep[:, None]
+            row_lse = with_sink
         out[b, h, i0:i1] = o
-        lse[b, h, i0:i1] = m + np.log(l)  # -inf for an empty row
+        lse[b, h, i0:i1] = row_lse
 
 
 #: Elements of P converted to the state dtype at a time in _one_tile (64 KiB in float64).
@@ -519,15 +536,18 @@ def _online(
 
 def tiled_backward(
     dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *, block_q: int | None = None,
-    block_k: int | None = None, accum_dtype: Any = None, **options: Any,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    block_k: int | None = None, accum_dtype: Any = None, dlse: Any = None, **options: Any,
+) -> tuple[np.ndarray, ...]:
     """The tiled backward: (dq, dk, dv) in the input dtype, as
-    :func:`flash_attention_backward`; ``options`` may hold the shard positions as
-    :func:`tiled_forward` (then pass the merged, global out and lse of the shard's rows)."""
+    :func:`flash_attention_backward` (and dsinks with ``sinks``); ``options`` may hold the
+    shard positions as :func:`tiled_forward` (then pass the merged, global out and lse of
+    the shard's rows, and the sinks to no shard: they count once)."""
     plan = Plan.build(q, k, v, block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
                        **options)
     opts = plan.opts
     dout, out, lse = check_backward_inputs(opts, dout=dout, out=out, lse=lse)
+    if dlse is not None:
+        (dlse,) = check_backward_inputs(opts, dlse=dlse)
     dq = np.zeros(plan.q.shape, opts.dtype)
     todo = work_units(plan, cores())
     parts = todo[0].parts if todo else 1
@@ -538,7 +558,7 @@ def tiled_backward(
 
     def work(unit: Unit) -> None:
         _backward_unit(plan, unit.b, unit.h, unit.blocks, dout, out, lse, dq,
-                       dk[unit.part], dv[unit.part])
+                       dk[unit.part], dv[unit.part], dlse)
 
     run_units(todo, work)
     dk, dv = (x[0] if parts == 1 else x.sum(axis=0) for x in (dk, dv))
@@ -547,12 +567,32 @@ def tiled_backward(
     shape = (opts.batch, opts.kv_heads, opts.group, opts.sk)
     dk = dk.reshape(*shape, opts.d).sum(axis=2) if opts.group > 1 else dk
     dv = dv.reshape(*shape, opts.dv).sum(axis=2) if opts.group > 1 else dv
-    return dq, dk.astype(opts.dtype), dv.astype(opts.dtype)
+    grads = (dq, dk.astype(opts.dtype), dv.astype(opts.dtype))
+    if opts.sinks is None:
+        return grads
+    return (*grads, _sink_gradient(opts, dout, out, lse, dlse))
+
+
+def _sink_gradient(opts: AttentionOptions, dout: np.ndarray, out: np.ndarray,
+                   lse: np.ndarray, dlse: np.ndarray | None) -> np.ndarray:
+    """dsinks (H,): d out_i / d sink = -p_sink out_i and d lse_i / d sink = p_sink, so
+    dsink = -sum over batch and rows of p_sink (rowsum(dO O) - dlse), p_sink =
+    exp(sink - lse), in float64 (rows with lse -inf, the padding, add nothing)."""
+    assert opts.sinks is not None
+    delta = np.einsum("bhid,bhid->bhi", dout, out, dtype=np.float64)
+    if dlse is not None:
+        delta -= np.asarray(dlse, np.float64)
+    lse64 = np.asarray(lse, np.float64)
+    with np.errstate(invalid="ignore"):  # -inf - -inf: a padding row of a sink-less head
+        p_sink = np.exp(opts.sinks[None, :, None] - lse64)
+    p_sink = np.where(np.isfinite(lse64), p_sink, 0.0)
+    return (-np.sum(p_sink * delta, axis=(0, 2))).astype(opts.lse_dtype)
 
 
 def _backward_unit(
     plan: Plan, b: int, h: int, blocks: list[Block], dout: np.ndarray, out: np.ndarray,
     lse: np.ndarray, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+    dlse: np.ndarray | None = None,
 ) -> None:
     """Gradients of the row blocks ``blocks`` of slice (b, h): their dq[b, h] rows, and
     their contributions to this head's dk[b, h], dv[b, h].
@@ -592,6 +632,8 @@ def _backward_unit(
         else:
             delta = np.einsum("id,id->i", do, out[b, h, i0:i1], dtype=st)
             delta = (delta if v64 is not None else delta.astype(acc))[:, None]
+        if dlse is not None:  # d lse / d s = p: the lse cotangent joins dp - delta
+            delta = delta - np.asarray(dlse[b, h, i0:i1], delta.dtype)[:, None]
         do64 = None if v64 is None else np.asarray(do, np.float64)
         do_f = do if f is None else np.multiply(do, f[:, None], dtype=acc)
         qs_f = qs if f is None else np.multiply(qs, f[:, None], dtype=acc)
@@ -704,6 +746,14 @@ def _probabilities(
     if not opts.all_keys:
         f = np.exp(m - row_shift(np.asarray(lse, plan.state)))  # 0 where m = -inf
         return _RowProbs(shift, lo_shift, f, None, None)
-    f = np.divide(1, l, out=np.zeros_like(l), where=l != 0)
-    lse_re = np.asarray(m, np.float64) + np.log(np.asarray(l, np.float64))
+    if opts.sinks is not None:  # the sink's exp(sink - m) joins each row's denominator
+        sink = opts.sinks[h]
+        m_f = np.maximum(m, sink)
+        l = l * np.exp(m - row_shift(m_f)) + np.exp(sink - row_shift(m_f))
+        m_eff = m_f
+        f = np.divide(np.exp(m - row_shift(m_f)), l, out=np.zeros_like(l), where=l != 0)
+    else:
+        m_eff = m
+        f = np.divide(1, l, out=np.zeros_like(l), where=l != 0)
+    lse_re = np.asarray(m_eff, np.float64) + np.log(np.asarray(l, np.float64))
     return _RowProbs(shift, lo_shift, f, o if v is not None else None, lse_re)

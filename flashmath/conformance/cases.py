@@ -250,6 +250,10 @@ ATTENTION_SPECS: tuple[_AttnSpec, ...] = (
           B=2, Sq=12, Sk=20, options=lambda _r: {
               "alibi_slopes": np.array([[0.5, 0.0625], [2.0, 0.25]]), "causal": True},
           requires={"alibi_slopes", "causal"}),
+    _spec("attention sinks", "a value-less logit per head (gpt-oss); causal Sq > Sk: the "
+          "first rows see only the sink", Sq=20, Sk=12, options=lambda _r: {
+              "sinks": np.array([1.0, -0.5]), "causal": True},
+          requires={"sinks", "causal"}),
     _spec("padded keys", "kv_lengths = [16, 5]", B=2,
           options=lambda _r: {"kv_lengths": np.array([16, 5])}, requires={"kv_lengths"}),
     _spec("padded queries", "q_lengths = [16, 6]", B=2,

@@ -316,7 +316,7 @@ def flashmath_attention_backward(dout: Any, q: Any, k: Any, v: Any, **options: A
     """flashmath's tiled backward as the checker calls a backward: the forward's out and
     lse are recomputed. Returns (dq, dk, dv)."""
     out, lse = flash_attention(q, k, v, return_lse=True, **options)
-    return flash_attention_backward(dout, q, k, v, out, lse, **options)
+    return flash_attention_backward(dout, q, k, v, out, lse, **options)[:3]  # not dsinks
 
 
 def torch_softmax(x: Any, axis: int = -1) -> Any:
@@ -367,7 +367,7 @@ def sdpa(q: Any, k: Any, v: Any, *, causal: Causal = False, window: Any = None,
 #: What SDPA expresses: every option but softcap.
 _SDPA_SUPPORTS = ATTENTION_OPTIONS - {"softcap", "alibi_slopes", "sinks", "score_mod", "mask_mod"}
 #: What flashmath's tiled kernels take (every option the battery knows).
-_FLASHMATH_SUPPORTS = ATTENTION_OPTIONS - {"sinks", "score_mod", "mask_mod"}
+_FLASHMATH_SUPPORTS = ATTENTION_OPTIONS - {"score_mod", "mask_mod"}
 
 
 def _torch_target(kind: Kind) -> Kernel:

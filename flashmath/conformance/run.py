@@ -261,7 +261,7 @@ def accuracy_rule(
         if dout is not None:
             grads = flash_attention_backward(inputs["dout"], q, k, v, out, lse, block_q=block_q,
                                              block_k=block_k, **options)
-            answers |= dict(zip(("dq", "dk", "dv"), map(np.asarray, grads), strict=True))
+            answers |= dict(zip(("dq", "dk", "dv"), map(np.asarray, grads[:3]), strict=True))
     judged = judge_case(case, answers)
     rec: dict[str, Any] = {"dtype": case.dtype}
     for j in judged:
