@@ -56,3 +56,14 @@ def test_a_kernel_not_declaring_the_mods_is_skipped():
     result = run_case(as_kernel((_rounded, _rounded_backward)), CASES[0])
     assert result.verdict == "SKIP" and "mask_mod" in result.message
     assert np.isfinite(CASES[0].inputs["q"]).all()
+
+
+def test_flashmath_passes_every_mod_case_with_gradients():
+    """The library's mods, alone and with causal/GQA/lengths, through the tiled kernel."""
+    from flashmath.conformance.kernels import load_target
+    from flashmath.conformance.mod_cases import mod_cases
+
+    kernel = load_target("flashmath", "attention")
+    failed = [(r.case, r.dtype, r.message) for case in mod_cases()
+              for r in [run_case(kernel, case, grads=True)] if not r.passed]
+    assert failed == []

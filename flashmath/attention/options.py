@@ -94,6 +94,8 @@ class AttentionOptions:
     alibi: np.ndarray | None = None
     sinks: np.ndarray | None = None
     mods: Mods | None = None  # score_mod / mask_mod / block_mask (see check_mods), or None
+    q_offset: int = 0  # global position of local query row 0 (shards): where mods look
+    k_offset: int = 0  # global position of local key 0
 
     @property
     def group(self) -> int:
@@ -378,6 +380,7 @@ def resolve(
         alibi=check_alibi_slopes(alibi_slopes, batch, heads),
         sinks=check_sinks(sinks, heads),
         mods=check_mods(score_mod, mask_mod, block_mask, batch, heads, q_total, k_total),
+        q_offset=q_offset, k_offset=k_offset,
     )
     return q, k, v, opts
 

@@ -67,6 +67,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from flashmath.attention.masks import TileKind
+from flashmath.attention.mods import and_kinds
 from flashmath.attention.options import AttentionOptions, check_backward_inputs
 from flashmath.attention.schedule import (
     DEFAULT_BLOCK_K,
@@ -106,6 +107,9 @@ def flash_attention(
     scale: float | None = None,
     alibi_slopes: Any = None,
     sinks: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    block_mask: Any = None,
     block_q: int | None = None,
     block_k: int | None = None,
     accum_dtype: Any = None,
@@ -117,9 +121,12 @@ def flash_attention(
     ----------
     q : (B, H, Sq, D); k : (B, H_kv, Sk, D); v : (B, H_kv, Sk, Dv)
         One float dtype; H % H_kv == 0 (GQA/MQA: query head h reads head h // (H // H_kv)).
-    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale, alibi_slopes, sinks
-        As :func:`flashmath.attention_reference`: causal True is bottom-right aligned
-        (query i sees key j iff j <= i + Sk - Sq; with lengths, i + kv_len - q_len),
+    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale, alibi_slopes, sinks,
+    score_mod, mask_mod, block_mask
+        As :func:`flashmath.attention_reference` (mods: docs/mods.md; EMPTY tiles of the
+        mask_mod or block mask are skipped, FULL ones build no mask): causal True is
+        bottom-right aligned (query i sees key j iff j <= i + Sk - Sq; with lengths,
+        i + kv_len - q_len),
         "top_left" is torch's; scores are softcap(scale * q . k) + bias, then masked.
     block_q, block_k : tile sizes (default DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K; both halved
         when B * H slices are too few to keep every core busy and are cut by query blocks).
@@ -168,7 +175,8 @@ def flash_attention(
     out, lse = tiled_forward(
         q, k, v, causal=causal, window=window, mask=mask, bias=bias, kv_lengths=kv_lengths,
         q_lengths=q_lengths, softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
-        sinks=sinks, block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
+        sinks=sinks, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
+        block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
     )
     return (out, lse) if return_lse else out
 
@@ -191,6 +199,9 @@ def flash_attention_backward(
     scale: float | None = None,
     alibi_slopes: Any = None,
     sinks: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    block_mask: Any = None,
     dlse: Any = None,
     block_q: int | None = None,
     block_k: int | None = None,
@@ -218,8 +229,9 @@ def flash_attention_backward(
         skipped for accum_dtype narrower than float32). The shard API
         (:func:`tiled_backward` with k_offset / k_total) uses the given global lse and
         out, which it cannot recompute from a shard of the keys.
-    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale, alibi_slopes, sinks
-        The forward's options, unchanged.
+    causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale, alibi_slopes, sinks,
+    score_mod, mask_mod, block_mask
+        The forward's options, unchanged (gradients flow through a score_mod's derivative).
     dlse : (B, H, Sq), optional: the cotangent of the returned lse, so the gradients are
         those of sum(dout * out) + sum(dlse * lse) (through ``fm.merge_outputs``, split-KV
         or ring merges); d lse / d s = p, so each row's dp - delta gains dlse.
@@ -242,7 +254,8 @@ def flash_attention_backward(
     return tiled_backward(
         dout, q, k, v, out, lse, causal=causal, window=window, mask=mask, bias=bias,
         kv_lengths=kv_lengths, q_lengths=q_lengths, softcap=softcap, scale=scale,
-        alibi_slopes=alibi_slopes, sinks=sinks, dlse=dlse, block_q=block_q, block_k=block_k,
+        alibi_slopes=alibi_slopes, sinks=sinks, score_mod=score_mod, mask_mod=mask_mod,
+        block_mask=block_mask, dlse=dlse, block_q=block_q, block_k=block_k,
         accum_dtype=accum_dtype,
     )
 
@@ -336,10 +349,30 @@ def _kv(plan: Plan, b: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(plan.k[b, hk], plan.acc), np.asarray(plan.v[b, hk], plan.acc)
 
 
+def _has_score_mod(opts: AttentionOptions) -> bool:
+    return opts.mods is not None and opts.mods.score_mod is not None
+
+
+def _mod_tiles(plan: Plan, b: int, h: int, i0: int, i1: int, tiles: list[Tile]) -> list[Tile]:
+    """The tiles of rows [i0, i1) of slice (b, h) once the mask_mod / block mask has its
+    say (:meth:`Mods.kind` ANDed with the built-in mask's kind): EMPTY ones dropped."""
+    mods = plan.opts.mods
+    if mods is None or (mods.mask_mod is None and mods.block_mask is None):
+        return tiles
+    qo, ko = plan.opts.q_offset, plan.opts.k_offset
+    kept: list[Tile] = []
+    for j0, j1, kind in tiles:
+        both = TileKind(int(and_kinds(kind, mods.kind(b, h, i0 + qo, i1 + qo, j0 + ko,
+                                                      j1 + ko))))
+        if both is not TileKind.EMPTY:
+            kept.append((j0, j1, both))
+    return kept
+
+
 def _scores(
     plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
     j0: int, j1: int, kind: TileKind, buf: np.ndarray, tanh_buf: np.ndarray | None = None,
-    lo_buf: np.ndarray | None = None,
+    lo_buf: np.ndarray | None = None, dmod_buf: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The tile's scores softcap(scale q k^T) + bias, masked with -inf, in ``buf``.
 
@@ -356,7 +389,7 @@ def _scores(
     s = buf[: i1 - i0, : j1 - j0]
     lo = None
     if qs.dtype != s.dtype:  # exact scores: scale q k^T in float64, rounded once
-        if lo_buf is not None and opts.softcap is None:
+        if lo_buf is not None and opts.softcap is None and not _has_score_mod(opts):
             lo = lo_buf[: i1 - i0, : j1 - j0]
         for c0 in range(j0, j1, _EXACT_CHUNK):  # float64 pieces stay small (memory)
             c1 = min(c0 + _EXACT_CHUNK, j1)
@@ -381,6 +414,9 @@ def _scores(
         s *= opts.softcap
     if opts.has_bias:  # the bias and ALiBi
         s += opts.bias_block(b, h, i0, i1, j0, j1)
+    if opts.mods is not None:  # score_mod (and its derivative), then mask_mod on PARTIAL
+        dmod = None if dmod_buf is None else dmod_buf[: i1 - i0, : j1 - j0]
+        opts.mods.apply(s, b, h, i0 + opts.q_offset, j0 + opts.k_offset, kind, dmod)
     if kind is TileKind.PARTIAL:
         for c0, c1 in opts.spec.masked_columns(b, i0, i1, j0, j1):
             np.copyto(s[:, c0 - j0 : c1 - j0], -np.inf,
@@ -421,6 +457,7 @@ def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], out: np.ndarr
     lo_buf = _lo_buffer(plan)
     sink = None if plan.opts.sinks is None or not plan.opts.all_keys else plan.opts.sinks[h]
     for i0, i1, tiles in blocks:
+        tiles = _mod_tiles(plan, b, h, i0, i1, tiles)
         if not tiles:  # nothing visible: out stays 0, lse -inf (the sink's, with a sink)
             if sink is not None:
                 lse[b, h, i0:i1] = sink
@@ -612,7 +649,9 @@ def _backward_unit(
     v64 = np.asarray(v, np.float64) if _wide_float32(plan) else None
     dp64 = None if v64 is None else np.empty((plan.bq, plan.bk), np.float64)
     v_max = float(np.max(np.abs(v), initial=0.0)) if opts.all_keys else 0.0
+    dmod_buf = np.empty((plan.bq, plan.bk), acc) if _has_score_mod(opts) else None
     for i0, i1, tiles in blocks:
+        tiles = _mod_tiles(plan, b, h, i0, i1, tiles)
         if not tiles:
             continue
         ni = i1 - i0
@@ -640,7 +679,8 @@ def _backward_unit(
         dq_blk = np.zeros((ni, opts.d), st)
         for j0, j1, kind in tiles:
             nj = j1 - j0
-            p, lo = _scores(plan, b, h, qs_s, k, i0, i1, j0, j1, kind, buf, tanh_buf, lo_buf)
+            p, lo = _scores(plan, b, h, qs_s, k, i0, i1, j0, j1, kind, buf, tanh_buf, lo_buf,
+                            dmod_buf)
             _shift(p, lo, shift, pr.lo_shift)
             np.exp(p, out=p)  # p~ = exp(s - shift)
             dv_h[j0:j1] += p.T @ do_f
@@ -653,6 +693,8 @@ def _backward_unit(
                 ds = np.matmul(do, v[j0:j1].T, out=dbuf[:ni, :nj])  # dp
                 ds -= delta
             ds *= p  # ds~ = p~ (dp - delta)
+            if dmod_buf is not None:  # through the score_mod: d mod / d s
+                ds *= dmod_buf[:ni, :nj]
             if tanh_buf is not None:  # through the softcap: d(c tanh(x / c)) = 1 - tanh^2
                 t = tanh_buf[:ni, :nj]
                 np.multiply(t, t, out=t)

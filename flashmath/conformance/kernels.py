@@ -366,8 +366,10 @@ def sdpa(q: Any, k: Any, v: Any, *, causal: Causal = False, window: Any = None,
 
 #: What SDPA expresses: every option but softcap.
 _SDPA_SUPPORTS = ATTENTION_OPTIONS - {"softcap", "alibi_slopes", "sinks", "score_mod", "mask_mod"}
-#: What flashmath's tiled kernels take (every option the battery knows).
-_FLASHMATH_SUPPORTS = ATTENTION_OPTIONS - {"score_mod", "mask_mod"}
+#: What flashmath's tiled kernels take: every option the battery knows.
+_FLASHMATH_SUPPORTS = ATTENTION_OPTIONS
+#: The textbook formula takes every option but the mods.
+_NAIVE_SUPPORTS = ATTENTION_OPTIONS - {"score_mod", "mask_mod"}
 
 
 def _torch_target(kind: Kind) -> Kernel:
@@ -393,7 +395,7 @@ def _builtin(target: str, kind: Kind) -> Kernel:
         return _torch_target(kind)
     if kind == "softmax":
         return declare(naive_softmax.softmax, name="flashmath.naive.softmax")
-    return declare(naive_attention.attention, supports=_FLASHMATH_SUPPORTS,
+    return declare(naive_attention.attention, supports=_NAIVE_SUPPORTS,
                    name="textbook attention (no max shift)")
 
 
