@@ -188,8 +188,8 @@ def test_custom_op_passes_torch_opcheck():
     """torch.library.opcheck: schema, fake implementation and autograd registration agree."""
     q, k, v = _qkv(torch.float32, sq=5, sk=6)
     op = torch.ops.flashmath.attention.default
-    args = (q, k, v, "bottom_right", 2, None, None, None, torch.tensor([6, 3]), None, 2.0,
-            None, None, None)
+    args = (q, k, v, "bottom_right", 2, None, None, None, torch.tensor([6, 3]), None,
+            torch.tensor([0.5, -1.0, 0.0, 2.0], requires_grad=True), None, 2.0, None, None, None)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
                                                 "test_autograd_registration"))
 
@@ -226,6 +226,21 @@ def test_refusals_name_the_argument():
         flash_attention(q, k, v, causal="up")
     with pytest.raises(NotImplementedError, match="bias"):
         flash_attention(q, k, v, bias=torch.zeros(7, 9, requires_grad=True))
-    _, lse = flash_attention(q, k, v, return_lse=True)
-    with pytest.raises(NotImplementedError, match="lse"):
-        lse.sum().backward()
+    with pytest.raises(ValueError, match="sinks"):
+        flash_attention(q, k, v, sinks=torch.zeros(3))
+
+
+def test_gradients_flow_through_lse_and_into_the_sinks():
+    """gradcheck in float64 of out and lse together, with learnable sinks."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    sinks = torch.tensor([0.5, -1.0], dtype=torch.float64, requires_grad=True)
+    weights = torch.linspace(-1, 1, 5, dtype=torch.float64)
+
+    def f(q, k, v, sinks):
+        out, lse = flash_attention(q, k, v, causal=True, sinks=sinks, window=(2, 0),
+                                   alibi_slopes=[0.5, 0.25], return_lse=True)
+        return out.sum() + (lse * weights).sum()
+
+    assert torch.autograd.gradcheck(f, (q, k, v, sinks))

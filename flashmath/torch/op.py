@@ -31,7 +31,8 @@ __all__ = ["SUPPORTED_DTYPES", "TRITON_OPTIONS", "flash_attention", "route"]
 #: The dtypes the CPU path takes (the NumPy kernels compute narrow ones in float32 tiles).
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 #: The options the CUDA (Triton) path takes; mask, bias and q_lengths are CPU-only for now.
-TRITON_OPTIONS = frozenset({"causal", "window", "kv_lengths", "softcap", "scale"})
+TRITON_OPTIONS = frozenset({"causal", "window", "kv_lengths", "softcap", "scale",
+                            "alibi_slopes", "sinks"})
 
 
 
@@ -47,13 +48,15 @@ def _np(t: torch.Tensor | None) -> Any:
 def _options(causal: str, window_left: int | None, window_right: int | None,
              mask: torch.Tensor | None, bias: torch.Tensor | None,
              kv_lengths: torch.Tensor | None, q_lengths: torch.Tensor | None,
+             sinks: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
              softcap: float | None, scale: float | None) -> dict[str, Any]:
     """The keyword options of the NumPy kernels, from the ops' flat schema."""
     window = None if window_left is None and window_right is None else (window_left, window_right)
     return {
         "causal": False if causal == "none" else causal, "window": window, "mask": _np(mask),
         "bias": _np(bias), "kv_lengths": _np(kv_lengths), "q_lengths": _np(q_lengths),
-        "softcap": softcap, "scale": scale,
+        "sinks": None if sinks is None else from_torch(sinks.detach().double()),
+        "alibi_slopes": _np(alibi_slopes), "softcap": softcap, "scale": scale,
     }
 
 
@@ -62,10 +65,11 @@ def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: str,
     window_left: int | None, window_right: int | None, mask: torch.Tensor | None,
     bias: torch.Tensor | None, kv_lengths: torch.Tensor | None, q_lengths: torch.Tensor | None,
+    sinks: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
     softcap: float | None, scale: float | None, block_q: int | None, block_k: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     opts = _options(causal, window_left, window_right, mask, bias, kv_lengths, q_lengths,
-                    softcap, scale)
+                    sinks, alibi_slopes, softcap, scale)
     out, lse = tiled_forward(from_torch(q), from_torch(k), from_torch(v), block_q=block_q,
                              block_k=block_k, **opts)
     return to_torch(out), to_torch(lse)
@@ -76,6 +80,7 @@ def _attention_fake(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: str,
     window_left: int | None, window_right: int | None, mask: torch.Tensor | None,
     bias: torch.Tensor | None, kv_lengths: torch.Tensor | None, q_lengths: torch.Tensor | None,
+    sinks: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
     softcap: float | None, scale: float | None, block_q: int | None, block_k: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, Sq, _ = q.shape
@@ -89,19 +94,19 @@ def _attention_backward(
     v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, causal: str, window_left: int | None, window_right: int | None,
     mask: torch.Tensor | None, bias: torch.Tensor | None, kv_lengths: torch.Tensor | None,
-    q_lengths: torch.Tensor | None, softcap: float | None, scale: float | None,
+    q_lengths: torch.Tensor | None, sinks: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, softcap: float | None, scale: float | None,
     block_q: int | None, block_k: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if dlse is not None and bool((dlse != 0).any()):
-        raise NotImplementedError(
-            "return_lse: the CPU backward takes no gradient through lse (use lse detached, "
-            "or the CUDA path, flashmath.triton, which differentiates it)")
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     opts = _options(causal, window_left, window_right, mask, bias, kv_lengths, q_lengths,
-                    softcap, scale)
+                    sinks, alibi_slopes, softcap, scale)
     grads = _np_backward(*(from_torch(t) for t in (dout, q, k, v, out, lse)),
+                         dlse=None if dlse is None else from_torch(dlse),
                          block_q=block_q, block_k=block_k, **opts)
-    dq, dk, dv = (to_torch(g) for g in grads)
-    return dq, dk, dv
+    dq, dk, dv = (to_torch(g) for g in grads[:3])
+    dsinks = (to_torch(grads[3]).to(sinks.dtype) if sinks is not None
+              else q.new_empty((0,), dtype=torch.float32))
+    return dq, dk, dv, dsinks
 
 
 @_attention_backward.register_fake
@@ -110,14 +115,18 @@ def _attention_backward_fake(
     v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, causal: str, window_left: int | None, window_right: int | None,
     mask: torch.Tensor | None, bias: torch.Tensor | None, kv_lengths: torch.Tensor | None,
-    q_lengths: torch.Tensor | None, softcap: float | None, scale: float | None,
+    q_lengths: torch.Tensor | None, sinks: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, softcap: float | None, scale: float | None,
     block_q: int | None, block_k: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dsinks = (torch.empty_like(sinks) if sinks is not None
+              else q.new_empty((0,), dtype=torch.float32))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
 _OPTION_NAMES = ("causal", "window_left", "window_right", "mask", "bias", "kv_lengths",
-                 "q_lengths", "softcap", "scale", "block_q", "block_k")
+                 "q_lengths", "sinks", "alibi_slopes", "softcap", "scale", "block_q", "block_k")
+_SINKS = _OPTION_NAMES.index("sinks")
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -132,8 +141,11 @@ def _backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None,
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_backward(dout, dlse, q, k, v, out, lse, *ctx.options)
-    return (dq, dk, dv, *(None for _ in _OPTION_NAMES))
+    dq, dk, dv, dsinks = _attention_backward(dout, dlse, q, k, v, out, lse, *ctx.options)
+    grads: list[torch.Tensor | None] = [None] * len(_OPTION_NAMES)
+    if ctx.options[_SINKS] is not None:
+        grads[_SINKS] = dsinks
+    return (dq, dk, dv, *grads)
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
@@ -191,12 +203,14 @@ def flash_attention(
     q_lengths: torch.Tensor | Sequence[int] | None = None,
     softcap: float | None = None,
     scale: float | None = None,
+    alibi_slopes: torch.Tensor | Sequence[float] | None = None,
+    sinks: torch.Tensor | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention ``softmax(softcap(scale q k^T) + bias, masked) v`` on torch tensors,
-    differentiable with respect to q, k and v.
+    differentiable with respect to q, k, v, the sinks and through lse.
 
     Shapes: q (B, H, Sq, D), k (B, H_kv, Sk, D), v (B, H_kv, Sk, Dv) -> out (B, H, Sq, Dv)
     in q's dtype; query head h reads K/V head ``h // (H // H_kv)`` (GQA, MQA). lse (with
@@ -214,6 +228,8 @@ def flash_attention(
         kv_lengths, q_lengths         (B,) ints: keys / queries past them are padding
         softcap                       s -> softcap * tanh(s / softcap), s already scaled
         scale                         defaults to 1 / sqrt(D)
+        alibi_slopes                  (H,) or (B, H) ALiBi slopes (flash-attention's)
+        sinks                         (H,) attention-sink logits (gpt-oss), learnable
         block_q, block_k              tile sizes of the CPU kernels (default: theirs)
 
     dtypes: float64, float32, float16, bfloat16 on the CPU (narrow ones in float32 tiles,
@@ -222,9 +238,8 @@ def flash_attention(
 
     Devices: CPU tensors run the NumPy kernels as the custom op ``flashmath::attention``
     (opaque to torch.compile, with a fake implementation and a registered backward); CUDA
-    tensors run :func:`flashmath.triton.flash_attention` (see :func:`route`). The CPU
-    backward does not differentiate lse: a gradient flowing into it raises
-    NotImplementedError.
+    tensors run :func:`flashmath.triton.flash_attention` (see :func:`route`). Gradients
+    flow through lse too (the lse cotangent joins each row's dp - delta).
 
     Raises TypeError / ValueError naming the argument (the NumPy API's validation).
 
@@ -245,12 +260,15 @@ def flash_attention(
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     given = [name for name, value in (("mask", mask), ("bias", bias), ("q_lengths", q_lengths),
                                       ("window", window), ("kv_lengths", kv_lengths),
-                                      ("softcap", softcap), ("scale", scale)) if value is not None]
+                                      ("softcap", softcap), ("scale", scale),
+                                      ("alibi_slopes", alibi_slopes), ("sinks", sinks))
+             if value is not None]
     if route(q.device, given) == "triton":
         from flashmath.triton import flash_attention as triton_attention
 
         return triton_attention(q, k, v, causal=causal, window=window, kv_lengths=kv_lengths,
-                                softcap=softcap, scale=scale, return_lse=return_lse)
+                                softcap=softcap, scale=scale, alibi_slopes=alibi_slopes,
+                                sinks=sinks, return_lse=return_lse)
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q: dtype {q.dtype} is not supported; expected one of "
                         f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
@@ -260,7 +278,16 @@ def flash_attention(
         q, k, v, alignment or "none", left, right, _tensor(mask, "mask"), _tensor(bias, "bias"),
         _tensor(kv_lengths, "kv_lengths", torch.int64), _tensor(q_lengths, "q_lengths",
                                                                 torch.int64),
+        _sinks(sinks), _tensor(alibi_slopes, "alibi_slopes", torch.float64),
         None if softcap is None else float(softcap), None if scale is None else float(scale),
         block_q, block_k,
     )
     return (out, lse) if return_lse else out
+
+
+def _sinks(sinks: Any) -> torch.Tensor | None:
+    """The sinks as a CPU tensor that keeps its autograd graph (they are learnable)."""
+    if sinks is None:
+        return None
+    t = sinks if isinstance(sinks, torch.Tensor) else torch.as_tensor(sinks, dtype=torch.float32)
+    return t if t.device.type == "cpu" else t.cpu()
