@@ -40,7 +40,7 @@ ORACLE = "oracle64"
 
 
 def oracle_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                     softcap=None, **kwargs):
+                     softcap=None, s_aux=None, **kwargs):
     """Eager attention in the input dtype throughout: the float64 oracle. transformers'
     eager attention runs its softmax in float32 (and a float64 mask minimum becomes -inf
     there), so its float64 model is only float32-accurate."""
@@ -53,6 +53,10 @@ def oracle_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         s = s + attention_mask
     elif module.is_causal and query.shape[2] > 1:
         s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), -torch.inf)
+    if s_aux is not None:  # gpt-oss: a value-less logit per head joins each row's softmax
+        col = s_aux.reshape(1, -1, 1, 1).expand(*s.shape[:3], 1).to(s.dtype)
+        p = torch.softmax(torch.cat([s, col], dim=-1), dim=-1)[..., :-1]
+        return (p @ value).transpose(1, 2).contiguous(), None
     return (torch.softmax(s, dim=-1) @ value).transpose(1, 2).contiguous(), None
 
 
@@ -235,11 +239,28 @@ def test_bfloat16_logits_as_close_to_float64_as_eager(family):
     assert got <= 2 * base, (family, got, base)
 
 
-def test_attention_sinks_are_refused():
-    models = build(*SINKS, [NAME], torch.float32)
-    ids, _ = batch(None)
-    with pytest.raises(NotImplementedError, match="s_aux"):
-        models[NAME](input_ids=ids)
+@pytest.mark.parametrize("padding", [None, "left"])
+def test_attention_sinks_match_eager(padding):
+    """gpt-oss's sinks (s_aux) become flashmath's sinks. gpt-oss's experts run only in
+    float32 and narrower (no float64 model to serve as the oracle), so flashmath is judged
+    against transformers' eager gpt-oss in float32: no farther from it than the test's
+    own eager-style attention (another float32 implementation of the same formula) is, x2;
+    and a training step's gradients reach the sinks."""
+    ids, mask = batch(padding)
+    m32 = build(*SINKS, [NAME, "eager", ORACLE], torch.float32)
+    with torch.no_grad():
+        for model in m32.values():  # sinks away from 0, so that they matter
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, 4))
+    eager = logits(m32["eager"], ids, mask)
+    spread = err(logits(m32[ORACLE], ids, mask), eager)
+    got = err(logits(m32[NAME], ids, mask), eager)
+    assert got <= max(2 * spread, 1e-5 * eager.abs().max().item()), (got, spread)
+    model = m32[NAME]
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    grad = model.model.layers[0].self_attn.sinks.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_training_dropout_is_refused():

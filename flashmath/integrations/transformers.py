@@ -27,8 +27,9 @@ What models pass, and what it becomes (legend: B batch, H heads, Sq/Sk query/key
 - GQA (key/value with fewer heads): passed through, no repeat; ``scaling`` -> ``scale``;
   ``softcap`` (Gemma 2) -> ``softcap``; ``sliding_window`` W (Mistral, Gemma) -> the window
   (W - 1 keys back) when the mask was skipped; ``position_bias`` -> ``bias``.
+- attention sinks (``s_aux``, gpt-oss: one learnable logit per query head) -> ``sinks``.
 - refused with NotImplementedError naming the option: ``dropout`` > 0 while training,
-  attention sinks (``s_aux``, gpt-oss), ``output_attentions=True``.
+  ``output_attentions=True``.
 
 Other keyword arguments models pass (position ids, cache positions, sequence lengths for
 flash-attn's varlen API) are ignored, as transformers' sdpa backend ignores them: their
@@ -101,10 +102,9 @@ def attention_forward(
     attention weights. The options are mapped as the module docs say; what flashmath
     cannot express raises NotImplementedError naming it.
     """
-    if s_aux is not None or any("sink" in key_ for key_ in kwargs):
-        raise NotImplementedError(
-            "s_aux: attention sinks (gpt-oss) are not supported by flashmath yet; use "
-            "attn_implementation='eager' for this model")
+    if any("sink" in key_ for key_ in kwargs):
+        raise NotImplementedError(f"{[k for k in kwargs if 'sink' in k]}: an attention-sink "
+                                  f"argument flashmath does not know; it takes s_aux (gpt-oss)")
     if dropout and module.training:
         raise NotImplementedError(
             f"dropout: attention dropout ({dropout}) at training time is not supported by "
@@ -118,6 +118,8 @@ def attention_forward(
     if position_bias is not None:
         bias = options.get("bias")
         options["bias"] = position_bias if bias is None else bias + position_bias
+    if s_aux is not None:  # gpt-oss: one learnable logit per query head, no value
+        options["sinks"] = s_aux
     out = flash_attention(query, key, value, scale=scaling, softcap=softcap, **options)
     assert isinstance(out, torch.Tensor)  # no return_lse
     return out.transpose(1, 2).contiguous(), None
