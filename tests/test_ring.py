@@ -109,19 +109,28 @@ def test_public_names_stay_importable_from_ring_and_the_package() -> None:
 @pytest.mark.parametrize("causal", [False, True])
 def test_return_lse_is_the_merged_lse(dtype: torch.dtype, causal: bool) -> None:
     """One rank (no process group): out is unchanged by return_lse, lse is the oracle's
-    (float32, float64 for float64 input, shape (B, H, S)) and carries no gradient."""
+    (float32, float64 for float64 input, shape (B, H, S)) and is differentiable."""
     q, k, v, _ = _inputs(2, 4, 2, 24, 8, dtype=dtype, seed=5)
     q.requires_grad_(True)
     out, lse = ring_attention(q, k, v, causal=causal, return_lse=True)
     assert torch.equal(out, ring_attention(q, k, v, causal=causal))
-    assert lse.shape == (2, 4, 24) and not lse.requires_grad
+    assert lse.shape == (2, 4, 24) and lse.requires_grad
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     arrs = [from_torch(t.detach()).astype(np.float64) for t in (q, k, v)]
     _, ref = attention_reference(*arrs, causal=causal, return_lse=True)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    np.testing.assert_allclose(lse.numpy(), ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(lse.detach().numpy(), ref, rtol=tol, atol=tol)
     out.sum().backward()  # the backward still runs with the lse output unused
     assert q.grad is not None and torch.isfinite(q.grad).all()
+    q.grad = None
+    _, lse = ring_attention(q, k, v, causal=causal, return_lse=True)
+    lse.sum().backward()  # only lse used: its gradient alone
+    dlse = np.ones(lse.shape)
+    want = attention_reference_backward(np.zeros((2, 4, 24, 8)), *arrs, causal=causal,
+                                        dlse=dlse)[0]
+    grad_tol = max(10 * tol, 4 * float(torch.finfo(dtype).eps) * np.abs(want).max())
+    np.testing.assert_allclose(from_torch(q.grad).astype(np.float64), want, rtol=0,
+                               atol=grad_tol)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -280,3 +289,21 @@ def test_regression_ring_cli_bad_arguments_exit_2_without_spawning(argv, capsys)
     assert code == 2
     err = capsys.readouterr().err
     assert "error" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("world_size", "layout", "causal"), [(2, "contiguous", False),
+                                                              (4, "zigzag", True)])
+def test_gradients_flow_through_the_merged_lse(world_size, layout, causal):
+    """The ring's backward with an lse cotangent equals the float64 oracle's (dlse)."""
+    from flashmath.distributed.ring import simulate_ring_attention
+
+    rng = np.random.default_rng(3)
+    q, k, v, dout = (torch.from_numpy(rng.standard_normal((1, 2, 16, 4))) for _ in range(4))
+    dlse = torch.from_numpy(rng.standard_normal((1, 2, 16)))
+    _, grads = simulate_ring_attention(q, k, v, world_size, causal=causal, layout=layout,
+                                       dout=dout, dlse=dlse)
+    assert grads is not None
+    ref = attention_reference_backward(dout.numpy(), q.numpy(), k.numpy(), v.numpy(),
+                                       causal=causal, dlse=dlse.numpy())
+    for got, want in zip(grads, ref, strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12)

@@ -136,10 +136,11 @@ def _block_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: float,
 
 def _block_backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                     out: np.ndarray, lse: np.ndarray, *, scale: float, causal: bool,
-                    q_offset: int, k_offset: int, seq: int) -> tuple[np.ndarray, ...]:
+                    q_offset: int, k_offset: int, seq: int,
+                    dlse: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     return tiled.tiled_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
                                 q_offset=q_offset, k_offset=k_offset, q_total=seq,
-                                k_total=seq)
+                                k_total=seq, dlse=dlse)
 
 
 # --------------------------------------------------------------------------- the ring passes
@@ -193,8 +194,11 @@ def _record(stats: RingStats | None, phase: str, step: int, compute: float, wait
 
 def _ring_forward(ex: Exchange, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   causal: bool, scale: float, layout: str,
-                  stats: RingStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (out (B, H, S_r, Dv) in q's dtype, lse (B, H, S_r) float32/float64)."""
+                  stats: RingStats | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's (out (B, H, S_r, Dv) in q's dtype, lse (B, H, S_r) float32/float64, and
+    out in that accumulate dtype: what the backward is given, so that its check of out
+    against its own recomputation is not thrown by out's rounding to a narrow dtype)."""
     w, r = ex.world_size, ex.rank
     seq = q.shape[-2] * w
     q_ranges = shard_ranges(seq, w, r, layout)
@@ -217,7 +221,8 @@ def _ring_forward(ex: Exchange, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         t1 = time.perf_counter()
         sent = ring.finish()
         _record(stats, "forward", step, t1 - t0, time.perf_counter() - t1, sent)
-    return to_torch(out, q.dtype, q.device), to_torch(lse, _torch_dtype(acc), q.device)
+    return (to_torch(out, q.dtype, q.device), to_torch(lse, _torch_dtype(acc), q.device),
+            to_torch(out, _torch_dtype(acc), q.device))
 
 
 def _torch_dtype(dt: np.dtype[Any]) -> torch.dtype:
@@ -227,14 +232,16 @@ def _torch_dtype(dt: np.dtype[Any]) -> torch.dtype:
 
 def _ring_backward(ex: Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *, causal: bool,
-                   scale: float, layout: str,
-                   stats: RingStats | None = None) -> tuple[torch.Tensor, ...]:
-    """This rank's (dq, dk, dv), in the dtypes of q, k, v."""
+                   scale: float, layout: str, stats: RingStats | None = None,
+                   dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """This rank's (dq, dk, dv), in the dtypes of q, k, v. ``dlse``: the cotangent of this
+    rank's merged lse (d lse / d s = p, so every block's dp - delta gains it)."""
     w, r = ex.world_size, ex.rank
     seq = q.shape[-2] * w
     q_ranges = shard_ranges(seq, w, r, layout)
     acc = _accum(q.dtype)
     qn, don, on, lsen = (_host(t, acc) for t in (q, dout, out, lse))
+    dlsen = None if dlse is None else _host(dlse, acc)
     dq = np.zeros(q.shape, acc)
     ring = _KVRing(ex, k, v)
     dkv_in: tuple[torch.Tensor, torch.Tensor] | None = None  # grads arriving from rank-1
@@ -251,7 +258,7 @@ def _ring_backward(ex: Exchange, dout: torch.Tensor, q: torch.Tensor, k: torch.T
             dq_b, dk_b, dv_b = _block_backward(
                 don[..., qs, :], qn[..., qs, :], kn[..., ks, :], vn[..., ks, :],
                 on[..., qs, :], lsen[..., qs], scale=scale, causal=masked, q_offset=qo,
-                k_offset=ko, seq=seq)
+                k_offset=ko, seq=seq, dlse=None if dlsen is None else dlsen[..., qs])
             dq[..., qs, :] += dq_b
             dk[..., ks, :] += dk_b
             dv[..., ks, :] += dv_b
@@ -285,19 +292,22 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ex: Exchange,
                 causal: bool, scale: float, layout: str, stats: RingStats | None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = _ring_forward(ex, q, k, v, causal=causal, scale=scale, layout=layout,
-                                 stats=stats)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, out_acc = _ring_forward(ex, q, k, v, causal=causal, scale=scale,
+                                          layout=layout, stats=stats)
+        ctx.save_for_backward(q, k, v, out_acc, lse)
         ctx.cfg = (ex, causal, scale, layout, stats)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[Any, ...]:
+    def backward(ctx: Any, dout: torch.Tensor | None,
+                 dlse: torch.Tensor | None) -> tuple[Any, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         ex, causal, scale, layout, stats = ctx.cfg
-        dq, dk, dv = _ring_backward(ex, dout.contiguous(), q, k, v, out, lse, causal=causal,
-                                    scale=scale, layout=layout, stats=stats)
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dq, dk, dv = _ring_backward(ex, dout, q, k, v, out, lse, causal=causal,
+                                    scale=scale, layout=layout, stats=stats,
+                                    dlse=None if dlse is None else dlse.contiguous())
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -381,8 +391,8 @@ def ring_attention(
         over the whole sequence. ``backward`` runs the reverse ring and returns dq, dk, dv
         for this rank's shards. A query row with no visible key gives zeros (never NaN).
     lse : (B, H, S_r), float32 (float64 for float64 input), -inf for rows with no visible
-        key; only with ``return_lse``. It is not differentiable (no gradient flows
-        through it).
+        key; only with ``return_lse``. Differentiable: gradients flow through it as well
+        as through out (to train through merges of partial results).
 
     Raises
     ------
@@ -407,12 +417,13 @@ def ring_attention(
 def simulate_ring_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int, *,
     causal: Causal = False, scale: float | None = None, layout: str = "contiguous",
-    dout: torch.Tensor | None = None, timeout: float = 60.0,
+    dout: torch.Tensor | None = None, dlse: torch.Tensor | None = None, timeout: float = 60.0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Run the ring in one process: ``world_size`` threads, each a rank running exactly the
     schedule of ``ring_attention`` with queues for wires. Takes the whole (B, H, S, D)
     tensors, shards them by ``layout``, and returns the whole output (and, given ``dout``,
-    the whole (dq, dk, dv)), unsharded. For tests and the lab; a real run uses processes."""
+    the whole (dq, dk, dv)), unsharded; ``dlse`` (B, H, S), with dout, is the cotangent of
+    the merged lse. For tests and the lab; a real run uses processes."""
     _validate(q, k, v, layout)
     causal = check_causal(causal) is not None
     scale = float(q.shape[-1] ** -0.5 if scale is None else check_finite(scale, "scale"))
@@ -429,11 +440,15 @@ def simulate_ring_attention(
         try:
             ex = ThreadExchange(r, w, boxes, timeout) if w > 1 else LocalExchange()
             qs, ks, vs = shard(q, r), shard(k, r), shard(v, r)
-            out, lse = _ring_forward(ex, qs, ks, vs, causal=causal, scale=scale, layout=layout)
+            out, lse, out_acc = _ring_forward(ex, qs, ks, vs, causal=causal, scale=scale,
+                                              layout=layout)
             grads = None
             if dout is not None:
-                grads = _ring_backward(ex, shard(dout, r), qs, ks, vs, out, lse, causal=causal,
-                                       scale=scale, layout=layout)
+                grads = _ring_backward(
+                    ex, shard(dout, r), qs, ks, vs, out_acc, lse, causal=causal, scale=scale,
+                    layout=layout,
+                    dlse=None if dlse is None else shard_sequence(dlse, w, r, layout=layout,
+                                                                  dim=-1))
             results[r] = (out, grads)
         except BaseException as exc:
             errors.append(exc)
@@ -483,11 +498,11 @@ def replay_rank_memory(
     try:
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
-        out, lse = _ring_forward(ex, qs, ks[rank], vs[rank], causal=causal, scale=scale,
-                                 layout=layout)
+        _, lse, out_acc = _ring_forward(ex, qs, ks[rank], vs[rank], causal=causal,
+                                        scale=scale, layout=layout)
         fwd = tracemalloc.get_traced_memory()[1] - base
         if backward:
-            _ring_backward(ex, dout, qs, ks[rank], vs[rank], out, lse, causal=causal,
+            _ring_backward(ex, dout, qs, ks[rank], vs[rank], out_acc, lse, causal=causal,
                            scale=scale, layout=layout)
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
