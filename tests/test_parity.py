@@ -63,8 +63,8 @@ MEANING = {
 
 #: What the signatures do not show, per backend (same column order).
 BEHAVIOUR = [
-    ("gradients", ["fm.flash_attention_backward", "fm.attention_reference_backward",
-                   "autograd (lse too)", "no", "autograd (not through lse)"]),
+    ("gradients", ["fm.flash_attention_backward (dlse)", "fm.attention_reference_backward (dlse)",
+                   "autograd (lse too)", "no", "autograd (lse too)"]),
     ("GQA / MQA (H % H_kv == 0)", ["yes", "yes", "yes", "yes", "yes"]),
     ("dtypes", ["float64, float32, float16, bfloat16, float8 (forward)",
                 "float64, float32, float16, bfloat16, float8",
