@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmath.attention import tiled
+from flashmath.attention import tiles
 from flashmath.attention.threads import cores
 from flashmath.files import write_figure
 from flashmath.measure import cpu
@@ -108,7 +108,7 @@ def memory_lines() -> list[str]:
 def markdown(info: dict[str, str], rows: list[dict[str, Any]], mem: list[str], repeat: int,
              command: str) -> str:
     exact = "float32 scores computed in float64, kept with their rounding residual (default)" \
-        if tiled.EXACT_SCORES else \
+        if tiles.EXACT_SCORES else \
         "float32 scores (--no-exact-scores, a measurement switch)"
     lines = [
         "# flashmath's NumPy attention against torch SDPA on CPU",
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cores())
     except ImportError:
         pass
-    tiled.EXACT_SCORES = not args.no_exact_scores
+    tiles.EXACT_SCORES = not args.no_exact_scores
     info = machine()
     print(f"{info['cpu']} ({info['cores']} cores), {info['numpy']}, {info['torch']}")
     command = "python benchmarks/bench_attention.py " + " ".join(

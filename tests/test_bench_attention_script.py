@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flashmath.attention import tiled
+from flashmath.attention import tiles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_writes_the_table_with_the_machine(tmp_path, monkeypatch, capsys):
     assert text.count("| B=1 H=3 S=128 D=8 |") == 2  # causal and not
     assert "1.56%" in text and "Regenerate: `python benchmarks/bench_attention.py" in text
     assert "| B=1 H=3 S=128 D=8 |" in capsys.readouterr().out
-    assert tiled.EXACT_SCORES
+    assert tiles.EXACT_SCORES
 
 
 def test_rejects_zero_rounds():
