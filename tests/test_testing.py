@@ -317,3 +317,16 @@ def test_the_lab_and_the_checker_agree_where_the_baseline_overflows() -> None:
                                        grads=True)
     _agree(rec, result)
     assert rec["passes"] == result.passed and result.quantity != "out"
+
+
+def test_a_torch_callable_without_declare_is_told_how_to_get_gradients() -> None:
+    """A torch function passed as is is taken as a NumPy impl: with grads=True the error
+    says to declare it with backend="torch" (issue 17)."""
+    torch = pytest.importorskip("torch")
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q = np.random.default_rng(0).standard_normal((1, 1, 4, 4)).astype(np.float32)
+    with pytest.raises(TypeError, match=r'declare\(impl, backend="torch"\)'):
+        testing.assert_attention_close(sdpa, q, q, q, grads=True)
