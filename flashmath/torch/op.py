@@ -205,6 +205,9 @@ def flash_attention(
     scale: float | None = None,
     alibi_slopes: torch.Tensor | Sequence[float] | None = None,
     sinks: torch.Tensor | None = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    block_mask: Any = None,
     block_q: int | None = None,
     block_k: int | None = None,
     return_lse: bool = False,
@@ -230,6 +233,10 @@ def flash_attention(
         scale                         defaults to 1 / sqrt(D)
         alibi_slopes                  (H,) or (B, H) ALiBi slopes (flash-attention's)
         sinks                         (H,) attention-sink logits (gpt-oss), learnable
+        score_mod, mask_mod,          FlexAttention-style mods on NumPy arrays (docs/mods.md):
+        block_mask                    CPU only; they run outside the custom op (Python
+                                      callables cannot cross its schema), so torch.compile
+                                      graph-breaks around such a call
         block_q, block_k              tile sizes of the CPU kernels (default: theirs)
 
     dtypes: float64, float32, float16, bfloat16 on the CPU (narrow ones in float32 tiles,
@@ -274,6 +281,17 @@ def flash_attention(
                         f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
     alignment = check_causal(causal)
     left, right = check_window(window) or (None, None)
+    if score_mod is not None or mask_mod is not None or block_mask is not None:
+        opts = _options(alignment or "none", left, right, _tensor(mask, "mask"),
+                        _tensor(bias, "bias"), _tensor(kv_lengths, "kv_lengths", torch.int64),
+                        _tensor(q_lengths, "q_lengths", torch.int64), None,
+                        _tensor(alibi_slopes, "alibi_slopes", torch.float64),
+                        None if softcap is None else float(softcap),
+                        None if scale is None else float(scale))
+        opts |= {"score_mod": score_mod, "mask_mod": mask_mod, "block_mask": block_mask,
+                 "block_q": block_q, "block_k": block_k}
+        out, lse = _ModAttention.apply(q, k, v, _sinks(sinks), opts)
+        return (out, lse) if return_lse else out
     out, lse = _attention(
         q, k, v, alignment or "none", left, right, _tensor(mask, "mask"), _tensor(bias, "bias"),
         _tensor(kv_lengths, "kv_lengths", torch.int64), _tensor(q_lengths, "q_lengths",
@@ -291,3 +309,34 @@ def _sinks(sinks: Any) -> torch.Tensor | None:
         return None
     t = sinks if isinstance(sinks, torch.Tensor) else torch.as_tensor(sinks, dtype=torch.float32)
     return t if t.device.type == "cpu" else t.cpu()
+
+
+class _ModAttention(torch.autograd.Function):
+    """The tiled NumPy kernels with score_mod / mask_mod / block_mask (CPU tensors): the
+    mods are Python callables, which the custom op's schema cannot carry."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                sinks: torch.Tensor | None, opts: dict[str, Any],
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel_opts = dict(opts)
+        if sinks is not None:
+            kernel_opts["sinks"] = from_torch(sinks.detach().double())
+        out, lse = tiled_forward(from_torch(q), from_torch(k), from_torch(v), **kernel_opts)
+        out_t, lse_t = to_torch(out), to_torch(lse)
+        ctx.save_for_backward(q, k, v, sinks, out_t, lse_t)
+        ctx.kernel_opts = kernel_opts
+        ctx.set_materialize_grads(False)
+        return out_t, lse_t
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, sinks, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        grads = _np_backward(*(from_torch(t.contiguous()) for t in (dout, q, k, v, out, lse)),
+                             dlse=None if dlse is None else from_torch(dlse.contiguous()),
+                             **ctx.kernel_opts)
+        dq, dk, dv = (to_torch(g) for g in grads[:3])
+        dsinks = None if sinks is None else to_torch(grads[3]).to(sinks.dtype)
+        return dq, dk, dv, dsinks, None
