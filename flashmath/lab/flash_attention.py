@@ -277,7 +277,7 @@ def run(ctx: Context) -> Result:
     for S in sizes:
         ctx.progress(f"memory: S={S}")
         records.append(_memory(ctx, S))
-    speed_grid = [(1, 2, 512)] if ctx.quick else [(1, 4, 1024), (1, 4, 2048)]
+    speed_grid = [(1, 2, 256)] if ctx.quick else [(1, 4, 1024), (1, 4, 2048)]
     for B, H, S in speed_grid:
         for causal in (False, True):
             ctx.progress(f"speed: B={B} H={H} S={S} causal={causal}")

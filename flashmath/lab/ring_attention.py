@@ -68,7 +68,7 @@ def _accuracy(ctx: Context) -> list[dict[str, Any]]:
     from flashmath.distributed.ring import simulate_ring_attention
     from flashmath.dtypes import from_torch
 
-    s = 128 if ctx.quick else 512
+    s = 64 if ctx.quick else 512
     worlds = (1, 2, 4) if ctx.quick else (1, 2, 4, 8)
     b, h, hk, d = 1, 4, 2, 32
     rows = []
