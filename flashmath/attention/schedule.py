@@ -77,12 +77,21 @@ class Plan:
         # Slices cut into parts (few slices, work_units) run a thread per part: default
         # tiles of half the rows and keys keep the threads' scratch memory below one's.
         split = 2 if parts_per_slice(opts.batch * opts.heads, cores(), 2) > 1 else 1
+        bm = None if opts.mods is None else opts.mods.block_mask
+        if bm is not None:  # tiles of the block mask's grid (or a multiple): EMPTY ones skip
+            block_q = block_q or _multiple(bm.block_q, DEFAULT_BLOCK_Q // split)
+            block_k = block_k or _multiple(bm.block_k, DEFAULT_BLOCK_K // (4 * split))
         return cls(
             q=q, k=k, v=v, opts=opts,
             acc=accumulate_dtype(opts.dtype, accum_dtype),
             bq=max(1, min(block_q or DEFAULT_BLOCK_Q // split, opts.sq)),
             bk=max(1, min(block_k or DEFAULT_BLOCK_K // split, opts.sk)),
         )
+
+
+def _multiple(block: int, at_most: int) -> int:
+    """The largest multiple of ``block`` not above ``at_most`` (``block`` if none is)."""
+    return max(block, at_most // block * block)
 
 
 def schedule(spec: MaskSpec, b: int, block_q: int, block_k: int
