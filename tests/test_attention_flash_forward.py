@@ -210,7 +210,8 @@ def test_counted_bytes_cover_every_slice():
 
 @pytest.mark.slow
 def test_forward_memory_is_a_small_fraction_of_the_score_matrix():
-    """S = 4096, B = H = 1, float32: peak extra memory < 5% of the 64 MiB score matrix."""
+    """S = 4096, B = H = 1, float32: peak extra memory (beyond the inputs and the returned
+    out and lse) < 5% of the 64 MiB score matrix."""
     q, k, v = qkv(np.random.default_rng(8), 1, 1, 4096, 4096, 64, dtype=np.float32)
     tracemalloc.start()
     try:
@@ -218,4 +219,5 @@ def test_forward_memory_is_a_small_fraction_of_the_score_matrix():
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 0.05 * 4096 * 4096 * 4
+    output = 4096 * 64 * 4 + 4096 * 4  # out and lse, which the call returns
+    assert 0 < peak - output < 0.05 * 4096 * 4096 * 4
