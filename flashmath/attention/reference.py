@@ -39,6 +39,7 @@ from flashmath.attention.mods import apply_score_mod, score_mod_grad
 from flashmath.attention.options import (
     AttentionOptions,
     Causal,
+    Window,
     check_backward_inputs,
     resolve,
 )
@@ -54,7 +55,7 @@ def attention_reference(
     v: Any,
     *,
     causal: Causal = False,
-    window: tuple[int | None, int | None] | None = None,
+    window: Window = None,
     mask: Any = None,
     bias: Any = None,
     kv_lengths: Any = None,
@@ -137,7 +138,7 @@ def attention_reference_backward(
     v: Any,
     *,
     causal: Causal = False,
-    window: tuple[int | None, int | None] | None = None,
+    window: Window = None,
     mask: Any = None,
     bias: Any = None,
     kv_lengths: Any = None,

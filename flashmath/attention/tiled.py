@@ -67,6 +67,7 @@ import numpy as np
 
 from flashmath.attention import tiles as tp  # the shared tile pieces
 from flashmath.attention.backward import tiled_backward
+from flashmath.attention.options import Causal, Window
 from flashmath.attention.schedule import (
     DEFAULT_BLOCK_K,
     DEFAULT_BLOCK_Q,
@@ -93,8 +94,8 @@ def flash_attention(
     k: Any,
     v: Any,
     *,
-    causal: bool | str = False,
-    window: tuple[int | None, int | None] | None = None,
+    causal: Causal = False,
+    window: Window = None,
     mask: Any = None,
     bias: Any = None,
     kv_lengths: Any = None,
@@ -185,8 +186,8 @@ def flash_attention_backward(
     out: Any,
     lse: Any,
     *,
-    causal: bool | str = False,
-    window: tuple[int | None, int | None] | None = None,
+    causal: Causal = False,
+    window: Window = None,
     mask: Any = None,
     bias: Any = None,
     kv_lengths: Any = None,

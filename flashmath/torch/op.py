@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from flashmath.attention.options import Causal, check_causal, check_window
+from flashmath.attention.options import Causal, Window, check_causal, check_window
 from flashmath.attention.tiled import flash_attention_backward as _np_backward
 from flashmath.attention.tiled import tiled_forward
 from flashmath.dtypes import from_torch, to_torch
@@ -196,7 +196,7 @@ def flash_attention(
     v: torch.Tensor,
     *,
     causal: Causal = False,
-    window: tuple[int | None, int | None] | None = None,
+    window: Window = None,
     mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     kv_lengths: torch.Tensor | Sequence[int] | None = None,
