@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flashmath.attention import fast
 from flashmath.attention import tiles as tp  # the shared tile pieces
 from flashmath.attention.options import AttentionOptions, check_backward_inputs
 from flashmath.attention.schedule import Block, Plan, Tile, Unit, work_units
@@ -45,12 +46,18 @@ def tiled_backward(
     parts = todo[0].parts if todo else 1
     # Per query head and part; summed over parts and each group of heads below (disjoint
     # writes per thread).
-    dk = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.d), plan.state)
-    dv = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.dv), plan.state)
+    acc = np.float32 if plan.fast else plan.state  # the fast path sums in float32 GEMMs
+    dk = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.d), acc)
+    dv = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.dv), acc)
+    aug = (fast.augmented(plan.k, -1.0), fast.augmented(plan.v, -1.0)) if plan.fast else None
 
     def work(unit: Unit) -> None:
-        _backward_unit(plan, unit.b, unit.h, unit.blocks, dout, out, lse, dq,
-                       dk[unit.part], dv[unit.part], dlse)
+        if aug is not None:
+            fast.backward_unit(plan, unit.b, unit.h, unit.blocks, aug, dout, out, lse, dq,
+                               dk[unit.part], dv[unit.part], dlse)
+        else:
+            _backward_unit(plan, unit.b, unit.h, unit.blocks, dout, out, lse, dq,
+                           dk[unit.part], dv[unit.part], dlse)
 
     run_units(todo, work)
     dk, dv = (x[0] if parts == 1 else x.sum(axis=0) for x in (dk, dv))

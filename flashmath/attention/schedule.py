@@ -28,8 +28,9 @@ from flashmath.attention.options import AttentionOptions, check_blocks, resolve
 from flashmath.attention.threads import cores
 from flashmath.dtypes import accumulate_dtype
 
-__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "Plan", "Tile", "Unit", "parts_per_slice",
-           "schedule", "units", "work_units"]
+__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "FAST_MIN_KEYS", "FAST_MIN_OUTPUTS",
+           "FORCE_FAST", "Plan", "Tile", "Unit", "fast_path", "parts_per_slice", "schedule",
+           "units", "work_units"]
 
 #: Default tile sizes (query rows, keys), chosen by measurement (``flashmath bench``):
 #: large enough to keep BLAS busy, small enough that a float32 tile stays in L2.
@@ -52,7 +53,8 @@ class Plan:
         so it is nearly free and removes the rounding of the running sums and rescales),
         acc itself when acc is narrower (``accum_dtype="float16"`` shows narrow sums).
     bq, bk: the tile sizes, clipped to Sq and Sk (the defaults are halved when the
-        slices are cut into parts, see :func:`work_units`).
+        slices are cut into parts, see :func:`work_units`; only bk on the fast path).
+    fast: whether the float32 fast loops run (:func:`fast_path`, :mod:`flashmath.attention.fast`).
     """
 
     q: np.ndarray
@@ -62,6 +64,7 @@ class Plan:
     acc: np.dtype[Any]
     bq: int
     bk: int
+    fast: bool = False
 
     @property
     def state(self) -> np.dtype[Any]:
@@ -81,12 +84,37 @@ class Plan:
         if bm is not None:  # tiles of the block mask's grid (or a multiple): EMPTY ones skip
             block_q = block_q or _multiple(bm.block_q, DEFAULT_BLOCK_Q // split)
             block_k = block_k or _multiple(bm.block_k, DEFAULT_BLOCK_K // (4 * split))
+        acc = accumulate_dtype(opts.dtype, accum_dtype)
+        fast = fast_path(opts, acc)
         return cls(
-            q=q, k=k, v=v, opts=opts,
-            acc=accumulate_dtype(opts.dtype, accum_dtype),
-            bq=max(1, min(block_q or DEFAULT_BLOCK_Q // split, opts.sq)),
+            q=q, k=k, v=v, opts=opts, acc=acc, fast=fast,
+            bq=max(1, min(block_q or DEFAULT_BLOCK_Q // (1 if fast else split), opts.sq)),
             bk=max(1, min(block_k or DEFAULT_BLOCK_K // split, opts.sk)),
         )
+
+
+#: The fast path needs B * H * Sq * Dv >= FAST_MIN_OUTPUTS outputs and Sk >= FAST_MIN_KEYS.
+FAST_MIN_OUTPUTS = 2**16
+FAST_MIN_KEYS = 256
+#: A switch for measurements and tests: None decides by size, True / False forces.
+FORCE_FAST: bool | None = None
+
+
+def fast_path(opts: AttentionOptions, acc: np.dtype[Any]) -> bool:
+    """Whether a call takes the float32 fast loops (:mod:`flashmath.attention.fast`):
+    float32 input in float32 tiles, no softcap, bias, ALiBi, score_mod or sinks, and a
+    problem with at least :data:`FAST_MIN_OUTPUTS` outputs and :data:`FAST_MIN_KEYS` keys
+    (or as :data:`FORCE_FAST` says). Smaller problems take the accurate loops, whose cost
+    there is small and whose error is not a coin toss against the baselines' (see
+    :mod:`flashmath.attention.fast`)."""
+    if not (opts.dtype == np.float32 and acc == np.float32 and opts.softcap is None
+            and not opts.has_bias and opts.sinks is None
+            and (opts.mods is None or opts.mods.score_mod is None)):
+        return False
+    if FORCE_FAST is not None:
+        return FORCE_FAST
+    outputs = opts.batch * opts.heads * opts.sq * opts.dv
+    return outputs >= FAST_MIN_OUTPUTS and opts.sk >= FAST_MIN_KEYS
 
 
 def _multiple(block: int, at_most: int) -> int:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from flashmath import parallel
+from flashmath.blas import openblas_paths
 from flashmath.parallel import cores
 
 __all__ = ["cores", "one_blas_thread", "run_units"]
@@ -31,14 +32,8 @@ U = TypeVar("U")
 @functools.cache
 def _set_local_threads() -> Callable[[int], int] | None:
     """OpenBLAS's thread-local ``openblas_set_num_threads_local`` from the library NumPy
-    loaded (found in /proc/self/maps), or None."""
-    np.matmul(np.ones((2, 2)), np.ones((2, 2)))  # make sure BLAS is loaded
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-    except OSError:
-        return None
-    for path in sorted(paths):
+    loaded (:func:`flashmath.blas.openblas_paths`), or None."""
+    for path in openblas_paths():
         try:
             fn: Any = ctypes.CDLL(path).openblas_set_num_threads_local
         except (OSError, AttributeError):

@@ -65,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from flashmath.attention import fast
 from flashmath.attention import tiles as tp  # the shared tile pieces
 from flashmath.attention.backward import tiled_backward
 from flashmath.attention.options import Causal, Window
@@ -274,26 +275,34 @@ def tiled_forward(
     out = np.zeros((opts.batch, opts.heads, opts.sq, opts.dv), opts.dtype)
     lse = np.full((opts.batch, opts.heads, opts.sq), -np.inf, opts.lse_dtype)
 
+    ka = fast.augmented(plan.k, -1.0) if plan.fast else None  # shared by the threads
+
     def work(unit: Unit) -> None:
-        _forward_unit(plan, unit.b, unit.h, unit.blocks, out, lse)
+        _forward_unit(plan, unit.b, unit.h, unit.blocks, out, lse, ka)
 
     run_units(work_units(plan, cores()), work)
     return out, lse
 
 
 def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], out: np.ndarray,
-                  lse: np.ndarray) -> None:
+                  lse: np.ndarray, ka_all: np.ndarray | None) -> None:
     """Forward of the row blocks ``blocks`` of slice (b, h): out[b, h] and lse[b, h] for
-    the rows that see any key."""
+    the rows that see any key. ka_all: augmented(k, -1) on the fast path, else None."""
     k, v = tp.kv(plan, b, h)
     buf = np.empty((plan.bq, plan.bk), plan.acc)  # the score tile, reused
-    lo_buf = tp.lo_buffer(plan)
+    ka = None if ka_all is None else ka_all[b, h // plan.opts.group]
+    buf_t = buf.reshape(plan.bk, plan.bq)  # fast.online's transposed tiles
+    lo_buf = tp.lo_buffer(plan) if ka is None else None
     sink = None if plan.opts.sinks is None or not plan.opts.all_keys else plan.opts.sinks[h]
     for i0, i1, tiles in blocks:
         tiles = tp.mod_tiles(plan, b, h, i0, i1, tiles)
         if not tiles:  # nothing visible: out stays 0, lse -inf (the sink's, with a sink)
             if sink is not None:
                 lse[b, h, i0:i1] = sink
+            continue
+        if ka is not None:
+            out[b, h, i0:i1], lse[b, h, i0:i1] = fast.online(
+                plan, b, h, tp.q_block(plan, b, h, i0, i1), k, ka, v, i0, tiles, buf_t)
             continue
         qs = tp.score_rows(plan, b, h, i0, i1, tp.q_block(plan, b, h, i0, i1))
         if len(tiles) == 1:

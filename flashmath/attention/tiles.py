@@ -25,6 +25,7 @@ __all__ = [
     "has_score_mod",
     "kv",
     "lo_buffer",
+    "mask_tile",
     "mod_tiles",
     "one_tile",
     "online",
@@ -186,14 +187,24 @@ def scores(
         s *= opts.softcap
     if opts.has_bias:  # the bias and ALiBi
         s += opts.bias_block(b, h, i0, i1, j0, j1)
-    if opts.mods is not None:  # score_mod (and its derivative), then mask_mod on PARTIAL
-        dmod = None if dmod_buf is None else dmod_buf[: i1 - i0, : j1 - j0]
+    dmod = None if dmod_buf is None else dmod_buf[: i1 - i0, : j1 - j0]
+    mask_tile(plan, b, h, s, i0, j0, kind, dmod)
+    return s, lo
+
+
+def mask_tile(plan: Plan, b: int, h: int, s: np.ndarray, i0: int, j0: int, kind: TileKind,
+              dmod: np.ndarray | None = None) -> None:
+    """The score_mod (and its derivative into dmod), then -inf where the mask_mod or the
+    built-in mask hides a pair of a PARTIAL tile, in place on the (ni, nj) tile s of rows
+    i0.. and keys j0.. (FULL tiles build no mask)."""
+    opts = plan.opts
+    i1, j1 = i0 + s.shape[0], j0 + s.shape[1]
+    if opts.mods is not None:
         opts.mods.apply(s, b, h, i0 + opts.q_offset, j0 + opts.k_offset, kind, dmod)
     if kind is TileKind.PARTIAL:
         for c0, c1 in opts.spec.masked_columns(b, i0, i1, j0, j1):
             np.copyto(s[:, c0 - j0 : c1 - j0], -np.inf,
                       where=~opts.spec.block(b, h, i0, i1, c0, c1))
-    return s, lo
 
 
 
