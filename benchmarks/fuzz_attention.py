@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["float32", "float16", "bfloat16"])
     p.add_argument("--no-torch", action="store_true", help="skip the torch-style baseline")
     p.add_argument("--show", type=int, default=3, help="worst cases listed per row")
+    p.add_argument("--medium", action="store_true",
+                   help="float32 shapes on the fast path (the smallest it takes), not small ones")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    stats = run_fuzz(args.cases, args.seed, tuple(args.dtypes), use_torch=not args.no_torch)
+    stats = run_fuzz(args.cases, args.seed, tuple(args.dtypes), use_torch=not args.no_torch,
+                     medium=args.medium)
     print(f"{stats.cases} cases (seed {args.seed}, {args.cases} per dtype) in "
           f"{time.perf_counter() - t0:.0f} s")
     print("| dtype | baseline | output | cases | median ratio | max ratio | max judged | "

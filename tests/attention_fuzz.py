@@ -35,6 +35,7 @@ import numpy as np
 
 import flashmath as fm
 from flashmath.attention.options import resolve
+from flashmath.attention.schedule import FAST_MIN_KEYS, FAST_MIN_OUTPUTS
 from flashmath.dtypes import as_dtype, dtype_name, finfo
 
 OUTPUTS = ("out", "dq", "dk", "dv")
@@ -48,15 +49,36 @@ FLOAT64_REL = 1e-12
 DIMS = (1, 3, 8, 16, 33, 64)
 
 
-def random_case(rng: np.random.Generator, dtype: str) -> dict[str, Any]:
+def _medium_shape(rng: np.random.Generator) -> tuple[int, int, int, int, int, int, int]:
+    """(b, h, h_kv, sq, sk, d, dv) of a problem on the float32 fast path (the smallest
+    sizes it takes: B H Sq Dv >= FAST_MIN_OUTPUTS, Sk >= FAST_MIN_KEYS, up to 4x those),
+    small enough for the oracle's dense float64 scores (<= 2^23 of them)."""
+    while True:
+        b = int(rng.integers(1, 3))
+        h = int(rng.choice([1, 2, 4]))
+        h_kv = int(rng.choice([x for x in (1, 2, 4) if h % x == 0]))
+        d = int(rng.choice(DIMS))
+        dv = d if rng.random() < 0.8 else int(rng.choice(DIMS))
+        sk = int(rng.integers(FAST_MIN_KEYS, 4 * FAST_MIN_KEYS))
+        need = -(-FAST_MIN_OUTPUTS // (b * h * dv))
+        sq = int(rng.integers(need, 4 * need + 1))
+        if b * h * sq * sk <= 2**23:
+            return b, h, h_kv, sq, sk, d, dv
+
+
+def random_case(rng: np.random.Generator, dtype: str, medium: bool = False) -> dict[str, Any]:
     """One random problem: q, k, v, dout (float64 values, rounded to dtype later), the
-    options, the block sizes and whether a non-finite value was planted."""
-    b = int(rng.integers(1, 3))
-    h = int(rng.choice([1, 2, 4]))
-    h_kv = int(rng.choice([x for x in (1, 2, 4) if h % x == 0]))
-    sq, sk = (int(x) for x in rng.integers(1, 70, 2))
-    d = int(rng.choice(DIMS))
-    dv = d if rng.random() < 0.8 else int(rng.choice(DIMS))
+    options, the block sizes and whether a non-finite value was planted. medium: a shape
+    on the float32 fast path (:func:`_medium_shape`) instead of a small one."""
+    if medium:
+        b, h, h_kv, sq, sk, d, dv = _medium_shape(rng)
+    else:
+        b = int(rng.integers(1, 3))
+        h = int(rng.choice([1, 2, 4]))
+        h_kv = int(rng.choice([x for x in (1, 2, 4) if h % x == 0]))
+        sq, sk = (int(x) for x in rng.integers(1, 70, 2))
+        d = int(rng.choice(DIMS))
+        dv = d if rng.random() < 0.8 else int(rng.choice(DIMS))
     amp_q, amp_k = (float(rng.choice([0.5, 1.0, 2.0, 4.0, 8.0, 12.0])) for _ in range(2))
     q = amp_q * rng.standard_normal((b, h, sq, d))
     k = amp_k * rng.standard_normal((b, h_kv, sk, d))
@@ -79,7 +101,8 @@ def random_case(rng: np.random.Generator, dtype: str) -> dict[str, Any]:
         opts["q_lengths"] = rng.integers(0, sq + 1, b)
     blocks = (None, None)
     if rng.random() < 0.4:
-        blocks = (int(rng.integers(1, 33)), int(rng.integers(1, 33)))
+        top = 257 if medium else 33
+        blocks = (int(rng.integers(1, top)), int(rng.integers(1, top)))
     planted = False
     if rng.random() < 0.03:
         planted = True
@@ -229,14 +252,15 @@ class Stats:
 
 
 def run_fuzz(n: int, seed: int, dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16"),
-             *, float64_every: int = 10, use_torch: bool = True) -> Stats:
-    """n cases per dtype in ``dtypes`` (plus one float64 case every ``float64_every``)."""
+             *, float64_every: int = 10, use_torch: bool = True, medium: bool = False) -> Stats:
+    """n cases per dtype in ``dtypes`` (plus one float64 case every ``float64_every``);
+    medium: the shapes of the float32 fast path (:func:`random_case`)."""
     rng = np.random.default_rng(seed)
     stats = Stats()
     todo = [dt for i in range(n) for dt in dtypes]
     todo += ["float64"] * (n // float64_every if float64_every else 0)
     for i, dt in enumerate(todo):
-        case = random_case(rng, dt)
+        case = random_case(rng, dt, medium)
         rec = judge(case, use_torch=use_torch)
         stats.cases += 1
         if not rec["nan_ok"]:

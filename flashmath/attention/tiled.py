@@ -302,7 +302,7 @@ def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], out: np.ndarr
             continue
         if ka is not None:
             out[b, h, i0:i1], lse[b, h, i0:i1] = fast.online(
-                plan, b, h, tp.q_block(plan, b, h, i0, i1), k, ka, v, i0, tiles, buf_t)
+                plan, b, h, fast.q_rows(plan, b, h, i0, i1), ka, v, i0, tiles, buf_t)
             continue
         qs = tp.score_rows(plan, b, h, i0, i1, tp.q_block(plan, b, h, i0, i1))
         if len(tiles) == 1:

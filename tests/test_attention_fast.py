@@ -1,0 +1,158 @@
+"""The float32 fast path of the tiled kernels (flashmath.attention.fast): which calls take
+it, its accuracy against both baselines on random problems of the sizes it takes, and its
+edge cases (the stale row max's redo, rows empty in a first tile, NaN policy, empty rows,
+dlse, the np.matmul fallback of its GEMMs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import flashmath as fm
+from flashmath import blas
+from flashmath.attention import schedule
+from flashmath.attention.schedule import Plan
+from tests.attention_fuzz import FACTORS, judge, random_case
+
+
+def _f32(rng: np.random.Generator, *shape: int, amp: float = 1.0) -> np.ndarray:
+    return (amp * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _oracle(q: np.ndarray, k: np.ndarray, v: np.ndarray, do: np.ndarray,
+            **opts: Any) -> tuple[np.ndarray, ...]:
+    q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, do))
+    return (fm.attention_reference(q64, k64, v64, **opts),
+            *fm.attention_reference_backward(do64, q64, k64, v64, **opts))
+
+
+def _run(q: np.ndarray, k: np.ndarray, v: np.ndarray, do: np.ndarray,
+         **opts: Any) -> tuple[np.ndarray, ...]:
+    out, lse = fm.flash_attention(q, k, v, return_lse=True, **opts)
+    return (out, *fm.flash_attention_backward(do, q, k, v, out, lse, **opts))
+
+
+@pytest.fixture
+def forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small problems on the fast path (to reach edge cases cheaply)."""
+    monkeypatch.setattr(schedule, "FORCE_FAST", True)
+
+
+def test_which_calls_take_the_fast_path() -> None:
+    rng = np.random.default_rng(0)
+    big = [_f32(rng, 1, 2, 512, 64) for _ in range(3)]
+    assert Plan.build(*big).fast
+    assert not Plan.build(*(x[:, :, :64] for x in big)).fast  # too few outputs and keys
+    assert not Plan.build(*(x[:, :, :, :8] for x in big)).fast  # 1 * 2 * 512 * 8 < 2^16
+    assert not Plan.build(*(x.astype(np.float16) for x in big)).fast
+    assert not Plan.build(*(x.astype(np.float64) for x in big)).fast
+    assert not Plan.build(*big, accum_dtype="float64").fast
+    for opts in ({"softcap": 5.0}, {"bias": np.zeros((512, 512), np.float32)},
+                 {"alibi_slopes": np.ones(2)}, {"sinks": np.zeros(2)},
+                 {"score_mod": lambda s, b, h, qi, ki: s}):
+        assert not Plan.build(*big, **opts).fast, opts
+    assert Plan.build(*big, causal=True, window=(100, 0), kv_lengths=np.array([300])).fast
+    assert Plan.build(*big, mask_mod=lambda b, h, qi, ki: qi >= ki).fast
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_medium_random_cases_hold_the_rule_against_both_baselines(seed: int) -> None:
+    """Random problems just above the fast path's threshold (benchmarks/fuzz_attention.py
+    --medium runs hundreds): within 2x (out) and 3x (gradients) of the naive float32
+    formula and of the PyTorch-style baseline."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(1000 + seed)
+    case = random_case(rng, "float32", medium=True)
+    q, k, v = (np.asarray(case[x], np.float32) for x in ("q", "k", "v"))
+    assert Plan.build(q, k, v, block_q=case["blocks"][0], block_k=case["blocks"][1],
+                      **case["options"]).fast
+    rec = judge(case)
+    assert rec["nan_ok"]
+    for base, ratios in rec["ratios"].items():
+        for x, (ratio, _) in ratios.items():
+            assert ratio <= FACTORS[x], (base, x, ratio, case["options"], q.shape, k.shape)
+
+
+def test_benchmark_like_shape_matches_the_oracle_as_closely_as_the_naive_formula() -> None:
+    rng = np.random.default_rng(5)
+    q, k, v, do = (_f32(rng, 1, 4, 700, 64) for _ in range(4))
+    k, v = k[:, :2], v[:, :2]  # GQA
+    for opts in ({}, {"causal": True}, {"window": (64, 16)}):
+        ref = _oracle(q, k, v, do, **opts)
+        naive = (fm.attention_reference(q, k, v, upcast=False, **opts),
+                 *fm.attention_reference_backward(do, q, k, v, upcast=False, **opts))
+        for mine, base, want, factor in zip(_run(q, k, v, do, **opts), naive, ref,
+                                            (2, 3, 3, 3), strict=True):
+            assert np.abs(mine - want).max() <= factor * np.abs(base - want).max(), opts
+
+
+def test_a_later_tile_far_above_the_first_is_redone_not_overflowed(forced: None) -> None:
+    """The first tile's row max is kept for later tiles; keys 600.. score ~200 above it
+    (exp would overflow float32): that tile is redone on the exact online step."""
+    rng = np.random.default_rng(2)
+    q, k, v, do = (_f32(rng, 1, 1, 64, 16) for _ in range(4))
+    k = np.concatenate([_f32(rng, 1, 1, 600, 16), 40 * np.repeat(q[:, :, :1], 300, axis=2)
+                        + _f32(rng, 1, 1, 300, 16)], axis=2)
+    v = _f32(rng, 1, 1, 900, 16)
+    ref = _oracle(q, k, v, do)
+    got = _run(q, k, v, do, block_k=128)
+    for mine, want in zip(got, ref, strict=True):
+        assert np.isfinite(mine).all()
+        np.testing.assert_allclose(mine, want, rtol=0, atol=2e-3 * max(1, np.abs(want).max()))
+
+
+def test_rows_empty_in_their_first_tile_and_empty_rows(forced: None) -> None:
+    """A sliding window hides the first tile from some rows of a block (their max comes
+    from a later tile); kv_lengths 0 empties a whole batch entry (out 0, lse -inf, zero
+    gradients)."""
+    rng = np.random.default_rng(3)
+    q, k, v, do = (_f32(rng, 2, 2, 300, 8) for _ in range(4))
+    opts: dict[str, Any] = {"window": (20, 5), "kv_lengths": np.array([300, 0]),
+                            "block_q": 64, "block_k": 32}
+    out, lse = fm.flash_attention(q, k, v, return_lse=True, **opts)
+    grads = fm.flash_attention_backward(do, q, k, v, out, lse, **opts)
+    ref = _oracle(q, k, v, do, window=(20, 5), kv_lengths=np.array([300, 0]))
+    for mine, want in zip((out, *grads), ref, strict=True):
+        np.testing.assert_allclose(mine, want, rtol=0, atol=1e-5 * max(1, np.abs(want).max()))
+    assert (out[1] == 0).all() and np.isneginf(lse[1]).all()
+    assert all((g[1] == 0).all() for g in grads)
+
+
+def test_nan_policy(forced: None) -> None:
+    """NaN in one query row makes that row NaN; +inf in a visible key makes every row
+    that sees it NaN; the other rows stay finite."""
+    rng = np.random.default_rng(4)
+    q, k, v = (_f32(rng, 1, 1, 96, 8) for _ in range(3))
+    q[0, 0, 5, 2] = np.nan
+    k[0, 0, 70, 1] = np.inf
+    out = fm.flash_attention(q, k, v, causal=True, block_q=32, block_k=32)
+    s = np.einsum("id,jd->ij", q[0, 0].astype(np.float64), k[0, 0].astype(np.float64))
+    seen = np.tril(np.ones((96, 96), bool))
+    bad = np.isnan(q[0, 0]).any(axis=1) | (seen & ~np.isfinite(s) & ~np.isneginf(s)).any(axis=1)
+    assert np.isnan(out[0, 0][bad]).all()
+    assert np.isfinite(out[0, 0][~bad]).all()
+
+
+def test_dlse_matches_the_accurate_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(6)
+    q, k, v, do = (_f32(rng, 1, 2, 400, 64) for _ in range(4))
+    dlse = _f32(rng, 1, 2, 400)
+    out, lse = fm.flash_attention(q, k, v, causal=True, return_lse=True)
+    fast = fm.flash_attention_backward(do, q, k, v, out, lse, causal=True, dlse=dlse)
+    monkeypatch.setattr(schedule, "FORCE_FAST", False)
+    slow = fm.flash_attention_backward(do, q, k, v, out, lse, causal=True, dlse=dlse)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * np.abs(b).max())
+
+
+def test_the_matmul_fallback_gives_the_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without cblas_sgemm (other NumPy builds) the fast path runs on np.matmul."""
+    rng = np.random.default_rng(7)
+    q, k, v, do = (_f32(rng, 1, 2, 512, 64) for _ in range(4))
+    with_blas = _run(q, k, v, do, causal=True)
+    monkeypatch.setattr(blas, "_kernel", lambda: None)
+    without = _run(q, k, v, do, causal=True)
+    for a, b in zip(with_blas, without, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
