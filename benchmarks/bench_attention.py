@@ -4,7 +4,7 @@ for the benchmark shapes, and the forward's peak memory; a Markdown table naming
     python benchmarks/bench_attention.py                    # every shape, 5 alternating rounds
     python benchmarks/bench_attention.py --write docs/figures/attention-cpu.md
     python benchmarks/bench_attention.py --shapes main --repeat 7
-    python benchmarks/bench_attention.py --no-exact-scores  # float32 scores (measurement only)
+    python benchmarks/bench_attention.py --path accurate    # time the accurate loops instead
 
 ratio = flashmath time / torch ``scaled_dot_product_attention`` time, measured in this one
 process with the two taken in turn in every round (``flashmath.measure.cpu.time_attention``,
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmath.attention import tiles
+from flashmath.attention import schedule
 from flashmath.attention.threads import cores
 from flashmath.files import write_figure
 from flashmath.measure import cpu
@@ -107,9 +107,9 @@ def memory_lines() -> list[str]:
 
 def markdown(info: dict[str, str], rows: list[dict[str, Any]], mem: list[str], repeat: int,
              command: str) -> str:
-    exact = "float32 scores computed in float64, kept with their rounding residual (default)" \
-        if tiles.EXACT_SCORES else \
-        "float32 scores (--no-exact-scores, a measurement switch)"
+    exact = {None: "the fast float32 loops these sizes take (flashmath.attention.fast)",
+             False: "the accurate loops (--path accurate: float32 scores formed in float64)",
+             True: "the fast float32 loops (--path fast)"}[schedule.FORCE_FAST]
     lines = [
         "# flashmath's NumPy attention against torch SDPA on CPU",
         "",
@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     p.add_argument("--repeat", type=int, default=5, help="alternating rounds (>= 1)")
     p.add_argument("--write", metavar="PATH", help="also write the Markdown table there")
-    p.add_argument("--no-exact-scores", action="store_true",
-                   help="float32 score GEMMs (faster, outside the accuracy rule; to measure)")
+    p.add_argument("--path", choices=["auto", "fast", "accurate"], default="auto",
+                   help="which tile loops to time (auto: what the call takes, the fast ones "
+                        "at these sizes)")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error(f"--repeat: expected a positive count, got {args.repeat}")
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cores())
     except ImportError:
         pass
-    tiles.EXACT_SCORES = not args.no_exact_scores
+    schedule.FORCE_FAST = {"auto": None, "fast": True, "accurate": False}[args.path]
     info = machine()
     print(f"{info['cpu']} ({info['cores']} cores), {info['numpy']}, {info['torch']}")
     command = "python benchmarks/bench_attention.py " + " ".join(

@@ -35,7 +35,7 @@ import numpy as np
 
 import flashmath as fm
 from flashmath.attention.options import resolve
-from flashmath.attention.schedule import FAST_MIN_KEYS, FAST_MIN_OUTPUTS
+from flashmath.attention.schedule import FAST_MIN_BAND, FAST_MIN_KEYS, FAST_MIN_OUTPUTS
 from flashmath.dtypes import as_dtype, dtype_name, finfo
 
 OUTPUTS = ("out", "dq", "dk", "dv")
@@ -85,6 +85,7 @@ def random_case(rng: np.random.Generator, dtype: str, medium: bool = False) -> d
     v = float(rng.choice([1.0, 4.0])) * rng.standard_normal((b, h_kv, sk, dv))
     dout = rng.standard_normal((b, h, sq, dv))
     opts: dict[str, Any] = {}
+    wide = FAST_MIN_BAND if medium else 0  # medium: windows the fast path takes
     r = rng.random()
     if r < 0.3:
         opts["causal"] = True
@@ -92,11 +93,14 @@ def random_case(rng: np.random.Generator, dtype: str, medium: bool = False) -> d
         opts["causal"] = "top_left"
     elif r < 0.6:
         opts["causal"] = True
-        opts["window"] = (int(rng.integers(0, 8)), 0)
+        opts["window"] = (int(rng.integers(0, 8)) + wide, 0)
     elif r < 0.7:
-        opts["window"] = (int(rng.integers(0, 10)), int(rng.integers(0, 10)))
+        left, right = int(rng.integers(0, 10)), int(rng.integers(0, 10))
+        opts["window"] = (left + wide // 2, right + wide // 2)
     if rng.random() < 0.25:
         opts["kv_lengths"] = rng.integers(0, sk + 1, b)
+        if medium:  # the fast path needs a kv_length >= FAST_MIN_BAND
+            opts["kv_lengths"][0] = max(int(opts["kv_lengths"][0]), FAST_MIN_BAND)
     if rng.random() < 0.1:
         opts["q_lengths"] = rng.integers(0, sq + 1, b)
     blocks = (None, None)

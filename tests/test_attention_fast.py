@@ -156,3 +156,15 @@ def test_the_matmul_fallback_gives_the_same_results(monkeypatch: pytest.MonkeyPa
     without = _run(q, k, v, do, causal=True)
     for a, b in zip(with_blas, without, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+def test_rows_that_see_few_keys_take_the_accurate_path() -> None:
+    """window (0, 0) (one key per row) or tiny kv_lengths: a baseline can be exact there
+    (dq = dk = 0 for a row with one key), as the accurate loops are."""
+    rng = np.random.default_rng(8)
+    q, k, v = (_f32(rng, 2, 2, 512, 64) for _ in range(3))
+    assert not Plan.build(q, k, v, causal=True, window=(0, 0)).fast
+    assert not Plan.build(q, k, v, window=(7, 7)).fast
+    assert Plan.build(q, k, v, window=(8, 7)).fast
+    assert not Plan.build(q, k, v, kv_lengths=np.array([3, 15])).fast
+    assert Plan.build(q, k, v, kv_lengths=np.array([3, 16])).fast

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flashmath.attention import tiles
+from flashmath.attention import schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,8 @@ def test_writes_the_table_with_the_machine(tmp_path, monkeypatch, capsys):
     assert text.count("| B=1 H=3 S=128 D=8 |") == 2  # causal and not
     assert "1.56%" in text and "Regenerate: `python benchmarks/bench_attention.py" in text
     assert "| B=1 H=3 S=128 D=8 |" in capsys.readouterr().out
-    assert tiles.EXACT_SCORES
+    assert "the fast float32 loops these sizes take" in text
+    assert schedule.FORCE_FAST is None  # --path auto leaves the choice to the call
 
 
 def test_rejects_zero_rounds():

@@ -53,7 +53,7 @@ def tiled_backward(
 
     def work(unit: Unit) -> None:
         if aug is not None:
-            fast.backward_unit(plan, unit.b, unit.h, unit.blocks, aug, dout, out, lse, dq,
+            fast.backward_unit(plan, unit.b, unit.h, unit.blocks, aug, dout, lse, dq,
                                dk[unit.part], dv[unit.part], dlse)
         else:
             _backward_unit(plan, unit.b, unit.h, unit.blocks, dout, out, lse, dq,

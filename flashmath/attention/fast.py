@@ -1,26 +1,35 @@
 """The fast float32 tile loops: the tiled forward and backward for float32 problems large
-enough that their error is a statistic over many outputs.
+enough that their error is a statistic over many outputs (:func:`schedule.fast_path`
+decides; smaller ones take the accurate loops of :mod:`flashmath.attention.tiles` and
+:mod:`flashmath.attention.backward`).
 
-What the accurate path (:mod:`flashmath.attention.tiles`, :mod:`flashmath.attention.backward`)
-spends to stay inside the accuracy rule on tiny problems, this path leaves out:
+What this path does differently, and why each step keeps the accuracy rule:
 
-* scores are one float32 GEMM per tile (no float64 product and rounding residual);
-* the forward keeps each row's shift from its first tile and skips the row-max pass on the
+* Tiles are transposed, k q^T (in OpenBLAS ~25% faster than q k^T at these skinny
+  shapes), one float32 GEMM each through NumPy's own cblas_sgemm (:mod:`flashmath.blas`:
+  the scale as alpha, accumulation as beta = 1, no temporaries). The row shift rides in
+  the GEMM as an augmented column ([k, -1] . [q, m] = k . q - m), so the scores of every
+  pass are the same bits.
+* The forward keeps each row's shift from its first tile and skips the row-max pass on
   later ones: exp(s - m) may then exceed 1, which costs no precision (exp's error is
-  relative); a tile whose row sums leave ``(0, _LIMIT]`` (a new max far above the old,
-  inf or NaN) is redone on the exact online step, so nothing overflows;
-* the backward takes p = exp(s - lse) and delta = rowsum(dout * out) from the given lse
-  and out instead of recomputing them (one online pass less per block of rows), and
-  dp = dout v^T in float32.
+  relative); a tile whose row sums leave (0, 2^20] (a new max far above the old, inf,
+  NaN) is redone on the exact online step, so nothing overflows. exp2 on scores in log2
+  units: NumPy's float32 exp2 is faster than exp and more accurate (<= 1 ulp, against 2.4).
+* p v and p's row sums are summed in float64 over pieces of 256 keys:
+  one float32 GEMM over a 1024-key tile accumulates in order, which put the output at
+  2-2.7x the PyTorch-style baseline's on 1% of random problems.
+* The backward forms each block's probabilities once (a (Sk, block_q) buffer per thread,
+  linear in S), normalises them by their own row sums and takes delta = rowsum(do * o)
+  from their own output o: the given lse's float32 rounding (|lse| eps / 2 in every p of
+  a row) and the given out's rounding (times the row's mean key) put dv at 6x and dq, dk
+  at 3-5x the baselines' on random problems with large scores or keys. It skips the
+  accurate path's float64 recomputation of the row max and sum.
 
-Why only for large problems: each of those savings leaves flashmath's rounding errors
-distributed like the baselines' (the naive formula's and the PyTorch-style one's: float32
-scores, p from a float32 lse), so the max error over an output is a statistic of the same
-law for all three. Over a few outputs that is a coin toss (the accurate path exists because
-2% of tiny random cases drew over 2x); over many it concentrates near 1x.
-``benchmarks/fuzz_attention.py --medium`` measures this path on random problems just above
-:data:`MIN_OUTPUTS`. The backward's check of the given out and lse against a recomputation
-needs that recomputation, so this path checks only their shapes and dtypes.
+Why only for large problems: float32 scores carry a rounding of |s| eps, as the baselines'
+do, so flashmath's max error is then a draw of the same law as theirs. Over many outputs
+the max concentrates near 1x; over a few it is a coin toss (2% of tiny random cases drew
+over 2x), which is why the accurate path exists. ``benchmarks/fuzz_attention.py
+--medium`` judges this path on random problems just above its threshold.
 """
 
 from __future__ import annotations
@@ -77,28 +86,29 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.nda
            i0: int, tiles: list[Tile], buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(out rows, lse rows) of query rows i0.. over their tiles, in float64 (0 and -inf for
     a row that sees nothing). qa from :func:`q_rows` (its last column is overwritten),
-    ka = augmented(k, -1).
+    ka = augmented(k, -1), v (Sk, Dv).
 
     exp2 runs on scores in log2 units (alpha = c log2 e in the GEMM, c from :func:`_fold`;
     m is in qs . k units). The first tile (and any redone one) finds the row max m; later
     tiles subtract it inside their GEMM (qa's last column) and are kept unless a row sum
     leaves (0, _LIMIT]. Every tile's k . q comes from the same augmented GEMM, so the
-    scores are the same bits in every pass."""
+    scores are the same bits in every pass. p v and p's row sums are summed in float64
+    over pieces of _PIECE keys (:func:`_pv`)."""
     ni, c = qa.shape[0], _fold(plan)
     a2 = c * _LOG2E
     m = np.full(ni, -np.inf, np.float32)  # each row's shift
-    l = np.zeros(ni, np.float64)
-    o = np.zeros((ni, v.shape[1]), np.float32)
-    ones = np.ones(plan.bk, np.float32)  # row sums as a BLAS product: ones @ p^T
+    o = np.zeros((ni, v.shape[1]), np.float64)  # sum p v
+    l = np.zeros(ni, np.float64)  # sum p
     stale = False  # whether every row has a finite m, subtracted inside the GEMM
     for j0, j1, kind in tiles:
         if stale:
             s = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, buf, a2)  # a2 (s - m)
             np.exp2(s, out=s)
-            lt = ones[: j1 - j0] @ s.T
+            lt = np.zeros(ni)
+            ot = _pv(s, v[j0:j1], lt)
             if float(lt.max()) <= _LIMIT:  # False for NaN: redone below
+                o += ot
                 l += lt
-                blas.sgemm(s, v[j0:j1], o, beta=1.0)
                 continue
         qa[:, -1] = 0.0
         s = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, buf, 1.0)
@@ -110,10 +120,9 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.nda
         with np.errstate(invalid="ignore"):  # -inf - -inf: a row still empty
             factor = np.exp(c * (m.astype(np.float64) - shift))
         factor[np.isneginf(m)] = 0.0
+        o *= factor[:, None]
         l *= factor
-        l += ones[: j1 - j0] @ s.T
-        o *= factor[:, None].astype(np.float32)
-        blas.sgemm(s, v[j0:j1], o, beta=1.0)
+        o += _pv(s, v[j0:j1], l)
         m = m_new
         stale = bool(np.isfinite(m).all())
         qa[:, -1] = m
@@ -121,23 +130,52 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.nda
     return out, c * m.astype(np.float64) + np.log(l)
 
 
+#: Keys per float32 GEMM of p [v, 1]; the pieces are summed in float64. One GEMM over a
+#: whole 1024-key tile accumulates in order (OpenBLAS), an error ~sqrt(Sk) eps that put
+#: the output at 2-2.7x the PyTorch-style baseline's (MKL) on 1% of random problems.
+_PIECE = 256
+
+
+def _pv(p: np.ndarray, v: np.ndarray, sums: np.ndarray | None = None) -> np.ndarray:
+    """p @ v (ni, n) in float64, from float32 GEMMs over pieces of _PIECE keys (p is
+    (ni, nj), v (nj, n)); with ``sums`` ((ni,) float64), p's row sums are added there,
+    piece by piece too."""
+    out = np.zeros((p.shape[0], v.shape[1]), np.float64)
+    piece = np.empty(out.shape, np.float32)
+    ones = np.ones(_PIECE, np.float32)
+    for c0 in range(0, p.shape[1], _PIECE):
+        c1 = min(c0 + _PIECE, p.shape[1])
+        blas.sgemm(p[:, c0:c1], v[c0:c1], piece)
+        out += piece
+        if sums is not None:
+            sums += ones[: c1 - c0] @ p.T[c0:c1]
+    return out
+
+
 def backward_unit(
     plan: Plan, b: int, h: int, blocks: list[Block], aug: tuple[np.ndarray, np.ndarray],
-    dout: np.ndarray, out: np.ndarray, lse: np.ndarray, dq: np.ndarray, dk: np.ndarray,
-    dv: np.ndarray, dlse: np.ndarray | None = None,
+    dout: np.ndarray, lse: np.ndarray, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+    dlse: np.ndarray | None = None,
 ) -> None:
     """Gradients of the row blocks ``blocks`` of slice (b, h), as the accurate
-    ``_backward_unit`` of :mod:`flashmath.attention.backward`, on transposed tiles:
-    p~^T = exp(c (k qs^T - lse / c)) and dp^T - delta = v do^T - delta in one GEMM each
-    (the shifts as an augmented column), p = p~ f (:func:`_normalizers`); dv += p^T do;
-    ds^T = p^T (dp^T - delta); dq += ds k; dk += ds^T qs (qs from :func:`q_rows`).
-    aug: augmented(k, -1), augmented(v, -1) of every slice; dk, dv are this unit's
-    float32 accumulators."""
+    ``_backward_unit`` of :mod:`flashmath.attention.backward`, on transposed tiles.
+
+    Per block of rows, a first pass (:func:`_probabilities`) forms every tile's
+    p~^T = exp(c (k qs^T - lse / c)) once (as exp2), keeps them (a (Sk, block_q) float32 buffer per
+    thread: linear in S) and sums p~ [v, -1] in float64, which gives each row's
+    normaliser f = 1 / sum p~ and its output o f; delta = rowsum(do * o f) then comes
+    from these very probabilities. The second pass, per tile: dp^T - delta = [v, -1]
+    [do, delta]^T in one GEMM; dv += p~^T (f do); ds~^T = p~^T (dp^T - delta);
+    dq += f (ds~ k); dk += ds~^T (f qs) (qs from :func:`q_rows`). aug: augmented(k, -1),
+    augmented(v, -1) of every slice; dk, dv are this unit's float32 accumulators. The
+    given out is not read: delta from it carried the forward's own rounding (a float32
+    output's error times the row's mean key), which put dq and dk at 3-5x the baselines'
+    on random problems with large keys."""
     opts, c = plan.opts, _fold(plan)
     k = tp.kv(plan, b, h)[0]
     ka, va = (x[b, h // opts.group] for x in aug)
-    buf = np.empty((plan.bk, plan.bq), np.float32)  # p^T
-    dbuf = np.empty((plan.bk, plan.bq), np.float32)  # ds^T
+    pbuf = np.empty((opts.sk, plan.bq), np.float32)  # p~^T of one block's tiles, by key
+    dbuf = np.empty((plan.bk, plan.bq), np.float32)  # ds~^T
     dk_h, dv_h = dk[b, h], dv[b, h]
     for i0, i1, tiles in blocks:
         tiles = tp.mod_tiles(plan, b, h, i0, i1, tiles)
@@ -149,19 +187,15 @@ def backward_unit(
         lse64 = np.asarray(lse[b, h, i0:i1], np.float64)
         qa[:, -1] = np.where(np.isneginf(lse64), 0.0, lse64) / c
         do = np.asarray(dout[b, h, i0:i1], np.float32)
-        delta = np.einsum("id,id->i", do, out[b, h, i0:i1], dtype=np.float64)
-        if dlse is not None:  # d lse / d s = p: the lse cotangent joins dp - delta
-            delta -= np.asarray(dlse[b, h, i0:i1], np.float64)
+        f, o = _probabilities(plan, b, h, qa, ka, va, i0, tiles, pbuf)
         doa = augmented(do, 0.0)
-        doa[:, -1] = delta
-        f = _normalizers(plan, b, h, qa, ka, i0, tiles, buf)
+        doa[:, -1] = _delta(o, do)
+        if dlse is not None:  # d lse / d s = p: the lse cotangent joins dp - delta
+            doa[:, -1] -= np.asarray(dlse[b, h, i0:i1], np.float32)
         do_f, qs_f = do * f[:, None], qs * f[:, None]
         dq_blk = np.zeros((ni, opts.d), np.float32)
-        for t, (j0, j1, kind) in enumerate(tiles):
-            pt = buf[: j1 - j0, :ni]  # a single tile's p~^T is still there
-            if t or len(tiles) > 1:
-                _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, buf, c)
-                np.exp(pt, out=pt)
+        for j0, j1, _ in tiles:
+            pt = pbuf[j0:j1, :ni]
             blas.sgemm(pt, do_f, dv_h[j0:j1], beta=1.0)
             dst = dbuf[: j1 - j0, :ni]
             blas.sgemm(va[j0:j1], doa.T, dst)  # dp^T - delta
@@ -171,17 +205,33 @@ def backward_unit(
         dq[b, h, i0:i1] = dq_blk * (f * opts.scale)[:, None]
 
 
-def _normalizers(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, i0: int,
-                 tiles: list[Tile], buf: np.ndarray) -> np.ndarray:
-    """f = 1 / sum_j exp(s_j - lse) per row, float32 (0 for an empty row): p = p~ f with
-    p~ = exp(s - lse) from the given float32 lse. Its rounding (|lse| eps / 2) would
-    otherwise scale every p of a row alike, and where one key dominates (large scores,
-    |lse| in the hundreds) dv, which sums p without the cancellation that protects dq
-    and dk, was up to 6x the baselines' error. One GEMM, exp and row sum per tile; the
-    last tile's p~^T stays in buf."""
-    r, c = np.zeros(qa.shape[0], np.float64), _fold(plan)
-    for j0, j1, kind in tiles:
-        pt = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, buf, c).T
-        np.exp(pt, out=pt)
-        r += np.ones(j1 - j0, np.float32) @ pt
-    return np.divide(1.0, r, out=np.zeros_like(r), where=r != 0).astype(np.float32)
+def _probabilities(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray,
+                   va: np.ndarray, i0: int, tiles: list[Tile], pbuf: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The backward's first pass over a block's tiles: p~^T = exp(s - lse) of each tile
+    into pbuf[j0:j1] (masked pairs 0), and (f, o f): f = 1 / sum_j p~ per row, float32
+    (0 for an empty row), and the row's output o f = sum_j p~ v_j f, float32 (0 there).
+
+    f undoes the given lse's float32 rounding (|lse| eps / 2 in every p of a row alike;
+    where one key dominates, large scores and |lse| in the hundreds, dv, which sums p
+    without the cancellation that protects dq and dk, was up to 6x the baselines' error)."""
+    ol = np.zeros((qa.shape[0], va.shape[1]), np.float64)  # [sum p~ v, -sum p~]
+    a2 = _fold(plan) * _LOG2E  # exp2 in log2 units: NumPy's float32 exp2 is the faster
+    for j0, j1, kind in tiles:  # and the more accurate (<= 1 ulp against exp's 2.4)
+        pt = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, pbuf[j0:], a2).T
+        np.exp2(pt, out=pt)
+        ol += _pv(pt.T, va[j0:j1])
+    r = -ol[:, -1]
+    f = np.divide(1.0, r, out=np.zeros_like(r), where=r != 0)
+    return f.astype(np.float32), (ol[:, :-1] * f[:, None]).astype(np.float32)
+
+
+def _delta(out: np.ndarray, do: np.ndarray) -> np.ndarray:
+    """delta = rowsum(do * out), (ni,) float32, from the same float32 GEMM kernel as the
+    tiles' dp = v . do (the diagonal of out do^T): a row that sees one key has out = v
+    exactly, and dp - delta is then exactly 0, as dq and dk of that row are (a float64
+    delta rounded once differs from the GEMM's dp by an ulp, and with large keys that put
+    dq at 4x the baselines', who get 0 there)."""
+    prod = np.empty((out.shape[0], out.shape[0]), np.float32)
+    blas.sgemm(out, do.T, prod)
+    return np.diagonal(prod).copy()

@@ -28,7 +28,8 @@ from flashmath.attention.options import AttentionOptions, check_blocks, resolve
 from flashmath.attention.threads import cores
 from flashmath.dtypes import accumulate_dtype
 
-__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "FAST_MIN_KEYS", "FAST_MIN_OUTPUTS",
+__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "FAST_MIN_BAND", "FAST_MIN_KEYS",
+           "FAST_MIN_OUTPUTS",
            "FORCE_FAST", "Plan", "Tile", "Unit", "fast_path", "parts_per_slice", "schedule",
            "units", "work_units"]
 
@@ -96,6 +97,10 @@ class Plan:
 #: The fast path needs B * H * Sq * Dv >= FAST_MIN_OUTPUTS outputs and Sk >= FAST_MIN_KEYS.
 FAST_MIN_OUTPUTS = 2**16
 FAST_MIN_KEYS = 256
+#: ... and a window band and a longest kv_length of at least FAST_MIN_BAND keys: rows that
+#: see one or a few keys (window (0, 0)) are where a baseline can be exact (dq = dk = 0
+#: for a single key) and the accurate loops keep them so.
+FAST_MIN_BAND = 16
 #: A switch for measurements and tests: None decides by size, True / False forces.
 FORCE_FAST: bool | None = None
 
@@ -104,17 +109,21 @@ def fast_path(opts: AttentionOptions, acc: np.dtype[Any]) -> bool:
     """Whether a call takes the float32 fast loops (:mod:`flashmath.attention.fast`):
     float32 input in float32 tiles, no softcap, bias, ALiBi, score_mod or sinks, and a
     problem with at least :data:`FAST_MIN_OUTPUTS` outputs and :data:`FAST_MIN_KEYS` keys
-    (or as :data:`FORCE_FAST` says). Smaller problems take the accurate loops, whose cost
-    there is small and whose error is not a coin toss against the baselines' (see
-    :mod:`flashmath.attention.fast`)."""
+    whose rows may see :data:`FAST_MIN_BAND` keys (or as :data:`FORCE_FAST` says).
+    Smaller problems take the accurate loops, whose cost there is small and whose error
+    is not a coin toss against the baselines' (see :mod:`flashmath.attention.fast`)."""
     if not (opts.dtype == np.float32 and acc == np.float32 and opts.softcap is None
             and not opts.has_bias and opts.sinks is None
             and (opts.mods is None or opts.mods.score_mod is None)):
         return False
     if FORCE_FAST is not None:
         return FORCE_FAST
+    spec = opts.spec
+    band = None if spec.lo is None or spec.hi is None else spec.hi - spec.lo + 1
     outputs = opts.batch * opts.heads * opts.sq * opts.dv
-    return outputs >= FAST_MIN_OUTPUTS and opts.sk >= FAST_MIN_KEYS
+    return (outputs >= FAST_MIN_OUTPUTS and opts.sk >= FAST_MIN_KEYS
+            and int(spec.k_valid.max(initial=0)) >= FAST_MIN_BAND
+            and (band is None or band >= FAST_MIN_BAND))
 
 
 def _multiple(block: int, at_most: int) -> int:

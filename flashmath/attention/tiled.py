@@ -17,11 +17,13 @@ The loop (one shape for forward and backward, :func:`flashmath.attention.schedul
 
 Tiles that a causal, window or length mask leaves empty are skipped (never read,
 never computed); FULL tiles build no mask (:class:`~flashmath.attention.masks.MaskSpec`).
-Speed: the scale is folded into q (when a power of two), exp runs in place in a reused
-tile buffer, row sums are BLAS matrix-vector products, the matmuls are BLAS calls on
-whole tiles, and the (b, h) slices (cut by query blocks into parts when they are too
-few for the cores, :func:`~flashmath.attention.schedule.work_units`) run on a thread
-per core (NumPy releases the GIL in BLAS and in ufunc loops; BLAS itself runs one
+Two sets of loops share this shape. float32 problems with at least 2^16 outputs and 256
+keys (and no softcap, bias, ALiBi, score_mod or sinks) take the fast loops of
+:mod:`flashmath.attention.fast` (transposed tiles through NumPy's own cblas_sgemm, a stale
+row max, exp2, a backward that forms each block's probabilities once); everything else
+takes the accurate loops below. Both run the (b, h) slices (cut by query blocks into parts
+when they are too few for the cores, :func:`~flashmath.attention.schedule.work_units`) on
+a thread per core (NumPy releases the GIL in BLAS and in ufunc loops; BLAS itself runs one
 thread per worker, see :mod:`flashmath.attention.threads`). Extra memory is a few tile
 buffers per thread plus per-block accumulators: linear in S.
 
@@ -31,18 +33,21 @@ across tiles (m, l, o; dq, dk, dv) is float64 unless ``accum_dtype`` is narrower
 float32. lse is float32 (float64 for float64 input). The backward rejects float8.
 
 Accuracy (the rule of docs/conventions.md, against the naive same-dtype formula and a
-PyTorch-style baseline; measured by benchmarks/fuzz_attention.py): narrow inputs meet it
-with room (median errors 0.1-0.4x the baselines'). float32 input computes its scores in
-float64 and keeps them as a float32 value plus its float32 rounding residual
-(:func:`tp.exact_scores`, :func:`tp.scores`): the shift by the row max is then exact where it
-matters, so p = exp(s - m) carries eps / 2 relative error however large the scores; a
-float32 score GEMM's rounding, |s| eps, is the largest error in p whenever scores are
-large, and the baselines carry it too, so without this flashmath's error was a coin toss
-against theirs. The backward spends one
-extra pass per row block recomputing the row max, sum and output (float64 sums), from
-which it builds p and delta rather than from the given, rounded lse and out (see
-:func:`_probabilities`). Rows whose visible keys fit one tile take :func:`tp.one_tile`,
-which forms P and P V in the state dtype and rounds once.
+PyTorch-style baseline; measured by benchmarks/fuzz_attention.py, and with ``--medium`` on
+the fast loops' sizes): narrow inputs meet it with room (median errors 0.1-0.4x the
+baselines'). On the accurate loops, float32 input computes its scores in float64 and keeps
+them as a float32 value plus its float32 rounding residual (:func:`tp.exact_scores`,
+:func:`tp.scores`): the shift by the row max is then exact where it matters, so
+p = exp(s - m) carries eps / 2 relative error however large the scores; a float32 score
+GEMM's rounding, |s| eps, is the largest error in p whenever scores are large, and the
+baselines carry it too, so on tiny problems flashmath's error was otherwise a coin toss
+against theirs. The accurate backward spends one extra pass per row block recomputing
+the row max, sum and output (float64 sums), from which it builds p and delta rather than
+from the given, rounded lse and out (see :func:`_probabilities`). Rows whose visible keys
+fit one tile take :func:`tp.one_tile`, which forms P and P V in the state dtype and
+rounds once. The fast loops' errors are the baselines' kind (float32 scores), with the
+output and the backward's delta and row sums formed as :mod:`flashmath.attention.fast`
+explains.
 
 Shards (the public shard API, used by ring attention and split-KV decoding):
 
@@ -224,7 +229,10 @@ def flash_attention_backward(
         checked against the recomputation instead: NaN where it is not NaN (an all-NaN
         out or lse, for instance), a wrong shape, or values off by more than rounding
         (2 * out, lse + 1) raise ValueError naming ``out`` or ``lse`` (the size check is
-        skipped for accum_dtype narrower than float32). The shard API
+        skipped for accum_dtype narrower than float32). The fast loops (large float32
+        problems, see the module docs) recompute p and out too, in float32 tiles, and
+        check only the shapes of out and lse: a wrong lse is normalised away there, and
+        out is not read. The shard API
         (:func:`tiled_backward` with k_offset / k_total) uses the given global lse and
         out, which it cannot recompute from a shard of the keys.
     causal, window, mask, bias, kv_lengths, q_lengths, softcap, scale, alibi_slopes, sinks,

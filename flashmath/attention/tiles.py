@@ -61,7 +61,7 @@ def q_block(plan: Plan, b: int, h: int, i0: int, i1: int) -> np.ndarray:
 
 
 #: float32 input: the score GEMM runs in float64 and is rounded once (see exact_scores).
-#: A switch for measurements (benchmarks/bench_attention.py --no-exact-scores).
+#: A switch for measurements of the accurate loops (off: float32 score GEMMs).
 EXACT_SCORES = True
 
 
