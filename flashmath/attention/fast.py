@@ -15,9 +15,11 @@ What this path does differently, and why each step keeps the accuracy rule:
   relative); a tile whose row sums leave (0, 2^20] (a new max far above the old, inf,
   NaN) is redone on the exact online step, so nothing overflows. exp2 on scores in log2
   units: NumPy's float32 exp2 is faster than exp and more accurate (<= 1 ulp, against 2.4).
-* p v and p's row sums are summed in float64 over pieces of 256 keys:
-  one float32 GEMM over a 1024-key tile accumulates in order, which put the output at
-  2-2.7x the PyTorch-style baseline's on 1% of random problems.
+* p's row sums are summed in runs of 32 keys, the runs in float64 (:func:`row_sums`): a
+  float32 BLAS matrix-vector product over a tile sums in order, and that error, the
+  same in every output of a row, put the output at 2-3x the baselines' (whose softmax
+  sums pairwise) on 1% of random problems. p v is one float32 GEMM per tile, the tiles
+  summed in float64.
 * The backward forms each block's probabilities once (a (Sk, block_q) buffer per thread,
   linear in S), normalises them by their own row sums and takes delta = rowsum(do * o)
   from their own output o: the given lse's float32 rounding (|lse| eps / 2 in every p of
@@ -43,7 +45,7 @@ from flashmath.attention import tiles as tp
 from flashmath.attention.masks import TileKind
 from flashmath.attention.schedule import Block, Plan, Tile
 
-__all__ = ["augmented", "backward_unit", "online", "q_rows"]
+__all__ = ["augmented", "backward_unit", "online", "q_rows", "row_sums"]
 
 #: A tile on the stale shift is redone when a row sum exceeds this (exp(s - m) <= 2^20).
 _LIMIT = 2.0**20
@@ -78,7 +80,7 @@ def _tile(plan: Plan, b: int, h: int, a: np.ndarray, bt: np.ndarray, i0: int, j0
     its (ni, nj) view: k q^T runs ~25% faster than q k^T in OpenBLAS at these shapes."""
     st = buf[: bt.shape[0], : a.shape[0]]
     blas.sgemm(bt, a.T, st, alpha=alpha)
-    tp.mask_tile(plan, b, h, st.T, i0, j0, kind)
+    tp.mask_tile(plan, b, h, st, i0, j0, kind, transposed=True)
     return st.T
 
 
@@ -92,8 +94,8 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.nda
     m is in qs . k units). The first tile (and any redone one) finds the row max m; later
     tiles subtract it inside their GEMM (qa's last column) and are kept unless a row sum
     leaves (0, _LIMIT]. Every tile's k . q comes from the same augmented GEMM, so the
-    scores are the same bits in every pass. p v and p's row sums are summed in float64
-    over pieces of _PIECE keys (:func:`_pv`)."""
+    scores are the same bits in every pass. p v and p's row sums (:func:`_pv`) are
+    summed over the tiles in float64."""
     ni, c = qa.shape[0], _fold(plan)
     a2 = c * _LOG2E
     m = np.full(ni, -np.inf, np.float32)  # each row's shift
@@ -105,7 +107,7 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.nda
             s = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, buf, a2)  # a2 (s - m)
             np.exp2(s, out=s)
             lt = np.zeros(ni)
-            ot = _pv(s, v[j0:j1], lt)
+            ot = _pv(s, v[j0:j1], lt)  # the tile's p v and row sums
             if float(lt.max()) <= _LIMIT:  # False for NaN: redone below
                 o += ot
                 l += lt
@@ -130,26 +132,28 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.nda
     return out, c * m.astype(np.float64) + np.log(l)
 
 
-#: Keys per float32 GEMM of p [v, 1]; the pieces are summed in float64. One GEMM over a
-#: whole 1024-key tile accumulates in order (OpenBLAS), an error ~sqrt(Sk) eps that put
-#: the output at 2-2.7x the PyTorch-style baseline's (MKL) on 1% of random problems.
-_PIECE = 256
+def _pv(p: np.ndarray, v: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """p @ v (ni, n) in float64 from one float32 GEMM (p is (ni, nj), v (nj, n)); p's row
+    sums are added to ``sums`` ((ni,) float64, see :func:`row_sums`)."""
+    out = np.empty((p.shape[0], v.shape[1]), np.float32)
+    blas.sgemm(p, v, out)
+    sums += row_sums(p.T)
+    return out.astype(np.float64)
 
 
-def _pv(p: np.ndarray, v: np.ndarray, sums: np.ndarray | None = None) -> np.ndarray:
-    """p @ v (ni, n) in float64, from float32 GEMMs over pieces of _PIECE keys (p is
-    (ni, nj), v (nj, n)); with ``sums`` ((ni,) float64), p's row sums are added there,
-    piece by piece too."""
-    out = np.zeros((p.shape[0], v.shape[1]), np.float64)
-    piece = np.empty(out.shape, np.float32)
-    ones = np.ones(_PIECE, np.float32)
-    for c0 in range(0, p.shape[1], _PIECE):
-        c1 = min(c0 + _PIECE, p.shape[1])
-        blas.sgemm(p[:, c0:c1], v[c0:c1], piece)
-        out += piece
-        if sums is not None:
-            sums += ones[: c1 - c0] @ p.T[c0:c1]
-    return out
+#: Keys summed in float32 per run of :func:`row_sums` (the runs are summed in float64).
+_RUN = 32
+
+
+def row_sums(pt: np.ndarray) -> np.ndarray:
+    """Column sums of pt (nj, ni) float32, i.e. the row sums of p, as (ni,) float64: runs of
+    _RUN keys in float32, the runs in float64 (an error of ~sqrt(_RUN) eps / 2, where a
+    float32 BLAS matrix-vector product over a 1024-key tile summed in order and put the
+    output at 3x the baselines', whose softmax sums pairwise)."""
+    nj = pt.shape[0]
+    full = nj // _RUN * _RUN
+    runs = pt[:full].reshape(full // _RUN, _RUN, pt.shape[1]).sum(axis=1)
+    return runs.sum(axis=0, dtype=np.float64) + pt[full:].sum(axis=0, dtype=np.float64)
 
 
 def backward_unit(
@@ -172,7 +176,7 @@ def backward_unit(
     output's error times the row's mean key), which put dq and dk at 3-5x the baselines'
     on random problems with large keys."""
     opts, c = plan.opts, _fold(plan)
-    k = tp.kv(plan, b, h)[0]
+    k, v = tp.kv(plan, b, h)
     ka, va = (x[b, h // opts.group] for x in aug)
     pbuf = np.empty((opts.sk, plan.bq), np.float32)  # p~^T of one block's tiles, by key
     dbuf = np.empty((plan.bk, plan.bq), np.float32)  # ds~^T
@@ -187,7 +191,7 @@ def backward_unit(
         lse64 = np.asarray(lse[b, h, i0:i1], np.float64)
         qa[:, -1] = np.where(np.isneginf(lse64), 0.0, lse64) / c
         do = np.asarray(dout[b, h, i0:i1], np.float32)
-        f, o = _probabilities(plan, b, h, qa, ka, va, i0, tiles, pbuf)
+        f, o = _probabilities(plan, b, h, qa, ka, v, i0, tiles, pbuf)
         doa = augmented(do, 0.0)
         doa[:, -1] = _delta(o, do)
         if dlse is not None:  # d lse / d s = p: the lse cotangent joins dp - delta
@@ -206,7 +210,7 @@ def backward_unit(
 
 
 def _probabilities(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray,
-                   va: np.ndarray, i0: int, tiles: list[Tile], pbuf: np.ndarray
+                   v: np.ndarray, i0: int, tiles: list[Tile], pbuf: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
     """The backward's first pass over a block's tiles: p~^T = exp(s - lse) of each tile
     into pbuf[j0:j1] (masked pairs 0), and (f, o f): f = 1 / sum_j p~ per row, float32
@@ -215,15 +219,15 @@ def _probabilities(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray,
     f undoes the given lse's float32 rounding (|lse| eps / 2 in every p of a row alike;
     where one key dominates, large scores and |lse| in the hundreds, dv, which sums p
     without the cancellation that protects dq and dk, was up to 6x the baselines' error)."""
-    ol = np.zeros((qa.shape[0], va.shape[1]), np.float64)  # [sum p~ v, -sum p~]
+    o = np.zeros((qa.shape[0], v.shape[1]), np.float64)  # sum p~ v
+    r = np.zeros(qa.shape[0], np.float64)  # sum p~
     a2 = _fold(plan) * _LOG2E  # exp2 in log2 units: NumPy's float32 exp2 is the faster
     for j0, j1, kind in tiles:  # and the more accurate (<= 1 ulp against exp's 2.4)
         pt = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, pbuf[j0:], a2).T
         np.exp2(pt, out=pt)
-        ol += _pv(pt.T, va[j0:j1])
-    r = -ol[:, -1]
+        o += _pv(pt.T, v[j0:j1], r)
     f = np.divide(1.0, r, out=np.zeros_like(r), where=r != 0)
-    return f.astype(np.float32), (ol[:, :-1] * f[:, None]).astype(np.float32)
+    return f.astype(np.float32), (o * f[:, None]).astype(np.float32)
 
 
 def _delta(out: np.ndarray, do: np.ndarray) -> np.ndarray:

@@ -264,12 +264,16 @@ class MaskSpec:
             return [(j0, j1)]
         return [(a, z) for a, z in ((j0, full0), (full1, j1)) if a < z]
 
-    def block(self, b: int, h: int, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+    def block(self, b: int, h: int, i0: int, i1: int, j0: int, j1: int,
+              transposed: bool = False) -> np.ndarray:
         """Boolean (i1 - i0, j1 - j0) mask of query rows [i0, i1) x keys [j0, j1) of batch
-        entry b, query head h; True = may attend."""
-        ok = self._positions(self.diag[b], self.q_valid[b], self.k_valid[b], i0, i1, j0, j1)
+        entry b, query head h; True = may attend. transposed: the (j1 - j0, i1 - i0) mask
+        of the same pairs, keys first (row-major in that order)."""
+        ok = self._positions(self.diag[b], self.q_valid[b], self.k_valid[b], i0, i1, j0, j1,
+                             transposed)
         if self.mask is not None:
-            ok = ok & block_of(self.mask, b, h, i0, i1, j0, j1)
+            user = block_of(self.mask, b, h, i0, i1, j0, j1)
+            ok = ok & (user.T if transposed else user)
         return ok
 
     def dense(self) -> np.ndarray:
@@ -282,13 +286,15 @@ class MaskSpec:
         return ok
 
     def _positions(
-        self, diag: Any, q_valid: Any, k_valid: Any, i0: int, i1: int, j0: int, j1: int
+        self, diag: Any, q_valid: Any, k_valid: Any, i0: int, i1: int, j0: int, j1: int,
+        transposed: bool = False,
     ) -> np.ndarray:
         """Lengths and band for rows [i0, i1) x keys [j0, j1); diag, q_valid, k_valid are
-        scalars (result (ni, nj)) or (B, 1, 1) arrays (result (B, ni, nj)). Built from
-        outer comparisons of index ranges, never from an (ni, nj) integer array."""
-        rows = np.arange(i0, i1)[:, None]
-        cols = np.arange(j0, j1)[None, :]
+        scalars (result (ni, nj), or (nj, ni) transposed) or (B, 1, 1) arrays (result
+        (B, ni, nj)). Built from outer comparisons of index ranges, never from an (ni, nj)
+        integer array."""
+        rows = np.arange(i0, i1)[None, :] if transposed else np.arange(i0, i1)[:, None]
+        cols = np.arange(j0, j1)[:, None] if transposed else np.arange(j0, j1)[None, :]
         ok = (rows < q_valid) & (cols < k_valid)
         # lo <= j - i - diag  <=>  i <= j - diag - lo;   j - i - diag <= hi  <=>  i >= j - diag - hi
         if self.lo is not None:

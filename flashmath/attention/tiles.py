@@ -193,18 +193,22 @@ def scores(
 
 
 def mask_tile(plan: Plan, b: int, h: int, s: np.ndarray, i0: int, j0: int, kind: TileKind,
-              dmod: np.ndarray | None = None) -> None:
+              dmod: np.ndarray | None = None, transposed: bool = False) -> None:
     """The score_mod (and its derivative into dmod), then -inf where the mask_mod or the
     built-in mask hides a pair of a PARTIAL tile, in place on the (ni, nj) tile s of rows
-    i0.. and keys j0.. (FULL tiles build no mask)."""
+    i0.. and keys j0.. (FULL tiles build no mask). transposed: s is the (nj, ni) tile
+    (keys first, row-major, as the fast loops hold it); the built-in mask is then written
+    in that order (into the transposed view it took 12% of a causal forward)."""
     opts = plan.opts
-    i1, j1 = i0 + s.shape[0], j0 + s.shape[1]
+    rows = s.T if transposed else s  # (ni, nj)
+    i1, j1 = i0 + rows.shape[0], j0 + rows.shape[1]
     if opts.mods is not None:
-        opts.mods.apply(s, b, h, i0 + opts.q_offset, j0 + opts.k_offset, kind, dmod)
+        opts.mods.apply(rows, b, h, i0 + opts.q_offset, j0 + opts.k_offset, kind, dmod)
     if kind is TileKind.PARTIAL:
         for c0, c1 in opts.spec.masked_columns(b, i0, i1, j0, j1):
-            np.copyto(s[:, c0 - j0 : c1 - j0], -np.inf,
-                      where=~opts.spec.block(b, h, i0, i1, c0, c1))
+            hidden = ~opts.spec.block(b, h, i0, i1, c0, c1, transposed)
+            np.copyto(s[c0 - j0 : c1 - j0] if transposed else s[:, c0 - j0 : c1 - j0],
+                      -np.inf, where=hidden)
 
 
 
