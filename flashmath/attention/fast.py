@@ -13,8 +13,10 @@ What this path does differently, and why each step keeps the accuracy rule:
 * The forward keeps each row's shift from its first tile and skips the row-max pass on
   later ones: exp(s - m) may then exceed 1, which costs no precision (exp's error is
   relative); a tile whose row sums leave (0, 2^20] (a new max far above the old, inf,
-  NaN) is redone on the exact online step, so nothing overflows. exp2 on scores in log2
-  units: NumPy's float32 exp2 is faster than exp and more accurate (<= 1 ulp, against 2.4).
+  NaN) is redone on the exact online step, so nothing overflows. FULL tiles run exp2 on
+  scores in log2 units: NumPy's float32 exp2 is faster than exp and more accurate (<= 1
+  ulp, against 2.4); masked (PARTIAL) tiles run exp, because exp2 of -inf takes NumPy's
+  slow path (4-6x slower on a half-masked tile).
 * p's row sums are summed in runs of 32 keys, the runs in float64 (:func:`row_sums`): a
   float32 BLAS matrix-vector product over a tile sums in order, and that error, the
   same in every output of a row, put the output at 2-3x the baselines' (whose softmax
@@ -74,6 +76,13 @@ def _fold(plan: Plan) -> float:
     return 1.0 if tp.folds_scale(plan) else plan.opts.scale
 
 
+def _exp(kind: TileKind, c: float) -> tuple[float, np.ufunc]:
+    """(alpha, exp ufunc) for a tile of scores c (qs . k - shift): exp2 on alpha = c log2 e
+    for FULL tiles; exp on alpha = c for PARTIAL ones (their -inf entries take exp2's
+    slow path)."""
+    return (c, np.exp) if kind is TileKind.PARTIAL else (c * _LOG2E, np.exp2)
+
+
 def _tile(plan: Plan, b: int, h: int, a: np.ndarray, bt: np.ndarray, i0: int, j0: int,
           kind: TileKind, buf: np.ndarray, alpha: float) -> np.ndarray:
     """The transposed tile alpha (bt a^T) in buf (nj, ni), masked (-inf where hidden), as
@@ -90,22 +99,22 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.nda
     a row that sees nothing). qa from :func:`q_rows` (its last column is overwritten),
     ka = augmented(k, -1), v (Sk, Dv).
 
-    exp2 runs on scores in log2 units (alpha = c log2 e in the GEMM, c from :func:`_fold`;
-    m is in qs . k units). The first tile (and any redone one) finds the row max m; later
-    tiles subtract it inside their GEMM (qa's last column) and are kept unless a row sum
-    leaves (0, _LIMIT]. Every tile's k . q comes from the same augmented GEMM, so the
-    scores are the same bits in every pass. p v and p's row sums (:func:`_pv`) are
-    summed over the tiles in float64."""
+    exp runs as :func:`_exp` says (alpha = c log2 e in the GEMM for exp2, c for exp; c
+    from :func:`_fold`; m is in qs . k units). The first tile (and any redone one) finds
+    the row max m; later tiles subtract it inside their GEMM (qa's last column) and are
+    kept unless a row sum leaves (0, _LIMIT]. Every tile's k . q comes from the same
+    augmented GEMM, so the scores are the same bits in every pass. p v and p's row sums
+    (:func:`_pv`) are summed over the tiles in float64."""
     ni, c = qa.shape[0], _fold(plan)
-    a2 = c * _LOG2E
     m = np.full(ni, -np.inf, np.float32)  # each row's shift
     o = np.zeros((ni, v.shape[1]), np.float64)  # sum p v
     l = np.zeros(ni, np.float64)  # sum p
     stale = False  # whether every row has a finite m, subtracted inside the GEMM
     for j0, j1, kind in tiles:
         if stale:
-            s = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, buf, a2)  # a2 (s - m)
-            np.exp2(s, out=s)
+            a, exp = _exp(kind, c)
+            s = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, buf, a)  # a (s - m)
+            exp(s, out=s)
             lt = np.zeros(ni)
             ot = _pv(s, v[j0:j1], lt)  # the tile's p v and row sums
             if float(lt.max()) <= _LIMIT:  # False for NaN: redone below
@@ -117,8 +126,10 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.nda
         m_new = np.maximum(m, s.max(axis=1))
         shift = np.where(np.isneginf(m_new), np.float32(0), m_new)
         s -= shift[:, None]
-        s *= np.float32(a2)
-        np.exp2(s, out=s)
+        a, exp = _exp(kind, c)
+        if a != 1:
+            s *= np.float32(a)
+        exp(s, out=s)
         with np.errstate(invalid="ignore"):  # -inf - -inf: a row still empty
             factor = np.exp(c * (m.astype(np.float64) - shift))
         factor[np.isneginf(m)] = 0.0
@@ -165,8 +176,8 @@ def backward_unit(
     ``_backward_unit`` of :mod:`flashmath.attention.backward`, on transposed tiles.
 
     Per block of rows, a first pass (:func:`_probabilities`) forms every tile's
-    p~^T = exp(c (k qs^T - lse / c)) once (as exp2), keeps them (a (Sk, block_q) float32 buffer per
-    thread: linear in S) and sums p~ [v, -1] in float64, which gives each row's
+    p~^T = exp(c (k qs^T - lse / c)) once (:func:`_exp`), keeps them (a (Sk, block_q)
+    float32 buffer per thread: linear in S) and sums p~ v and p~ in float64, giving each row's
     normaliser f = 1 / sum p~ and its output o f; delta = rowsum(do * o f) then comes
     from these very probabilities. The second pass, per tile: dp^T - delta = [v, -1]
     [do, delta]^T in one GEMM; dv += p~^T (f do); ds~^T = p~^T (dp^T - delta);
@@ -221,10 +232,11 @@ def _probabilities(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray,
     without the cancellation that protects dq and dk, was up to 6x the baselines' error)."""
     o = np.zeros((qa.shape[0], v.shape[1]), np.float64)  # sum p~ v
     r = np.zeros(qa.shape[0], np.float64)  # sum p~
-    a2 = _fold(plan) * _LOG2E  # exp2 in log2 units: NumPy's float32 exp2 is the faster
-    for j0, j1, kind in tiles:  # and the more accurate (<= 1 ulp against exp's 2.4)
-        pt = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, pbuf[j0:], a2).T
-        np.exp2(pt, out=pt)
+    c = _fold(plan)
+    for j0, j1, kind in tiles:
+        a, exp = _exp(kind, c)
+        pt = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, pbuf[j0:], a).T
+        exp(pt, out=pt)
         o += _pv(pt.T, v[j0:j1], r)
     f = np.divide(1.0, r, out=np.zeros_like(r), where=r != 0)
     return f.astype(np.float32), (o * f[:, None]).astype(np.float32)
