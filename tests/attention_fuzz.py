@@ -35,7 +35,12 @@ import numpy as np
 
 import flashmath as fm
 from flashmath.attention.options import resolve
-from flashmath.attention.schedule import FAST_MIN_BAND, FAST_MIN_KEYS, FAST_MIN_OUTPUTS
+from flashmath.attention.schedule import (
+    FAST_MIN_BAND,
+    FAST_MIN_DIM,
+    FAST_MIN_KEYS,
+    FAST_MIN_OUTPUTS,
+)
 from flashmath.dtypes import as_dtype, dtype_name, finfo
 
 OUTPUTS = ("out", "dq", "dk", "dv")
@@ -51,16 +56,17 @@ DIMS = (1, 3, 8, 16, 33, 64)
 
 def _medium_shape(rng: np.random.Generator) -> tuple[int, int, int, int, int, int, int]:
     """(b, h, h_kv, sq, sk, d, dv) of a problem on the float32 fast path (the smallest
-    sizes it takes: B H Sq Dv >= FAST_MIN_OUTPUTS, Sk >= FAST_MIN_KEYS, up to 4x those),
-    small enough for the oracle's dense float64 scores (<= 2^23 of them)."""
+    sizes it takes: B H Sq Dv >= 2 FAST_MIN_OUTPUTS, Sk >= FAST_MIN_KEYS, up to 4x those,
+    D, Dv >= FAST_MIN_DIM), small enough for the oracle's dense float64 scores (<= 2^23)."""
     while True:
         b = int(rng.integers(1, 3))
         h = int(rng.choice([1, 2, 4]))
         h_kv = int(rng.choice([x for x in (1, 2, 4) if h % x == 0]))
-        d = int(rng.choice(DIMS))
-        dv = d if rng.random() < 0.8 else int(rng.choice(DIMS))
+        dims = [x for x in DIMS if x >= FAST_MIN_DIM]
+        d = int(rng.choice(dims))
+        dv = d if rng.random() < 0.8 else int(rng.choice(dims))
         sk = int(rng.integers(FAST_MIN_KEYS, 4 * FAST_MIN_KEYS))
-        need = -(-FAST_MIN_OUTPUTS // (b * h * dv))
+        need = -(-2 * FAST_MIN_OUTPUTS // (b * h * dv))  # q_lengths may halve the rows
         sq = int(rng.integers(need, 4 * need + 1))
         if b * h * sq * sk <= 2**23:
             return b, h, h_kv, sq, sk, d, dv
@@ -99,10 +105,10 @@ def random_case(rng: np.random.Generator, dtype: str, medium: bool = False) -> d
         opts["window"] = (left + wide // 2, right + wide // 2)
     if rng.random() < 0.25:
         opts["kv_lengths"] = rng.integers(0, sk + 1, b)
-        if medium:  # the fast path needs a kv_length >= FAST_MIN_BAND
-            opts["kv_lengths"][0] = max(int(opts["kv_lengths"][0]), FAST_MIN_BAND)
+        if medium:  # the fast path needs every nonzero kv_length >= FAST_MIN_BAND
+            opts["kv_lengths"] = np.maximum(opts["kv_lengths"], FAST_MIN_BAND)
     if rng.random() < 0.1:
-        opts["q_lengths"] = rng.integers(0, sq + 1, b)
+        opts["q_lengths"] = rng.integers(sq // 2 if medium else 0, sq + 1, b)
     blocks = (None, None)
     if rng.random() < 0.4:
         top = 257 if medium else 33
