@@ -93,11 +93,14 @@ def _tile(plan: Plan, b: int, h: int, a: np.ndarray, bt: np.ndarray, i0: int, j0
     return st.T
 
 
-def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.ndarray,
-           i0: int, tiles: list[Tile], buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def online(plan: Plan, b: int, h: int, qa: np.ndarray, k: np.ndarray, v: np.ndarray,
+           i0: int, tiles: list[Tile], buf: np.ndarray, kbuf: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
     """(out rows, lse rows) of query rows i0.. over their tiles, in float64 (0 and -inf for
     a row that sees nothing). qa from :func:`q_rows` (its last column is overwritten),
-    ka = augmented(k, -1), v (Sk, Dv).
+    k (Sk, D), v (Sk, Dv); kbuf = augmented(zeros((block_k, D)), -1), where each tile's
+    [k, -1] is copied (a tile at a time: an augmented copy of all of k cost 1 MiB at
+    S = 4096, a third of the forward's scratch).
 
     exp runs as :func:`_exp` says (alpha = c log2 e in the GEMM for exp2, c for exp; c
     from :func:`_fold`; m is in qs . k units). The first tile (and any redone one) finds
@@ -110,19 +113,22 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.nda
     o = np.zeros((ni, v.shape[1]), np.float64)  # sum p v
     l = np.zeros(ni, np.float64)  # sum p
     stale = False  # whether every row has a finite m, subtracted inside the GEMM
+    ot, lt = np.empty_like(o), np.empty_like(l)  # one stale tile's share
     for j0, j1, kind in tiles:
+        ka = kbuf[: j1 - j0]
+        ka[:, :-1] = k[j0:j1]
         if stale:
             a, exp = _exp(kind, c)
-            s = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, buf, a)  # a (s - m)
+            s = _tile(plan, b, h, qa, ka, i0, j0, kind, buf, a)  # a (s - m)
             exp(s, out=s)
-            lt = np.zeros(ni)
-            ot = _pv(s, v[j0:j1], lt)  # the tile's p v and row sums
+            ot[...], lt[...] = 0.0, 0.0
+            _pv(s, v[j0:j1], ot, lt)  # the tile's p v and row sums
             if float(lt.max()) <= _LIMIT:  # False for NaN: redone below
                 o += ot
                 l += lt
                 continue
         qa[:, -1] = 0.0
-        s = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, buf, 1.0)
+        s = _tile(plan, b, h, qa, ka, i0, j0, kind, buf, 1.0)
         m_new = np.maximum(m, s.max(axis=1))
         shift = np.where(np.isneginf(m_new), np.float32(0), m_new)
         s -= shift[:, None]
@@ -135,12 +141,12 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.nda
         factor[np.isneginf(m)] = 0.0
         o *= factor[:, None]
         l *= factor
-        o += _pv(s, v[j0:j1], l)
+        _pv(s, v[j0:j1], o, l)
         m = m_new
         stale = bool(np.isfinite(m).all())
         qa[:, -1] = m
-    out = np.divide(o, l[:, None], out=np.zeros(o.shape), where=l[:, None] != 0)
-    return out, c * m.astype(np.float64) + np.log(l)
+    np.divide(o, l[:, None], out=o, where=l[:, None] != 0)  # a row that sees nothing: 0
+    return o, c * m.astype(np.float64) + np.log(l)
 
 
 #: Keys per float32 GEMM of p v; the pieces are summed in float64 (:func:`_pv`). One GEMM
@@ -149,16 +155,14 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.nda
 PIECE = 512
 
 
-def _pv(p: np.ndarray, v: np.ndarray, sums: np.ndarray) -> np.ndarray:
-    """p @ v (ni, n) in float64 from float32 GEMMs over PIECE keys each (p is (ni, nj),
-    v (nj, n)); p's row sums are added to ``sums`` ((ni,) float64, see :func:`row_sums`)."""
-    out = np.zeros((p.shape[0], v.shape[1]), np.float64)
-    piece = np.empty(out.shape, np.float32)
+def _pv(p: np.ndarray, v: np.ndarray, into: np.ndarray, sums: np.ndarray) -> None:
+    """into += p @ v ((ni, n) float64) from float32 GEMMs over PIECE keys each (p is
+    (ni, nj), v (nj, n)); sums += p's row sums ((ni,) float64, see :func:`row_sums`)."""
+    piece = np.empty(into.shape, np.float32)
     for c0 in range(0, p.shape[1], PIECE):
         blas.sgemm(p[:, c0 : c0 + PIECE], v[c0 : c0 + PIECE], piece)
-        out += piece
+        into += piece
     sums += row_sums(p.T)
-    return out
 
 
 #: Keys summed in float32 per run of :func:`row_sums` (the runs are summed in float64).
@@ -246,7 +250,7 @@ def _probabilities(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray,
         a, exp = _exp(kind, c)
         pt = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, pbuf[j0:], a).T
         exp(pt, out=pt)
-        o += _pv(pt.T, v[j0:j1], r)
+        _pv(pt.T, v[j0:j1], o, r)
     f = np.divide(1.0, r, out=np.zeros_like(r), where=r != 0)
     return f.astype(np.float32), (o * f[:, None]).astype(np.float32)
 

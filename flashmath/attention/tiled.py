@@ -283,22 +283,22 @@ def tiled_forward(
     out = np.zeros((opts.batch, opts.heads, opts.sq, opts.dv), opts.dtype)
     lse = np.full((opts.batch, opts.heads, opts.sq), -np.inf, opts.lse_dtype)
 
-    ka = fast.augmented(plan.k, -1.0) if plan.fast else None  # shared by the threads
-
     def work(unit: Unit) -> None:
-        _forward_unit(plan, unit.b, unit.h, unit.blocks, out, lse, ka)
+        _forward_unit(plan, unit.b, unit.h, unit.blocks, out, lse)
 
     run_units(work_units(plan, cores()), work)
     return out, lse
 
 
 def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], out: np.ndarray,
-                  lse: np.ndarray, ka_all: np.ndarray | None) -> None:
+                  lse: np.ndarray) -> None:
     """Forward of the row blocks ``blocks`` of slice (b, h): out[b, h] and lse[b, h] for
-    the rows that see any key. ka_all: augmented(k, -1) on the fast path, else None."""
+    the rows that see any key."""
     k, v = tp.kv(plan, b, h)
     buf = np.empty((plan.bq, plan.bk), plan.acc)  # the score tile, reused
-    ka = None if ka_all is None else ka_all[b, h // plan.opts.group]
+    # the fast loops' [k, -1] tile (see fast.online)
+    ka = fast.augmented(np.zeros((plan.bk, plan.opts.d), np.float32), -1.0) if plan.fast \
+        else None
     buf_t = buf.reshape(plan.bk, plan.bq)  # fast.online's transposed tiles
     lo_buf = tp.lo_buffer(plan) if ka is None else None
     sink = None if plan.opts.sinks is None or not plan.opts.all_keys else plan.opts.sinks[h]
@@ -310,7 +310,7 @@ def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], out: np.ndarr
             continue
         if ka is not None:
             out[b, h, i0:i1], lse[b, h, i0:i1] = fast.online(
-                plan, b, h, fast.q_rows(plan, b, h, i0, i1), ka, v, i0, tiles, buf_t)
+                plan, b, h, fast.q_rows(plan, b, h, i0, i1), k, v, i0, tiles, buf_t, ka)
             continue
         qs = tp.score_rows(plan, b, h, i0, i1, tp.q_block(plan, b, h, i0, i1))
         if len(tiles) == 1:
