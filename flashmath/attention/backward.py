@@ -46,9 +46,8 @@ def tiled_backward(
     parts = todo[0].parts if todo else 1
     # Per query head and part; summed over parts and each group of heads below (disjoint
     # writes per thread).
-    acc = np.float32 if plan.fast else plan.state  # the fast path sums in float32 GEMMs
-    dk = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.d), acc)
-    dv = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.dv), acc)
+    dk = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.d), plan.state)
+    dv = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.dv), plan.state)
     aug = (fast.augmented(plan.k, -1.0), fast.augmented(plan.v, -1.0)) if plan.fast else None
 
     def work(unit: Unit) -> None:

@@ -195,7 +195,8 @@ def backward_unit(
     from these very probabilities. The second pass, per tile: dp^T - delta = [v, -1]
     [do, delta]^T in one GEMM; dv += p~^T (f do); ds~^T = p~^T (dp^T - delta);
     dq += f (ds~ k); dk += ds~^T (f qs) (qs from :func:`q_rows`). aug: augmented(k, -1),
-    augmented(v, -1) of every slice; dk, dv are this unit's float32 accumulators. The
+    augmented(v, -1) of every slice; dk, dv are this unit's float64 accumulators (summed
+    in float32 over many query blocks, Sq >> Sk, dk was 3.6x the baselines'). The
     given out is not read: delta from it carried the forward's own rounding (a float32
     output's error times the row's mean key), which put dq and dk at 3-5x the baselines'
     on random problems with large keys."""
@@ -204,6 +205,8 @@ def backward_unit(
     ka, va = (x[b, h // opts.group] for x in aug)
     pbuf = np.empty((opts.sk, plan.bq), np.float32)  # p~^T of one block's tiles, by key
     dbuf = np.empty((plan.bk, plan.bq), np.float32)  # ds~^T
+    dk_t, dv_t = np.empty((plan.bk, opts.d), np.float32), np.empty((plan.bk, opts.dv),
+                                                                  np.float32)
     dk_h, dv_h = dk[b, h], dv[b, h]
     for i0, i1, tiles in blocks:
         tiles = tp.mod_tiles(plan, b, h, i0, i1, tiles)
@@ -224,12 +227,14 @@ def backward_unit(
         dq_blk = np.zeros((ni, opts.d), np.float32)
         for j0, j1, _ in tiles:
             pt = pbuf[j0:j1, :ni]
-            blas.sgemm(pt, do_f, dv_h[j0:j1], beta=1.0)
+            blas.sgemm(pt, do_f, dv_t[: j1 - j0])
+            dv_h[j0:j1] += dv_t[: j1 - j0]
             dst = dbuf[: j1 - j0, :ni]
             blas.sgemm(va[j0:j1], doa.T, dst)  # dp^T - delta
             dst *= pt
             blas.sgemm(dst.T, k[j0:j1], dq_blk, beta=1.0)
-            blas.sgemm(dst, qs_f, dk_h[j0:j1], beta=1.0)
+            blas.sgemm(dst, qs_f, dk_t[: j1 - j0])
+            dk_h[j0:j1] += dk_t[: j1 - j0]
         dq[b, h, i0:i1] = dq_blk * (f * opts.scale)[:, None]
 
 
