@@ -48,11 +48,9 @@ def tiled_backward(
     # writes per thread).
     dk = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.d), plan.state)
     dv = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.dv), plan.state)
-    aug = (fast.augmented(plan.k, -1.0), fast.augmented(plan.v, -1.0)) if plan.fast else None
-
     def work(unit: Unit) -> None:
-        if aug is not None:
-            fast.backward_unit(plan, unit.b, unit.h, unit.blocks, aug, dout, lse, dq,
+        if plan.fast:
+            fast.backward_unit(plan, unit.b, unit.h, unit.blocks, dout, lse, dq,
                                dk[unit.part], dv[unit.part], dlse)
         else:
             _backward_unit(plan, unit.b, unit.h, unit.blocks, dout, out, lse, dq,

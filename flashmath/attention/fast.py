@@ -181,9 +181,8 @@ def row_sums(pt: np.ndarray) -> np.ndarray:
 
 
 def backward_unit(
-    plan: Plan, b: int, h: int, blocks: list[Block], aug: tuple[np.ndarray, np.ndarray],
-    dout: np.ndarray, lse: np.ndarray, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
-    dlse: np.ndarray | None = None,
+    plan: Plan, b: int, h: int, blocks: list[Block], dout: np.ndarray, lse: np.ndarray,
+    dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, dlse: np.ndarray | None = None,
 ) -> None:
     """Gradients of the row blocks ``blocks`` of slice (b, h), as the accurate
     ``_backward_unit`` of :mod:`flashmath.attention.backward`, on transposed tiles.
@@ -194,15 +193,14 @@ def backward_unit(
     normaliser f = 1 / sum p~ and its output o f; delta = rowsum(do * o f) then comes
     from these very probabilities. The second pass, per tile: dp^T - delta = [v, -1]
     [do, delta]^T in one GEMM; dv += p~^T (f do); ds~^T = p~^T (dp^T - delta);
-    dq += f (ds~ k); dk += ds~^T (f qs) (qs from :func:`q_rows`). aug: augmented(k, -1),
-    augmented(v, -1) of every slice; dk, dv are this unit's float64 accumulators, fed in
-    float32 over _FLUSH query blocks at a time. The
+    dq += f (ds~ k); dk += ds~^T (f qs) (qs from :func:`q_rows`). dk, dv are this unit's
+    float64 accumulators, fed in float32 over _FLUSH query blocks at a time. The
     given out is not read: delta from it carried the forward's own rounding (a float32
     output's error times the row's mean key), which put dq and dk at 3-5x the baselines'
     on random problems with large keys."""
     opts, c = plan.opts, _fold(plan)
     k, v = tp.kv(plan, b, h)
-    ka, va = (x[b, h // opts.group] for x in aug)
+    ka, va = augmented(k, -1.0), augmented(v, -1.0)  # this slice's [k, -1], [v, -1]
     pbuf = np.empty((opts.sk, plan.bq), np.float32)  # p~^T of one block's tiles, by key
     dbuf = np.empty((plan.bk, plan.bq), np.float32)  # ds~^T
     dk_h, dv_h = dk[b, h], dv[b, h]

@@ -118,16 +118,17 @@ FORCE_FAST: bool | None = None
 
 def fast_path(opts: AttentionOptions, acc: np.dtype[Any]) -> bool:
     """Whether a call takes the float32 fast loops (:mod:`flashmath.attention.fast`):
-    float32 input in float32 tiles, no softcap, bias, ALiBi, score_mod or sinks, and a
+    float32 input in float32 tiles, the whole key sequence (not a shard: the backward
+    normalises each row's p to sum 1), no softcap, bias, ALiBi, score_mod or sinks, and a
     problem with at least :data:`FAST_MIN_OUTPUTS` outputs and :data:`FAST_MIN_KEYS` keys,
     head dims of :data:`FAST_MIN_DIM` and rows that may see :data:`FAST_MIN_BAND` keys (or
     as :data:`FORCE_FAST` says).
     Smaller problems take the accurate loops, whose cost there is small and whose error
     is not a coin toss against the baselines' (see :mod:`flashmath.attention.fast`)."""
     if not (opts.dtype == np.float32 and acc == np.float32 and opts.softcap is None
-            and not opts.has_bias and opts.sinks is None
+            and not opts.has_bias and opts.sinks is None and opts.all_keys
             and (opts.mods is None or opts.mods.score_mod is None)):
-        return False
+        return False  # a shard of the keys (all_keys False): its rows' p do not sum to 1
     if FORCE_FAST is not None:
         return FORCE_FAST
     spec = opts.spec
