@@ -48,6 +48,7 @@ def tiled_backward(
     # writes per thread).
     dk = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.d), plan.state)
     dv = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.dv), plan.state)
+
     def work(unit: Unit) -> None:
         if plan.fast:
             fast.backward_unit(plan, unit.b, unit.h, unit.blocks, dout, lse, dq,

@@ -28,10 +28,9 @@ from flashmath.attention.options import AttentionOptions, check_blocks, resolve
 from flashmath.attention.threads import cores
 from flashmath.dtypes import accumulate_dtype
 
-__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "FAST_BLOCK_Q", "FAST_MIN_BAND", "FAST_MIN_KEYS",
-           "FAST_MIN_OUTPUTS",
-           "FORCE_FAST", "Plan", "Tile", "Unit", "fast_path", "parts_per_slice", "schedule",
-           "units", "work_units"]
+__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "FAST_BLOCK_Q", "FAST_MIN_BAND",
+           "FAST_MIN_DIM", "FAST_MIN_KEYS", "FAST_MIN_OUTPUTS", "FORCE_FAST", "Plan", "Tile",
+           "Unit", "fast_path", "parts_per_slice", "schedule", "units", "work_units"]
 
 #: Default tile sizes (query rows, keys), chosen by measurement (``flashmath bench``):
 #: large enough to keep BLAS busy, small enough that a float32 tile stays in L2.
@@ -125,10 +124,11 @@ def fast_path(opts: AttentionOptions, acc: np.dtype[Any]) -> bool:
     as :data:`FORCE_FAST` says).
     Smaller problems take the accurate loops, whose cost there is small and whose error
     is not a coin toss against the baselines' (see :mod:`flashmath.attention.fast`)."""
+    # all_keys False is a shard of the keys: its rows' p do not sum to 1
     if not (opts.dtype == np.float32 and acc == np.float32 and opts.softcap is None
             and not opts.has_bias and opts.sinks is None and opts.all_keys
             and (opts.mods is None or opts.mods.score_mod is None)):
-        return False  # a shard of the keys (all_keys False): its rows' p do not sum to 1
+        return False
     if FORCE_FAST is not None:
         return FORCE_FAST
     spec = opts.spec

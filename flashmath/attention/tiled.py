@@ -17,8 +17,8 @@ The loop (one shape for forward and backward, :func:`flashmath.attention.schedul
 
 Tiles that a causal, window or length mask leaves empty are skipped (never read,
 never computed); FULL tiles build no mask (:class:`~flashmath.attention.masks.MaskSpec`).
-Two sets of loops share this shape. float32 problems with at least 2^16 outputs and 256
-keys (and no softcap, bias, ALiBi, score_mod or sinks) take the fast loops of
+Two sets of loops share this shape. Large float32 problems over the whole key sequence
+(:func:`~flashmath.attention.schedule.fast_path` says which) take the fast loops of
 :mod:`flashmath.attention.fast` (transposed tiles through NumPy's own cblas_sgemm, a stale
 row max, exp2, a backward that forms each block's probabilities once); everything else
 takes the accurate loops below. Both run the (b, h) slices (cut by query blocks into parts
