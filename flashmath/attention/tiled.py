@@ -28,7 +28,9 @@ thread per worker, see :mod:`flashmath.attention.threads`). Extra memory is a fe
 buffers per thread plus per-block accumulators: linear in S.
 
 Dtypes: float64 computes in float64; float32, float16, bfloat16 and float8 compute the
-tiles in float32 (``accum_dtype`` overrides) and return the input dtype; what is summed
+tiles in float32 (``accum_dtype`` overrides) and return the input dtype, except that a
+small float32 call (at most :data:`~flashmath.attention.schedule.SMALL_PAIRS` query-key
+pairs, off the fast loops) computes its tiles in float64 and rounds each result once; what is summed
 across tiles (m, l, o; dq, dk, dv) is float64 unless ``accum_dtype`` is narrower than
 float32. lse is float32 (float64 for float64 input). The backward rejects float8.
 
@@ -133,8 +135,9 @@ def flash_attention(
         "top_left" is torch's; scores are softcap(scale * q . k) + bias, then masked.
     block_q, block_k : tile sizes (default DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K; both halved
         when B * H slices are too few to keep every core busy and are cut by query blocks).
-    accum_dtype : the dtype of the tile arithmetic (default float32, float64 for float64;
-        float32 input computes its scores q k^T in float64, rounded to float32 once).
+    accum_dtype : the dtype of the tile arithmetic (default float32, float64 for float64
+        and for small float32 calls, see the module docs; float32 input in float32 tiles
+        computes its scores q k^T in float64, rounded to float32 once).
     return_lse : also return lse, the natural-log log-sum-exp of each row's scores.
 
     Returns
