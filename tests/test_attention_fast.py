@@ -57,6 +57,33 @@ def test_which_calls_take_the_fast_path() -> None:
     assert Plan.build(*big, mask_mod=lambda b, h, qi, ki: qi >= ki).fast
 
 
+def test_small_float32_calls_run_float64_tiles_and_round_once() -> None:
+    """At most SMALL_PAIRS (batch, head, query, key) pairs, off the fast path: float64
+    tiles, and every output and gradient within half an ulp of the oracle (correctly
+    rounded; or within float64 rounding where dq, dk cancel to ~0), where float32 tiles
+    were a coin toss against the baselines."""
+    rng = np.random.default_rng(7)
+    q, k, v, do = (rng.standard_normal((2, 4, 64, 8)).astype(np.float32) * 3 for _ in range(4))
+    assert Plan.build(q, k, v).acc == np.float64
+    assert Plan.build(q, k, v, accum_dtype="float32").acc == np.float32  # asked for: kept
+    big = np.zeros((1, 1, 1024, 8), np.float32)
+    assert 1024 * 1024 > schedule.SMALL_PAIRS and Plan.build(big, big, big).acc == np.float32
+    h16 = [x.astype(np.float16) for x in (q, k, v)]
+    assert Plan.build(*h16).acc == np.float32  # float16 input: not this rule
+    for opts in ({}, {"causal": True}, {"window": (3, 0)}):
+        out, lse = fm.flash_attention(q, k, v, return_lse=True, **opts)
+        mine = (out, *fm.flash_attention_backward(do, q, k, v, out, lse, **opts))
+        refs = (fm.attention_reference(q, k, v, **opts),
+                *fm.attention_reference_backward(do, q, k, v, **opts))
+        for x, ref in zip(mine, refs, strict=True):
+            assert x.dtype == np.float32
+            ref = np.asarray(ref, np.float64)
+            ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(ref), 2.0**-126)))) * 2.0**-23
+            err = np.abs(x - ref)
+            # within half an ulp, or (dq, dk of rows that cancel to ~0) float64 rounding
+            assert ((err <= 0.5 * ulp) | (err <= 1e-13 * np.abs(ref).max())).all()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_medium_random_cases_hold_the_rule_against_both_baselines(seed: int) -> None:
     """Random problems just above the fast path's threshold (benchmarks/fuzz_attention.py
@@ -99,6 +126,21 @@ def test_a_later_tile_far_above_the_first_is_redone_not_overflowed(forced: None)
     ref = _oracle(q, k, v, do)
     got = _run(q, k, v, do, block_k=128)
     for mine, want in zip(got, ref, strict=True):
+        assert np.isfinite(mine).all()
+        np.testing.assert_allclose(mine, want, rtol=0, atol=2e-3 * max(1, np.abs(want).max()))
+
+
+def test_a_first_tile_key_the_sample_misses_is_redone_not_overflowed(forced: None) -> None:
+    """The shift comes from 32 of the first tile's 128 keys (every 4th); key 5, which the
+    sample misses, scores ~200 above them (exp would overflow float32): the first tile is
+    redone on the exact online step."""
+    rng = np.random.default_rng(4)
+    q, k, v, do = (_f32(rng, 1, 1, 64, 16) for _ in range(4))
+    k = _f32(rng, 1, 1, 256, 16)
+    k[:, :, 5] = 40 * q[:, :, 0]
+    v = _f32(rng, 1, 1, 256, 16)
+    ref = _oracle(q, k, v, do)
+    for mine, want in zip(_run(q, k, v, do, block_k=128), ref, strict=True):
         assert np.isfinite(mine).all()
         np.testing.assert_allclose(mine, want, rtol=0, atol=2e-3 * max(1, np.abs(want).max()))
 

@@ -10,10 +10,11 @@ What this path does differently, and why each step keeps the accuracy rule:
   the scale as alpha, accumulation as beta = 1, no temporaries). The row shift rides in
   the GEMM as an augmented column ([k, -1] . [q, m] = k . q - m), so the scores of every
   pass are the same bits.
-* The forward keeps each row's shift from its first tile and skips the row-max pass on
-  later ones: exp(s - m) may then exceed 1, which costs no precision (exp's error is
-  relative); a tile whose row sums leave (0, 2^20] (a new max far above the old, inf,
-  NaN) is redone on the exact online step, so nothing overflows. FULL tiles run exp2 on
+* The forward takes each row's shift from 32 keys of its first tile (when no mask cuts
+  that tile) and runs no row-max pass on the tiles: exp(s - m) may then exceed 1, which
+  costs no precision (exp's error is relative); a tile whose row sums leave (0, 2^20] (a
+  key far above the sample, inf, NaN) is redone on the exact online step, so nothing
+  overflows. FULL tiles run exp2 on
   scores in log2 units: NumPy's float32 exp2 is faster than exp and more accurate (<= 1
   ulp, against 2.4); masked (PARTIAL) tiles run exp, because exp2 of -inf takes NumPy's
   slow path (4-6x slower on a half-masked tile).
@@ -103,16 +104,23 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, k: np.ndarray, v: np.ndar
     S = 4096, a third of the forward's scratch).
 
     exp runs as :func:`_exp` says (alpha = c log2 e in the GEMM for exp2, c for exp; c
-    from :func:`_fold`; m is in qs . k units). The first tile (and any redone one) finds
-    the row max m; later tiles subtract it inside their GEMM (qa's last column) and are
-    kept unless a row sum leaves (0, _LIMIT]. Every tile's k . q comes from the same
+    from :func:`_fold`; m is in qs . k units). Each row's shift m comes from a sample of
+    the first tile's keys when that tile is FULL (:func:`_sampled_max`), else from the
+    first tile itself (the exact online step); the tiles after it subtract m inside their
+    GEMM (qa's last column) and are kept unless a row sum leaves (0, _LIMIT], in which
+    case the tile is redone on the exact step. Every tile's k . q comes from the same
     augmented GEMM, so the scores are the same bits in every pass. p v and p's row sums
     (:func:`_pv`) are summed over the tiles in float64."""
     ni, c = qa.shape[0], _fold(plan)
     m = np.full(ni, -np.inf, np.float32)  # each row's shift
     o = np.zeros((ni, v.shape[1]), np.float64)  # sum p v
     l = np.zeros(ni, np.float64)  # sum p
-    stale = False  # whether every row has a finite m, subtracted inside the GEMM
+    if tiles[0][2] is TileKind.FULL:
+        m[...] = _sampled_max(qa[:, :-1], k[tiles[0][0] : tiles[0][1]])
+        if not np.isfinite(m).all():  # inf or NaN scores: the exact step sorts them out
+            m[...] = -np.inf
+    stale = bool(np.isfinite(m).all())  # every row's m is finite and sits in qa's last column
+    qa[:, -1] = m
     ot, lt = np.empty_like(o), np.empty_like(l)  # one stale tile's share
     for j0, j1, kind in tiles:
         ka = kbuf[: j1 - j0]
@@ -127,26 +135,48 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, k: np.ndarray, v: np.ndar
                 o += ot
                 l += lt
                 continue
-        qa[:, -1] = 0.0
-        s = _tile(plan, b, h, qa, ka, i0, j0, kind, buf, 1.0)
-        m_new = np.maximum(m, s.max(axis=1))
-        shift = np.where(np.isneginf(m_new), np.float32(0), m_new)
-        s -= shift[:, None]
-        a, exp = _exp(kind, c)
-        if a != 1:
-            s *= np.float32(a)
-        exp(s, out=s)
-        with np.errstate(invalid="ignore"):  # -inf - -inf: a row still empty
-            factor = np.exp(c * (m.astype(np.float64) - shift))
-        factor[np.isneginf(m)] = 0.0
-        o *= factor[:, None]
-        l *= factor
-        _pv(s, v[j0:j1], o, l)
-        m = m_new
-        stale = bool(np.isfinite(m).all())
-        qa[:, -1] = m
+        stale = _exact_step(plan, b, h, qa, ka, v[j0:j1], i0, j0, kind, buf, m, o, l)
     np.divide(o, l[:, None], out=o, where=l[:, None] != 0)  # a row that sees nothing: 0
     return o, c * m.astype(np.float64) + np.log(l)
+
+
+def _exact_step(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: np.ndarray,
+                i0: int, j0: int, kind: TileKind, buf: np.ndarray,
+                m: np.ndarray, o: np.ndarray, l: np.ndarray) -> bool:
+    """The online step of one tile (keys j0.. as ka, v): the new row max, the rescale of
+    o and l, and the tile's p v and sums added, in place on m, o, l and qa's last column.
+    Returns whether every row's m is now finite."""
+    c = _fold(plan)
+    qa[:, -1] = 0.0
+    s = _tile(plan, b, h, qa, ka, i0, j0, kind, buf, 1.0)
+    m_new = np.maximum(m, s.max(axis=1))
+    shift = np.where(np.isneginf(m_new), np.float32(0), m_new)
+    s -= shift[:, None]
+    a, exp = _exp(kind, c)
+    if a != 1:
+        s *= np.float32(a)
+    exp(s, out=s)
+    with np.errstate(invalid="ignore"):  # -inf - -inf: a row still empty
+        factor = np.exp(c * (m.astype(np.float64) - shift))
+    factor[np.isneginf(m)] = 0.0
+    o *= factor[:, None]
+    l *= factor
+    _pv(s, v, o, l)
+    m[...] = m_new
+    qa[:, -1] = m
+    return bool(np.isfinite(m).all())
+
+
+#: Keys of the first tile whose max is each row's shift (:func:`_sampled_max`).
+_SAMPLE_KEYS = 32
+
+
+def _sampled_max(qs: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Each row's max of qs . k over _SAMPLE_KEYS keys spread evenly over k (nj, D), as
+    (ni,) float32: a shift at most the row's max, so its first tile's p sum to >= 1."""
+    step = max(1, k.shape[0] // _SAMPLE_KEYS)
+    ks = k[::step][:_SAMPLE_KEYS]
+    return np.matmul(qs, ks.T).max(axis=1)
 
 
 #: Keys per float32 GEMM of p v; the pieces are summed in float64 (:func:`_pv`). One GEMM
