@@ -38,7 +38,6 @@ STYLE: dict[str, Any] = {
     "legend.frameon": False,
     "font.size": 10,
     "savefig.dpi": DPI,
-    "savefig.bbox": "tight",
     "svg.hashsalt": "flashmath",
 }
 
