@@ -10,14 +10,14 @@ What this path does differently, and why each step keeps the accuracy rule:
   the scale as alpha, accumulation as beta = 1, no temporaries). The row shift rides in
   the GEMM as an augmented column ([k, -1] . [q, m] = k . q - m), so the scores of every
   pass are the same bits.
-* The forward takes each row's shift from 32 keys of its first tile (when no mask cuts
-  that tile) and runs no row-max pass on the tiles: exp(s - m) may then exceed 1, which
-  costs no precision (exp's error is relative); a tile whose row sums leave (0, 2^20] (a
-  key far above the sample, inf, NaN) is redone on the exact online step, so nothing
-  overflows. FULL tiles run exp2 on
-  scores in log2 units: NumPy's float32 exp2 is faster than exp and more accurate (<= 1
-  ulp, against 2.4); masked (PARTIAL) tiles run exp, because exp2 of -inf takes NumPy's
-  slow path (4-6x slower on a half-masked tile).
+* The forward takes each row's shift from 32 keys of its first tile when no mask cuts
+  that tile (else the first tile's exact online step finds the row max) and runs no
+  row-max pass on the tiles after that: exp(s - m) may then exceed 1, which costs no
+  precision (exp's error is relative); a tile whose row sums leave (0, 2^20] (a key far
+  above the shift, inf, NaN) is redone on the exact online step, so nothing overflows.
+  FULL tiles run exp2 on scores in log2 units: NumPy's float32 exp2 is faster than exp
+  and more accurate (<= 1 ulp, against 2.4); masked (PARTIAL) tiles run exp, because
+  exp2 of -inf takes NumPy's slow path (4-6x slower on a half-masked tile).
 * p's row sums are summed in runs of 32 keys, the runs in float64 (:func:`row_sums`): a
   float32 BLAS matrix-vector product over a tile sums in order, and that error, the
   same in every output of a row, put the output at 2-3x the baselines' (whose softmax
