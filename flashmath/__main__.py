@@ -2,7 +2,7 @@
 
 import sys
 
-from flashmath.cli import main
+from flashmath.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

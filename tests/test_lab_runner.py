@@ -7,6 +7,7 @@ behaviour happen on purpose; the real experiments are run end to end at the bott
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -101,7 +102,8 @@ def test_layout_results_and_manifest(tmp_path: Path, register: Any) -> None:
 
     m = read(run_dir / "manifest.json")
     assert m["run_id"] == run_dir.name and m["seed"] == 7 and m["status"] == "ok"
-    assert m["config"] == {"out": str(tmp_path), "only": [], "quick": False, "seed": 7}
+    assert m["config"] == {"out": str(tmp_path), "only": [], "quick": False, "seed": 7,
+                           "serial": False}
     assert {"python", "flashmath", "numpy", "ml_dtypes", "matplotlib"} <= m["versions"].keys()
     assert {"platform", "cpu_count", "processor"} <= m["machine"].keys()
     assert m["git"] is None or {"commit", "dirty"} <= m["git"].keys()
@@ -109,6 +111,7 @@ def test_layout_results_and_manifest(tmp_path: Path, register: Any) -> None:
     assert [(e["name"], e["status"]) for e in m["experiments"]] == [("alpha", "ok"),
                                                                     ("beta", "ok")]
     assert all(e["duration_s"] >= 0 and e["files"] for e in m["experiments"])
+    assert [e["process"] for e in m["experiments"]] == ["main", "main"]  # stand-ins stay here
 
 
 def test_report_links_every_file_with_a_headline(tmp_path: Path, register: Any) -> None:
@@ -364,13 +367,20 @@ def test_strip_volatile_keeps_everything_else() -> None:
 
 
 def test_real_experiments_end_to_end_and_deterministic(tmp_path: Path) -> None:
+    """Run a as it runs by default (two at a time here where there are 2 cores), run b
+    with --serial: the same results either way."""
     names = ["softmax-stability", "overflow"]
-    for out in ("a", "b"):
-        assert lab(tmp_path / out, "--quick", "--seed", "5", "--only", *names) == 0
+    for out, extra in (("a", []), ("b", ["--serial"])):
+        assert lab(tmp_path / out, "--quick", "--seed", "5", "--only", *names, *extra) == 0
     run_a, run_b = only_run(tmp_path / "a"), only_run(tmp_path / "b")
     m = read(run_a / "manifest.json")
     assert {e["name"]: e["status"] for e in m["experiments"] if e["name"] in names} == {
         n: "ok" for n in names}
+    two_cores = (os.cpu_count() or 1) >= 2
+    assert {e["process"] for e in m["experiments"] if e["name"] in names} == (
+        {"main", "helper"} if two_cores else {"main"})
+    assert {e.get("process") for e in read(run_b / "manifest.json")["experiments"]
+            if e["name"] in names} == {"main"}
     expected = {"softmax-stability": ["README.md", "results.json", "softmax_break.png"],
                 "overflow": ["README.md", "exp_vs_dtype_max.png", "results.json",
                              "score_histograms.png"]}
@@ -493,7 +503,7 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_what_finished(
 
     _fill_disk_after(monkeypatch, runner_mod, writes_ok=OVERFLOW_FILES + 1,
                      manifest_fails=manifest_fails)
-    code = cli.main(["lab", "--out", str(tmp_path), "--quick", "--no-progress",
+    code = cli.main(["lab", "--out", str(tmp_path), "--quick", "--no-progress", "--serial",
                      "--only", "overflow", "hbm-traffic", "online-softmax"])
     err = capsys.readouterr().err
     assert code == 2

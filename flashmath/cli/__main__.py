@@ -3,7 +3,7 @@ command as ``flashmath`` and ``python -m flashmath``."""
 
 import sys
 
-from flashmath.cli import main
+from flashmath.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -4,6 +4,7 @@
     flashmath lab --quick              # smaller grids, every section still measured
     flashmath lab --only overflow      # some experiments (the others are marked skipped)
     flashmath lab --seed 7 --out DIR   # another seed, another folder
+    flashmath lab --serial             # one experiment at a time, all in this process
     flashmath lab --list               # names, titles and seed labs
 
 Exit codes: 0 all ran, 1 an experiment failed, 2 bad arguments, 130 interrupted (Ctrl-C).
@@ -40,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="smaller grids and fewer trials (a few seconds in all)")
     parser.add_argument("--seed", type=_seed, default=42,
                         help="seed of every random stream (default: 42)")
+    parser.add_argument("--serial", action="store_true",
+                        help="run one experiment at a time in this process (by default, on "
+                             "2+ cores, those that time nothing run two at a time)")
     parser.add_argument("--list", action="store_true",
                         help="list the experiments and exit")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -67,10 +71,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"flashmath lab: error: --out: {problem}", file=sys.stderr)
         return 2
     config = {"out": str(args.out), "only": list(args.only or []), "quick": args.quick,
-              "seed": args.seed}
+              "seed": args.seed, "serial": args.serial}
     try:
         outcome = runner.run_lab(args.out, only=args.only, quick=args.quick, seed=args.seed,
-                                 config=config, progress=args.progress)
+                                 config=config, progress=args.progress,
+                                 parallel=False if args.serial else None)
     except OSError as exc:  # a full disk, a folder removed under us: one line, not a trace
         where = f" ({exc.filename})" if exc.filename else ""
         recorded = getattr(exc, "recorded", None)

@@ -5,8 +5,16 @@ Every experiment module under ``flashmath/lab/`` defines::
     NAME = "softmax-stability"          # the id used by --only and the output folder
     TITLE = "Break naive softmax ..."   # one line, shown by --list and in report.md
     SEEDS = ("001",)                    # the seed labs it answers (docs/seeds.md)
+    TIMED = True                        # optional: it times something (default False)
+    PRELOAD = ("torch",)                # optional: slow imports to do ahead of time
 
     def run(ctx: Context) -> Result: ...
+
+On a machine with 2 or more cores the runner runs the experiments that are not ``TIMED``
+two at a time (one in a helper process, :mod:`flashmath.lab.helper`), then each ``TIMED``
+one alone, so nothing else shares the machine while it measures; the helper imports the
+``PRELOAD`` modules of the timed ones meanwhile. Every experiment draws its random
+streams from ``Context.rng``, so its results do not depend on what ran beside it.
 
 ``run`` computes; it never writes files. The runner writes ``results.json``
 (records + summary), each figure as ``<name>.png``, and ``README.md`` (the

@@ -46,6 +46,8 @@ from flashmath.text import fmt_bytes, markdown_table
 NAME = "flash-attention"
 TITLE = "Tiled attention vs the float64 oracle: the 2x accuracy rule, peak memory, speed"
 SEEDS = ("003",)
+TIMED = True  # it times kernels: the runner runs it alone
+PRELOAD = ("torch",)  # imported ahead, while the untimed experiments run
 
 DTYPES = ("float32", "float16", "bfloat16")
 #: The share of entries the random boolean mask case keeps.

@@ -39,6 +39,8 @@ from flashmath.text import number as _g  # the one number formatter (3 significa
 NAME = "ring-attention"
 TITLE = "Ring attention over torch.distributed: exact across ranks, memory per rank, comm/compute"
 SEEDS: tuple[str, ...] = ()
+TIMED = True  # it times kernels: the runner runs it alone
+PRELOAD = ("torch",)  # imported ahead, while the untimed experiments run
 
 #: The head layout the model's crossovers are quoted for (a Llama-style 8B layer, bf16).
 MODEL_SHAPE = {"heads": 32, "dim": 128, "elem_bytes": 2, "gqa_kv_heads": 8}

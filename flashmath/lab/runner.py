@@ -19,6 +19,12 @@ Guarantees:
   everything that finished. An experiment that raises is marked ``failed`` (its traceback
   saved) and the others still run; one that raises ``Skipped`` is marked ``skipped``;
   Ctrl-C marks the current and remaining ones ``interrupted`` and the run ends with 130.
+- On 2 or more cores a helper process (:mod:`flashmath.lab.helper`) runs the experiments
+  that time nothing two at a time, then each ``TIMED`` one alone; each entry's
+  ``process`` says where it ran ("main" or "helper"). The helper writes an experiment's
+  folder the same way (:func:`execute`), only this process writes manifest.json and
+  report.md, and the guarantees above hold: a helper that dies hands its job back to run
+  here, Ctrl-C stops it, and its results are those of a serial run (``--serial``).
 - results.json is deterministic for a given seed (keys sorted, NaN/inf as the strings
   "nan"/"inf"/"-inf"); only keys ending in ``experiment.VOLATILE_SUFFIXES`` may differ.
 """
@@ -49,6 +55,7 @@ import numpy as np
 
 from flashmath.files import atomic_write
 from flashmath.lab import experiment, plotting, registry, report
+from flashmath.lab import helper as helper_process
 from flashmath.measure.machine import cpu_model
 
 __all__ = [
@@ -61,6 +68,7 @@ __all__ = [
     "UnknownExperimentError",
     "atomic_write",
     "dumps_json",
+    "execute",
     "listing",
     "make_run_dir",
     "run_lab",
@@ -353,10 +361,18 @@ def _progress_bar(total: int, enabled: bool | None) -> Iterator[Any]:
 
 def run_lab(out: Path | str = "lab-runs", *, only: Sequence[str] | None = None,
             quick: bool = False, seed: int = 42, config: dict[str, Any] | None = None,
-            progress: bool | None = None) -> RunOutcome:
+            progress: bool | None = None, parallel: bool | None = None) -> RunOutcome:
     """Run the chosen experiments and write ``<out>/<run-id>/``; see the module docstring.
 
     progress: True shows the bar, False hides it, None shows it only on a terminal.
+    parallel: True uses a helper process (:mod:`flashmath.lab.helper`): the experiments
+    that time nothing run two at a time, one here and one there; then each ``TIMED`` one
+    runs alone, in the helper, which imported what it needs (its ``PRELOAD`` modules,
+    torch say) while the first ones ran. False runs everything here, one after another,
+    in registry order. None (the default) is True on a machine with 2 or more cores when
+    the experiments chosen include one that times nothing and another besides.
+    manifest.json and report.md list the experiments in registry order either way, and
+    the results are the same (each experiment seeds its own streams).
     Raises UnknownExperimentError before creating anything when ``only`` names an unknown
     experiment.
     """
@@ -368,20 +384,29 @@ def run_lab(out: Path | str = "lab-runs", *, only: Sequence[str] | None = None,
     run = _Run(run_dir, _new_manifest(run_dir, modules, chosen, seed=seed, quick=quick,
                                       config=config))
     run.save()
-    pending = list(chosen)
+    movable = [name for name in chosen if _importable(modules[name])]
+    untimed = [name for name in movable if not getattr(modules[name], "TIMED", False)]
+    if parallel is None:
+        parallel = (os.cpu_count() or 1) >= 2 and len(movable) >= 2 and bool(untimed)
+    helper = _start_helper(parallel, [modules[n] for n in movable if n not in untimed])
+    pending = list(chosen)  # not finished yet (any order): what Ctrl-C marks
     with _progress_bar(len(chosen), progress) as bar:
         try:
-            while pending:
-                name = pending[0]
-                _run_one(run, name, modules[name], seed=seed, quick=quick, bar=bar)
-                pending.pop(0)
-                bar.set_postfix_str(run.entries[name]["status"], refresh=False)
-                bar.update(1)
+            if helper is not None:
+                _run_two_at_a_time(run, modules, untimed, pending, helper, seed=seed,
+                                   quick=quick, bar=bar)
+            for name in [n for n in chosen if n in pending]:
+                if not (helper is not None and name in movable and _run_in_helper(
+                        run, name, modules[name], helper, seed=seed, quick=quick, bar=bar)):
+                    _run_one(run, name, modules[name], seed=seed, quick=quick, bar=bar)
+                _finished(run, name, pending, bar)
         except KeyboardInterrupt:
+            _stop_helper(run, helper)
             _abandon(run, pending, "interrupted")
             run.finish("interrupted")
             return RunOutcome(run_dir, _statuses(run), EXIT_INTERRUPTED)
         except OSError as exc:  # the disk (not an experiment) failed: end the run
+            _stop_helper(run, helper)
             _abandon(run, pending, "failed", reason=f"not written: {exc.strerror or exc}")
             run.manifest["error"] = {"type": type(exc).__name__, "message": str(exc)}
             try:
@@ -389,13 +414,141 @@ def run_lab(out: Path | str = "lab-runs", *, only: Sequence[str] | None = None,
             except OSError:
                 raise RunWriteError(exc, recorded=False) from exc
             raise RunWriteError(exc, recorded=True) from exc
+        finally:
+            _stop_helper(run, helper)
     failed = any(e["status"] == "failed" for e in run.entries.values())
     run.finish("failed" if failed else "ok")
     return RunOutcome(run_dir, _statuses(run), EXIT_FAILED if failed else EXIT_OK)
 
 
+def _importable(mod: ModuleType) -> bool:
+    """Whether the helper can run this experiment: a module a fresh interpreter imports by
+    name (the test suite's stand-ins, made at run time, run here)."""
+    origin = getattr(getattr(mod, "__spec__", None), "origin", None)
+    return (isinstance(mod, ModuleType) and sys.modules.get(mod.__name__) is mod
+            and isinstance(origin, str) and Path(origin).is_file())
+
+
+def _start_helper(wanted: bool, timed: list[ModuleType]) -> helper_process.Helper | None:
+    """A helper process that preloads what the ``timed`` experiments import, or None when
+    not wanted or it cannot start (then everything runs in this process)."""
+    if not wanted:
+        return None
+    try:
+        helper = helper_process.Helper()
+    except OSError:
+        return None
+    preload = sorted({name for mod in timed for name in getattr(mod, "PRELOAD", ())})
+    if preload:
+        helper.preload(preload)
+    return helper
+
+
+def _stop_helper(run: _Run, helper: helper_process.Helper | None) -> None:
+    """Stop the helper (again: a no-op). A job it was still running is kept if its answer
+    has arrived, else abandoned: its folder, should it have appeared between the helper's
+    last write and its answer, is removed, so no folder exists that manifest.json does not
+    list as finished."""
+    if helper is None:
+        return
+    name = helper.busy
+    answer = helper.answer(0) if name is not None else None
+    helper.close()
+    if name is None:
+        return
+    if answer is not None and "oserror" not in answer:
+        run.entries[name].update(answer)
+    elif run.entries[name]["status"] == "running":
+        shutil.rmtree(run.run_dir / name, ignore_errors=True)
+
+
+def _run_two_at_a_time(run: _Run, modules: dict[str, ModuleType], names: list[str],
+                       pending: list[str], helper: helper_process.Helper, *, seed: int,
+                       quick: bool, bar: Any) -> None:
+    """Run ``names``: the helper takes the next one whenever it is idle, this process the
+    one after; returns when all have finished. A job the helper lost (it died) runs here."""
+    todo = list(names)
+    while todo or helper.busy:
+        if helper.busy is None and helper.alive and todo:
+            name = todo.pop(0)
+            _started(run, name, process="helper")
+            try:
+                helper.send(modules[name].__name__, name, str((run.run_dir / name).resolve()),
+                            seed=seed, quick=quick)
+            except OSError:
+                todo.insert(0, name)  # it runs here below
+        if todo:
+            name = todo.pop(0)
+            _run_one(run, name, modules[name], seed=seed, quick=quick, bar=bar)
+            _finished(run, name, pending, bar)
+            timeout: float | None = 0.0
+        else:
+            timeout = 0.1  # short waits, so Ctrl-C is seen at once on every platform
+        name = helper.busy or ""
+        if not name:
+            continue
+        answer = helper.answer(timeout)
+        if answer is not None:
+            _record_answer(run, name, answer)
+            _finished(run, name, pending, bar)
+        elif not helper.alive:  # the helper died with this job: run it here instead
+            helper.busy = None
+            todo.insert(0, name)
+
+
+def _run_in_helper(run: _Run, name: str, mod: ModuleType, helper: helper_process.Helper, *,
+                   seed: int, quick: bool, bar: Any) -> bool:
+    """Run one experiment in the helper, nothing else meanwhile, and record it; False (and
+    nothing recorded) when the helper is gone, so the caller runs it here."""
+    if not helper.alive:
+        return False
+    _started(run, name, process="helper")
+    bar.set_description(name)
+    try:
+        helper.send(mod.__name__, name, str((run.run_dir / name).resolve()), seed=seed,
+                    quick=quick)
+    except OSError:
+        return False
+    while True:
+        answer = helper.answer(0.1, progress=_progress_to(bar))
+        if answer is not None:
+            _record_answer(run, name, answer)
+            return True
+        if not helper.alive:
+            helper.busy = None
+            return False
+
+
+def _progress_to(bar: Any) -> Any:
+    """An experiment's progress callback: its message beside the bar."""
+    def progress(msg: str) -> None:
+        bar.set_postfix_str(str(msg)[:60], refresh=False)
+        bar.update(0)  # redraws at most every mininterval
+    return progress
+
+
+def _started(run: _Run, name: str, *, process: str) -> None:
+    run.entries[name].update(status="running", started_at=_utc_now(), process=process)
+    run.save()
+
+
+def _finished(run: _Run, name: str, pending: list[str], bar: Any) -> None:
+    pending.remove(name)
+    bar.set_postfix_str(run.entries[name]["status"], refresh=False)
+    bar.update(1)
+
+
+def _record_answer(run: _Run, name: str, answer: dict[str, Any]) -> None:
+    """The helper's answer for ``name``: its entry fields, or the disk error it met."""
+    if "oserror" in answer:
+        code, message, filename = answer["oserror"]
+        raise OSError(code, message, filename)
+    run.entries[name].update(answer)
+    run.save()
+
+
 def _abandon(run: _Run, pending: list[str], status: str, reason: str | None = None) -> None:
-    """Mark the experiment that was running (if any) and those not started."""
+    """Mark the experiments that were running (if any) and those not started."""
     for name in pending:
         if run.entries[name]["status"] in ("pending", "running"):
             run.entries[name]["status"] = status
@@ -410,18 +563,27 @@ def _statuses(run: _Run) -> dict[str, str]:
 
 def _run_one(run: _Run, name: str, mod: ModuleType, *, seed: int, quick: bool,
              bar: Any) -> None:
-    """Run one experiment, write its files, record its status; KeyboardInterrupt propagates."""
-    entry = run.entries[name]
-    entry.update(status="running", started_at=_utc_now())
-    run.save()
+    """Run one experiment here, write its files, record its status; KeyboardInterrupt
+    propagates."""
+    _started(run, name, process="main")
     bar.set_description(name)
+    run.entries[name].update(execute(name, mod, run.run_dir / name, seed=seed, quick=quick,
+                                     progress=_progress_to(bar)))
+    run.save()
 
-    def progress(msg: str) -> None:
-        bar.set_postfix_str(str(msg)[:60], refresh=False)
-        bar.update(0)  # redraws at most every mininterval
 
-    ctx = experiment.Context(name=name, seed=seed, quick=quick, progress=progress)
-    exp_dir = run.run_dir / name
+def execute(name: str, mod: Any, exp_dir: Path, *, seed: int, quick: bool,
+            progress: Any = None) -> dict[str, Any]:
+    """Run ``mod`` and write its folder ``exp_dir``; return its manifest entry's fields
+    (status, files, headline or reason/error, started_at, ended_at, duration_s).
+
+    An experiment's exception is caught and recorded (status ``failed``, traceback.txt
+    written); ``Skipped`` gives status ``skipped``. Only a disk error (``DISK_ERRNOS``)
+    and KeyboardInterrupt propagate. The helper process runs experiments through this too.
+    """
+    entry: dict[str, Any] = {"started_at": _utc_now()}
+    ctx = experiment.Context(name=name, seed=seed, quick=quick,
+                             **({"progress": progress} if progress else {}))
     t0 = time.perf_counter()
     try:
         with plotting.style():
@@ -432,23 +594,22 @@ def _run_one(run: _Run, name: str, mod: ModuleType, *, seed: int, quick: bool,
     except OSError as exc:
         if exc.errno in DISK_ERRNOS:
             raise  # the disk is full or read-only: run_lab ends the run
-        _record_failure(run, name, exp_dir, entry, exc)
+        entry.update(_failure(name, exp_dir, exc))
     except Exception as exc:  # the experiment failed: record it, keep going
-        _record_failure(run, name, exp_dir, entry, exc)
+        entry.update(_failure(name, exp_dir, exc))
     else:
         entry.update(status="ok", files=files, headline=headline)
     finally:
         entry.update(duration_s=round(time.perf_counter() - t0, 3), ended_at=_utc_now())
-    run.save()
+    return entry
 
 
-def _record_failure(run: _Run, name: str, exp_dir: Path, entry: dict[str, Any],
-                    exc: BaseException) -> None:
-    """The experiment failed: its traceback beside its results, its entry says why."""
+def _failure(name: str, exp_dir: Path, exc: BaseException) -> dict[str, Any]:
+    """The experiment failed: its traceback beside its results; the entry fields saying why."""
     exp_dir.mkdir(exist_ok=True)
     atomic_write(exp_dir / "traceback.txt", traceback.format_exc())
-    entry.update(status="failed", error={
+    return {"status": "failed", "error": {
         "type": type(exc).__name__,
         "message": str(exc),
         "traceback": f"{name}/traceback.txt",
-    })
+    }}

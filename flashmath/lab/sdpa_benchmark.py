@@ -18,6 +18,8 @@ from flashmath.measure.gpu import SKIPPED  # what the GPU benchmarks say without
 NAME = "sdpa-benchmark"
 TITLE = "flashmath.triton vs torch SDPA (flash, cuDNN): TFLOP/s forward and backward on a GPU"
 SEEDS = ("002",)
+TIMED = True  # it times kernels: the runner runs it alone
+PRELOAD = ("torch",)  # imported ahead, while the untimed experiments run
 
 
 def _skip_reason() -> str | None:

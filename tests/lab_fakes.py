@@ -1,0 +1,35 @@
+"""Stand-in experiments that a fresh interpreter can import (the lab's helper process runs
+only such modules): one module, its behaviour chosen by the experiment's name.
+
+    ok-*      a record drawn from ctx.rng(), a figure and a README
+    sleep-*   writes its pid to $FM_LAB_FAKES_DIR/<name>.pid, then sleeps a minute
+    die-*     kills its own process when that is not $FM_LAB_FAKES_PARENT (the helper dies)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from flashmath.lab import plotting
+from flashmath.lab.experiment import Context, Result
+
+NAME = "lab-fakes"
+TITLE = "stand-in experiments for the runner's tests"
+SEEDS: tuple[str, ...] = ()
+
+
+def run(ctx: Context) -> Result:
+    if ctx.name.startswith("sleep"):
+        (Path(os.environ["FM_LAB_FAKES_DIR"]) / f"{ctx.name}.pid").write_text(str(os.getpid()))
+        time.sleep(60)
+    if ctx.name.startswith("die") and str(os.getpid()) != os.environ.get("FM_LAB_FAKES_PARENT"):
+        os._exit(3)
+    ctx.progress("drawing")
+    fig, ax = plotting.figure()
+    ax.plot([0, 1], [0, float(ctx.rng().normal())])
+    return Result(records=[{"x": float(ctx.rng().normal()), "n": len(ctx.name),
+                            "elapsed_s": time.perf_counter()}],
+                  summary={"headline": f"{ctx.name} measured {ctx.seed}"},
+                  figures={"line": fig}, readme=f"# {ctx.name}\n\nIt measured things.\n")
