@@ -1,11 +1,16 @@
-"""The experiments `flashmath lab` knows, in run order (module names under flashmath.lab)."""
+"""The experiments `flashmath lab` knows, in registry order (module names under flashmath.lab).
+
+manifest.json and report.md list them in this order; a serial run (``--serial``) also runs
+them in it, while a run with the helper process runs the untimed ones first (see
+:func:`flashmath.lab.runner.run_lab`).
+"""
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
-#: Module names in run order. Each defines NAME, TITLE, SEEDS and run(ctx) -> Result.
+#: Module names in registry order. Each defines NAME, TITLE, SEEDS and run(ctx) -> Result.
 EXPERIMENT_MODULES: tuple[str, ...] = (
     "softmax_stability",
     "overflow",
@@ -20,6 +25,6 @@ EXPERIMENT_MODULES: tuple[str, ...] = (
 
 
 def experiments() -> dict[str, ModuleType]:
-    """NAME -> module for every experiment, in run order."""
+    """NAME -> module for every experiment, in registry order."""
     modules = (importlib.import_module(f"flashmath.lab.{name}") for name in EXPERIMENT_MODULES)
     return {mod.NAME: mod for mod in modules}
