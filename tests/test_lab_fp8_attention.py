@@ -49,6 +49,9 @@ def test_sink_underflow_and_its_fix(quick: Result) -> None:
     by = {(r["delta"], r["order"], r["p_scale"]): r for r in sink}
     strong = max(r["delta"] for r in sink)
     assert by[(strong, "forward", 1.0)]["flushed_share"] > 0.1
+    # counted in each order's own tiles: reverse meets the sink last and flushes far less
+    assert (by[(strong, "reverse", 1.0)]["flushed_share"]
+            < by[(strong, "forward", 1.0)]["flushed_share"] / 2)
     assert by[(strong, "reverse", 256.0)]["flushed_share"] < 0.01
     assert by[(strong, "reverse", 256.0)]["mse_gain_vs_forward_1"] > 1.5
     assert by[(0, "reverse", 256.0)]["mse_gain_vs_forward_1"] == pytest.approx(1.0, abs=0.1)

@@ -102,6 +102,7 @@ def test_quick_run_numbers_tell_the_story(quick):
                                                                                  strict=True))
     sram = [r for r in quick.records if r["section"] == "sram"]
     assert len(sram) == len(hbm_traffic.SRAM_SWEEP) * len(hbm_traffic.HEAD_DIMS)
+    assert "At T = 4096 and the seed's d = 128, seed 002's estimate says" in quick.readme
 
 
 def test_quick_run_report(quick):

@@ -96,7 +96,10 @@ def test_readme_answers_block_f_from_the_numbers(quick):
             if (r.get("dtype") == "float16" and r.get("state") == "float32")
             or r.get("method") == "online, float32 state"]
     assert worst["err"] == max(errs)
-    assert f"worst float16 error anywhere {worst['err']:.3g}" in result.headline
+    assert (f"worst float16 error anywhere with the default float32 state {worst['err']:.3g}"
+            in result.headline)
+    assert (f"with a float16 state up to {result.summary['float16_state_worst_err']:.3g}"
+            in result.headline)
     answer = readme.split("Block F, question 1 of seed 000")[1].split("**3.")[0]
     assert answer.split("\n\n", 2)[2].startswith(f"{worst['err']:.3g}, in ")
     # the bound column shows the bound applied, bound x max(1, |O|)

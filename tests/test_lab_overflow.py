@@ -128,6 +128,27 @@ def test_exp_figure_shows_every_series(result: Result) -> None:
     assert len(set(seen.values())) == len(seen)
 
 
+def test_max_lines_that_coincide_are_dashed_in_turn(result: Result) -> None:
+    """Lines a few pixels apart (e4m3 and e4m3fnuz both at 240; float32, bfloat16 and
+    e8m0fnu near 3e38) would print as one: each gets its own phase of one dash pattern."""
+    from flashmath.lab import overflow
+
+    rows = [{"dtype": "a", "finfo_max": 240.0}, {"dtype": "b", "finfo_max": 240.0},
+            {"dtype": "c", "finfo_max": 448.0}]
+    assert overflow._shared_lines(rows, tol=0.1) == {"a": (0, ["b"]), "b": (1, ["a"]),
+                                                     "c": (0, [])}
+    for ax in result.figures["exp_vs_dtype_max"].get_axes():
+        flat = [ln for ln in ax.get_lines() if len(set(ln.get_ydata())) == 1
+                and len(ln.get_ydata()) == 2]  # the axhlines
+        by_y: dict[float, list[Any]] = {}
+        for ln in flat:
+            by_y.setdefault(round(float(ln.get_ydata()[0]), 6), []).append(ln)
+        for lines in by_y.values():
+            if len(lines) > 1:  # same y: the dash phases differ, so every colour shows
+                phases = {ln._dash_pattern[0] for ln in lines}
+                assert len(phases) == len(lines)
+
+
 def test_quick_and_full_differ_only_in_trials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ov, "SEQ_LENS", (32,))
     monkeypatch.setattr(ov, "D_MODELS", (32,))

@@ -36,6 +36,7 @@ def test_the_run_marks_it_skipped_and_report_says_why(monkeypatch, tmp_path):
     assert outcome.statuses["sdpa-benchmark"] == "skipped"
     report = (outcome.run_dir / "report.md").read_text()
     assert "no CUDA device" in report
+    assert "Reason: no CUDA device" in report and "skipped: no CUDA" not in report
     manifest = json.loads((outcome.run_dir / "manifest.json").read_text())
     (entry,) = [e for e in manifest["experiments"] if e["name"] == "sdpa-benchmark"]
     assert entry["reason"].startswith("skipped: no CUDA device")

@@ -112,7 +112,10 @@ def test_readme_is_generated_from_the_records(result: Result) -> None:
             assert f"**{r['case']}, {r['dtype']}**" not in readme
     assert "Block D of seed 001" in readme and "softmax_break.png" in readme
     # the seed's CE guesses are read against the label they belong to
-    assert "The guess is the loss of label 0: logsumexp(x) - x[0] = 91" in readme
+    assert "~91 is the loss of label 0: logsumexp(x) - x[0] = 92 - (1) = 91" in readme
+    assert "logsumexp(x) = x[1] + 3.459e-39 (printed as 92" in readme  # not "92 - (92)"
+    assert "92 - (92)" not in readme
+    assert "the guess is a rough estimate" in readme  # small magnitudes: ~1.5 by hand
     assert "float32 falls short of the seed's 2 cases" in readme
     assert "flashmath returns zeros (and logsumexp -inf)" in readme
     assert "stable, empty='uniform' gives [0.2, 0.2, 0.2, 0.2, 0.2]" in readme

@@ -252,12 +252,13 @@ def _exp_figure(thresholds: list[dict[str, Any]]) -> Any:
     narrow = [r for r in thresholds if r["overflow_found"] < 20]
     wide = [r for r in thresholds if r["overflow_found"] >= 20]
     order = {r["dtype"]: i for i, r in enumerate(thresholds)}
-    fig, axes = plotting.figure(1, 2, width=13, height=5.6)
-    for ax, group, x_hi in ((axes[0], narrow, 16.0), (axes[1], wide, 760.0)):
+    fig, axes = plotting.figure(1, 2, width=13, height=7.0)
+    for ax, group, x_hi, y_hi in ((axes[0], narrow, 16.0, 7.0), (axes[1], wide, 760.0, 330.0)):
         x = np.linspace(0, x_hi, 400)
         ax.plot(x, x * math.log10(math.e), color="black", lw=1.5, label="exp(x)")
         shift_step = x_hi / 90
         taken: dict[float, int] = {}
+        shared = _shared_lines(group, tol=y_hi / 60)
         for rank, r in enumerate(group):
             i = order[r["dtype"]]
             # a point at the same x as an earlier one is drawn shifted right, and says so
@@ -265,17 +266,22 @@ def _exp_figure(thresholds: list[dict[str, Any]]) -> Any:
             taken[r["overflow_found"]] = dup + 1
             shift = dup * shift_step
             color = plotting.dtype_color(r["dtype"])
-            ax.axhline(math.log10(r["finfo_max"]), color=color, ls=_DASHES[i % len(_DASHES)],
-                       lw=1.1)
+            j, others = shared[r["dtype"]]
+            # max lines that (nearly) coincide are dashed in turn, one colour after another
+            dash = (j * 6.0, (6.0, 6.0 * len(others))) if others else _DASHES[i % len(_DASHES)]
+            ax.axhline(math.log10(r["finfo_max"]), color=color, ls=dash,
+                       lw=1.8 if others else 1.1)
             size = 13 - 1.4 * rank
             filled = rank == len(group) - 1
             ax.plot([r["overflow_found"] + shift], [math.log10(r["exp_at_overflow"])],
                     _MARKERS[i % len(_MARKERS)], ms=size, mew=1.6, color=color,
-                    mfc=color if filled else "none", ls=_DASHES[i % len(_DASHES)],
+                    mfc=color if filled else "none", ls=dash,
                     label=f"{r['dtype']}: max {r['finfo_max']:.4g}, "
                           f"exp overflows above {r['overflow_found']:.4g}"
-                          + (f" (marker drawn {shift:.2g} to the right)" if shift else ""))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"1e{y:.0f}"))
+                          + (f"; marker drawn {shift:.2g} right" if shift else "")
+                          + (f"\n    max line shared (dashes alternate) with {', '.join(others)}"
+                             if others else ""))
+        ax.yaxis.set_major_formatter(FuncFormatter(_power_of_ten))
         ax.set_xlabel("x")
         ax.set_ylabel("exp(x)  (log scale)")
         ax.set_xlim(0, x_hi)
@@ -284,6 +290,27 @@ def _exp_figure(thresholds: list[dict[str, Any]]) -> Any:
     axes[1].set_title("bfloat16, float32, float64")
     fig.suptitle("exp(x) against each dtype's largest value (markers: measured thresholds)")
     return fig
+
+
+def _power_of_ten(y: float, _pos: int) -> str:
+    """Tick label of a log10 axis: 1eN."""
+    return f"1e{y:.0f}"
+
+
+def _shared_lines(group: list[dict[str, Any]], tol: float) -> dict[str, tuple[int, list[str]]]:
+    """dtype -> (its place, the other dtypes) among max lines within ``tol`` (log10 units)
+    of each other, which would print as one line: those are dashed in turn."""
+    rows = sorted(group, key=lambda r: math.log10(r["finfo_max"]))
+    clusters: list[list[str]] = []
+    last = -math.inf
+    for r in rows:
+        y = math.log10(r["finfo_max"])
+        if clusters and y - last <= tol:
+            clusters[-1].append(r["dtype"])
+        else:
+            clusters.append([r["dtype"]])
+        last = y
+    return {name: (c.index(name), [o for o in c if o != name]) for c in clusters for name in c}
 
 
 def _histogram_figure(example: dict[str, np.ndarray], threshold: float) -> Any:

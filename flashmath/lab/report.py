@@ -134,7 +134,14 @@ def _line_of(entry: dict[str, Any]) -> str:
     if entry["status"] == "failed":
         err = entry.get("error") or {}
         return f"{err.get('type')}: {err.get('message')}"
-    return str(entry.get("reason", ""))
+    return _reason(entry)
+
+
+def _reason(entry: dict[str, Any]) -> str:
+    """The entry's reason, without a leading "skipped: " beside a status that says so."""
+    reason = str(entry.get("reason", ""))
+    prefix = f"{entry['status']}: "
+    return reason[len(prefix):] if reason.lower().startswith(prefix) else reason
 
 
 def _section(entry: dict[str, Any]) -> list[str]:
@@ -155,5 +162,5 @@ def _section(entry: dict[str, Any]) -> list[str]:
         out.append(f"`{err.get('type')}`: {_cell(err.get('message'))}. "
                    f"Traceback: [{err.get('traceback')}]({err.get('traceback')}).")
     elif entry.get("reason"):
-        out.append(f"Reason: {entry['reason']}.")
+        out.append(f"Reason: {_reason(entry)}.")
     return out

@@ -251,16 +251,16 @@ def _figures(memory: list[dict[str, Any]], procs: list[dict[str, Any]],
     fig, ax = plotting.figure(width=6.4, height=4.2)
     w = [r["W"] for r in memory]
     mib = 1e6  # MB, as the README's tables (flashmath.text.fmt_bytes) print them
-    ax.plot(w, [r["peak_bytes"] / mib for r in memory], "o-",
-            label="one rank, peers replayed in-process (tracemalloc)")
+    ax.plot(w, [r["peak_bytes"] / mib for r in memory], "o-", markersize=12, mfc="none",
+            mew=1.6, label="one rank, peers replayed in-process (tracemalloc)")
     ax.plot(w, [memory[0]["peak_bytes"] / mib / x for x in w], "k:", label="ideal: W=1 peak / W")
     ax.plot(w, [r["shard_bytes"] / mib for r in memory], "s--", label="the rank's q, k, v shards")
     if procs:
         by_w: dict[int, list[float]] = {}
         for r in procs:
             by_w.setdefault(r["W"], []).append(r["ring_peak_bytes"] / mib)
-        ax.plot(sorted(by_w), [max(by_w[x]) for x in sorted(by_w)], "^", markersize=8,
-                label="real gloo ranks (max over ranks)")
+        ax.plot(sorted(by_w), [max(by_w[x]) for x in sorted(by_w)], "^", markersize=6,
+                label="real gloo ranks (max over ranks; inside the rings where equal)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("world size W (ranks)")
@@ -423,8 +423,9 @@ def _answer_memory(memory: list[dict[str, Any]], procs: list[dict[str, Any]],
             "float32, causal, zigzag), each running `flashmath ring`'s demo: ring forward and "
             "backward with tracemalloc on, then absolute errors against the float64 oracle. "
             "The resident peak includes the interpreter, torch and NumPy themselves ("
-            f"{fmt_bytes(min(r['rss_peak_bytes'] for r in procs))} to "
-            f"{fmt_bytes(max(r['rss_peak_bytes'] for r in procs))} per process here), which is "
+            + _span(fmt_bytes(min(r['rss_peak_bytes'] for r in procs)),
+                    fmt_bytes(max(r['rss_peak_bytes'] for r in procs)))
+            + " per process here), which is "
             "why the tracemalloc figure is the one to compare with the replayed rank above. "
             + (f"Loopback bandwidth between two ranks: {_g(max(bw) / 1e9)} GB/s. " if bw else "")
             + f"On this {summary['cpu_count']}-core machine the ranks share the cores, so wait "
@@ -440,6 +441,11 @@ def _answer_memory(memory: list[dict[str, Any]], procs: list[dict[str, Any]],
             ]),
         ]
     return lines
+
+
+def _span(lo: str, hi: str) -> str:
+    """"lo to hi", or one figure when both print the same."""
+    return lo if lo == hi else f"{lo} to {hi}"
 
 
 def _cross(r: Mapping[str, Any], key: str = "crossover_shard_len") -> float:
@@ -467,7 +473,11 @@ def _answer_overlap(mrows: list[dict[str, Any]], summary: dict[str, Any]) -> lis
         "the crossover S_r* = (b + sqrt(b^2 + 4 a L)) / (2 a) every transfer is hidden "
         "(b / a without latency). Below, for "
         f"H = {MODEL_SHAPE['heads']}, D = {MODEL_SHAPE['dim']}, bf16 (e = 2), forward; the "
-        "H100 setups use round published figures (see flashmath.distributed.model), the CPU "
+        "H100 setups assume an achieved "
+        + ", ".join(sorted({f"{r['flops_per_s'] / 1e12:.0f} TFLOP/s" for r in fp
+                            if r["setup"].startswith("h100")}))
+        + " (what FlashAttention-2-class kernels reach, well below the dense bf16 peak) "
+        "and round published link figures (see flashmath.distributed.model), the CPU "
         "rows this machine's measured kernel throughput "
         f"({_g(summary['cpu_flops_per_s'] / 1e9)} GFLOP/s, fwd + bwd at W = 1).",
         "",

@@ -45,6 +45,9 @@ QUESTIONS: dict[str, tuple[Question, ...]] = {
     "softmax-stability": (
         Q("001", "Block D", "Predict naive NaN?, stable NaN? and the cross-entropy (y = 1) "
           "for each case, then run, and explain every divergence in a sentence."),
+        Q("001", "Block F", "At float64, does stable softmax agree with scipy.special.softmax "
+          "to within 1e-15 on the non-adversarial inputs, and log_sum_exp with "
+          "scipy.special.logsumexp? Note any disagreement on the adversarial cases."),
         Q("001", "stop condition 2", "results.json shows naive NaN on at least two cases and "
           "stable NaN on zero cases."),
         Q("001", "stop condition 5", "Recite in one sentence why the -max trick eliminates "
@@ -53,9 +56,6 @@ QUESTIONS: dict[str, tuple[Question, ...]] = {
           "Return uniform, NaN or another sentinel? Document and defend the choice."),
         Q("001", "pitfalls, masked label", "Cross-entropy when the true label's logit is "
           "-inf: the loss is +inf; note it."),
-        Q("001", "Block F", "At float64, does stable softmax agree with scipy.special.softmax "
-          "to within 1e-15 on the non-adversarial inputs, and log_sum_exp with "
-          "scipy.special.logsumexp? Note any disagreement on the adversarial cases."),
     ),
     "overflow": (
         Q("004", "quiz Q2", "At what approximate input does exp() overflow in FP16: 5, 11, 88 "
@@ -91,10 +91,10 @@ QUESTIONS: dict[str, tuple[Question, ...]] = {
     "flash-attention": (
         Q("003", "check 1", "B, H, N, D = 1, 1, 256, 64, tile 64, causal, float64: max "
           "relative error against naive attention below 1e-4?"),
-        Q("003", "check 3", "N = 512, D = 32, tile 64, causal, float64: max relative error "
-          "below 1e-4?"),
         Q("003", "check 2", "B, H, N, D = 2, 8, 4096, 64, tile 128: peak memory below the size "
           "of one (N, N) float64 matrix?"),
+        Q("003", "check 3", "N = 512, D = 32, tile 64, causal, float64 (the seed's additional "
+          "verification): max relative error below 1e-4?"),
         Q("003", "docstring", "Why rescale by exp(m_old - m_new) and not exp(m_new - m_old)?"),
         Q("", "beyond the seed", "The same kernel in float32, float16 and bfloat16: does it "
           "meet the accuracy rule against the float64 oracle?"),

@@ -199,6 +199,9 @@ def _battery_record(case: str, x64: np.ndarray, dt: np.dtype[Any]) -> tuple[dict
     rec["oracle_lse"] = oracle_lse
     if n <= KEEP_VECTOR:  # the loss for every label, to read the seed's guesses against
         rec["oracle_ce_by_label"] = [rec["oracle_lse"] - float(v) for v in xin]
+        # a by-hand logsumexp for nearly equal logits: mean + ln(n) (the seed's "by hand")
+        rec["lse_by_hand"] = float(np.mean(np.asarray(xin, np.float64)) + np.log(n))
+        rec["ce_by_hand"] = rec["lse_by_hand"] - float(xin[LABEL]) if n > LABEL else None
     rec["naive_ce"], rec["naive_ce_undefined"] = _cross_entropy(fm.naive.cross_entropy, x, n)
     rec["stable_ce"], rec["stable_ce_undefined"] = _cross_entropy(fm.cross_entropy, x, n)
     if n <= KEEP_VECTOR:
@@ -340,17 +343,32 @@ def _prediction_notes(by: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
             continue
         losses = r["oracle_ce_by_label"]
         near = int(np.argmin([abs(v - guess) for v in losses]))
-        notes.append(
-            f"- {case}, CE: the seed guessed ~{fmt(guess)}; with y = {LABEL} the loss is "
-            f"logsumexp(x) - x[{LABEL}] = {fmt(r['oracle_lse'])} - ({fmt(r['input'][LABEL])}) "
-            f"= {fmt(r['oracle_ce'])}"
-            + (f" (logsumexp exceeds x[{LABEL}], the largest logit, by only that much: "
-               "exp of every other logit minus it is below float64's resolution at "
-               f"{fmt(r['oracle_lse'])})" if r["oracle_ce"] < 1e-6 else "")
-            + f". The guess is the loss of label {near}: logsumexp(x) - x[{near}] = "
-            f"{fmt(losses[near])}"
-            + (", the largest logit's, so the seed's reasoning picked the max's index instead "
-               f"of y = {LABEL}." if near == int(np.argmax(r["input"])) else "."))
+        x = np.asarray(r["input"], dtype=np.float64)
+        lse, ce = r["oracle_lse"], r["oracle_ce"]
+        if ce < 1e-6:  # logsumexp exceeds x[LABEL] by less than it can show
+            loss = (f"logsumexp(x) = x[{LABEL}] + {fmt(ce)} (printed as {fmt(lse)}: every "
+                    f"other logit is so far below x[{LABEL}] = {fmt(x[LABEL])} that the excess "
+                    f"is below float64's resolution there), so the loss is {fmt(ce)}")
+        else:
+            loss = (f"logsumexp(x) - x[{LABEL}] = {fmt(lse)} - ({fmt(x[LABEL])}) = {fmt(ce)}, "
+                    f"{'above' if ce > guess else 'below'} the guess")
+        if near == int(np.argmax(x)):
+            why = (f"~{fmt(guess)} is the loss of label {near}, the largest logit "
+                   f"({fmt(losses[near])}): the seed's reasoning picked the max's index "
+                   f"instead of y = {LABEL}.")
+        elif float(np.ptp(x)) < 1.0:  # nearly equal logits: the by-hand estimate
+            why = (f"By hand, logsumexp(x) ~ mean(x) + ln({x.size}) = {fmt(r['lse_by_hand'])} "
+                   f"for logits this close, which gives {fmt(r['ce_by_hand'])} for y = {LABEL}: "
+                   f"the guess is a rough estimate (the nearest loss, {fmt(losses[near])}, is "
+                   f"label {near}'s).")
+        elif abs(losses[near] - guess) <= 0.05 * max(1.0, abs(guess)):
+            why = (f"~{fmt(guess)} is the loss of label {near}: logsumexp(x) - x[{near}] = "
+                   f"{fmt(lse)} - ({fmt(x[near])}) = {fmt(losses[near])}; the guess fits "
+                   f"y = {near}, not y = {LABEL}.")
+        else:
+            why = f"The nearest loss to the guess is label {near}'s, {fmt(losses[near])}."
+        notes.append(f"- {case}, CE: the seed guessed ~{fmt(guess)}; with y = {LABEL}, "
+                     f"{loss}. {why}")
     return notes or ["- Every seed prediction held."]
 
 
@@ -485,9 +503,9 @@ def _readme(battery: list[dict[str, Any]], f64: list[dict[str, Any]],
                                    for kind in ("naive", "stable")
                                    for what in ("nan", "sum", "max", "err")),
                ("max rel diff (naive valid)", "rel_diff_where_naive_valid")]
-    answers = [_answer_predictions(by), _answer_stop_condition(battery, summary),
-               _answer_max_trick(by), _answer_empty_row(empty_rows),
-               _answer_masked_label(battery), _answer_scipy(f64, scipy_note, summary)]
+    answers = [_answer_predictions(by), _answer_scipy(f64, scipy_note, summary),
+               _answer_stop_condition(battery, summary), _answer_max_trick(by),
+               _answer_empty_row(empty_rows), _answer_masked_label(battery)]
     sections: list[readme.Section] = [
         ("Method", _method(summary)),
         ("Cross-entropy (y = 1) in every dtype", _ce_section(battery)),
