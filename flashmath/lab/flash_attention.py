@@ -311,7 +311,7 @@ def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     # results.json holds the headline and is the same for the same seed: no timings here,
     # and the peaks (measured to within tens of bytes) only to two digits
     headline = (
-        f"{passed}/{len(eq)} cases meet the 2x accuracy rule "
+        f"{passed}/{len(eq)} (case, dtype) pairs meet the 2x accuracy rule "
         f"({sum(r['at_or_below_1x'] for r in eq)} at or below 1x); at S={big['S']} the tiled "
         f"forward's peak memory is {_pct(big['flash_peak_bytes'] / big['score_matrix_bytes'])} "
         f"of the float32 score matrix, the reference's "

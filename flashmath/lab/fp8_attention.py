@@ -237,7 +237,7 @@ def _answer_outliers(table: list[dict[str, Any]], summary: dict[str, Any]) -> li
         "attention that keeps its softmax intermediate in FP16, as we read it, while ours is "
         "the same tiled kernel as every other row, with the softmax in float32 and only P "
         "cast to e4m3. That does not explain the per-block row, which in the paper is FA3's "
-        "own kernel with block scales and without the transform: there the difference must "
+        "own kernel with block scales and without the transform: there the difference may "
         "lie in the problem, since the paper does not print the sequence length or head dim "
         "of the table and its outlier draw is its own (the quick run's smaller shape gives "
         "another ratio). Both agree on the order: per-tensor and per-block alone are close, "
@@ -309,8 +309,11 @@ def _answer_sink(sink: list[dict[str, Any]], summary: dict[str, Any]) -> list[st
                     for r in sink if r["order"] == "forward" and r["p_scale"] == 1.0)
         + f" here, at S = {sink[0]['S']}, over {sink[0]['non_sink_keys']} non-sink keys; only "
         "this length was run). Without a sink (delta 0) almost nothing is flushed and the "
-        "variants agree; at strong sinks the non-sink keys carry so little weight that losing "
-        "them hardly moves the output, so the gain peaks at moderate strengths.",
+        "variants agree. Where the gain falls at strong sinks, it is because the error left "
+        "after the fix grows (reverse + 256: "
+        + ", ".join(f"delta {_g(r['delta'])}: MSE {_g(r['mse'])}"
+                    for r in sink if r["order"] == "reverse" and r["p_scale"] == 256.0)
+        + "), not because the cast loses less.",
         "",
         markdown_table(sink, [
             ("delta", "delta"), ("order", "order"), ("P scale", "p_scale"),

@@ -100,8 +100,9 @@ def _readme(records: list[dict[str, Any]], s: dict[str, Any]) -> str:
             f"{s[f'{dt}_best_impl']}. Over all lengths the median of flashmath's error over "
             f"eager's is {number(s[f'{dt}_flashmath_over_eager_median'])}x. At S="
             f"{s['longest']} the three differ by {number(s[f'{dt}_spread_percent'], '.2g')}%: "
-            f"the narrow matmuls, norms and MLPs outside attention set most of the model's "
-            f"error, so the attention's own exactness moves it little.")
+            "so the attention's own exactness moves the logits little; the likely cause (not "
+            "measured apart here) is the rounding of the narrow matmuls, norms and MLPs "
+            "outside attention, which all three share.")
     method = ("Max and mean |logit error| over the batch's logits against the float64 model "
               "with eager attention (the same weights, cast). flashmath runs through "
               "flashmath.integrations.transformers (its tiled NumPy kernels on CPU).")

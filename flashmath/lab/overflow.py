@@ -279,7 +279,7 @@ def _exp_figure(thresholds: list[dict[str, Any]]) -> Any:
                     label=f"{r['dtype']}: max {r['finfo_max']:.4g}, "
                           f"exp overflows above {r['overflow_found']:.4g}"
                           + (f"; marker drawn {shift:.2g} right" if shift else "")
-                          + (f"\n    max line shared (dashes alternate) with {', '.join(others)}"
+                          + (f"\n    max line {_near(r, group, others)}, dashes alternate"
                              if others else ""))
         ax.yaxis.set_major_formatter(FuncFormatter(_power_of_ten))
         ax.set_xlabel("x")
@@ -295,6 +295,16 @@ def _exp_figure(thresholds: list[dict[str, Any]]) -> Any:
 def _power_of_ten(y: float, _pos: int) -> str:
     """Tick label of a log10 axis: 1eN."""
     return f"1e{y:.0f}"
+
+
+def _near(r: dict[str, Any], group: list[dict[str, Any]], others: list[str]) -> str:
+    """"on / close to" the dtypes whose max lines print within a few pixels of r's."""
+    maxes = {g["dtype"]: g["finfo_max"] for g in group}
+    same = [o for o in others if maxes[o] == r["finfo_max"]]
+    close = [o for o in others if o not in same]
+    parts = ([f"the same as {', '.join(same)}'s"] if same else []) + (
+        [f"close to {', '.join(close)}'s"] if close else [])
+    return " and ".join(parts)
 
 
 def _shared_lines(group: list[dict[str, Any]], tol: float) -> dict[str, tuple[int, list[str]]]:

@@ -75,16 +75,16 @@ QUESTIONS: dict[str, tuple[Question, ...]] = {
     "online-softmax": (
         Q("000", "Block C", "Online vs batched softmax over N, d, dtype and chunk size: "
           "fp32 < 1e-6, fp16 < 1e-3, bf16 < 5e-3?"),
-        Q("000", "Block F, question 1", "What's the worst-case fp16 error you observed? Is it "
-          "under 1e-3? If not, where did the extra error come from?"),
         Q("000", "Block F, question 2 (Block D)", "Does chunk size affect accuracy (fp16, "
           "chunk sizes 1 to 256)? If you observed sensitivity, why?"),
-        Q("000", "Block F, question 3", "What happens at fp16 when s contains a value > 11? "
-          "Does the online recurrence handle it, or do you need fp32 accumulators for m, l, O?"),
         Q("000", "Block E", "Pathological inputs: [60, 0, 0, 0], [-100, -100, -100, 0] "
           "(O = V[3]) and all zeros (O = mean(V))."),
         Q("000", "Block E'", "Peaked logits s ~ N(0, 5), N = 64, d = 64, chunk 16: within fp16 "
           "tolerance? Does the peaked distribution help or hurt the recurrence's stability?"),
+        Q("000", "Block F, question 1", "What's the worst-case fp16 error you observed? Is it "
+          "under 1e-3? If not, where did the extra error come from?"),
+        Q("000", "Block F, question 3", "What happens at fp16 when s contains a value > 11? "
+          "Does the online recurrence handle it, or do you need fp32 accumulators for m, l, O?"),
         Q("002", "section 2", "Online softmax of [2.0, -1.5, 0.3, 4.2] in blocks of 2: the "
           "per-block (m, d) states, and the match with stable softmax (atol 1e-7)."),
     ),
@@ -100,9 +100,9 @@ QUESTIONS: dict[str, tuple[Question, ...]] = {
           "meet the accuracy rule against the float64 oracle?"),
     ),
     "hbm-traffic": (
-        Q("002", "section 3", "HBM traffic per head: standard attention ~ 2 T^2 bytes "
-          "(S and P), flash ~ 4 T d bytes (Q, K, V, O), for T = 512 to 4096, d = 128; the "
-          "ratio?"),
+        Q("002", "section 3", "HBM traffic per head: standard attention ~ 2 T^2 elements "
+          "(S and P), flash ~ 4 T d elements (Q, K, V, O), times 2 bytes in float16, for "
+          "T = 512 to 4096, d = 128; the ratio?"),
     ),
     "sdpa-benchmark": (
         Q("002", "section 5", "Optional: time torch's scaled_dot_product_attention (float16, "

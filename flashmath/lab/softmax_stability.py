@@ -353,8 +353,9 @@ def _prediction_notes(by: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
             loss = (f"logsumexp(x) - x[{LABEL}] = {fmt(lse)} - ({fmt(x[LABEL])}) = {fmt(ce)}, "
                     f"{'above' if ce > guess else 'below'} the guess")
         if near == int(np.argmax(x)):
-            why = (f"~{fmt(guess)} is the loss of label {near}, the largest logit "
-                   f"({fmt(losses[near])}): the seed's reasoning picked the max's index "
+            why = (f"~{fmt(guess)} is the loss of label {near} ({fmt(losses[near])}), whose "
+                   f"logit x[{near}] = {fmt(x[near])} is the largest: the seed's reasoning "
+                   "picked the max's index "
                    f"instead of y = {LABEL}.")
         elif float(np.ptp(x)) < 1.0:  # nearly equal logits: the by-hand estimate
             why = (f"By hand, logsumexp(x) ~ mean(x) + ln({x.size}) = {fmt(r['lse_by_hand'])} "
