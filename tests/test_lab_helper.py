@@ -159,3 +159,19 @@ def test_ctrl_c_stops_the_helper_and_keeps_what_finished(tmp_path: Path) -> None
     assert helper_pid != proc.pid
     with pytest.raises(ProcessLookupError):  # the runner stopped it before exiting
         os.kill(helper_pid, 0)
+
+
+def test_arrived_skips_progress_and_never_waits(tmp_path: Path) -> None:
+    proc = helper.Helper()
+    try:
+        assert proc.arrived() is None  # nothing in flight
+        proc.send("tests.lab_fakes", "ok-x", str(tmp_path / "ok-x"), seed=0, quick=True)
+        deadline, got = time.monotonic() + 60, None
+        while got is None and time.monotonic() < deadline:
+            got = proc.arrived()  # the "drawing" progress line comes first, then the entry
+            time.sleep(0.05)
+        assert got is not None and got["status"] == "ok" and proc.busy is None
+        assert (tmp_path / "ok-x" / "results.json").is_file()
+    finally:
+        proc.close()
+    assert not proc.alive

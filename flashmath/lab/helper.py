@@ -108,6 +108,15 @@ class Helper:
         self.busy = None
         return got
 
+    def arrived(self) -> dict[str, Any] | None:
+        """The answer to the job in flight if it has already arrived (progress messages
+        before it are dropped), else None; never waits."""
+        while self.busy is not None and self.alive and not self._answers.empty():
+            got = self.answer(0)
+            if got is not None:
+                return got
+        return None
+
     def finish(self) -> None:
         """End the helper's stdin: once idle, it exits on its own (``close`` reaps it)."""
         try:

@@ -452,7 +452,7 @@ def _stop_helper(run: _Run, helper: helper_process.Helper | None) -> None:
     if helper is None:
         return
     name = helper.busy
-    answer = helper.answer(0) if name is not None else None
+    answer = helper.arrived()
     helper.close()
     if name is None:
         return
