@@ -3,7 +3,7 @@ library's exact tile_kind rules against evaluating the mod, and rectangle querie
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashmath.attention import modlib
@@ -176,3 +176,62 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"block_mask: rectangle \[0, 9\)"):
         bm.kind(0, 0, 0, 9, 0, 8)
     assert bm.kind(0, 0, 3, 3, 0, 8) == TileKind.EMPTY
+
+
+def test_and_kinds_on_single_tiles_agrees_with_the_array_rule() -> None:
+    """The scalar shortcut (one tile, TileKind ints) and the elementwise rule agree."""
+    import itertools
+
+    from flashmath.attention.mods import and_kinds
+
+    kinds = list(TileKind)
+    for n in (1, 2, 3):
+        for combo in itertools.product(kinds, repeat=n):
+            scalar = and_kinds(*combo)
+            array = and_kinds(*(np.array([k], np.uint8) for k in combo))
+            assert isinstance(scalar, TileKind) and int(scalar) == int(array[0]), combo
+
+
+def test_block_mask_calls_on_the_fast_path_take_square_fast_tiles() -> None:
+    """Block-mask calls on the fast loops tile by FAST_BLOCK_Q x FAST_BLOCK_Q multiples of
+    the mask's grid (measured fastest for document, window and causal masks); the accurate
+    loops keep the smaller default."""
+    from flashmath.attention import schedule
+
+    s = 2048
+    q = np.zeros((1, 2, s, 64), np.float32)
+    bm = create_block_mask(modlib.causal(s, s), None, None, s, s)
+    fast = schedule.Plan.build(q, q, q, block_mask=bm)
+    assert fast.fast and (fast.bq, fast.bk) == (schedule.FAST_BLOCK_Q, schedule.FAST_BLOCK_Q)
+    small = schedule.Plan.build(q[:, :, :64], q[:, :, :64], q[:, :, :64],
+                                block_mask=create_block_mask(modlib.causal(64, 64), None,
+                                                             None, 64, 64))
+    assert not small.fast and small.bq <= schedule.DEFAULT_BLOCK_Q
+
+
+@settings(max_examples=60, deadline=None)
+@given(which=st.sampled_from(["causal", "window", "document", "prefix", "sink"]),
+       q0=st.integers(0, 300), k0=st.integers(0, 300), nq=st.integers(1, 420),
+       nk=st.integers(1, 420), grid=st.sampled_from([16, 64, 128]),
+       use_block_mask=st.booleans())
+def test_a_partial_tile_is_masked_piecewise_exactly_as_whole(
+        which: str, q0: int, k0: int, nq: int, nk: int, grid: int,
+        use_block_mask: bool) -> None:
+    """Mods.apply classifies a PARTIAL tile's pieces (block-mask grid, or PIECE squares
+    by the mod's tile_kind) and calls the mod only on PARTIAL pieces: the -inf pattern is
+    the whole-tile mask's, for tiles at any offset and size."""
+    from flashmath.attention.mods import mask_tile
+
+    s = 768
+    ids = np.repeat(np.arange(6), s // 6)
+    mod = {"causal": modlib.causal(s, s), "window": modlib.sliding_window(s, s, 40, 3),
+           "document": modlib.document_mask(ids), "prefix": modlib.prefix_lm(100),
+           "sink": modlib.attention_sink(s, s, 4, 64)}[which]
+    nq, nk = min(nq, s - q0), min(nk, s - k0)
+    bm = (create_block_mask(mod, None, None, s, s, block_q=grid, block_k=grid)
+          if use_block_mask else None)
+    tile = np.zeros((nq, nk))
+    Mods(mask_mod=mod, block_mask=bm).apply(tile, 0, 0, q0, k0, TileKind.PARTIAL)
+    want = mask_tile(mod, 0, 0, q0, q0 + nq, k0, k0 + nk)
+    assert np.array_equal(np.isneginf(tile), ~want)
+    assert np.all(tile[want] == 0)

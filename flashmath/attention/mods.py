@@ -227,9 +227,18 @@ def _check_against_differences(score_mod: Any, s: np.ndarray, args: tuple[Any, .
                                         f"the mod is not analytic in the score")
 
 
+#: Rows x keys of the pieces a PARTIAL tile is classified in for a mask_mod with a
+#: ``tile_kind`` and no block mask (:meth:`Mods._mask`).
+PIECE = 128
+
+
 def and_kinds(*kinds: Any) -> Any:
     """The TileKind of an AND of masks (EMPTY if any is, FULL if all are, else PARTIAL);
     elementwise on arrays of TileKind values. Conservative: PARTIAL may hide an EMPTY."""
+    if all(isinstance(k, int) for k in kinds):  # one tile (TileKind is an int): no arrays
+        if TileKind.EMPTY in kinds:
+            return TileKind.EMPTY
+        return TileKind.FULL if all(k == TileKind.FULL for k in kinds) else TileKind.PARTIAL
     out = np.asarray(kinds[0], np.uint8)
     for k in kinds[1:]:
         k = np.asarray(k, np.uint8)
@@ -292,10 +301,59 @@ class Mods:
         if self.score_mod is not None:
             s = apply_score_mod(self.score_mod, s, b, h, q0, k0)
         if self.mask_mod is not None and kind == TileKind.PARTIAL:
-            nq, nk = s.shape
-            np.copyto(s, -np.inf, where=~mask_tile(self.mask_mod, b, h, q0, q0 + nq, k0,
-                                                   k0 + nk))
+            self._mask(s, b, h, q0, k0)
         return s
+
+    def _mask(self, s: np.ndarray, b: int, h: int, q0: int, k0: int) -> None:
+        """-inf where the mask_mod says no, on the PARTIAL tile s. Where the pieces of the
+        tile can be classified (:meth:`_pieces`), FULL pieces are left alone, EMPTY ones
+        filled, and the mod is called on the PARTIAL ones only (on a causal diagonal tile
+        of 512 x 512 that is 4 of 16 pieces): the same mask, a fraction of the work."""
+        mod = self.mask_mod
+        assert mod is not None
+        nq, nk = s.shape
+        pieces = self._pieces(b, h, q0, q0 + nq, k0, k0 + nk)
+        if pieces is None:
+            np.copyto(s, -np.inf, where=~mask_tile(mod, b, h, q0, q0 + nq, k0, k0 + nk))
+            return
+        rows, cols, kinds = pieces
+        empty = int(TileKind.EMPTY)
+        for i, j in zip(*np.nonzero(kinds != int(TileKind.FULL)), strict=True):
+            r0, r1, c0, c1 = rows[i], rows[i + 1], cols[j], cols[j + 1]
+            sub = s[r0 - q0 : r1 - q0, c0 - k0 : c1 - k0]
+            if kinds[i, j] == empty:
+                sub[...] = -np.inf
+            else:
+                np.copyto(sub, -np.inf, where=~mask_tile(mod, b, h, r0, r1, c0, c1))
+
+    def _pieces(self, b: int, h: int, q0: int, q1: int, k0: int, k1: int
+                ) -> tuple[list[int], list[int], np.ndarray] | None:
+        """(row bounds, column bounds, kinds) of the tile cut on the block mask's grid, or
+        into PIECE x PIECE squares for a mod with ``tile_kind``; None when the tile is one
+        piece or nothing classifies pieces. Each kind holds for its whole piece."""
+        bm = self.block_mask
+        tile_kind: Any = getattr(self.mask_mod, "tile_kind", None)
+        if bm is not None:
+            step_q, step_k = bm.block_q, bm.block_k
+        elif tile_kind is not None:
+            step_q = step_k = PIECE
+        else:
+            return None
+        if q1 - q0 <= step_q and k1 - k0 <= step_k:
+            return None
+        rows = [q0, *range((q0 // step_q + 1) * step_q, q1, step_q), q1]
+        cols = [k0, *range((k0 // step_k + 1) * step_k, k1, step_k), k1]
+        if bm is not None:  # a piece lies inside one cell of the grid: that cell's kind
+            grid = bm.kinds[b if bm.kinds.shape[0] != 1 else 0,
+                            h if bm.kinds.shape[1] != 1 else 0]
+            kinds = grid[np.ix_([r // step_q for r in rows[:-1]],
+                                [c // step_k for c in cols[:-1]])]
+        else:
+            r, c = np.array(rows), np.array(cols)
+            kinds = np.broadcast_to(np.asarray(tile_kind(
+                b, h, r[:-1, None], r[1:, None], c[None, :-1], c[None, 1:])),
+                (len(rows) - 1, len(cols) - 1))
+        return rows, cols, kinds
 
     def dense_mask(self, batch: int, heads: int, sq: int, sk: int) -> np.ndarray | None:
         """The mask_mod over every pair, (B, H, sq, sk) bool (positions from 0), or None:
