@@ -41,12 +41,14 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from flashmath.attention import threads, tiled
+from flashmath.attention.mods import at_query_positions
 from flashmath.attention.options import (
     Causal,
     Window,
     check_causal,
     check_finite,
     check_lengths,
+    check_mods,
     check_positive,
     check_qkv,
     check_shapes,
@@ -120,6 +122,7 @@ def flash_decode(
     scale: float | None = ..., softcap: float | None = ..., causal: Causal = ...,
     window: Window = ..., alibi_slopes: Any = ..., sinks: Any = ...,
     return_lse: Literal[False] = ..., cache_lengths: Any = ...,
+    score_mod: Any = ..., mask_mod: Any = ..., block_mask: Any = ...,
 ) -> np.ndarray: ...
 
 
@@ -130,6 +133,7 @@ def flash_decode(
     scale: float | None = ..., softcap: float | None = ..., causal: Causal = ...,
     window: Window = ..., alibi_slopes: Any = ..., sinks: Any = ...,
     return_lse: Literal[True], cache_lengths: Any = ...,
+    score_mod: Any = ..., mask_mod: Any = ..., block_mask: Any = ...,
 ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
@@ -151,6 +155,9 @@ def flash_decode(
     sinks: Any = None,
     return_lse: bool = False,
     cache_lengths: Any = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    block_mask: Any = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention of a few new queries to a KV cache, the keys split into ranges and merged.
 
@@ -181,6 +188,13 @@ def flash_decode(
     alibi_slopes : (H,) or (B, H) ALiBi slopes (distance to the bottom-right diagonal).
     sinks : (H,) attention-sink logits, counted once in each row's denominator.
     return_lse : also return lse, the merged natural-log log-sum-exp of each row.
+    score_mod, mask_mod : FlexAttention-style mods (:mod:`flashmath.attention.mods`) at
+        absolute positions: ``kv_idx`` is the key's cache position and ``q_idx`` the
+        query's position in its sequence, ``L_b - Sq + i`` for query i of entry b with L_b
+        its valid length after any append (``i`` with ``causal="top_left"``). They AND
+        with the other masks, as in :func:`flashmath.flash_attention`.
+    block_mask : a :func:`flashmath.create_block_mask` over (B|1, H|1, Sk, Sk), absolute
+        query and key positions up to the capacity Sk: its EMPTY tiles are skipped.
 
     Returns
     -------
@@ -232,12 +246,17 @@ def flash_decode(
             "softcap": None if softcap is None else check_positive(softcap, "softcap"),
             "window": check_window(window), "alibi_slopes": alibi_slopes}
     sink_logits = check_sinks(sinks, h)
+    mods = check_mods(score_mod, mask_mod, block_mask, b, h, sk, sk)
+    if mods is not None:  # q_idx: each query's position in its own sequence
+        offsets = np.zeros(b, np.int64) if alignment == "top_left" else lengths - sq
+        opts["score_mod"], opts["mask_mod"] = at_query_positions(
+            mods.score_mod, mods.mask_mod, mods.block_mask, offsets)
     out_dtype = q.dtype
     if alignment == "bottom_right" and sq == 1 and opts["window"] is None:
         alignment = None  # one query is the last token: it sees every valid key
     group = h // hk
     fold = (group > 1 and alignment is None and out_dtype != np.float32
-            and opts["window"] is None and alibi_slopes is None)
+            and opts["window"] is None and alibi_slopes is None and mods is None)
     if fold:  # (B, H, Sq, D) -> (B, H_kv, group * Sq, D): rows of one K/V head together
         q = q.reshape(b, hk, group * sq, d)
     span = int(lengths.max()) if b else 0

@@ -38,6 +38,7 @@ by its ``__name__`` for a wrong shape or dtype, a scalar result, or a mod that r
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Callable
@@ -55,6 +56,7 @@ __all__ = [
     "ScoreMod",
     "and_kinds",
     "apply_score_mod",
+    "at_query_positions",
     "mask_tile",
     "mod_name",
     "or_kinds",
@@ -225,6 +227,63 @@ def _check_against_differences(score_mod: Any, s: np.ndarray, args: tuple[Any, .
         raise _no_derivative(score_mod, f"at score {s[i, j]!r} the complex step gives "
                                         f"{g[i, j]!r} but a finite difference {fd[i, j]!r}; "
                                         f"the mod is not analytic in the score")
+
+
+def at_query_positions(score_mod: ScoreMod | None, mask_mod: MaskMod | None,
+                       block_mask: Any, offsets: np.ndarray
+                       ) -> tuple[ScoreMod | None, MaskMod | None]:
+    """(score_mod, mask_mod) as a kernel over local query rows must call them when row i of
+    batch entry b sits at absolute position ``offsets[b] + i`` (decoding: the new queries
+    are the last tokens of sequences of different lengths). ``q_idx`` is shifted per entry;
+    ``kv_idx`` is left alone. A ``block_mask`` (over absolute positions) becomes the
+    shifted mod's ``tile_kind``, so its EMPTY tiles are still skipped; a mod's own
+    ``tile_kind`` and ``dscore`` are shifted alike. The wrappers keep the mods' names, so
+    errors still name them."""
+    off = np.asarray(offsets, np.int64)
+    score_out = None if score_mod is None else _shift_score(score_mod, off)
+    if mask_mod is None:
+        return score_out, None
+    user = mask_mod
+
+    @functools.wraps(user)
+    def shifted(b: Any, h: Any, q_idx: np.ndarray, kv_idx: np.ndarray) -> Any:
+        return user(b, h, q_idx + off[b], kv_idx)
+
+    kinds: Any = getattr(user, "tile_kind", None)
+    if block_mask is not None:
+        kinds = _block_tile_kind(block_mask)
+    if kinds is not None:
+        def tile_kind(b: Any, h: Any, q0: Any, q1: Any, k0: Any, k1: Any) -> Any:
+            return kinds(b, h, np.asarray(q0) + off[b], np.asarray(q1) + off[b], k0, k1)
+        shifted.tile_kind = tile_kind  # type: ignore[attr-defined]
+    return score_out, shifted
+
+
+def _shift_score(score_mod: ScoreMod, off: np.ndarray) -> ScoreMod:
+    @functools.wraps(score_mod)
+    def shifted(score: np.ndarray, b: Any, h: Any, q_idx: np.ndarray, kv_idx: np.ndarray
+                ) -> Any:
+        return score_mod(score, b, h, q_idx + off[b], kv_idx)
+
+    dscore = getattr(score_mod, "dscore", None)
+    if dscore is not None:
+        shifted.dscore = (  # type: ignore[attr-defined]
+            lambda score, b, h, q_idx, kv_idx: dscore(score, b, h, q_idx + off[b], kv_idx))
+    return shifted
+
+
+def _block_tile_kind(block_mask: Any) -> Callable[..., Any]:
+    """A ``tile_kind(b, h, q0, q1, k0, k1)`` reading the block mask (scalar b, h; the
+    bounds may be arrays of rectangles)."""
+    def tile_kind(b: Any, h: Any, q0: Any, q1: Any, k0: Any, k1: Any) -> Any:
+        q0, q1, k0, k1 = np.broadcast_arrays(q0, q1, k0, k1)
+        out = np.empty(q0.shape, np.uint8)
+        for idx in np.ndindex(q0.shape):
+            out[idx] = block_mask.kind(int(b), int(h), int(q0[idx]), int(q1[idx]),
+                                       int(k0[idx]), int(k1[idx]))
+        return out
+
+    return tile_kind
 
 
 #: Rows x keys of the pieces a PARTIAL tile is classified in for a mask_mod with a
