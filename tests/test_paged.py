@@ -37,6 +37,22 @@ def test_gathered_keys_equal_the_contiguous_cache(page, start, stop):
     np.testing.assert_array_equal(got, kc[:, :, start:stop])
 
 
+@pytest.mark.parametrize("page", [8, 64, 96])  # one gather below _LOOP_PAGE, page by page above
+@pytest.mark.parametrize(("start", "stop"), [(0, 300), (37, 290), (64, 128), (299, 300)])
+@pytest.mark.parametrize("dtype", [None, np.float32])
+def test_gathered_keys_in_either_copy_path_and_cast_on_the_way(page, start, stop, dtype):
+    from flashmath.attention import paged
+
+    assert 8 < paged._LOOP_PAGE <= 64  # the page sizes above take both paths
+    rng = np.random.default_rng(page)
+    kc = rng.standard_normal((2, 3, 300, 5)).astype(np.float16)
+    table = _table(2, 300, page, rng)
+    pages = _paged_copy(kc, page, table, rng).astype(np.float16)  # a float16 cache
+    got = gather_keys(pages, table, start, stop, dtype)
+    assert got.dtype == (np.float16 if dtype is None else dtype) and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, kc[:, :, start:stop].astype(got.dtype))
+
+
 @pytest.mark.parametrize("page", [1, 4, 5, 16])
 @pytest.mark.parametrize("paged", [False, True])
 def test_append_writes_the_new_rows_at_each_length(page, paged):

@@ -283,7 +283,10 @@ def flash_decode(
         parts[i] = tiled.tiled_forward(q, ks, vs, kv_lengths=lengths, k_offset=a, k_total=sk,
                                        causal=alignment, **opts)
 
-    if len(ranges) > 1 and rows < threads.cores():  # idle cores: the ranges run on a thread each
+    # Ranges run on a thread each when cores would sit idle, and for a paged cache, whose
+    # ranges start with a gather of their pages (a copy as long as the attention itself at
+    # 32k keys): the gathers then run side by side too.
+    if len(ranges) > 1:
         threads.run_units(list(range(len(ranges))), part)
     else:
         for i in range(len(ranges)):
@@ -395,8 +398,8 @@ class _Cache:
         if self.table is None:
             return (self.k[:, :, a:z].astype(acc, copy=False),
                     self.v[:, :, a:z].astype(acc, copy=False))
-        return (gather_keys(self.k, self.table, a, z).astype(acc, copy=False),
-                gather_keys(self.v, self.table, a, z).astype(acc, copy=False))
+        return (gather_keys(self.k, self.table, a, z, acc),
+                gather_keys(self.v, self.table, a, z, acc))
 
 
 def _cuts(a: int, z: int, step: int) -> list[int]:

@@ -71,20 +71,42 @@ def check_block_table(block_table: Any, batch: int, num_pages: int, page_size: i
     return table
 
 
-def gather_keys(cache: np.ndarray, table: np.ndarray, start: int, stop: int) -> np.ndarray:
+def gather_keys(cache: np.ndarray, table: np.ndarray, start: int, stop: int,
+                dtype: Any = None) -> np.ndarray:
     """Key positions [start, stop) of every sequence as a contiguous (B, H_kv, stop - start,
-    D) array (a copy of the pages that hold them). Positions past a sequence's pages read
-    page 0 (callers mask them with lengths: they are never attended)."""
+    D) array in ``dtype`` (default the cache's): a copy of the pages that hold them. Pages of
+    _LOOP_PAGE positions or more are written one by one straight into place, cast on the
+    way (each element read once, written once); smaller ones are gathered at once and copied
+    into place (two copies, no Python loop per page). Positions past a sequence's pages
+    read page 0 (callers mask them with lengths: they are never attended)."""
     page = cache.shape[2]
     p0, p1 = start // page, -(-stop // page)
     pages = table[:, p0:p1]
     pages = np.where((pages >= 0) & (pages < cache.shape[0]), pages, 0)
     if pages.shape[1] < p1 - p0:  # the range runs past the table: padding pages
         pages = np.pad(pages, ((0, 0), (0, p1 - p0 - pages.shape[1])))
-    block = cache[pages]  # (B, n_pages, H_kv, page, D)
-    b, n, h, _, d = block.shape
-    keys = block.transpose(0, 2, 1, 3, 4).reshape(b, h, n * page, d)
-    return keys[:, :, start - p0 * page : stop - p0 * page]
+    b, h, d = table.shape[0], cache.shape[1], cache.shape[3]
+    out = np.empty((b, h, stop - start, d), cache.dtype if dtype is None else dtype)
+    if page < _LOOP_PAGE:  # many small pages: one gather, then one strided copy
+        whole = cache[pages]  # (B, n, H_kv, page, D)
+        n = pages.shape[1]
+        flat = whole.transpose(0, 2, 1, 3, 4).reshape(b, h, n * page, d)
+        out[...] = flat[:, :, start - p0 * page : stop - p0 * page]
+        return out
+    for i in range(b):
+        for n, pg in enumerate(pages[i].tolist()):
+            lo = max(start, (p0 + n) * page)  # this page's positions within [start, stop)
+            hi = min(stop, (p0 + n + 1) * page)
+            if lo < hi:
+                out[i, :, lo - start : hi - start] = cache[pg, :, lo - (p0 + n) * page :
+                                                           hi - (p0 + n) * page]
+    return out
+
+
+#: Pages of at least this many positions are copied one by one (one read, one write of
+#: each element); smaller ones in one fancy-indexed gather (the loop's per-page Python
+#: cost would dominate: 2048 pages of 16 at 32k positions).
+_LOOP_PAGE = 64
 
 
 def append_kv(k_cache: np.ndarray, v_cache: np.ndarray, k_new: Any, v_new: Any,
