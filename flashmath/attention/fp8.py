@@ -41,6 +41,7 @@ __all__ = [
     "quantize",
     "random_hadamard",
     "random_signs",
+    "tile_starts",
 ]
 
 #: Scale granularities of :func:`fp8_attention`: one scale per array, one per tile, none.
@@ -172,7 +173,9 @@ def dequantize(codes: Any, scales: Any) -> np.ndarray:
     return np.asarray(codes).astype(np.float32) * np.asarray(scales, dtype=np.float32)
 
 
-def _tile_starts(n: int, block: int, order: str) -> list[int]:
+def tile_starts(n: int, block: int, order: str) -> list[int]:
+    """The first key of each ``block``-key tile of ``n`` keys, in the order ``order`` (one
+    of KEY_ORDERS) in which :func:`fp8_attention` visits them."""
     starts = list(range(0, n, block))
     return starts[::-1] if order == "reverse" else starts
 
@@ -241,7 +244,7 @@ def fp8_attention(q: Any, k: Any, v: Any, *, dtype: Any = "float8_e4m3fn",
     l = np.zeros((*batch, sq_len, 1), np.float32)
     o = np.zeros((*batch, sq_len, va.shape[-1]), np.float32)
     ps = np.float32(p_scale)
-    for start in _tile_starts(sk_len, int(block_k), key_order):
+    for start in tile_starts(sk_len, int(block_k), key_order):
         cols = slice(start, start + int(block_k))
         s = (qc @ np.swapaxes(kc[..., cols, :], -1, -2)) * (sq * sk_t[..., cols]) * sm_scale
         if b is not None:

@@ -152,11 +152,9 @@ def _flushed_share(scores: np.ndarray, order: str, p_scale: float) -> float:
     """The share of non-sink probabilities that the kernel's P cast flushes to zero, in its
     own key order: tile by tile, p = exp(s - m) with m the running max so far (this tile
     included), as ``fp8.fp8_attention`` forms it; flushed = p > 0 but e4m3(p * p_scale) = 0."""
-    sk = scores.shape[-1]
-    starts = list(range(0, sk, BLOCK))
     m = np.full((*scores.shape[:-1], 1), -np.inf)
     flushed = 0
-    for start in starts if order == "forward" else starts[::-1]:
+    for start in fp8.tile_starts(scores.shape[-1], BLOCK, order):
         s = scores[..., start : start + BLOCK]
         m = np.maximum(m, s.max(axis=-1, keepdims=True))
         pt = np.exp(s - m).astype(np.float32)
