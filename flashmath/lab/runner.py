@@ -471,11 +471,7 @@ def _run_two_at_a_time(run: _Run, modules: dict[str, ModuleType], names: list[st
     while todo or helper.busy:
         if helper.busy is None and helper.alive and todo:
             name = todo.pop(0)
-            _started(run, name, process="helper")
-            try:
-                helper.send(modules[name].__name__, name, str((run.run_dir / name).resolve()),
-                            seed=seed, quick=quick)
-            except OSError:
+            if not _send(run, name, modules[name], helper, seed=seed, quick=quick):
                 todo.insert(0, name)  # it runs here below
         if todo:
             name = todo.pop(0)
@@ -502,12 +498,8 @@ def _run_in_helper(run: _Run, name: str, mod: ModuleType, helper: helper_process
     nothing recorded) when the helper is gone, so the caller runs it here."""
     if not helper.alive:
         return False
-    _started(run, name, process="helper")
     bar.set_description(name)
-    try:
-        helper.send(mod.__name__, name, str((run.run_dir / name).resolve()), seed=seed,
-                    quick=quick)
-    except OSError:
+    if not _send(run, name, mod, helper, seed=seed, quick=quick):
         return False
     while True:
         answer = helper.answer(0.1, progress=_progress_to(bar))
@@ -517,6 +509,19 @@ def _run_in_helper(run: _Run, name: str, mod: ModuleType, helper: helper_process
         if not helper.alive:
             helper.busy = None
             return False
+
+
+def _send(run: _Run, name: str, mod: ModuleType, helper: helper_process.Helper, *,
+          seed: int, quick: bool) -> bool:
+    """Start ``name`` in the helper (its entry marked running there); False when the helper
+    is gone, so the caller runs it here."""
+    _started(run, name, process="helper")
+    try:
+        helper.send(mod.__name__, name, str((run.run_dir / name).resolve()), seed=seed,
+                    quick=quick)
+    except OSError:
+        return False
+    return True
 
 
 def _progress_to(bar: Any) -> Any:
