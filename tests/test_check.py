@@ -47,14 +47,30 @@ def test_flashmath_passes_both_batteries(capsys, tmp_path) -> None:
 
 
 def test_torch_sdpa_passes_and_skips_only_what_it_cannot_express(capsys, tmp_path) -> None:
+    """torch SDPA passes every case it can express, except that in float32 a tiny problem
+    with large scores may land over 2x the naive NumPy baseline: there the max error is
+    decided by the float32 dot's summation order, which differs between torch's and
+    NumPy's BLAS kernels by machine (one machine: 'large logits' 3.9x, 'custom scale'
+    2.2x; another: none). Such a FAIL must then be a pure accuracy verdict, within 2x of
+    the PyTorch-style baseline (the same formula in torch ops), and nothing else fails."""
     pytest.importorskip("torch")
+    from flashmath.conformance.judge import OUT_LIMIT
+    from tests.attention_fuzz import torch_style_forward_error
+
     code, out, _, doc = _run(capsys, tmp_path, "attention", "torch")
-    assert code == 0, out
     assert _verdicts(doc, "SKIP") == _cases({"softcap", "ALiBi slopes", "attention sinks"}, ALL)
-    assert not _verdicts(doc, "FAIL") and not _verdicts(doc, "ERROR")
+    assert not _verdicts(doc, "ERROR")
+    cases = {c.id: c for c in testing.attention_battery()}
+    failed = [r for r in doc["results"] if r["verdict"] == "FAIL"]
+    for r in failed:
+        assert r["dtype"] == "float32" and r["nan_policy_ok"], r["message"]
+        torch_style = torch_style_forward_error(cases[f"{r['case']}[float32]"])
+        assert r["max_error"] <= OUT_LIMIT * max(torch_style, r["floor"]), r["message"]
     assert "SKIP: needs softcap (not declared by the impl)" in out
     assert "SKIP: needs alibi_slopes (not declared by the impl)" in out
-    assert out.rstrip().endswith("96 passed, 0 failed, 0 errors, 12 skipped: PASS")
+    n = len(failed)
+    summary = f"{96 - n} passed, {n} failed, 0 errors, 12 skipped: {'FAIL' if n else 'PASS'}"
+    assert out.rstrip().endswith(summary) and code == int(n > 0), out
 
 
 def test_torch_softmax_breaks_the_policy_only_on_fully_masked_rows(capsys, tmp_path) -> None:
