@@ -199,6 +199,23 @@ def test_fully_masked_rows_are_zero_with_lse_minus_inf_and_zero_grads():
         assert not torch.isnan(x).any()
 
 
+def test_padding_past_kv_lengths_is_never_read():
+    """Keys at or past kv_lengths may hold anything (a KV cache's unwritten slots): NaN
+    there changes nothing, and their dK, dV are exactly 0."""
+    opts = {"causal": True, "kv_lengths": [37, 20]}
+    case = ("padding", 2, 2, 1, 24, 48, 16, 16, opts)
+    q, k, v, dout = make_inputs(case, torch.float16)
+    clean = run_triton(q, k, v, dout, opts, (16, 16))
+    for b, n in enumerate(opts["kv_lengths"]):
+        k[b, :, n:] = float("nan")
+        v[b, :, n:] = float("nan")
+    out, lse, (dq, dk, dv) = run_triton(q, k, v, dout, opts, (16, 16))
+    for got, want in zip((out, lse, dq), clean[:2] + clean[2][:1], strict=True):
+        assert torch.equal(got, want)
+    assert (dk[0, :, 37:] == 0).all() and (dv[1, :, 20:] == 0).all()
+    assert torch.equal(dk[0, :, :37], clean[2][1][0, :, :37])
+
+
 def test_keys_no_query_sees_get_exactly_zero_gradients():
     # top-left causal, Sq < Sk: keys 24.. are seen by nobody (with or without a window)
     for opts in ({"causal": "top_left"}, {"causal": "top_left", "window": (2, 0)}):
@@ -356,7 +373,7 @@ def test_per_call_tiles_match_pinned_tiles_and_take_precedence():
     grads = torch.autograd.grad(out, (qs, ks, vs), dout)
     for a, b in zip((out, lse, *grads), (pinned[0], pinned[1], *pinned[2]), strict=True):
         assert torch.equal(a, b)
-    assert op._blocks(16, None) == op.Blocks(16, 32)  # the other side: the interpreter's
+    assert op.tile_sizes(16, None) == op.Blocks(16, 32)  # the other side: the interpreter's
 
 
 def test_import_without_triton_says_how_to_install(monkeypatch):
@@ -530,24 +547,26 @@ assert not K.INTERPRETED
 TENSORS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
 STATS = {"M2", "L2", "Delta", "DLse", "Alibi", "Sinks"}
 FLOATS = {"qk_scale", "cap_scale", "sm_scale"}
+INTS = {"KvLen", "CuQ", "CuK", "BlockTable"}
 def build(fn, consts, dt):
     sig = {n: "constexpr" if n in consts else f"*{dt}" if n in TENSORS else "*fp32" if n in STATS
-           else "*i32" if n == "KvLen" else "fp32" if n in FLOATS else "i32" for n in fn.arg_names}
+           else "*i32" if n in INTS else "fp32" if n in FLOATS else "i32" for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "num_stages": 2})
     return "wgmma" in k.asm["ptx"]
-# every option on with padded head dims (64-row tiles: wgmma); then none, bfloat16, top-left
+# every option on with padded head dims and packed sequences (64-row tiles: wgmma); then
+# none, bfloat16, top-left, and the forward over a paged cache
 for dt, dtype, d, dv, extras, block in (("fp16", tl.float16, 48, 24, True, 64),
                                         ("bf16", tl.bfloat16, 64, 64, False, 32)):
     c = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=64, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
              ALIGN_BOTTOM=extras, HAS_KV_LEN=extras, SOFTCAP=extras, HAS_ALIBI=extras,
-             PRECISION="tf32",
+             PRECISION="tf32", VARLEN=extras,
              DTYPE=dtype, DOT=dtype, BLOCK_M=block, BLOCK_N=block, LEAD=extras, TRAIL=True)
     for kernel in (K.attn_fwd, K.attn_bwd_dkdv, K.attn_bwd_dq):
         fn = kernel.fn if isinstance(kernel, Heuristics) else kernel  # the jit function
-        kc = dict(c, HAS_SINKS=extras) if "HAS_SINKS" in fn.arg_names else c
+        kc = dict(c, HAS_SINKS=extras, PAGE=0 if extras else 16) if "PAGE" in fn.arg_names else c
         print(dt, fn.__name__, "wgmma" if build(fn, kc, dt) else "no-wgmma")
     build(K.attn_bwd_preprocess, dict(HEAD_DIM_V=dv, BLOCK_DV=c["BLOCK_DV"], HAS_DLSE=True,
                                       BLOCK_M=64), dt)

@@ -181,6 +181,52 @@ def _query_blocks(n0, diag, win_left, win_right, kv_len, Sq, BLOCK_M: tl.constex
     return lo, full_lo, full_hi, hi
 
 
+@triton.jit
+def _sequence(CuQ, CuK, b, Sq, Sk, VARLEN: tl.constexpr):
+    """(q0, sq, k0, sk): where sequence b's query and key rows start and how many there are.
+    Padded tensors: (0, Sq, 0, Sk). Packed (VARLEN): read from cu_seqlens_q/k."""
+    if VARLEN:
+        q0 = tl.load(CuQ + b)
+        sq = tl.load(CuQ + b + 1) - q0
+        k0 = tl.load(CuK + b)
+        sk = tl.load(CuK + b + 1) - k0
+    else:
+        q0 = 0
+        sq = Sq
+        k0 = 0
+        sk = Sk
+    return q0, sq, k0, sk
+
+
+@triton.jit
+def _stat_row(b, h, H, Sq, q0, VARLEN: tl.constexpr):
+    """Offset of row 0 of (sequence b, head h) in M2/L2/Delta: (B, H, Sq) padded, (H,
+    total_q) packed (Sq is then total_q)."""
+    if VARLEN:
+        return h * Sq + q0
+    else:
+        return (b * H + h) * Sq
+
+
+@triton.jit
+def _key_rows(offs_n, key_ok, bt_base, stride_n, stride_page, PAGE: tl.constexpr):
+    """Offsets of key positions offs_n in K or V: offs_n * stride_n, or through the block
+    table with a paged cache (PAGE = page_size > 0): page bt[t // PAGE], row t % PAGE.
+    Table entries are read only where key_ok (past a sequence's pages they may be junk)."""
+    if PAGE == 0:
+        return offs_n * stride_n
+    else:
+        page = tl.load(bt_base + offs_n // PAGE, mask=key_ok, other=0)
+        return page.to(tl.int64) * stride_page + (offs_n % PAGE) * stride_n
+
+
+@triton.jit
+def _live(lo, full_lo, full_hi, hi, live):
+    """The tile range, emptied for a program past its sequence's end (live False)."""
+    return (tl.where(live, lo, 0), tl.where(live, full_lo, 0), tl.where(live, full_hi, 0),
+            tl.where(live, hi, 0))
+
+
 def _even(n: int, block: int) -> bool:
     return n % block == 0
 
@@ -190,14 +236,15 @@ def _even(n: int, block: int) -> bool:
 #: or right window edge, no kv_lengths, Sk a multiple of BLOCK_N).
 _key_runs = {
     "LEAD": lambda a: a["win_left"] < UNBOUNDED,
-    "TRAIL": lambda a: a["win_right"] < UNBOUNDED or a["HAS_KV_LEN"]
+    "TRAIL": lambda a: a["win_right"] < UNBOUNDED or a["HAS_KV_LEN"] or a["VARLEN"]
     or not _even(a["Sk"], a["BLOCK_N"]),
 }
 #: The same for dK/dV's walk over query blocks: leading with a right edge (causal), trailing
-#: with a left edge, kv_lengths, or lengths the tiles do not divide.
+#: with a left edge, kv_lengths, or lengths the tiles do not divide. Packed sequences
+#: (VARLEN) have lengths of their own: both walks keep the trailing run.
 _query_runs = {
     "LEAD": lambda a: a["win_right"] < UNBOUNDED,
-    "TRAIL": lambda a: a["win_left"] < UNBOUNDED or a["HAS_KV_LEN"]
+    "TRAIL": lambda a: a["win_left"] < UNBOUNDED or a["HAS_KV_LEN"] or a["VARLEN"]
     or not (_even(a["Sq"], a["BLOCK_M"]) and _even(a["Sk"], a["BLOCK_N"])),
 }
 
@@ -209,14 +256,15 @@ _query_runs = {
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               offs_m, blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sk, qk_scale, cap_scale,
-               alibi2,
+               offs_m, blk_lo, blk_hi, diag, win_left, win_right, kv_len, qk_scale, cap_scale,
+               alibi2, bt_base, stride_kp, stride_vp,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
                DTYPE: tl.constexpr,
-               DOT: tl.constexpr):
-    """The online-softmax loop over key blocks [blk_lo, blk_hi); returns (acc, l, m)."""
+               DOT: tl.constexpr, PAGE: tl.constexpr):
+    """The online-softmax loop over key blocks [blk_lo, blk_hi); returns (acc, l, m). Keys
+    at or past kv_len are never loaded (padding may hold anything, NaN included)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
@@ -224,9 +272,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
     for blk in tl.range(blk_lo, blk_hi):
         # -- scores of this tile, in log2 units; masked entries -> -inf -------------------
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        kT_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        key_ok = offs_n < kv_len
+        k_rows = _key_rows(offs_n, key_ok, bt_base, stride_kn, stride_kp, PAGE)
+        kT_ptrs = k_base + k_rows[None, :] + offs_d[:, None] * stride_kd
         if MASKED:
-            key_ok = offs_n < Sk
             kT = tl.load(kT_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
@@ -243,7 +292,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         alpha = tl.math.exp2(m_i - m_sub)  # rescales what was accumulated so far
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- acc <- acc * alpha + P V ---------------------------------------------------------
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        v_rows = _key_rows(offs_n, key_ok, bt_base, stride_vn, stride_vp, PAGE)
+        v_ptrs = v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd
         if MASKED:
             v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         else:
@@ -256,7 +306,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
 
 @triton.heuristics(_key_runs)
 @triton.jit
-def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi, Sinks,
+def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi, Sinks, CuQ, CuK, BlockTable, stride_bt,
              stride_qb, stride_qh, stride_qm, stride_qd,
              stride_kb, stride_kh, stride_kn, stride_kd,
              stride_vb, stride_vh, stride_vn, stride_vd,
@@ -267,14 +317,18 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi, Sinks,
              SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
              DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+             VARLEN: tl.constexpr, PAGE: tl.constexpr,
              LEAD: tl.constexpr, TRAIL: tl.constexpr):
-    """One program per (query block, batch * head): O, m2 and l2 of BLOCK_M query rows."""
+    """One program per (query block, batch * head): O, m2 and l2 of BLOCK_M query rows.
+    With VARLEN, b is a packed sequence (rows from cu_seqlens); with PAGE > 0, K and V are
+    a paged cache (num_pages, H_kv, PAGE, D) read through BlockTable (B, max_pages)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hkv = h // GROUP  # GQA: query head h reads K/V head h // (H / H_kv)
-    kv_len, diag = _diagonal(KvLen, b, Sk, Sq, HAS_KV_LEN, ALIGN_BOTTOM)
+    q0, sq, k0, sk = _sequence(CuQ, CuK, b, Sq, Sk, VARLEN)
+    kv_len, diag = _diagonal(KvLen, b, sk, sq, HAS_KV_LEN, ALIGN_BOTTOM)
     alibi2 = 0.0
     if HAS_ALIBI:  # slope * log2(e) of (b, h)
         alibi2 = tl.load(Alibi + bh)
@@ -285,38 +339,44 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi, Sinks,
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
     dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
-    row_ok = offs_m < Sq
-    q = tl.load(Q + b * stride_qb + h * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    row_ok = offs_m < sq
+    q_base = Q + b * stride_qb + h * stride_qh + q0 * stride_qm
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
-    k_base = K + b * stride_kb + hkv * stride_kh
-    v_base = V + b * stride_vb + hkv * stride_vh
+    if PAGE == 0:
+        k_base = K + b * stride_kb + hkv * stride_kh + k0 * stride_kn
+        v_base = V + b * stride_vb + hkv * stride_vh + k0 * stride_vn
+        bt_base = BlockTable  # unused (None)
+    else:  # stride_kb / stride_vb step over pages
+        k_base = K + hkv * stride_kh
+        v_base = V + hkv * stride_vh
+        bt_base = BlockTable + b * stride_bt
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_blocks(m0, diag, win_left, win_right, kv_len,
-                                           BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _live(*_key_blocks(m0, diag, win_left, win_right, kv_len,
+                                                  BLOCK_M, BLOCK_N), m0 < sq)
     # -- leading boundary tiles, whole tiles, trailing boundary tiles ---------------------
     if LEAD:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                    stride_vn, stride_vd, offs_m, lo, full_lo, diag, win_left,
-                                   win_right, kv_len, Sk, qk_scale, cap_scale, alibi2, HEAD_DIM,
-                                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP, HAS_ALIBI,
-                                   PRECISION, DTYPE, DOT)
+                                   win_right, kv_len, qk_scale, cap_scale, alibi2, bt_base,
+                                   stride_kb, stride_vb, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                   BLOCK_DV, BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE,
+                                   DOT, PAGE)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                stride_vn, stride_vd, offs_m, full_lo, full_hi, diag, win_left,
-                               win_right, kv_len, Sk, qk_scale, cap_scale, alibi2, HEAD_DIM,
-                               HEAD_DIM_V,
-                               BLOCK_D, BLOCK_DV, BLOCK_N, False, SOFTCAP, HAS_ALIBI, PRECISION,
-                               DTYPE,
-                               DOT)
+                               win_right, kv_len, qk_scale, cap_scale, alibi2, bt_base,
+                               stride_kb, stride_vb, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                               BLOCK_N, False, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT, PAGE)
     if TRAIL:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                    stride_vn, stride_vd, offs_m, full_hi, hi, diag, win_left,
-                                   win_right, kv_len, Sk, qk_scale, cap_scale, alibi2, HEAD_DIM,
-                                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, SOFTCAP, HAS_ALIBI,
-                                   PRECISION, DTYPE, DOT)
+                                   win_right, kv_len, qk_scale, cap_scale, alibi2, bt_base,
+                                   stride_kb, stride_vb, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                   BLOCK_DV, BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE,
+                                   DOT, PAGE)
 
     # -- an attention sink: one more logit in the denominator, with no value ---------------
     if HAS_SINKS:
@@ -331,10 +391,10 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi, Sinks,
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(M2 + bh * Sq + offs_m, m_i, mask=row_ok)
-    tl.store(L2 + bh * Sq + offs_m, tl.where(empty, float("-inf"), tl.math.log2(l_safe)),
-             mask=row_ok)
-    tl.store(Out + b * stride_ob + h * stride_oh
+    stat = _stat_row(b, h, H, Sq, q0, VARLEN) + offs_m
+    tl.store(M2 + stat, m_i, mask=row_ok)
+    tl.store(L2 + stat, tl.where(empty, float("-inf"), tl.math.log2(l_safe)), mask=row_ok)
+    tl.store(Out + b * stride_ob + h * stride_oh + q0 * stride_om
              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(DTYPE), mask=row_ok[:, None] & dv_ok[None, :])
 
@@ -427,7 +487,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
 
 @triton.heuristics(_query_runs)
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi,
+def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
@@ -439,16 +499,18 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi,
                   BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
                   DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_ALIBI: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
                   LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (key block, batch * K/V head): dK, dV of BLOCK_N keys, summed over
-    the GROUP query heads that share this K/V head, in registers (deterministic)."""
+    the GROUP query heads that share this K/V head, in registers (deterministic). Keys at
+    or past kv_len are never loaded and get dK = dV = 0."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     H_kv = H // GROUP
     b = bhk // H_kv
     hkv = bhk % H_kv
-    kv_len, diag = _diagonal(KvLen, b, Sk, Sq, HAS_KV_LEN, ALIGN_BOTTOM)
+    q0, sq, k0, sk = _sequence(CuQ, CuK, b, Sq, Sk, VARLEN)
+    kv_len, diag = _diagonal(KvLen, b, sk, sq, HAS_KV_LEN, ALIGN_BOTTOM)
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -456,37 +518,38 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi,
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
     dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
-    key_ok = offs_n < Sk
-    k = tl.load(K + b * stride_kb + hkv * stride_kh
-                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    key_ok = offs_n < kv_len
+    k_off = b * stride_kb + hkv * stride_kh + k0 * stride_kn
+    v_off = b * stride_vb + hkv * stride_vh + k0 * stride_vn
+    k = tl.load(K + k_off + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=key_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
-    v = tl.load(V + b * stride_vb + hkv * stride_vh
-                + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+    v = tl.load(V + v_off + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=key_ok[:, None] & dv_ok[None, :], other=0.0).to(DOT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _query_blocks(n0, diag, win_left, win_right, kv_len, Sq,
-                                             BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _live(*_query_blocks(n0, diag, win_left, win_right, kv_len, sq,
+                                                    BLOCK_M, BLOCK_N), n0 < kv_len)
     for g in range(GROUP):
         h = hkv * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        m_base = M2 + (b * H + h) * Sq
-        l_base = L2 + (b * H + h) * Sq
-        delta_base = Delta + (b * H + h) * Sq
+        q_base = Q + b * stride_qb + h * stride_qh + q0 * stride_qm
+        do_base = DO + b * stride_dob + h * stride_doh + q0 * stride_dom
+        stat = _stat_row(b, h, H, Sq, q0, VARLEN)
+        m_base = M2 + stat
+        l_base = L2 + stat
+        delta_base = Delta + stat
         alibi2 = 0.0
         if HAS_ALIBI:
             alibi2 = tl.load(Alibi + b * H + h)
         if LEAD:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, lo,
-                                 full_lo, diag, win_left, win_right, kv_len, Sq, qk_scale,
+                                 full_lo, diag, win_left, win_right, kv_len, sq, qk_scale,
                                  cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
                                  BLOCK_M,
                                  True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                              stride_qm, stride_qd, stride_dom, stride_dod, offs_n, full_lo,
-                             full_hi, diag, win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
+                             full_hi, diag, win_left, win_right, kv_len, sq, qk_scale, cap_scale,
                              alibi2,
                              HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, SOFTCAP,
                              HAS_ALIBI,
@@ -494,24 +557,24 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi,
         if TRAIL:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, full_hi,
-                                 hi, diag, win_left, win_right, kv_len, Sq, qk_scale, cap_scale,
+                                 hi, diag, win_left, win_right, kv_len, sq, qk_scale, cap_scale,
                                  alibi2,
                                  HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, True, SOFTCAP,
                                  HAS_ALIBI,
                                  PRECISION, DTYPE, DOT)
 
     dk *= sm_scale
-    tl.store(DK + b * stride_dkb + hkv * stride_dkh
+    tl.store(DK + b * stride_dkb + hkv * stride_dkh + k0 * stride_dkn
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DTYPE), mask=key_ok[:, None] & d_ok[None, :])
-    tl.store(DV + b * stride_dvb + hkv * stride_dvh
+             dk.to(DTYPE), mask=(offs_n < sk)[:, None] & d_ok[None, :])
+    tl.store(DV + b * stride_dvb + hkv * stride_dvh + k0 * stride_dvn
              + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-             dv.to(DTYPE), mask=key_ok[:, None] & dv_ok[None, :])
+             dv.to(DTYPE), mask=(offs_n < sk)[:, None] & dv_ok[None, :])
 
 
 @triton.jit
 def _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
-              stride_vd, offs_m, blk_lo, blk_hi, diag, win_left, win_right, kv_len, Sk,
+              stride_vd, offs_m, blk_lo, blk_hi, diag, win_left, win_right, kv_len,
               qk_scale, cap_scale, alibi2,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
@@ -528,7 +591,7 @@ def _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, st
         kT_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (BD, BN)
         vT_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
         if MASKED:
-            key_ok = offs_n < Sk
+            key_ok = offs_n < kv_len
             kT = tl.load(kT_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0).to(DOT)
             vT = tl.load(vT_ptrs, mask=dv_ok[:, None] & key_ok[None, :], other=0.0).to(DOT)
         else:
@@ -551,7 +614,7 @@ def _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, st
 
 @triton.heuristics(_key_runs)
 @triton.jit
-def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen, Alibi,
+def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
@@ -562,7 +625,7 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen, Alibi,
                 BLOCK_DV: tl.constexpr, ALIGN_BOTTOM: tl.constexpr, HAS_KV_LEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
                 DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_ALIBI: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
                 LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (query block, batch * head): dQ of BLOCK_M rows (no atomics)."""
     pid_m = tl.program_id(0)
@@ -570,7 +633,8 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen, Alibi,
     b = bh // H
     h = bh % H
     hkv = h // GROUP
-    kv_len, diag = _diagonal(KvLen, b, Sk, Sq, HAS_KV_LEN, ALIGN_BOTTOM)
+    q0, sq, k0, sk = _sequence(CuQ, CuK, b, Sq, Sk, VARLEN)
+    kv_len, diag = _diagonal(KvLen, b, sk, sq, HAS_KV_LEN, ALIGN_BOTTOM)
     alibi2 = 0.0
     if HAS_ALIBI:
         alibi2 = tl.load(Alibi + bh)
@@ -581,42 +645,43 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen, Alibi,
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
     dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
-    row_ok = offs_m < Sq
-    q = tl.load(Q + b * stride_qb + h * stride_qh
+    row_ok = offs_m < sq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + q0 * stride_qm
                 + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
-    do = tl.load(DO + b * stride_dob + h * stride_doh
+    do = tl.load(DO + b * stride_dob + h * stride_doh + q0 * stride_dom
                  + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(DOT)
-    m2 = tl.load(M2 + bh * Sq + offs_m, mask=row_ok, other=0.0)
-    l2 = tl.load(L2 + bh * Sq + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + hkv * stride_kh
-    v_base = V + b * stride_vb + hkv * stride_vh
+    stat = _stat_row(b, h, H, Sq, q0, VARLEN) + offs_m
+    m2 = tl.load(M2 + stat, mask=row_ok, other=0.0)
+    l2 = tl.load(L2 + stat, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + hkv * stride_kh + k0 * stride_kn
+    v_base = V + b * stride_vb + hkv * stride_vh + k0 * stride_vn
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_blocks(m0, diag, win_left, win_right, kv_len,
-                                           BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _live(*_key_blocks(m0, diag, win_left, win_right, kv_len,
+                                                  BLOCK_M, BLOCK_N), m0 < sq)
     if LEAD:
         dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd,
                        stride_vn, stride_vd, offs_m, lo, full_lo, diag, win_left, win_right,
-                       kv_len, Sk, qk_scale, cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                       kv_len, qk_scale, cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
                        BLOCK_DV,
                        BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
     dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                   stride_vd, offs_m, full_lo, full_hi, diag, win_left, win_right, kv_len, Sk,
+                   stride_vd, offs_m, full_lo, full_hi, diag, win_left, win_right, kv_len,
                    qk_scale, cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
                    False,
                    SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
     if TRAIL:
         dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd,
                        stride_vn, stride_vd, offs_m, full_hi, hi, diag, win_left, win_right,
-                       kv_len, Sk, qk_scale, cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                       kv_len, qk_scale, cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
                        BLOCK_DV,
                        BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
 
     dq *= sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqm
              + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DTYPE), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -665,7 +730,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 #: What a tuned config is kept for: causal and windowed calls (win_*) tune apart from full ones.
 _TUNE_KEY = ["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "ALIGN_BOTTOM", "HAS_KV_LEN", "SOFTCAP",
-             "HAS_ALIBI", "GROUP", "win_left", "win_right"]
+             "HAS_ALIBI", "GROUP", "win_left", "win_right", "VARLEN", "PAGE"]
 
 attn_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_TUNE_KEY,
                                  prune_configs_by={"early_config_prune": _prune})(attn_fwd)

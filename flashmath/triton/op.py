@@ -1,5 +1,9 @@
 """``flash_attention`` on torch tensors: validation, kernel launches, the autograd Function.
 
+The launches (:func:`forward`, :func:`attend`, :class:`Layout`) and the argument checks are
+shared with the packed (``varlen.py``) and KV-cache (``decode.py``) entry points, which only
+describe where their rows live.
+
 The option rules and their messages are the NumPy API's (:mod:`flashmath.attention.options`:
 the shape rule, causal, window, lengths, scale, softcap) and the band is
 :func:`flashmath.attention.masks.band`; only what the kernels add (tensor type, device,
@@ -38,7 +42,24 @@ from flashmath.attention.options import (
 )
 from flashmath.triton import kernels
 
-__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "Blocks", "fixed_blocks", "flash_attention"]
+__all__ = [
+    "MAX_HEAD_DIM",
+    "SUPPORTED_DTYPES",
+    "Blocks",
+    "Layout",
+    "attend",
+    "check_alibi",
+    "check_head_dims",
+    "check_sink_tensor",
+    "check_tensors",
+    "fixed_blocks",
+    "flash_attention",
+    "forward",
+    "host_ints",
+    "make_spec",
+    "sink_logits2",
+    "tile_sizes",
+]
 
 #: Input dtypes the kernels take; float32 runs exact float32 dots (no TF32), slower.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,7 +113,7 @@ def fixed_blocks(block_q: int, block_k: int) -> Iterator[Blocks]:
         _pinned = previous
 
 
-def _blocks(block_q: int | None = None, block_k: int | None = None) -> Blocks | None:
+def tile_sizes(block_q: int | None = None, block_k: int | None = None) -> Blocks | None:
     """The tiles a call uses: its own ``block_q`` / ``block_k`` (a side left None takes the
     pinned or interpreter size, else 64), pinned ones, the interpreter's, or None (autotune)."""
     default = _pinned or (_INTERPRETER_BLOCKS if kernels.INTERPRETED else None)
@@ -138,10 +159,68 @@ class _Spec:
         return self.softcap * kernels.LOG2E, self.scale / self.softcap
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a call's rows live, for the kernels: padded (B, H, S, D) tensors (the
+    default), packed sequences (``cu_q``/``cu_k``: flash_attn_varlen_func's (total, H, D)
+    tensors and (B + 1,) int32 prefix sums) or a paged K/V cache (``table``: (B, max_pages)
+    int32, ``page`` > 0 rows per page, the cache (num_pages, H_kv, page, D)).
+
+    batch: B (sequences); heads/kv_heads: H, H_kv; sq/sk: the kernels' Sq and Sk (rows
+    and keys per sequence, the cache's capacity when paged; total_q/total_k when packed);
+    max_q/max_k: the longest sequence, which sizes the launch grids."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    sq: int
+    sk: int
+    max_q: int
+    max_k: int
+    cu_q: torch.Tensor | None = None
+    cu_k: torch.Tensor | None = None
+    table: torch.Tensor | None = None
+    page: int = 0
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_q is not None
+
+    @classmethod
+    def padded(cls, q: torch.Tensor, k: torch.Tensor) -> Layout:
+        B, H, Sq, _ = q.shape
+        return cls(B, H, k.shape[1], Sq, k.shape[2], Sq, k.shape[2])
+
+    def strides(self, t: torch.Tensor, keys: bool = False) -> tuple[int, ...]:
+        """(batch, head, row, dim) strides of t: packed tensors (total, H, D) step over
+        sequences by cu_seqlens, not a stride (0); a paged cache's first stride is its
+        page stride."""
+        if self.packed:
+            return (0, t.stride(1), t.stride(0), t.stride(2))
+        return tuple(t.stride())
+
+    def rows(self, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An empty output: (B, H, Sq, d), or (total_q, H, d) when packed."""
+        shape = (self.sq, self.heads, d) if self.packed else (self.batch, self.heads, self.sq, d)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def stats(self, device: torch.device) -> torch.Tensor:
+        """An empty float32 per-row statistic: (B, H, Sq), or (H, total_q) when packed."""
+        shape = (self.heads, self.sq) if self.packed else (self.batch, self.heads, self.sq)
+        return torch.empty(shape, dtype=torch.float32, device=device)
+
+    def pointers(self) -> tuple[Any, ...]:
+        """CuQ, CuK (the kernels' varlen arguments; None when padded)."""
+        return self.cu_q, self.cu_k
+
+    def consts(self) -> dict[str, Any]:
+        return {"VARLEN": self.packed}
+
+
 def _consts(q: torch.Tensor, v: torch.Tensor, spec: _Spec, kv_len: torch.Tensor | None,
-            alibi: torch.Tensor | None = None) -> dict[str, Any]:
+            alibi: torch.Tensor | None, layout: Layout) -> dict[str, Any]:
     d, dv = q.shape[-1], v.shape[-1]
-    return {
+    return layout.consts() | {
         "HEAD_DIM": d,
         "HEAD_DIM_V": dv,
         "BLOCK_D": max(16, triton.next_power_of_2(d)),
@@ -157,54 +236,66 @@ def _consts(q: torch.Tensor, v: torch.Tensor, spec: _Spec, kv_len: torch.Tensor 
     }
 
 
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor | None,
-             alibi: torch.Tensor | None, sinks2: torch.Tensor | None, spec: _Spec,
-             blocks: Blocks | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out (B, H, Sq, Dv) in q's dtype, m2 and l2 (B, H, Sq) float32): each row's max score
-    and log2 of its softmax denominator, in log2 units (kernels.py: why they stay apart)."""
-    B, H, Sq, _ = q.shape
-    H_kv, Sk = k.shape[1], k.shape[2]
-    out = q.new_empty((B, H, Sq, v.shape[-1]))
-    m2 = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
-    l2 = torch.empty_like(m2)
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor | None,
+            alibi: torch.Tensor | None, sinks2: torch.Tensor | None, spec: _Spec,
+            blocks: Blocks | None, layout: Layout,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out in q's dtype, m2 and l2 float32), shaped as ``layout`` says ((B, H, Sq, Dv) and
+    (B, H, Sq) padded): each row's max score and log2 of its softmax denominator, in log2
+    units (kernels.py: why they stay apart). The launch shared by every Triton entry point."""
+    L = layout
+    out = L.rows(v.shape[-1], q.dtype, q.device)
+    m2, l2 = L.stats(q.device), L.stats(q.device)
     qk_scale, cap_scale = spec.scalars()
-    _launch(kernels.attn_fwd, kernels.attn_fwd_tuned, blocks, Sq, "BLOCK_M", B * H,
-            q, k, v, out, m2, l2, kv_len, alibi, sinks2,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            H, H // H_kv, Sq, Sk, qk_scale, cap_scale, spec.win_left, spec.win_right,
-            HAS_SINKS=sinks2 is not None, **_consts(q, v, spec, kv_len, alibi))
+    table = L.table
+    _launch(kernels.attn_fwd, kernels.attn_fwd_tuned, blocks, L.max_q, "BLOCK_M",
+            L.batch * L.heads,
+            q, k, v, out, m2, l2, kv_len, alibi, sinks2, *L.pointers(), table,
+            0 if table is None else table.stride(0),
+            *L.strides(q), *L.strides(k), *L.strides(v), *L.strides(out),
+            L.heads, L.heads // L.kv_heads, L.sq, L.sk, qk_scale, cap_scale, spec.win_left,
+            spec.win_right, HAS_SINKS=sinks2 is not None, PAGE=L.page,
+            **_consts(q, v, spec, kv_len, alibi, L))
     return out, m2, l2
 
 
 def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor, out: torch.Tensor, m2: torch.Tensor, l2: torch.Tensor,
               kv_len: torch.Tensor | None, alibi: torch.Tensor | None, spec: _Spec,
-              blocks: Blocks | None,
+              blocks: Blocks | None, layout: Layout,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, Delta): the Delta preprocess (rowsum(dO * O) - dlse, (B, H, Sq)), then
+    """(dq, dk, dv, Delta): the Delta preprocess (rowsum(dO * O) - dlse, shaped as m2), then
     the dK/dV and dQ passes (no atomics)."""
-    B, H, Sq, _ = q.shape
-    H_kv, Sk = k.shape[1], k.shape[2]
-    consts = _consts(q, v, spec, kv_len, alibi)
+    L = layout
+    consts = _consts(q, v, spec, kv_len, alibi, L)
     delta = torch.empty_like(m2)
-    if Sq and B * H:
-        kernels.attn_bwd_preprocess[(triton.cdiv(Sq, 64), B * H)](
-            out, do, dlse, delta, *out.stride(), *do.stride(), H, Sq,
+    # Delta is per row: packed rows are one sequence of total_q rows to the preprocess
+    rows, bh = (L.sq, L.heads) if L.packed else (L.sq, L.batch * L.heads)
+    if rows and bh:
+        kernels.attn_bwd_preprocess[(triton.cdiv(rows, 64), bh)](
+            out, do, dlse, delta, *L.strides(out), *L.strides(do), L.heads, rows,
             HEAD_DIM_V=consts["HEAD_DIM_V"], BLOCK_DV=consts["BLOCK_DV"],
             HAS_DLSE=dlse is not None, BLOCK_M=64)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qk_scale, cap_scale = spec.scalars()
-    scalars = (H, H // H_kv, Sq, Sk, qk_scale, cap_scale, spec.scale, spec.win_left,
-               spec.win_right)
-    _launch(kernels.attn_bwd_dkdv, kernels.attn_bwd_dkdv_tuned, blocks, Sk, "BLOCK_N", B * H_kv,
-            q, k, v, do, dk, dv, m2, l2, delta, kv_len, alibi,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            *scalars, **consts)
-    _launch(kernels.attn_bwd_dq, kernels.attn_bwd_dq_tuned, blocks, Sq, "BLOCK_M", B * H,
-            q, k, v, do, dq, m2, l2, delta, kv_len, alibi,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+    scalars = (L.heads, L.heads // L.kv_heads, L.sq, L.sk, qk_scale, cap_scale, spec.scale,
+               spec.win_left, spec.win_right)
+    _launch(kernels.attn_bwd_dkdv, kernels.attn_bwd_dkdv_tuned, blocks, L.max_k, "BLOCK_N",
+            L.batch * L.kv_heads,
+            q, k, v, do, dk, dv, m2, l2, delta, kv_len, alibi, *L.pointers(),
+            *L.strides(q), *L.strides(k), *L.strides(v), *L.strides(do), *L.strides(dk),
+            *L.strides(dv), *scalars, **consts)
+    _launch(kernels.attn_bwd_dq, kernels.attn_bwd_dq_tuned, blocks, L.max_q, "BLOCK_M",
+            L.batch * L.heads,
+            q, k, v, do, dq, m2, l2, delta, kv_len, alibi, *L.pointers(),
+            *L.strides(q), *L.strides(k), *L.strides(v), *L.strides(do), *L.strides(dq),
             *scalars, **consts)
     return dq, dk, dv, delta
+
+
+def sink_logits2(sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels' form of the sinks: sinks * log2(e), float32, contiguous."""
+    return None if sinks is None else (sinks.detach().float() * kernels.LOG2E).contiguous()
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -215,12 +306,11 @@ class _FlashAttention(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 sinks: torch.Tensor | None, kv_len: torch.Tensor | None,
                 alibi: torch.Tensor | None, spec: _Spec, blocks: Blocks | None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         # the backward tiles as the forward did
-        sinks2 = None if sinks is None else (sinks.detach().float() * kernels.LOG2E).contiguous()
-        out, m2, l2 = _forward(q, k, v, kv_len, alibi, sinks2, spec, blocks)
+        out, m2, l2 = forward(q, k, v, kv_len, alibi, sink_logits2(sinks), spec, blocks, layout)
         ctx.save_for_backward(q, k, v, out, m2, l2, kv_len, alibi, sinks)
-        ctx.spec, ctx.blocks = spec, blocks
+        ctx.spec, ctx.blocks, ctx.layout = spec, blocks, layout
         ctx.set_materialize_grads(False)
         return out, (m2 + l2) * _LN2  # users get the natural log, as every backend
 
@@ -232,15 +322,26 @@ class _FlashAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
+        layout = ctx.layout
         dq, dk, dv, delta = _backward(dout, dlse, q, k, v, out, m2, l2, kv_len, alibi,
-                                      ctx.spec, ctx.blocks)
+                                      ctx.spec, ctx.blocks, layout)
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             # d out / d sink = -p_sink out, d lse / d sink = p_sink: dsink = -sum p_sink Delta
             # (Delta = rowsum(dO * O) - dlse), p_sink = exp(sink - lse)
-            p_sink = torch.exp(sinks.float()[None, :, None] - (m2 + l2) * _LN2)
-            dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
-        return dq, dk, dv, dsinks, None, None, None, None
+            per_head = sinks.float()[:, None] if layout.packed else sinks.float()[None, :, None]
+            p_sink = torch.exp(per_head - (m2 + l2) * _LN2)
+            rows = (1,) if layout.packed else (0, 2)
+            dsinks = -(p_sink * delta).sum(dim=rows).to(sinks.dtype)
+        return dq, dk, dv, dsinks, None, None, None, None, None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+           kv_len: torch.Tensor | None, alibi: torch.Tensor | None, spec: _Spec,
+           blocks: Blocks | None, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse), differentiable in q, k, v, sinks and through lse: the autograd entry
+    point of every differentiable Triton API (validated arguments, kernel forms)."""
+    return _FlashAttention.apply(q, k, v, sinks, kv_len, alibi, spec, blocks, layout)
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,46 +403,70 @@ def flash_attention(
 
     Raises TypeError / ValueError naming the argument and the shapes it got.
     """
-    spec, kv_len = _validate(q, k, v, causal, window, kv_lengths, softcap, scale)
-    alibi = _alibi(alibi_slopes, q)
-    sinks = _sinks(sinks, q)
-    blocks = _blocks(block_q, block_k)
-    out, lse = _FlashAttention.apply(q, k, v, sinks, kv_len, alibi, spec, blocks)
+    check_tensors(("q", q), ("k", k), ("v", v))
+    check_shapes(q, k, v)
+    check_head_dims(q.shape[3], v.shape[3], f"q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                                            f"v {tuple(v.shape)}")
+    spec = make_spec(q.shape[3], causal, window, softcap, scale)
+    kv_len = _kv_lengths(kv_lengths, q.shape[0], k.shape[2], q.device)
+    alibi = check_alibi(alibi_slopes, q.shape[0], q.shape[1], q.device)
+    sinks = check_sink_tensor(sinks, q.shape[1], q.device)
+    blocks = tile_sizes(block_q, block_k)
+    out, lse = attend(q, k, v, sinks, kv_len, alibi, spec, blocks, Layout.padded(q, k))
     return (out, lse) if return_lse else out
 
 
-def _validate(q: Any, k: Any, v: Any, causal: Any, window: Any, kv_lengths: Any, softcap: Any,
-              scale: Any) -> tuple[_Spec, torch.Tensor | None]:
-    """Check every argument; return the kernel spec and kv_lengths as int32 on q's device."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+# ---------------------------------------------------------------------------------------
+# Validation shared by every Triton entry point (flash_attention, the varlen and decode APIs)
+# ---------------------------------------------------------------------------------------
+
+
+def check_tensors(*named: tuple[str, Any]) -> None:
+    """Each (name, value) is a torch.Tensor, all on one device that the kernels can use, the
+    first of a dtype they take. Errors name the argument."""
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    check_shapes(q, k, v)
-    if q.dtype not in SUPPORTED_DTYPES:
+    (first, t0), devices = named[0], {t.device for _, t in named}
+    if t0.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"q: dtype {q.dtype} is not supported by flashmath.triton (float16, bfloat16, "
-            f"float32); flashmath.flash_attention (NumPy) takes float64")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v: must be on one device; got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not kernels.INTERPRETED:
+            f"{first}: dtype {t0.dtype} is not supported by flashmath.triton (float16, "
+            f"bfloat16, float32); flashmath's NumPy functions take float64")
+    if len(devices) > 1:
+        raise ValueError(f"{', '.join(n for n, _ in named)}: must be on one device; got "
+                         f"{', '.join(str(t.device) for _, t in named)}")
+    if t0.device.type != "cuda" and not kernels.INTERPRETED:
         raise ValueError(
-            f"q: the Triton kernels need CUDA tensors, got a tensor on {q.device} (for tests, "
-            f"TRITON_INTERPRET=1 before importing flashmath.triton runs Triton's CPU interpreter)")
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    for name, d in (("head_dim (q, k)", q.shape[3]), ("head_dim (v)", v.shape[3])):
-        if not 1 <= d <= MAX_HEAD_DIM:
-            raise ValueError(f"{name}: flashmath.triton supports 1 .. {MAX_HEAD_DIM}, got {d}: "
-                             f"{shapes}")
+            f"{first}: the Triton kernels need CUDA tensors, got a tensor on {t0.device} (for "
+            f"tests, TRITON_INTERPRET=1 before importing flashmath.triton runs Triton's CPU "
+            f"interpreter)")
+
+
+def check_head_dims(d: int, dv: int, shapes: str) -> None:
+    """D and Dv in 1 .. MAX_HEAD_DIM; ``shapes`` ends the message (the arguments' shapes)."""
+    for name, size in (("head_dim (q, k)", d), ("head_dim (v)", dv)):
+        if not 1 <= size <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}: flashmath.triton supports 1 .. {MAX_HEAD_DIM}, got "
+                             f"{size}: {shapes}")
+
+
+def make_spec(head_dim: int, causal: Any, window: Any, softcap: Any, scale: Any) -> _Spec:
+    """The mask band, scale and softcap checked (the NumPy API's rules and messages)."""
     alignment = check_causal(causal)
     lo, hi = band(alignment, check_window(window))
-    spec = _Spec(
+    return _Spec(
         align_bottom=alignment != "top_left",
         win_left=kernels.UNBOUNDED if lo is None else -lo,
         win_right=kernels.UNBOUNDED if hi is None else hi,
-        scale=1.0 / math.sqrt(q.shape[3]) if scale is None else check_finite(scale, "scale"),
+        scale=1.0 / math.sqrt(head_dim) if scale is None else check_finite(scale, "scale"),
         softcap=None if softcap is None else check_positive(softcap, "softcap"),
     )
-    return spec, _kv_lengths(kv_lengths, q.shape[0], k.shape[2], q.device)
+
+
+def host_ints(x: Any) -> Any:
+    """A tensor of integers as a NumPy array (one host sync, to check values); anything
+    else unchanged."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
 def _kv_lengths(kv_lengths: Any, B: int, Sk: int, device: torch.device) -> torch.Tensor | None:
@@ -352,30 +477,30 @@ def _kv_lengths(kv_lengths: Any, B: int, Sk: int, device: torch.device) -> torch
     return None if lengths is None else torch.as_tensor(lengths, dtype=torch.int32, device=device)
 
 
-def _alibi(alibi_slopes: Any, q: torch.Tensor) -> torch.Tensor | None:
+def check_alibi(alibi_slopes: Any, B: int, H: int, device: torch.device) -> torch.Tensor | None:
     """alibi_slopes checked ((H,) or (B, H) finite reals), as slope * log2(e) float32 (B * H,)
-    on q's device (the kernels' scores are in log2 units); None stays None."""
+    on the device (the kernels' scores are in log2 units); None stays None."""
     if alibi_slopes is None:
         return None
     if isinstance(alibi_slopes, torch.Tensor):
         alibi_slopes = alibi_slopes.detach().cpu().double().numpy()
-    slopes = check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[1])
+    slopes = check_alibi_slopes(alibi_slopes, B, H)
     assert slopes is not None
-    full = np.broadcast_to(slopes, (q.shape[0], q.shape[1])) * kernels.LOG2E
+    full = np.broadcast_to(slopes, (B, H)) * kernels.LOG2E
     return torch.as_tensor(np.ascontiguousarray(full).ravel(), dtype=torch.float32,
-                           device=q.device)
+                           device=device)
 
 
-def _sinks(sinks: Any, q: torch.Tensor) -> torch.Tensor | None:
-    """sinks checked ((H,) reals, finite or -inf) on q's device; a tensor keeps its autograd
+def check_sink_tensor(sinks: Any, H: int, device: torch.device) -> torch.Tensor | None:
+    """sinks checked ((H,) reals, finite or -inf) on the device; a tensor keeps its autograd
     graph (the sinks are learnable), anything else becomes a float32 tensor."""
     if sinks is None:
         return None
     values = sinks.detach().cpu().double().numpy() if isinstance(sinks, torch.Tensor) else sinks
-    checked = check_sinks(values, q.shape[1])
+    checked = check_sinks(values, H)
     if isinstance(sinks, torch.Tensor):
-        if sinks.device != q.device:
-            raise ValueError(f"sinks: must be on q's device {q.device}, got {sinks.device}")
+        if sinks.device != device:
+            raise ValueError(f"sinks: must be on q's device {device}, got {sinks.device}")
         return sinks
     assert checked is not None
-    return torch.as_tensor(checked, dtype=torch.float32, device=q.device)
+    return torch.as_tensor(checked, dtype=torch.float32, device=device)
