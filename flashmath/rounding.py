@@ -21,6 +21,8 @@ vectorised passes of integer and float32 arithmetic over cache-sized blocks:
 - :func:`float16_to_float32`: the sign-extended 16 bits shifted left by 13 are a float32
   2**112 times too small (exactly, subnormals included); inf and NaN get the all-ones
   exponent.
+- :func:`bfloat16_to_float32`: the 16 bits shifted left by 16 (exact, NaN payloads
+  included).
 - :func:`float32_to_bfloat16`: round-to-nearest-even on the integer bits
   (``(u + 0x7fff + odd) >> 16``); NaN becomes the quiet NaN 0x7fc0 with the sign, as
   ml_dtypes gives (without its RuntimeWarning).
@@ -39,10 +41,11 @@ import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BLOCK", "cast", "float16_to_float32", "float32_to_bfloat16", "float32_to_float16"]
+__all__ = ["BLOCK", "bfloat16_to_float32", "cast", "float16_to_float32", "float32_to_bfloat16",
+           "float32_to_float16"]
 
 #: Elements converted per pass: the few temporaries stay in the core's cache.
-BLOCK = 1 << 15
+BLOCK = 1 << 17
 
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
@@ -89,6 +92,20 @@ def float16_to_float32(h: npt.ArrayLike, out: np.ndarray | None = None) -> np.nd
     return res
 
 
+def bfloat16_to_float32(h: npt.ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16 -> float32, exactly: the bits of ``h.astype(np.float32)`` (ml_dtypes), the
+    16 bits becoming the float32's top half. ``out``: as in :func:`float32_to_float16`
+    (float32)."""
+    a = _c_array(h, _BF16, "h")
+    res = _out(out, a.shape, _F32)
+    src, dst = a.reshape(-1).view(np.uint16), res.reshape(-1).view(np.uint32)
+    for lo in range(0, src.size, BLOCK):
+        d = dst[lo : lo + BLOCK]
+        np.copyto(d, src[lo : lo + BLOCK], casting="unsafe")
+        d <<= 16
+    return res
+
+
 def float32_to_bfloat16(x: npt.ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
     """float32 -> bfloat16, correctly rounded: the bits of ``x.astype(ml_dtypes.bfloat16)``.
 
@@ -106,14 +123,15 @@ def float32_to_bfloat16(x: npt.ArrayLike, out: np.ndarray | None = None) -> np.n
 
 def cast(a: np.ndarray, dtype: npt.DTypeLike, out: np.ndarray | None = None) -> np.ndarray:
     """``a.astype(dtype, copy=False)``, bit for bit, through the fast exact conversions for
-    float32 <-> float16 and float32 -> bfloat16; NumPy's (or ml_dtypes') cast otherwise.
+    float32 <-> float16 and float32 <-> bfloat16; NumPy's (or ml_dtypes') cast otherwise.
 
     With ``out`` (C-contiguous, ``a``'s shape, ``dtype``) the result is written there.
     """
     dt = np.dtype(dtype)
     a = np.asarray(a)
     fast = {(_F32, _F16): float32_to_float16, (_F16, _F32): float16_to_float32,
-            (_F32, _BF16): float32_to_bfloat16}.get((a.dtype, dt))
+            (_F32, _BF16): float32_to_bfloat16, (_BF16, _F32): bfloat16_to_float32,
+            }.get((a.dtype, dt))
     if fast is not None:
         return fast(a, out)
     if out is None:

@@ -18,7 +18,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flashmath import rounding
-from flashmath.rounding import cast, float16_to_float32, float32_to_bfloat16, float32_to_float16
+from flashmath.rounding import (
+    bfloat16_to_float32,
+    cast,
+    float16_to_float32,
+    float32_to_bfloat16,
+    float32_to_float16,
+)
 
 F16_MIN_NORMAL = 0x38800000  # 2**-14 as float32 bits
 F16_MIN_SUB = 0x33800000  # 2**-24
@@ -116,6 +122,18 @@ def test_float16_to_float32_every_pattern() -> None:
     h = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
     want = h.astype(np.float32).view(np.uint32)
     assert np.array_equal(float16_to_float32(h).view(np.uint32), want)
+
+
+def test_bfloat16_to_float32_every_pattern() -> None:
+    import ml_dtypes
+
+    b = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(ml_dtypes.bfloat16)
+    want = b.astype(np.float32).view(np.uint32)
+    got = bfloat16_to_float32(b).view(np.uint32)
+    nan = np.isnan(want.view(np.float32))
+    assert np.array_equal(got[~nan], want[~nan])  # NaN: payload kept, as the bits say
+    assert np.isnan(got[nan].view(np.float32)).all()
+    assert np.array_equal(got, b.view(np.uint16).astype(np.uint32) << 16)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from flashmath.dtypes import as_float_array
+from flashmath.rounding import cast
 
 __all__ = ["append_kv", "check_block_table", "check_paged_cache", "gather_keys"]
 
@@ -74,11 +75,12 @@ def check_block_table(block_table: Any, batch: int, num_pages: int, page_size: i
 def gather_keys(cache: np.ndarray, table: np.ndarray, start: int, stop: int,
                 dtype: Any = None) -> np.ndarray:
     """Key positions [start, stop) of every sequence as a contiguous (B, H_kv, stop - start,
-    D) array in ``dtype`` (default the cache's): a copy of the pages that hold them. Pages of
-    _LOOP_PAGE positions or more are written one by one straight into place, cast on the
-    way (each element read once, written once); smaller ones are gathered at once and copied
-    into place (two copies, no Python loop per page). Positions past a sequence's pages
-    read page 0 (callers mask them with lengths: they are never attended)."""
+    D) array in ``dtype`` (default the cache's): a copy of the pages that hold them, then
+    cast by :func:`flashmath.rounding.cast` (float16 and bfloat16 widen 3x faster than
+    NumPy's cast, which is also slow on strided data). Pages of _LOOP_PAGE positions or
+    more are copied one by one straight into place; smaller ones are gathered at once and
+    copied heads first (two copies, no Python loop per page). Positions past a sequence's
+    pages read page 0 (callers mask them with lengths: they are never attended)."""
     page = cache.shape[2]
     p0, p1 = start // page, -(-stop // page)
     pages = table[:, p0:p1]
@@ -86,13 +88,15 @@ def gather_keys(cache: np.ndarray, table: np.ndarray, start: int, stop: int,
     if pages.shape[1] < p1 - p0:  # the range runs past the table: padding pages
         pages = np.pad(pages, ((0, 0), (0, p1 - p0 - pages.shape[1])))
     b, h, d = table.shape[0], cache.shape[1], cache.shape[3]
-    out = np.empty((b, h, stop - start, d), cache.dtype if dtype is None else dtype)
-    if page < _LOOP_PAGE:  # many small pages: one gather, then one strided copy
-        whole = cache[pages]  # (B, n, H_kv, page, D)
+    dtype = cache.dtype if dtype is None else dtype
+    if page < _LOOP_PAGE:  # many small pages: one gather, one transposing copy
         n = pages.shape[1]
-        flat = whole.transpose(0, 2, 1, 3, 4).reshape(b, h, n * page, d)
-        out[...] = flat[:, :, start - p0 * page : stop - p0 * page]
-        return out
+        heads_first = np.empty((b, h, n, page, d), cache.dtype)
+        np.copyto(heads_first, cache[pages].transpose(0, 2, 1, 3, 4))  # (B, n, H_kv, ...)
+        rows = heads_first.reshape(b, h, n * page, d)[:, :, start - p0 * page :
+                                                      stop - p0 * page]
+        return cast(np.ascontiguousarray(rows), dtype)  # a copy only at unaligned ends
+    out = np.empty((b, h, stop - start, d), cache.dtype)
     for i in range(b):
         for n, pg in enumerate(pages[i].tolist()):
             lo = max(start, (p0 + n) * page)  # this page's positions within [start, stop)
@@ -100,7 +104,7 @@ def gather_keys(cache: np.ndarray, table: np.ndarray, start: int, stop: int,
             if lo < hi:
                 out[i, :, lo - start : hi - start] = cache[pg, :, lo - (p0 + n) * page :
                                                            hi - (p0 + n) * page]
-    return out
+    return cast(out, dtype)
 
 
 #: Pages of at least this many positions are copied one by one (one read, one write of

@@ -274,16 +274,20 @@ def flash_attention_backward(
 
 def tiled_forward(
     q: Any, k: Any, v: Any, *, block_q: int | None = None, block_k: int | None = None,
-    accum_dtype: Any = None, **options: Any,
+    accum_dtype: Any = None, out_dtype: Any = None, **options: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The tiled forward: (out (B, H, Sq, Dv) input dtype, lse (B, H, Sq)).
+    """The tiled forward: (out (B, H, Sq, Dv) in ``out_dtype``, default the input dtype,
+    lse (B, H, Sq)).
 
     ``options`` are :func:`flash_attention`'s plus the shard positions q_offset, k_offset,
-    q_total, k_total (see the module docs). Raises as :func:`flash_attention`."""
+    q_total, k_total (see the module docs). ``out_dtype`` wider than the input keeps each
+    row's result unrounded (a shard's output that is merged before rounding once, as
+    flash_decode's key ranges are). Raises as :func:`flash_attention`."""
     plan = Plan.build(q, k, v, block_q=block_q, block_k=block_k, accum_dtype=accum_dtype,
                        **options)
     opts = plan.opts
-    out = np.zeros((opts.batch, opts.heads, opts.sq, opts.dv), opts.dtype)
+    out = np.zeros((opts.batch, opts.heads, opts.sq, opts.dv),
+                   opts.dtype if out_dtype is None else out_dtype)
     lse = np.full((opts.batch, opts.heads, opts.sq), -np.inf, opts.lse_dtype)
 
     def work(unit: Unit) -> None:

@@ -16,6 +16,7 @@ from flashmath.attention.masks import TileKind
 from flashmath.attention.mods import and_kinds
 from flashmath.attention.options import AttentionOptions
 from flashmath.attention.schedule import Plan, Tile
+from flashmath.rounding import cast
 from flashmath.softmax.rule import rescale, row_shift
 
 __all__ = [
@@ -117,9 +118,10 @@ def score_rows(plan: Plan, b: int, h: int, i0: int, i1: int, qs: np.ndarray) -> 
 
 
 def kv(plan: Plan, b: int, h: int) -> tuple[np.ndarray, np.ndarray]:
-    """k[b, kv head], v[b, kv head] in the accumulate dtype (views when no cast is needed)."""
+    """k[b, kv head], v[b, kv head] in the accumulate dtype (views when no cast is needed;
+    float16 and bfloat16 widen through :func:`flashmath.rounding.cast`, 3x NumPy's cast)."""
     hk = h // plan.opts.group
-    return np.asarray(plan.k[b, hk], plan.acc), np.asarray(plan.v[b, hk], plan.acc)
+    return cast(plan.k[b, hk], plan.acc), cast(plan.v[b, hk], plan.acc)
 
 
 def has_score_mod(opts: AttentionOptions) -> bool:
