@@ -211,8 +211,9 @@ def flash_decode(
     lse : (B, H, Sq), float32 (float64 for float64 input), -inf for rows with no valid key
         (the sink's logit with sinks); only with ``return_lse``.
 
-    Narrow inputs (float16, bfloat16) compute in float32; ranges merge in float64; the
-    result rounds once to the input dtype.
+    Narrow inputs (float16, bfloat16) compute in float32 tiles; with several ranges each
+    range's result is kept in float32, the ranges merge in float64, and the result is
+    rounded to the input dtype at the end (float32 input computes in float64 then).
 
     Raises
     ------
