@@ -547,22 +547,29 @@ assert not K.INTERPRETED
 TENSORS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
 STATS = {"M2", "L2", "Delta", "DLse", "Alibi", "Sinks"}
 FLOATS = {"qk_scale", "cap_scale", "sm_scale"}
-INTS = {"KvLen", "CuQ", "CuK", "BlockTable"}
+INTS = {"KvLen", "CuQ", "CuK", "BlockTable", "MaskData"}
+STATS |= {"ScoreData"}
 def build(fn, consts, dt):
     sig = {n: "constexpr" if n in consts else f"*{dt}" if n in TENSORS else "*fp32" if n in STATS
-           else "*i32" if n in INTS else "fp32" if n in FLOATS else "i32" for n in fn.arg_names}
+           else "*i32" if n in INTS else "*u8" if n == "Kinds" else "fp32" if n in FLOATS
+           else "i32" for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "num_stages": 2})
     return "wgmma" in k.asm["ptx"]
-# every option on with padded head dims and packed sequences (64-row tiles: wgmma); then
-# none, bfloat16, top-left, and the forward over a paged cache
+from flashmath.triton import mods as M
+# every option on with padded head dims, packed sequences and mods (document mask, block
+# mask, softcap score_mod; 64-row tiles: wgmma); then none, bfloat16, top-left, and the
+# forward over a paged cache
 for dt, dtype, d, dv, extras, block in (("fp16", tl.float16, 48, 24, True, 64),
                                         ("bf16", tl.bfloat16, 64, 64, False, 32)):
     c = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=64, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
              ALIGN_BOTTOM=extras, HAS_KV_LEN=extras, SOFTCAP=extras, HAS_ALIBI=extras,
-             PRECISION="tf32", VARLEN=extras,
+             PRECISION="tf32", VARLEN=extras, HAS_MASK_MOD=extras, HAS_SCORE_MOD=extras,
+             HAS_BLOCK_MASK=extras, MASK_FN=M._document_fn if extras else None,
+             SCORE_FN=M._softcap_fn if extras else None,
+             SCORE_GRAD=M._softcap_grad if extras else None,
              DTYPE=dtype, DOT=dtype, BLOCK_M=block, BLOCK_N=block, LEAD=extras, TRAIL=True)
     for kernel in (K.attn_fwd, K.attn_bwd_dkdv, K.attn_bwd_dq):
         fn = kernel.fn if isinstance(kernel, Heuristics) else kernel  # the jit function

@@ -63,6 +63,7 @@ __all__ = [
     "attn_bwd_preprocess",
     "attn_fwd",
     "attn_fwd_tuned",
+    "tanh32",
 ]
 
 LOG2E = 1.4426950408889634
@@ -86,7 +87,7 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
-def _tanh(x):
+def tanh32(x):
     """tanh in float32 from exp2, to a few ulps (the interpreter has no libdevice tanh).
     Odd Taylor series to x^9 below |x| = 0.25, where 1 - e^(-2|x|) would cancel."""
     ax = tl.abs(x)
@@ -107,7 +108,7 @@ def _scores(a, b, qk_scale, cap_scale, SOFTCAP: tl.constexpr, PRECISION: tl.cons
     """
     qk = tl.dot(a, b, input_precision=PRECISION)
     if SOFTCAP:
-        t = _tanh(qk * cap_scale)
+        t = tanh32(qk * cap_scale)
         return t * qk_scale, t
     else:
         return qk * qk_scale, qk
@@ -227,6 +228,48 @@ def _live(lo, full_lo, full_hi, hi, live):
             tl.where(live, hi, 0))
 
 
+@triton.jit
+def _kind(kind_base, offset, HAS_BLOCK_MASK: tl.constexpr):
+    """The block mask's TileKind (0 EMPTY, 1 FULL, 2 PARTIAL) of the tile at ``offset``
+    from ``kind_base``; 2 (the mask_mod is applied) without a block mask."""
+    if HAS_BLOCK_MASK:
+        return tl.load(kind_base + offset).to(tl.int32)
+    else:
+        return 2
+
+
+@triton.jit
+def _score_mod(s, b, h, qi, ki, ScoreData, SCORE_FN: tl.constexpr,
+               HAS_SCORE_MOD: tl.constexpr):
+    """Scores in log2 units through the user's score_mod, which sees (and returns) natural
+    units: ``score_mod(score, b, h, q_idx, kv_idx, data)``."""
+    if HAS_SCORE_MOD:
+        return SCORE_FN(s * 0.6931471805599453, b, h, qi, ki, ScoreData) * 1.4426950408889634
+    else:
+        return s
+
+
+@triton.jit
+def _score_grad(s, b, h, qi, ki, ScoreData, SCORE_GRAD: tl.constexpr,
+                HAS_SCORE_MOD: tl.constexpr):
+    """d score_mod / d score at the scores s (log2 units before the mod); 1 without one."""
+    if HAS_SCORE_MOD:
+        return SCORE_GRAD(s * 0.6931471805599453, b, h, qi, ki, ScoreData)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _mask_mod(x, kind, fill, b, h, qi, ki, MaskData, MASK_FN: tl.constexpr,
+              HAS_MASK_MOD: tl.constexpr):
+    """x where the user's ``mask_mod(b, h, q_idx, kv_idx, data)`` allows, ``fill`` elsewhere;
+    called only on PARTIAL tiles (a block mask's FULL tiles need no mask)."""
+    if HAS_MASK_MOD:
+        if kind == 2:
+            x = tl.where(MASK_FN(b, h, qi, ki, MaskData), x, fill)
+    return x
+
+
 def _even(n: int, block: int) -> bool:
     return n % block == 0
 
@@ -257,56 +300,69 @@ _query_runs = {
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                offs_m, blk_lo, blk_hi, diag, win_left, win_right, kv_len, qk_scale, cap_scale,
-               alibi2, bt_base, stride_kp, stride_vp,
+               alibi2, bt_base, stride_kp, stride_vp, b, h, qi, MaskData, ScoreData, kind_base,
+               stride_kind, MASK_BLOCK,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
                DTYPE: tl.constexpr,
-               DOT: tl.constexpr, PAGE: tl.constexpr):
+               DOT: tl.constexpr, PAGE: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
+               HAS_SCORE_MOD: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr,
+               MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, SCORE_GRAD: tl.constexpr):
     """The online-softmax loop over key blocks [blk_lo, blk_hi); returns (acc, l, m). Keys
-    at or past kv_len are never loaded (padding may hold anything, NaN included)."""
+    at or past kv_len are never loaded (padding may hold anything, NaN included). A block
+    mask's EMPTY tiles are skipped; the mask_mod runs on its PARTIAL ones."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
     dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
     for blk in tl.range(blk_lo, blk_hi):
-        # -- scores of this tile, in log2 units; masked entries -> -inf -------------------
-        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < kv_len
-        k_rows = _key_rows(offs_n, key_ok, bt_base, stride_kn, stride_kp, PAGE)
-        kT_ptrs = k_base + k_rows[None, :] + offs_d[:, None] * stride_kd
-        if MASKED:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
-        else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
-        s, _t = _scores(q, kT.to(DOT), qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BM, BN)
-        if HAS_ALIBI:  # -slope * |distance to the diagonal|, in log2 units
-            s = s - alibi2 * tl.abs(offs_n[None, :] - offs_m[:, None] - diag).to(tl.float32)
-        if MASKED:
-            ok = _allowed(offs_m[:, None], offs_n[None, :], diag, win_left, win_right, kv_len)
-            s = tl.where(ok, s, float("-inf"))
-        # -- new running max; a row that has seen nothing yet subtracts 0, so p = 0 -------
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)  # rescales what was accumulated so far
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # -- acc <- acc * alpha + P V ---------------------------------------------------------
-        v_rows = _key_rows(offs_n, key_ok, bt_base, stride_vn, stride_vp, PAGE)
-        v_ptrs = v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd
-        if MASKED:
-            v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
-        else:
-            v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE).to(DOT), v.to(DOT),
-                                            input_precision=PRECISION)
-        m_i = m_new
+        kind = _kind(kind_base, (blk * BLOCK_N // MASK_BLOCK) * stride_kind, HAS_BLOCK_MASK)
+        if kind != 0:
+            # -- scores of this tile, in log2 units; masked entries -> -inf ---------------
+            offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < kv_len
+            ki = tl.maximum(tl.minimum(offs_n, kv_len - 1), 0)[None, :]  # mods' kv_idx
+            k_rows = _key_rows(offs_n, key_ok, bt_base, stride_kn, stride_kp, PAGE)
+            kT_ptrs = k_base + k_rows[None, :] + offs_d[:, None] * stride_kd
+            if MASKED:
+                kT = tl.load(kT_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+            else:
+                kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            s, _t = _scores(q, kT.to(DOT), qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BM, BN)
+            if HAS_ALIBI:  # -slope * |distance to the diagonal|, in log2 units
+                s = s - alibi2 * tl.abs(offs_n[None, :] - offs_m[:, None] - diag).to(tl.float32)
+            s = _score_mod(s, b, h, qi, ki, ScoreData, SCORE_FN, HAS_SCORE_MOD)
+            if MASKED:
+                ok = _allowed(offs_m[:, None], offs_n[None, :], diag, win_left, win_right,
+                              kv_len)
+                s = tl.where(ok, s, float("-inf"))
+            s = _mask_mod(s, kind, float("-inf"), b, h, qi, ki, MaskData, MASK_FN,
+                          HAS_MASK_MOD)
+            # -- new running max; a row that has seen nothing yet subtracts 0, so p = 0 ---
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)  # rescales what was accumulated so far
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # -- acc <- acc * alpha + P V -----------------------------------------------------
+            v_rows = _key_rows(offs_n, key_ok, bt_base, stride_vn, stride_vp, PAGE)
+            v_ptrs = v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd
+            if MASKED:
+                v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE).to(DOT), v.to(DOT),
+                                                input_precision=PRECISION)
+            m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.heuristics(_key_runs)
 @triton.jit
 def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi, Sinks, CuQ, CuK, BlockTable, stride_bt,
+             MaskData, ScoreData, Kinds, stride_mb, stride_mh, stride_mq, stride_mk, MASK_BQ,
+             MASK_BK,
              stride_qb, stride_qh, stride_qm, stride_qd,
              stride_kb, stride_kh, stride_kn, stride_kd,
              stride_vb, stride_vh, stride_vn, stride_vd,
@@ -318,10 +374,14 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi, Sinks, CuQ, CuK, BlockTable, st
              DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
              VARLEN: tl.constexpr, PAGE: tl.constexpr,
+             HAS_MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, HAS_BLOCK_MASK: tl.constexpr,
+             MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, SCORE_GRAD: tl.constexpr,
              LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (query block, batch * head): O, m2 and l2 of BLOCK_M query rows.
     With VARLEN, b is a packed sequence (rows from cu_seqlens); with PAGE > 0, K and V are
-    a paged cache (num_pages, H_kv, PAGE, D) read through BlockTable (B, max_pages)."""
+    a paged cache (num_pages, H_kv, PAGE, D) read through BlockTable (B, max_pages). Kinds:
+    a block mask's TileKinds (B|1, H|1, nq, nk) of MASK_BQ x MASK_BK tiles (multiples of
+    BLOCK_M x BLOCK_N), strides stride_m*."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -351,6 +411,10 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi, Sinks, CuQ, CuK, BlockTable, st
         k_base = K + hkv * stride_kh
         v_base = V + hkv * stride_vh
         bt_base = BlockTable + b * stride_bt
+    qi = tl.maximum(tl.minimum(offs_m, sq - 1), 0)[:, None]  # the mods' q_idx
+    kind_base = Kinds
+    if HAS_BLOCK_MASK:
+        kind_base = Kinds + b * stride_mb + h * stride_mh + (m0 // MASK_BQ) * stride_mq
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -362,21 +426,31 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi, Sinks, CuQ, CuK, BlockTable, st
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                    stride_vn, stride_vd, offs_m, lo, full_lo, diag, win_left,
                                    win_right, kv_len, qk_scale, cap_scale, alibi2, bt_base,
-                                   stride_kb, stride_vb, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                   stride_kb, stride_vb, b, h, qi, MaskData, ScoreData, kind_base,
+                                   stride_mk, MASK_BK,
+                                   HEAD_DIM, HEAD_DIM_V, BLOCK_D,
                                    BLOCK_DV, BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE,
-                                   DOT, PAGE)
+                                   DOT, PAGE, HAS_MASK_MOD, HAS_SCORE_MOD, HAS_BLOCK_MASK, MASK_FN,
+                                   SCORE_FN, SCORE_GRAD)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                stride_vn, stride_vd, offs_m, full_lo, full_hi, diag, win_left,
                                win_right, kv_len, qk_scale, cap_scale, alibi2, bt_base,
-                               stride_kb, stride_vb, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                               BLOCK_N, False, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT, PAGE)
+                               stride_kb, stride_vb, b, h, qi, MaskData, ScoreData, kind_base,
+                               stride_mk, MASK_BK,
+                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                               BLOCK_N, False, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT, PAGE,
+                               HAS_MASK_MOD, HAS_SCORE_MOD, HAS_BLOCK_MASK, MASK_FN, SCORE_FN,
+                               SCORE_GRAD)
     if TRAIL:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                    stride_vn, stride_vd, offs_m, full_hi, hi, diag, win_left,
                                    win_right, kv_len, qk_scale, cap_scale, alibi2, bt_base,
-                                   stride_kb, stride_vb, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                   stride_kb, stride_vb, b, h, qi, MaskData, ScoreData, kind_base,
+                                   stride_mk, MASK_BK,
+                                   HEAD_DIM, HEAD_DIM_V, BLOCK_D,
                                    BLOCK_DV, BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE,
-                                   DOT, PAGE)
+                                   DOT, PAGE, HAS_MASK_MOD, HAS_SCORE_MOD, HAS_BLOCK_MASK, MASK_FN,
+                                   SCORE_FN, SCORE_GRAD)
 
     # -- an attention sink: one more logit in the denominator, with no value ---------------
     if HAS_SINKS:
@@ -436,19 +510,45 @@ def attn_bwd_preprocess(Out, DO, DLse, Delta,
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, offs_n, blk_lo, blk_hi, diag,
                 win_left, win_right, kv_len, Sq, qk_scale, cap_scale, alibi2,
+                b, h, ki, MaskData, ScoreData, kind_base, stride_kind, MASK_BLOCK,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
                 DTYPE: tl.constexpr,
-                DOT: tl.constexpr):
+                DOT: tl.constexpr, HAS_MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+                HAS_BLOCK_MASK: tl.constexpr,
+                MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, SCORE_GRAD: tl.constexpr):
     """dK and dV of one key block over query blocks [blk_lo, blk_hi), transposed
-    (keys along rows): P^T = exp2((S^T - m2) - l2), dV += P^T dO, dS^T = P^T (dP^T - Delta)."""
+    (keys along rows): P^T = exp2((S^T - m2) - l2), dV += P^T dO, dS^T = P^T (dP^T - Delta)
+    (times the score_mod's derivative). A block mask's EMPTY tiles are skipped."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
     dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
     for blk in tl.range(blk_lo, blk_hi):
+        kind = _kind(kind_base, (blk * BLOCK_M // MASK_BLOCK) * stride_kind, HAS_BLOCK_MASK)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
+                            stride_qm, stride_qd, stride_dom, stride_dod, offs_n, blk, diag,
+                            win_left, win_right, kv_len, Sq, qk_scale, cap_scale, alibi2,
+                            b, h, ki, MaskData, ScoreData, kind, offs_d, offs_dv, d_ok, dv_ok,
+                            BLOCK_M, MASKED, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT,
+                            HAS_MASK_MOD, HAS_SCORE_MOD, MASK_FN, SCORE_FN, SCORE_GRAD)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
+               stride_qm, stride_qd, stride_dom, stride_dod, offs_n, blk, diag,
+               win_left, win_right, kv_len, Sq, qk_scale, cap_scale, alibi2,
+               b, h, ki, MaskData, ScoreData, kind, offs_d, offs_dv, d_ok, dv_ok,
+               BLOCK_M: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+               DOT: tl.constexpr, HAS_MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+               MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, SCORE_GRAD: tl.constexpr):
+    """One tile of :func:`_dkdv_tiles` (nothing when the block mask says EMPTY)."""
+    if kind != 0:
         offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        qi = tl.maximum(tl.minimum(offs_m, Sq - 1), 0)[None, :]  # the mods' q_idx
         qT_ptrs = q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd  # (BD, BM)
         do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
         if MASKED:
@@ -463,11 +563,14 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
         sT, tT = _scores(k, qT, qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BN, BM)
         if HAS_ALIBI:
             sT = sT - alibi2 * tl.abs(offs_n[:, None] - offs_m[None, :] - diag).to(tl.float32)
+        gT = _score_grad(sT, b, h, qi, ki, ScoreData, SCORE_GRAD, HAS_SCORE_MOD)
+        sT = _score_mod(sT, b, h, qi, ki, ScoreData, SCORE_FN, HAS_SCORE_MOD)
         pT = tl.math.exp2((sT - m2[None, :]) - l2[None, :])
         if MASKED:  # also drops rows past Sq and rows with m2 = -inf (nothing to attend)
             ok = _allowed(offs_m[None, :], offs_n[:, None], diag, win_left, win_right, kv_len)
             pT = tl.where(ok & row_ok[None, :], pT, 0.0)
-        # -- dV += P^T dO ---------------------------------------------------------------
+        pT = _mask_mod(pT, kind, 0.0, b, h, qi, ki, MaskData, MASK_FN, HAS_MASK_MOD)
+        # -- dV += P^T dO -------------------------------------------------------------------
         if MASKED:
             do = tl.load(do_ptrs, mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(DOT)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -475,12 +578,14 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
             do = tl.load(do_ptrs, mask=dv_ok[None, :], other=0.0).to(DOT)
             delta = tl.load(delta_base + offs_m)
         dv += tl.dot(pT.to(DTYPE).to(DOT), do, input_precision=PRECISION)
-        # -- dS^T = P^T * (dP^T - Delta), through the softcap's tanh ---------------------
+        # -- dS^T = P^T * (dP^T - Delta), through the score_mod and the softcap's tanh --------
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        if HAS_SCORE_MOD:
+            dsT = dsT * gT
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        # -- dK += dS^T Q  (the softmax scale is applied once, at the end) -------------------
+        # -- dK += dS^T Q  (the softmax scale is applied once, at the end) -----------------
         dk += tl.dot(dsT.to(DTYPE).to(DOT), tl.trans(qT), input_precision=PRECISION)
     return dk, dv
 
@@ -488,6 +593,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
 @triton.heuristics(_query_runs)
 @triton.jit
 def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
+                  MaskData, ScoreData, Kinds, stride_mb, stride_mh, stride_mq, stride_mk, MASK_BQ,
+                  MASK_BK,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
@@ -500,6 +607,9 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
                   DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+                  HAS_MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+                  HAS_BLOCK_MASK: tl.constexpr, MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr,
+                  SCORE_GRAD: tl.constexpr,
                   LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (key block, batch * K/V head): dK, dV of BLOCK_N keys, summed over
     the GROUP query heads that share this K/V head, in registers (deterministic). Keys at
@@ -529,8 +639,12 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _live(*_query_blocks(n0, diag, win_left, win_right, kv_len, sq,
                                                     BLOCK_M, BLOCK_N), n0 < kv_len)
+    ki = tl.maximum(tl.minimum(offs_n, kv_len - 1), 0)[:, None]  # the mods' kv_idx
     for g in range(GROUP):
         h = hkv * GROUP + g
+        kind_base = Kinds
+        if HAS_BLOCK_MASK:
+            kind_base = Kinds + b * stride_mb + h * stride_mh + (n0 // MASK_BK) * stride_mk
         q_base = Q + b * stride_qb + h * stride_qh + q0 * stride_qm
         do_base = DO + b * stride_dob + h * stride_doh + q0 * stride_dom
         stat = _stat_row(b, h, H, Sq, q0, VARLEN)
@@ -544,24 +658,27 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, lo,
                                  full_lo, diag, win_left, win_right, kv_len, sq, qk_scale,
-                                 cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                                 BLOCK_M,
-                                 True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
+                                 cap_scale, alibi2, b, h, ki, MaskData, ScoreData, kind_base,
+                                 stride_mq, MASK_BQ,
+                                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+                                 True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT, HAS_MASK_MOD,
+                                 HAS_SCORE_MOD, HAS_BLOCK_MASK, MASK_FN, SCORE_FN, SCORE_GRAD)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                              stride_qm, stride_qd, stride_dom, stride_dod, offs_n, full_lo,
                              full_hi, diag, win_left, win_right, kv_len, sq, qk_scale, cap_scale,
-                             alibi2,
+                             alibi2, b, h, ki, MaskData, ScoreData, kind_base, stride_mq, MASK_BQ,
                              HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, SOFTCAP,
-                             HAS_ALIBI,
-                             PRECISION, DTYPE, DOT)
+                             HAS_ALIBI, PRECISION, DTYPE, DOT, HAS_MASK_MOD, HAS_SCORE_MOD,
+                             HAS_BLOCK_MASK, MASK_FN, SCORE_FN, SCORE_GRAD)
         if TRAIL:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, m_base, l_base, delta_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, full_hi,
                                  hi, diag, win_left, win_right, kv_len, sq, qk_scale, cap_scale,
-                                 alibi2,
+                                 alibi2, b, h, ki, MaskData, ScoreData, kind_base, stride_mq,
+                                 MASK_BQ,
                                  HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, True, SOFTCAP,
-                                 HAS_ALIBI,
-                                 PRECISION, DTYPE, DOT)
+                                 HAS_ALIBI, PRECISION, DTYPE, DOT, HAS_MASK_MOD, HAS_SCORE_MOD,
+                                 HAS_BLOCK_MASK, MASK_FN, SCORE_FN, SCORE_GRAD)
 
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + k0 * stride_dkn
@@ -576,45 +693,60 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
 def _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
               stride_vd, offs_m, blk_lo, blk_hi, diag, win_left, win_right, kv_len,
               qk_scale, cap_scale, alibi2,
+              b, h, qi, MaskData, ScoreData, kind_base, stride_kind, MASK_BLOCK,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
               DTYPE: tl.constexpr,
-              DOT: tl.constexpr):
-    """dQ of one query block over key blocks [blk_lo, blk_hi): dQ += dS K."""
+              DOT: tl.constexpr, HAS_MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+              HAS_BLOCK_MASK: tl.constexpr, MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr,
+              SCORE_GRAD: tl.constexpr):
+    """dQ of one query block over key blocks [blk_lo, blk_hi): dQ += dS K (dS through the
+    score_mod's derivative). A block mask's EMPTY tiles are skipped."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = _dim_mask(BLOCK_D, HEAD_DIM)
     dv_ok = _dim_mask(BLOCK_DV, HEAD_DIM_V)
     for blk in tl.range(blk_lo, blk_hi):
-        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        kT_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (BD, BN)
-        vT_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
-        if MASKED:
-            key_ok = offs_n < kv_len
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0).to(DOT)
-            vT = tl.load(vT_ptrs, mask=dv_ok[:, None] & key_ok[None, :], other=0.0).to(DOT)
-        else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0).to(DOT)
-            vT = tl.load(vT_ptrs, mask=dv_ok[:, None], other=0.0).to(DOT)
-        s, t = _scores(q, kT, qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BM, BN)
-        if HAS_ALIBI:
-            s = s - alibi2 * tl.abs(offs_n[None, :] - offs_m[:, None] - diag).to(tl.float32)
-        p = tl.math.exp2((s - m2[:, None]) - l2[:, None])
-        if MASKED:
-            ok = _allowed(offs_m[:, None], offs_n[None, :], diag, win_left, win_right, kv_len)
-            p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(DTYPE).to(DOT), tl.trans(kT), input_precision=PRECISION)
+        kind = _kind(kind_base, (blk * BLOCK_N // MASK_BLOCK) * stride_kind, HAS_BLOCK_MASK)
+        if kind != 0:
+            offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            ki = tl.maximum(tl.minimum(offs_n, kv_len - 1), 0)[None, :]  # the mods' kv_idx
+            kT_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            vT_ptrs = v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
+            if MASKED:
+                key_ok = offs_n < kv_len
+                kT = tl.load(kT_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0).to(DOT)
+                vT = tl.load(vT_ptrs, mask=dv_ok[:, None] & key_ok[None, :], other=0.0).to(DOT)
+            else:
+                kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0).to(DOT)
+                vT = tl.load(vT_ptrs, mask=dv_ok[:, None], other=0.0).to(DOT)
+            s, t = _scores(q, kT, qk_scale, cap_scale, SOFTCAP, PRECISION)  # (BM, BN)
+            if HAS_ALIBI:
+                s = s - alibi2 * tl.abs(offs_n[None, :] - offs_m[:, None] - diag).to(tl.float32)
+            g = _score_grad(s, b, h, qi, ki, ScoreData, SCORE_GRAD, HAS_SCORE_MOD)
+            s = _score_mod(s, b, h, qi, ki, ScoreData, SCORE_FN, HAS_SCORE_MOD)
+            p = tl.math.exp2((s - m2[:, None]) - l2[:, None])
+            if MASKED:
+                ok = _allowed(offs_m[:, None], offs_n[None, :], diag, win_left, win_right,
+                              kv_len)
+                p = tl.where(ok, p, 0.0)
+            p = _mask_mod(p, kind, 0.0, b, h, qi, ki, MaskData, MASK_FN, HAS_MASK_MOD)
+            dp = tl.dot(do, vT, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            if HAS_SCORE_MOD:
+                ds = ds * g
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq += tl.dot(ds.to(DTYPE).to(DOT), tl.trans(kT), input_precision=PRECISION)
     return dq
 
 
 @triton.heuristics(_key_runs)
 @triton.jit
 def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
+                MaskData, ScoreData, Kinds, stride_mb, stride_mh, stride_mq, stride_mk, MASK_BQ,
+                MASK_BK,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
@@ -626,6 +758,9 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
                 SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
                 DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+                HAS_MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+                HAS_BLOCK_MASK: tl.constexpr, MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr,
+                SCORE_GRAD: tl.constexpr,
                 LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (query block, batch * head): dQ of BLOCK_M rows (no atomics)."""
     pid_m = tl.program_id(0)
@@ -662,23 +797,33 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _live(*_key_blocks(m0, diag, win_left, win_right, kv_len,
                                                   BLOCK_M, BLOCK_N), m0 < sq)
+    qi = tl.maximum(tl.minimum(offs_m, sq - 1), 0)[:, None]  # the mods' q_idx
+    kind_base = Kinds
+    if HAS_BLOCK_MASK:
+        kind_base = Kinds + b * stride_mb + h * stride_mh + (m0 // MASK_BQ) * stride_mq
     if LEAD:
         dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd,
                        stride_vn, stride_vd, offs_m, lo, full_lo, diag, win_left, win_right,
-                       kv_len, qk_scale, cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                       BLOCK_DV,
-                       BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
+                       kv_len, qk_scale, cap_scale, alibi2, b, h, qi, MaskData, ScoreData,
+                       kind_base, stride_mk, MASK_BK,
+                       HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                       BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT, HAS_MASK_MOD,
+                       HAS_SCORE_MOD, HAS_BLOCK_MASK, MASK_FN, SCORE_FN, SCORE_GRAD)
     dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn,
                    stride_vd, offs_m, full_lo, full_hi, diag, win_left, win_right, kv_len,
-                   qk_scale, cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                   False,
-                   SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
+                   qk_scale, cap_scale, alibi2, b, h, qi, MaskData, ScoreData, kind_base, stride_mk,
+                   MASK_BK,
+                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+                   False, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT, HAS_MASK_MOD, HAS_SCORE_MOD,
+                   HAS_BLOCK_MASK, MASK_FN, SCORE_FN, SCORE_GRAD)
     if TRAIL:
         dq = _dq_tiles(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_kd,
                        stride_vn, stride_vd, offs_m, full_hi, hi, diag, win_left, win_right,
-                       kv_len, qk_scale, cap_scale, alibi2, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                       BLOCK_DV,
-                       BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT)
+                       kv_len, qk_scale, cap_scale, alibi2, b, h, qi, MaskData, ScoreData,
+                       kind_base, stride_mk, MASK_BK,
+                       HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                       BLOCK_N, True, SOFTCAP, HAS_ALIBI, PRECISION, DTYPE, DOT, HAS_MASK_MOD,
+                       HAS_SCORE_MOD, HAS_BLOCK_MASK, MASK_FN, SCORE_FN, SCORE_GRAD)
 
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + q0 * stride_dqm
@@ -720,17 +865,23 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     args = {**named_args, **kwargs}
     d = max(int(args.get("BLOCK_D", 128)), int(args.get("BLOCK_DV", 128)))
     kept = []
+    mask_bq, mask_bk = int(args.get("MASK_BQ", 1)), int(args.get("MASK_BK", 1))
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         smem = 2 * d * (max(bm, bn) + c.num_stages * 2 * min(bm, bn))  # 2-byte elements
+        if args.get("HAS_BLOCK_MASK") and (mask_bq % bm or mask_bk % bn):
+            continue  # a tile must lie inside one block of the block mask
         if smem <= _SMEM_BUDGET:
             kept.append(c)
-    return kept or configs[:1]
+    return kept or [c for c in configs if not args.get("HAS_BLOCK_MASK")
+                    or not (mask_bq % c.kwargs["BLOCK_M"] or mask_bk % c.kwargs["BLOCK_N"])
+                    ][:1] or configs[:1]
 
 
 #: What a tuned config is kept for: causal and windowed calls (win_*) tune apart from full ones.
 _TUNE_KEY = ["Sq", "Sk", "HEAD_DIM", "HEAD_DIM_V", "ALIGN_BOTTOM", "HAS_KV_LEN", "SOFTCAP",
-             "HAS_ALIBI", "GROUP", "win_left", "win_right", "VARLEN", "PAGE"]
+             "HAS_ALIBI", "GROUP", "win_left", "win_right", "VARLEN", "PAGE", "HAS_MASK_MOD",
+             "HAS_SCORE_MOD", "HAS_BLOCK_MASK", "MASK_BQ", "MASK_BK"]
 
 attn_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_TUNE_KEY,
                                  prune_configs_by={"early_config_prune": _prune})(attn_fwd)

@@ -41,6 +41,7 @@ from flashmath.attention.options import (
     check_window,
 )
 from flashmath.triton import kernels
+from flashmath.triton.mods import NO_MODS, KernelMods, check_tiles, kernel_mods
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -217,10 +218,13 @@ class Layout:
         return {"VARLEN": self.packed}
 
 
+
+
 def _consts(q: torch.Tensor, v: torch.Tensor, spec: _Spec, kv_len: torch.Tensor | None,
-            alibi: torch.Tensor | None, layout: Layout) -> dict[str, Any]:
+            alibi: torch.Tensor | None, layout: Layout,
+            mods: KernelMods = NO_MODS) -> dict[str, Any]:
     d, dv = q.shape[-1], v.shape[-1]
-    return layout.consts() | {
+    return layout.consts() | mods.consts() | {
         "HEAD_DIM": d,
         "HEAD_DIM_V": dv,
         "BLOCK_D": max(16, triton.next_power_of_2(d)),
@@ -238,7 +242,7 @@ def _consts(q: torch.Tensor, v: torch.Tensor, spec: _Spec, kv_len: torch.Tensor 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor | None,
             alibi: torch.Tensor | None, sinks2: torch.Tensor | None, spec: _Spec,
-            blocks: Blocks | None, layout: Layout,
+            blocks: Blocks | None, layout: Layout, mods: KernelMods = NO_MODS,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out in q's dtype, m2 and l2 float32), shaped as ``layout`` says ((B, H, Sq, Dv) and
     (B, H, Sq) padded): each row's max score and log2 of its softmax denominator, in log2
@@ -251,23 +255,23 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Ten
     _launch(kernels.attn_fwd, kernels.attn_fwd_tuned, blocks, L.max_q, "BLOCK_M",
             L.batch * L.heads,
             q, k, v, out, m2, l2, kv_len, alibi, sinks2, *L.pointers(), table,
-            0 if table is None else table.stride(0),
+            0 if table is None else table.stride(0), *mods.args(),
             *L.strides(q), *L.strides(k), *L.strides(v), *L.strides(out),
             L.heads, L.heads // L.kv_heads, L.sq, L.sk, qk_scale, cap_scale, spec.win_left,
             spec.win_right, HAS_SINKS=sinks2 is not None, PAGE=L.page,
-            **_consts(q, v, spec, kv_len, alibi, L))
+            **_consts(q, v, spec, kv_len, alibi, L, mods))
     return out, m2, l2
 
 
 def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor, out: torch.Tensor, m2: torch.Tensor, l2: torch.Tensor,
               kv_len: torch.Tensor | None, alibi: torch.Tensor | None, spec: _Spec,
-              blocks: Blocks | None, layout: Layout,
+              blocks: Blocks | None, layout: Layout, mods: KernelMods = NO_MODS,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, Delta): the Delta preprocess (rowsum(dO * O) - dlse, shaped as m2), then
     the dK/dV and dQ passes (no atomics)."""
     L = layout
-    consts = _consts(q, v, spec, kv_len, alibi, L)
+    consts = _consts(q, v, spec, kv_len, alibi, L, mods)
     delta = torch.empty_like(m2)
     # Delta is per row: packed rows are one sequence of total_q rows to the preprocess
     rows, bh = (L.sq, L.heads) if L.packed else (L.sq, L.batch * L.heads)
@@ -282,12 +286,12 @@ def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
                spec.win_left, spec.win_right)
     _launch(kernels.attn_bwd_dkdv, kernels.attn_bwd_dkdv_tuned, blocks, L.max_k, "BLOCK_N",
             L.batch * L.kv_heads,
-            q, k, v, do, dk, dv, m2, l2, delta, kv_len, alibi, *L.pointers(),
+            q, k, v, do, dk, dv, m2, l2, delta, kv_len, alibi, *L.pointers(), *mods.args(),
             *L.strides(q), *L.strides(k), *L.strides(v), *L.strides(do), *L.strides(dk),
             *L.strides(dv), *scalars, **consts)
     _launch(kernels.attn_bwd_dq, kernels.attn_bwd_dq_tuned, blocks, L.max_q, "BLOCK_M",
             L.batch * L.heads,
-            q, k, v, do, dq, m2, l2, delta, kv_len, alibi, *L.pointers(),
+            q, k, v, do, dq, m2, l2, delta, kv_len, alibi, *L.pointers(), *mods.args(),
             *L.strides(q), *L.strides(k), *L.strides(v), *L.strides(do), *L.strides(dq),
             *scalars, **consts)
     return dq, dk, dv, delta
@@ -306,11 +310,12 @@ class _FlashAttention(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 sinks: torch.Tensor | None, kv_len: torch.Tensor | None,
                 alibi: torch.Tensor | None, spec: _Spec, blocks: Blocks | None,
-                layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+                layout: Layout, mods: KernelMods) -> tuple[torch.Tensor, torch.Tensor]:
         # the backward tiles as the forward did
-        out, m2, l2 = forward(q, k, v, kv_len, alibi, sink_logits2(sinks), spec, blocks, layout)
+        out, m2, l2 = forward(q, k, v, kv_len, alibi, sink_logits2(sinks), spec, blocks, layout,
+                              mods)
         ctx.save_for_backward(q, k, v, out, m2, l2, kv_len, alibi, sinks)
-        ctx.spec, ctx.blocks, ctx.layout = spec, blocks, layout
+        ctx.spec, ctx.blocks, ctx.layout, ctx.mods = spec, blocks, layout, mods
         ctx.set_materialize_grads(False)
         return out, (m2 + l2) * _LN2  # users get the natural log, as every backend
 
@@ -322,9 +327,12 @@ class _FlashAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         if dlse is not None:
             dlse = dlse.to(torch.float32).contiguous()
-        layout = ctx.layout
+        layout, mods = ctx.layout, ctx.mods
+        if mods.score_fn is not None and mods.score_grad is None:
+            raise ValueError("score_mod: its derivative is needed for the backward; give "
+                             "flashmath.triton.Mod(..., grad=) (d score_mod / d score)")
         dq, dk, dv, delta = _backward(dout, dlse, q, k, v, out, m2, l2, kv_len, alibi,
-                                      ctx.spec, ctx.blocks, layout)
+                                      ctx.spec, ctx.blocks, layout, mods)
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             # d out / d sink = -p_sink out, d lse / d sink = p_sink: dsink = -sum p_sink Delta
@@ -333,15 +341,16 @@ class _FlashAttention(torch.autograd.Function):
             p_sink = torch.exp(per_head - (m2 + l2) * _LN2)
             rows = (1,) if layout.packed else (0, 2)
             dsinks = -(p_sink * delta).sum(dim=rows).to(sinks.dtype)
-        return dq, dk, dv, dsinks, None, None, None, None, None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
            kv_len: torch.Tensor | None, alibi: torch.Tensor | None, spec: _Spec,
-           blocks: Blocks | None, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+           blocks: Blocks | None, layout: Layout, mods: KernelMods = NO_MODS,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse), differentiable in q, k, v, sinks and through lse: the autograd entry
     point of every differentiable Triton API (validated arguments, kernel forms)."""
-    return _FlashAttention.apply(q, k, v, sinks, kv_len, alibi, spec, blocks, layout)
+    return _FlashAttention.apply(q, k, v, sinks, kv_len, alibi, spec, blocks, layout, mods)
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,6 +373,9 @@ def flash_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     return_lse: bool = False,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    block_mask: Any = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention ``softmax(scale * q k^T + mask) v`` by Triton kernels, differentiable.
 
@@ -397,6 +409,14 @@ def flash_attention(
         block_q, block_k      tile sizes (powers of two >= 16); None autotunes on a GPU
                               (the interpreter uses 32); one side alone pairs with 64
         return_lse            also return lse (it is differentiable too)
+        score_mod, mask_mod   FlexAttention-style mods as @triton.jit functions
+                              (flashmath.triton.mods: a Mod, or a bare jit function):
+                              the score_mod after softcap and ALiBi, its derivative
+                              (Mod.grad) for the backward; the mask_mod ANDed with the
+                              masks above
+        block_mask            fm.create_block_mask(mask_mod.numpy, ...) over (B|1, H|1,
+                              Sq, Sk): EMPTY tiles are skipped, FULL ones call no
+                              mask_mod; its tiles must be multiples of the kernel's
 
     A query row with no key to attend gives output 0, lse -inf and zero gradients, never NaN.
     The backward is deterministic (no atomics): GQA's dK/dV are summed per K/V head in-kernel.
@@ -411,8 +431,12 @@ def flash_attention(
     kv_len = _kv_lengths(kv_lengths, q.shape[0], k.shape[2], q.device)
     alibi = check_alibi(alibi_slopes, q.shape[0], q.shape[1], q.device)
     sinks = check_sink_tensor(sinks, q.shape[1], q.device)
+    mods = kernel_mods(score_mod, mask_mod, block_mask, q.shape[0], q.shape[1], q.shape[2],
+                       k.shape[2], q.device)
     blocks = tile_sizes(block_q, block_k)
-    out, lse = attend(q, k, v, sinks, kv_len, alibi, spec, blocks, Layout.padded(q, k))
+    if blocks is not None:
+        check_tiles(mods, blocks.block_q, blocks.block_k)
+    out, lse = attend(q, k, v, sinks, kv_len, alibi, spec, blocks, Layout.padded(q, k), mods)
     return (out, lse) if return_lse else out
 
 
