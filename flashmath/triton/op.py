@@ -192,7 +192,7 @@ class Layout:
         B, H, Sq, _ = q.shape
         return cls(B, H, k.shape[1], Sq, k.shape[2], Sq, k.shape[2])
 
-    def strides(self, t: torch.Tensor, keys: bool = False) -> tuple[int, ...]:
+    def strides(self, t: torch.Tensor) -> tuple[int, ...]:
         """(batch, head, row, dim) strides of t: packed tensors (total, H, D) step over
         sequences by cu_seqlens, not a stride (0); a paged cache's first stride is its
         page stride."""
@@ -215,9 +215,8 @@ class Layout:
         return self.cu_q, self.cu_k
 
     def consts(self) -> dict[str, Any]:
+        """The kernels' compile-time switch for packed rows."""
         return {"VARLEN": self.packed}
-
-
 
 
 def _consts(q: torch.Tensor, v: torch.Tensor, spec: _Spec, kv_len: torch.Tensor | None,
