@@ -7,16 +7,12 @@ Without a GPU the kernels run in Triton's CPU interpreter (see tests/test_triton
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton", reason="triton is not installed (pip install 'flashmath[gpu]')")
+from tests.triton_setup import DEVICE, torch
+
+assert DEVICE  # the interpreter is chosen above, before flashmath.triton's import
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -26,7 +22,6 @@ from flashmath.testing import compare_attention, declare  # noqa: E402
 from flashmath.triton import flash_attention, op  # noqa: E402
 from flashmath.triton import mods as T  # noqa: E402
 
-DEVICE = "cuda" if CUDA else "cpu"
 B, H, H_KV, SQ, SK, D = 2, 2, 1, 40, 56, 16
 BLOCK = 32  # the block masks' tiles; the kernels run 16 x 16 tiles inside them
 

@@ -6,22 +6,16 @@ Without a GPU the kernels run in Triton's CPU interpreter (see tests/test_triton
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton", reason="triton is not installed (pip install 'flashmath[gpu]')")
+from tests.triton_setup import DEVICE, torch
+
+assert DEVICE  # the interpreter is chosen above, before flashmath.triton's import
 
 import flashmath as fm  # noqa: E402
 from flashmath.conformance.judge import GRAD_LIMIT, OUT_LIMIT  # noqa: E402
 from flashmath.triton import flash_attention, flash_attention_varlen, op  # noqa: E402
-
-DEVICE = "cuda" if CUDA else "cpu"
 
 #   id              q lengths        k lengths        H Hkv  D  Dv  options
 CASES = [
