@@ -188,6 +188,16 @@ BAD = [  # (id, call, error, message)
 ]
 
 
+def test_a_refused_call_leaves_the_cache_as_it_was():
+    """Every argument is checked before k_new is written into the cache."""
+    q, k, v = _qkv()
+    before = k.clone()
+    with pytest.raises(ValueError, match="block_k"):
+        flash_decode(q, k, v, kv_lengths=[3], k_new=torch.ones_like(k[:, :, :1]),
+                     v_new=torch.ones_like(v[:, :, :1]), block_k=24)
+    assert torch.equal(k, before)
+
+
 @pytest.mark.parametrize(("call", "error", "message"),
                          [pytest.param(*b[1:], id=b[0]) for b in BAD])
 def test_bad_input_names_the_argument(call, error, message):

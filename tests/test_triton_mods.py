@@ -176,3 +176,16 @@ def test_bad_mods_name_the_argument():
         flash_attention(q, k, v, mask_mod=doc, block_mask=odd)
     with pytest.raises(TypeError, match=r"fn: expected a @triton.jit function"):
         T.Mod(lambda *a: True)
+
+
+@pytest.mark.parametrize(("mask_bq", "mask_bk"), [(16, 16), (32, 32), (128, 32), (128, 128)])
+def test_autotuning_keeps_only_tiles_inside_the_block_masks(mask_bq, mask_bk):
+    """On a GPU the tiles are autotuned: every config left (the fallback too, when none of
+    the configs fits) must lie inside one block of the block mask."""
+    from flashmath.triton import kernels
+
+    for configs in (kernels.FWD_CONFIGS, kernels.BWD_DKDV_CONFIGS, kernels.BWD_DQ_CONFIGS):
+        kept = kernels._prune(configs, {"MASK_BQ": mask_bq, "MASK_BK": mask_bk,
+                                        "BLOCK_D": 64, "BLOCK_DV": 64}, HAS_BLOCK_MASK=True)
+        assert kept and all(mask_bq % c.kwargs["BLOCK_M"] == 0
+                            and mask_bk % c.kwargs["BLOCK_N"] == 0 for c in kept)

@@ -62,7 +62,6 @@ from flashmath.attention.paged import (
     gather_keys,
 )
 from flashmath.dtypes import accumulate_dtype, as_float_array
-from flashmath.rounding import cast
 from flashmath.softmax.online import merge_outputs
 
 __all__ = ["MIN_SPLIT_KEYS", "PAGED_CHUNK_KEYS", "choose_num_splits", "flash_decode"]
@@ -213,7 +212,7 @@ def flash_decode(
 
     Narrow inputs (float16, bfloat16) compute in float32 tiles; with several ranges each
     range's result is kept in float32, the ranges merge in float64, and the result is
-    rounded to the input dtype at the end (float32 input computes in float64 then).
+    rounded to the input dtype at the end.
 
     Raises
     ------
@@ -276,20 +275,17 @@ def flash_decode(
         if sink_logits is not None:
             lse[:] = sink_logits[:, None].astype(lse_dtype)
         return (out, lse) if return_lse else out
-    # Several ranges (or a sink to merge): each range's result stays in the accumulate dtype
-    # (not rounded to the input's) until the merge, which rounds once. float16, bfloat16 tiles
-    # compute in float32 as one range's would, writing float32 results; float32 input is
-    # upcast to float64 whole (measured 1.3-1.7x faster at 32k keys than float32 tiles
-    # with their exact float64 scores, and exact).
+    # Several ranges (or a sink to merge): each range's result is written in the accumulate
+    # dtype (float32; float64 for float64 input), not rounded to a narrow input's, and the
+    # merge rounds once. The tiles compute as one range's would (float16 and bfloat16 in
+    # float32 tiles, from keys gathered in the cache's dtype).
     merging = len(ranges) > 1 or sink_logits is not None
     acc = accumulate_dtype(out_dtype) if merging else out_dtype
-    upcast = merging and out_dtype == np.float32
-    q = q.astype(acc, copy=False) if upcast else q
     parts: list[tuple[np.ndarray, np.ndarray]] = [None] * len(ranges)  # type: ignore[list-item]
 
     def part(i: int) -> None:
         a, z = ranges[i]
-        ks, vs = cache.keys(a, z, acc if upcast else None)
+        ks, vs = cache.keys(a, z)
         parts[i] = tiled.tiled_forward(q, ks, vs, kv_lengths=lengths, k_offset=a, k_total=sk,
                                        causal=alignment, out_dtype=acc, **opts)
 
@@ -406,14 +402,12 @@ class _Cache:
         return [(c, min(c + step - c % step, z)) for a, z in ranges
                 for c in _cuts(a, z, step)]
 
-    def keys(self, a: int, z: int, dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values [a, z) of every sequence, (B, H_kv, z - a, D|Dv), in ``dtype``
-        (None: the cache's, views of a contiguous cache; a paged one is gathered)."""
+    def keys(self, a: int, z: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values [a, z) of every sequence, (B, H_kv, z - a, D|Dv), in the cache's
+        dtype: views of a contiguous cache, a gathered copy of a paged one."""
         if self.table is None:
-            return cast(self.k[:, :, a:z], dtype or self.k.dtype), \
-                cast(self.v[:, :, a:z], dtype or self.v.dtype)
-        return (gather_keys(self.k, self.table, a, z, dtype),
-                gather_keys(self.v, self.table, a, z, dtype))
+            return self.k[:, :, a:z], self.v[:, :, a:z]
+        return (gather_keys(self.k, self.table, a, z), gather_keys(self.v, self.table, a, z))
 
 
 def _cuts(a: int, z: int, step: int) -> list[int]:

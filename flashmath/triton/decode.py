@@ -126,6 +126,7 @@ def flash_decode(
     spec = make_spec(q.shape[3], causal, window, softcap, scale)
     alibi = check_alibi(alibi_slopes, B, H, q.device)
     sinks_t = check_sink_tensor(sinks, H, q.device)
+    blocks = tile_sizes(None, block_k)  # every check before the cache is written
     if k_new is not None or v_new is not None:
         lengths = _append(q, k_cache, v_cache, k_new, v_new, lengths, capacity, table,
                           block_table, page)
@@ -135,7 +136,7 @@ def flash_decode(
     kv_len = torch.as_tensor(lengths, dtype=torch.int32, device=q.device)
     with torch.no_grad():
         out, m2, l2 = forward(q, k_cache, v_cache, kv_len, alibi, sink_logits2(sinks_t), spec,
-                              tile_sizes(None, block_k), layout)
+                              blocks, layout)
     return (out, (m2 + l2) * _LN2) if return_lse else out
 
 

@@ -187,9 +187,9 @@ def _sequence(CuQ, CuK, b, Sq, Sk, VARLEN: tl.constexpr):
     """(q0, sq, k0, sk): where sequence b's query and key rows start and how many there are.
     Padded tensors: (0, Sq, 0, Sk). Packed (VARLEN): read from cu_seqlens_q/k."""
     if VARLEN:
-        q0 = tl.load(CuQ + b)
+        q0 = tl.load(CuQ + b).to(tl.int64)
         sq = tl.load(CuQ + b + 1) - q0
-        k0 = tl.load(CuK + b)
+        k0 = tl.load(CuK + b).to(tl.int64)
         sk = tl.load(CuK + b + 1) - k0
     else:
         q0 = 0
@@ -383,7 +383,7 @@ def attn_fwd(Q, K, V, Out, M2, L2, KvLen, Alibi, Sinks, CuQ, CuK, BlockTable, st
     a block mask's TileKinds (B|1, H|1, nq, nk) of MASK_BQ x MASK_BK tiles (multiples of
     BLOCK_M x BLOCK_N), strides stride_m*."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets in int64: tensors of 2^31 elements
     b = bh // H
     h = bh % H
     hkv = h // GROUP  # GQA: query head h reads K/V head h // (H / H_kv)
@@ -487,7 +487,7 @@ def attn_bwd_preprocess(Out, DO, DLse, Delta,
     """Delta_i = sum_d dO[i, d] * O[i, d] (float32), less dLse_i when lse has a gradient:
     d lse_i / d s_ij = P_ij, so that gradient folds into the same correction."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets in int64: tensors of 2^31 elements
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -615,7 +615,7 @@ def attn_bwd_dkdv(Q, K, V, DO, DK, DV, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
     the GROUP query heads that share this K/V head, in registers (deterministic). Keys at
     or past kv_len are never loaded and get dK = dV = 0."""
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)  # offsets in int64: tensors of 2^31 elements
     H_kv = H // GROUP
     b = bhk // H_kv
     hkv = bhk % H_kv
@@ -764,7 +764,7 @@ def attn_bwd_dq(Q, K, V, DO, DQ, M2, L2, Delta, KvLen, Alibi, CuQ, CuK,
                 LEAD: tl.constexpr, TRAIL: tl.constexpr):
     """One program per (query block, batch * head): dQ of BLOCK_M rows (no atomics)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets in int64: tensors of 2^31 elements
     b = bh // H
     h = bh % H
     hkv = h // GROUP
@@ -873,9 +873,15 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
             continue  # a tile must lie inside one block of the block mask
         if smem <= _SMEM_BUDGET:
             kept.append(c)
-    return kept or [c for c in configs if not args.get("HAS_BLOCK_MASK")
-                    or not (mask_bq % c.kwargs["BLOCK_M"] or mask_bk % c.kwargs["BLOCK_N"])
-                    ][:1] or configs[:1]
+    if kept:
+        return kept
+    # nothing fits: the first config, its tiles shrunk into the block mask's (powers of two)
+    first = configs[0]
+    bm, bn = first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"]
+    if args.get("HAS_BLOCK_MASK"):
+        bm, bn = min(bm, mask_bq), min(bn, mask_bk)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=first.num_warps,
+                          num_stages=first.num_stages)]
 
 
 #: What a tuned config is kept for: causal and windowed calls (win_*) tune apart from full ones.
