@@ -57,6 +57,8 @@ from flashmath.attention.options import (
 )
 from flashmath.attention.paged import (
     append_kv,
+    capacity_shapes,
+    check_append,
     check_block_table,
     check_paged_cache,
     gather_keys,
@@ -314,13 +316,6 @@ def flash_decode(
     return out, lse.reshape(b, h, sq).astype(lse_dtype, copy=False)
 
 
-class _Shape:
-    """A stand-in with .shape and .dtype, to run the one shape rule on a paged cache."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
-        self.shape, self.dtype = shape, dtype
-
-
 class _Cache:
     """The KV cache of one decode call, contiguous or paged: validation, appending and
     the keys of a range as contiguous arrays."""
@@ -341,12 +336,7 @@ class _Cache:
             return cls(q, k, v, (k_cache, v_cache), None)
         k, v = check_paged_cache(k_cache, v_cache)
         q = as_float_array(q, name="q")
-        table = np.asarray(block_table)
-        if table.ndim != 2:
-            raise ValueError(f"block_table: expected shape (B, max_pages), got {table.shape}")
-        cap = table.shape[1] * k.shape[2]
-        check_shapes(q, _Shape((table.shape[0], k.shape[1], cap, k.shape[3]), k.dtype),
-                     _Shape((table.shape[0], v.shape[1], cap, v.shape[3]), v.dtype),
+        check_shapes(q, *capacity_shapes(k, v, np.shape(block_table)),
                      names=("q", "k_cache", "v_cache"))
         return cls(q, k, v, (k_cache, v_cache), block_table)
 
@@ -354,9 +344,8 @@ class _Cache:
         """Write k_new, v_new at each sequence's length (in place); the new lengths."""
         if k_new is None and v_new is None:
             return lengths
-        if k_new is None or v_new is None:
-            raise ValueError("k_new, v_new: give both (the new keys and their values) or "
-                             "neither")
+        if k_new is None or v_new is None:  # check_append says so, naming both
+            check_append(self.q, k_new, v_new, self.k, self.v, lengths, self.capacity)
         for name, given, arr in (("k_cache", self.given[0], self.k),
                                  ("v_cache", self.given[1], self.v)):
             if given is not arr or not arr.flags.writeable:
@@ -365,19 +354,7 @@ class _Cache:
                                 f"dtype, got {type(given).__name__}")
         kn = as_float_array(k_new, name="k_new")
         vn = as_float_array(v_new, name="v_new")
-        check_shapes(self.q, kn, vn, names=("q", "k_new", "v_new"))
-        if kn.shape[1] != self.kv_heads or kn.shape[3] != self.k.shape[3] or \
-                vn.shape[3] != self.dv:
-            raise ValueError(f"k_new, v_new: expected (B, H_kv, S_new, D|Dv) with H_kv="
-                             f"{self.kv_heads}, D={self.k.shape[3]}, Dv={self.dv}; got "
-                             f"{kn.shape}, {vn.shape}")
-        s_new = kn.shape[2]
-        full = lengths + s_new > self.capacity
-        if full.any():
-            i = int(np.flatnonzero(full)[0])
-            raise ValueError(f"k_new: sequence {i} has {lengths[i]} keys and {s_new} new ones, "
-                             f"more than the cache holds ({self.capacity})")
-        new_lengths = lengths + s_new
+        new_lengths = check_append(self.q, kn, vn, self.k, self.v, lengths, self.capacity)
         if self.raw_table is not None:
             self.check_table(new_lengths)
         append_kv(self.k, self.v, kn.astype(self.k.dtype, copy=False),

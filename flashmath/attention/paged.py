@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from flashmath.attention.options import check_shapes
 from flashmath.dtypes import as_float_array
 from flashmath.rounding import cast
 
-__all__ = ["append_kv", "check_block_table", "check_paged_cache", "gather_keys"]
+__all__ = ["append_kv", "capacity_shapes", "check_append", "check_block_table",
+           "check_paged_cache", "check_paged_shapes", "gather_keys"]
 
 
 def check_paged_cache(k_cache: Any, v_cache: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -31,18 +33,66 @@ def check_paged_cache(k_cache: Any, v_cache: Any) -> tuple[np.ndarray, np.ndarra
     one float dtype, same pages, heads and page size. Returns them as arrays (no copy)."""
     k = as_float_array(k_cache, name="k_cache")
     v = as_float_array(v_cache, name="v_cache")
-    for name, x, legend in (("k_cache", k, "D"), ("v_cache", v, "Dv")):
-        if x.ndim != 4:
-            raise ValueError(f"{name}: a paged cache is 4-D (num_pages, H_kv, page_size, "
-                             f"{legend}), got shape {x.shape}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"v_cache: (num_pages, H_kv, page_size) {v.shape[:3]} differs from "
-                         f"k_cache's {k.shape[:3]}")
-    if k.dtype != v.dtype:
-        raise TypeError(f"k_cache, v_cache must share one dtype; got {k.dtype}, {v.dtype}")
-    if k.shape[2] == 0:
-        raise ValueError(f"k_cache: page_size must be positive, got shape {k.shape}")
+    check_paged_shapes(k, v)
     return k, v
+
+
+def check_paged_shapes(k_cache: Any, v_cache: Any) -> None:
+    """The paged-cache rule of :func:`check_paged_cache` on anything with ``.shape`` and
+    ``.dtype`` (NumPy arrays, torch tensors; nothing is converted)."""
+    k, v = tuple(k_cache.shape), tuple(v_cache.shape)
+    for name, shape, legend in (("k_cache", k, "D"), ("v_cache", v, "Dv")):
+        if len(shape) != 4:
+            raise ValueError(f"{name}: a paged cache is 4-D (num_pages, H_kv, page_size, "
+                             f"{legend}), got shape {shape}")
+    if k[:3] != v[:3]:
+        raise ValueError(f"v_cache: (num_pages, H_kv, page_size) {v[:3]} differs from "
+                         f"k_cache's {k[:3]}")
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"k_cache, v_cache must share one dtype; got {k_cache.dtype}, "
+                        f"{v_cache.dtype}")
+    if k[2] == 0:
+        raise ValueError(f"k_cache: page_size must be positive, got shape {k}")
+
+
+class _Shape:
+    """A stand-in with .shape and .dtype, to run the one (B, H, S, D) rule on a paged cache."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self.shape, self.dtype = shape, dtype
+
+
+def capacity_shapes(k_cache: Any, v_cache: Any, table_shape: tuple[int, ...]
+                    ) -> tuple[Any, Any]:
+    """A paged cache (checked by :func:`check_paged_shapes`) as (B, H_kv, Sk, D|Dv)
+    stand-ins for :func:`~flashmath.attention.options.check_shapes`, Sk = max_pages *
+    page_size being the capacity; ``table_shape`` must be (B, max_pages)."""
+    if len(table_shape) != 2:
+        raise ValueError(f"block_table: expected shape (B, max_pages), got {table_shape}")
+    b, cap = table_shape[0], table_shape[1] * k_cache.shape[2]
+    return (_Shape((b, k_cache.shape[1], cap, k_cache.shape[3]), k_cache.dtype),
+            _Shape((b, v_cache.shape[1], cap, v_cache.shape[3]), v_cache.dtype))
+
+
+def check_append(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any,
+                 lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """k_new, v_new (B, H_kv, S_new, D|Dv) fit the cache (heads and head dims of
+    k_cache/v_cache, contiguous or paged, and lengths + S_new <= capacity); anything with
+    ``.shape`` and ``.dtype``. Returns the lengths after the append."""
+    if k_new is None or v_new is None:
+        raise ValueError("k_new, v_new: give both (the new keys and their values) or neither")
+    check_shapes(q, k_new, v_new, names=("q", "k_new", "v_new"))
+    h_kv, d, dv = k_cache.shape[1], k_cache.shape[3], v_cache.shape[3]
+    if k_new.shape[1] != h_kv or k_new.shape[3] != d or v_new.shape[3] != dv:
+        raise ValueError(f"k_new, v_new: expected (B, H_kv, S_new, D|Dv) with H_kv={h_kv}, "
+                         f"D={d}, Dv={dv}; got {tuple(k_new.shape)}, {tuple(v_new.shape)}")
+    s_new = k_new.shape[2]
+    full = lengths + s_new > capacity
+    if full.any():
+        i = int(np.flatnonzero(full)[0])
+        raise ValueError(f"k_new: sequence {i} has {lengths[i]} keys and {s_new} new ones, "
+                         f"more than the cache holds ({capacity})")
+    return lengths + s_new
 
 
 def check_block_table(block_table: Any, batch: int, num_pages: int, page_size: int,

@@ -26,7 +26,12 @@ import numpy as np
 import torch
 
 from flashmath.attention.options import Causal, Window, check_lengths, check_shapes
-from flashmath.attention.paged import check_block_table
+from flashmath.attention.paged import (
+    capacity_shapes,
+    check_append,
+    check_block_table,
+    check_paged_shapes,
+)
 from flashmath.triton.op import (
     Layout,
     check_alibi,
@@ -43,13 +48,6 @@ from flashmath.triton.op import (
 __all__ = ["flash_decode"]
 
 _LN2 = float(np.log(2.0))
-
-
-class _Shape:
-    """A stand-in with .shape and .dtype: the one (B, H, S, D) rule on a paged cache."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        self.shape, self.dtype = shape, dtype
 
 
 def flash_decode(
@@ -103,6 +101,7 @@ def flash_decode(
     a cache too small for the append), scale, softcap, causal, window, alibi_slopes, sinks.
     """
     paged = block_table is not None
+    block_table = host_ints(block_table)  # a tensor is read on the host once
     check_tensors(("q", q), ("k_cache", k_cache), ("v_cache", v_cache))
     names = ("q", "k_cache", "v_cache")
     if q.dim() != 4:
@@ -111,7 +110,7 @@ def flash_decode(
     v_like: Any = v_cache
     page = 0
     if paged:
-        k_like, v_like, page = _paged_shapes(q, k_cache, v_cache, block_table)
+        k_like, v_like, page = _paged_shapes(k_cache, v_cache, block_table)
     check_shapes(q, k_like, v_like, names)
     check_head_dims(q.shape[3], v_like.shape[3], f"q {tuple(q.shape)}, k_cache "
                                                  f"{tuple(k_cache.shape)}, v_cache "
@@ -122,7 +121,8 @@ def flash_decode(
     lengths = check_lengths(host_ints(kv_lengths), "kv_lengths", B,
                             np.iinfo(np.int64).max if paged else capacity)
     lengths = np.full(B, capacity, np.int64) if lengths is None else lengths
-    table = _table(block_table, B, k_cache.shape[0], page, lengths) if paged else None
+    table = (check_block_table(block_table, B, k_cache.shape[0], page, lengths)
+             if paged else None)
     spec = make_spec(q.shape[3], causal, window, softcap, scale)
     alibi = check_alibi(alibi_slopes, B, H, q.device)
     sinks_t = check_sink_tensor(sinks, H, q.device)
@@ -140,57 +140,27 @@ def flash_decode(
     return (out, (m2 + l2) * _LN2) if return_lse else out
 
 
-def _paged_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: Any,
-                  ) -> tuple[_Shape, _Shape, int]:
-    """The paged cache checked (4-D, same pages, heads and page size), as (B, H_kv, Sk, D)
-    stand-ins of capacity Sk = max_pages * page_size, and its page size."""
-    for name, x, legend in (("k_cache", k, "D"), ("v_cache", v, "Dv")):
-        if x.dim() != 4:
-            raise ValueError(f"{name}: a paged cache is 4-D (num_pages, H_kv, page_size, "
-                             f"{legend}), got shape {tuple(x.shape)}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"v_cache: (num_pages, H_kv, page_size) {tuple(v.shape[:3])} differs "
-                         f"from k_cache's {tuple(k.shape[:3])}")
-    if k.shape[2] == 0:
-        raise ValueError(f"k_cache: page_size must be positive, got shape {tuple(k.shape)}")
-    shape = np.shape(host_ints(block_table))
-    if len(shape) != 2:
-        raise ValueError(f"block_table: expected shape (B, max_pages), got {shape}")
-    cap = shape[1] * k.shape[2]
-    return (_Shape((shape[0], k.shape[1], cap, k.shape[3]), k.dtype),
-            _Shape((shape[0], v.shape[1], cap, v.shape[3]), v.dtype), k.shape[2])
-
-
-def _table(block_table: Any, B: int, num_pages: int, page: int, lengths: np.ndarray,
-           ) -> np.ndarray:
-    """block_table checked for these lengths (flashmath.attention.paged's rule)."""
-    return check_block_table(host_ints(block_table), B, num_pages, page, lengths)
+def _paged_shapes(k: torch.Tensor, v: torch.Tensor, block_table: Any) -> tuple[Any, Any, int]:
+    """The paged cache checked, as (B, H_kv, Sk, D|Dv) stand-ins of capacity Sk =
+    max_pages * page_size, and its page size (flashmath.attention.paged's rules)."""
+    check_paged_shapes(k, v)
+    return (*capacity_shapes(k, v, np.shape(block_table)), k.shape[2])
 
 
 def _append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: Any,
             v_new: Any, lengths: np.ndarray, capacity: int, table: np.ndarray | None,
             block_table: Any, page: int) -> np.ndarray:
     """Write k_new, v_new at each sequence's length, in place; the new lengths."""
-    if k_new is None or v_new is None:
-        raise ValueError("k_new, v_new: give both (the new keys and their values) or neither")
-    check_tensors(("k_new", k_new), ("v_new", v_new), ("q", q))
-    if k_new.dtype != k_cache.dtype or v_new.dtype != v_cache.dtype:
-        raise TypeError(f"k_new, v_new: expected the cache's dtype {k_cache.dtype}, got "
-                        f"{k_new.dtype}, {v_new.dtype}")
-    check_shapes(q, k_new, v_new, ("q", "k_new", "v_new"))
-    H_kv, D, Dv = k_cache.shape[1], k_cache.shape[3], v_cache.shape[3]
-    if k_new.shape[1] != H_kv or k_new.shape[3] != D or v_new.shape[3] != Dv:
-        raise ValueError(f"k_new, v_new: expected (B, H_kv, S_new, D|Dv) with H_kv={H_kv}, "
-                         f"D={D}, Dv={Dv}; got {tuple(k_new.shape)}, {tuple(v_new.shape)}")
+    if k_new is not None and v_new is not None:
+        check_tensors(("k_new", k_new), ("v_new", v_new), ("q", q))
+        if k_new.dtype != k_cache.dtype or v_new.dtype != v_cache.dtype:
+            raise TypeError(f"k_new, v_new: expected the cache's dtype {k_cache.dtype}, got "
+                            f"{k_new.dtype}, {v_new.dtype}")
+    new_lengths = check_append(q, k_new, v_new, k_cache, v_cache, lengths, capacity)
     s_new = k_new.shape[2]
-    full = lengths + s_new > capacity
-    if full.any():
-        b = int(np.flatnonzero(full)[0])
-        raise ValueError(f"k_new: sequence {b} has {lengths[b]} keys and {s_new} new ones, "
-                         f"more than the cache holds ({capacity})")
-    new_lengths = lengths + s_new
     if table is not None:
-        table = _table(block_table, q.shape[0], k_cache.shape[0], page, new_lengths)
+        table = check_block_table(block_table, q.shape[0], k_cache.shape[0], page,
+                                  new_lengths)
     with torch.no_grad():
         for b, start in enumerate(lengths.tolist()):
             if table is None:
