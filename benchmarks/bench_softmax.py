@@ -63,6 +63,9 @@ CASES = [
     Case("softmax", (65536, 16), "float32"),
     Case("log_softmax", (65536, 16), "float32"),
     Case("logsumexp", (65536, 16), "float32"),
+    Case("softmax", (131072, 8), "float32"),
+    Case("log_softmax", (131072, 8), "float32"),
+    Case("logsumexp", (131072, 8), "float32"),
 ]
 
 TARGET = {"float32": 1.5, "float64": 1.5, "float16": 2.0, "bfloat16": 2.0}

@@ -1064,11 +1064,16 @@ def fast_inputs(dt: np.dtype, shape: tuple[int, ...] = (37, 301)) -> np.ndarray:
     x = (rng.standard_normal(shape) * rng.choice([0.1, 3.0, 30.0], (*shape[:-1], 1)))
     x = x.astype(dt)
     flat = x.reshape(-1, shape[-1])
+    n = shape[-1]
     flat[3, ::5] = -np.inf  # masked entries
     flat[4] = -np.inf  # a dead row
-    flat[5, 7] = np.nan  # a NaN row
+    flat[5, 7 % n] = np.nan  # a NaN row
     if np.isinf(np.array(np.inf).astype(dt)):
-        flat[6, 1] = np.inf  # a +inf row
+        flat[6, 1 % n] = np.inf  # a +inf row
+    flat[7, :] = 0.0  # a row at its max everywhere, with signed zeros
+    flat[7, ::2] = -0.0
+    flat[8, :] = -np.inf  # one survivor: -0.0
+    flat[8, n // 2] = -0.0
     return x
 
 
@@ -1100,17 +1105,36 @@ def all_calls(x: np.ndarray, general: bool = False) -> list[object]:
 
 @pytest.mark.parametrize("name", FAST_DTYPES)
 @pytest.mark.parametrize("block_bytes, parallel_min", [(1 << 18, 1 << 18), (4, 1), (5000, 1)])
+@pytest.mark.parametrize("shape", [(37, 301), (40, 1), (40, 2), (300, 7), (40, 9), (300, 12)])
 def test_fast_path_is_bit_identical_to_the_general_path(
-    monkeypatch: pytest.MonkeyPatch, name: str, block_bytes: int, parallel_min: int
+    monkeypatch: pytest.MonkeyPatch, name: str, block_bytes: int, parallel_min: int,
+    shape: tuple[int, int],
 ) -> None:
+    """Long rows and short ones (at most blocks.SHORT entries: reduced as columns)."""
     from flashmath.softmax import blocks
 
-    x = fast_inputs(DTYPES[name])
+    x = fast_inputs(DTYPES[name], shape)
     general = all_calls(x, general=True)
     monkeypatch.setattr(blocks, "BLOCK_BYTES", block_bytes)  # one row per block, or a few
     monkeypatch.setattr(blocks, "PARALLEL_MIN", parallel_min)  # and threads even when small
     for i, (fast, slow) in enumerate(zip(all_calls(x), general, strict=True)):
         assert same_bits(fast, slow), (name, i)
+
+
+@given(st.integers(1, 300), st.integers(1, 5), st.sampled_from(["float32", "float64"]),
+       st.integers(0, 2**32 - 1))
+def test_pairwise_sum0_is_numpys_row_sum_bit_for_bit(n: int, r: int, name: str,
+                                                     seed: int) -> None:
+    from flashmath.softmax.maths import pairwise_sum0
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, r)) * 10.0 ** rng.integers(-8, 8, (n, r))
+    a[rng.random((n, r)) < 0.05] = -0.0
+    a = a.astype(DTYPES[name])
+    want = np.sum(np.ascontiguousarray(a.T), axis=1, keepdims=True).T
+    assert same_bits(pairwise_sum0(a), want)
+    zeros = np.full((n, r), -0.0, DTYPES[name])
+    assert same_bits(pairwise_sum0(zeros), np.sum(zeros.T, axis=1, keepdims=True).T)
 
 
 @pytest.mark.parametrize("name", ["float16", "bfloat16"])

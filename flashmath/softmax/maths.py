@@ -10,12 +10,14 @@ block, so both give the same bits.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from flashmath.softmax.rule import row_shift
 
-__all__ = ["count_per_row", "log_sum", "nll", "normalized", "shift_of", "shifted", "smoothed"]
+__all__ = ["count_per_row", "log_sum", "nll", "normalized", "pairwise_sum0", "shift_of", "shifted",
+           "smoothed"]
 
 
 
@@ -56,7 +58,8 @@ def normalized(a: np.ndarray, axes: tuple[int, ...], empty: str, *, owned: bool)
 
 
 def log_sum(
-    d: np.ndarray, axes: tuple[int, ...], b: np.ndarray | None = None
+    d: np.ndarray, axes: tuple[int, ...], b: np.ndarray | None = None,
+    row_sum: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``log|sum(b * exp(d))|`` and the sum's sign, per row (keepdims), for shifted ``d``.
 
@@ -64,7 +67,8 @@ def log_sum(
     ``top``, the rest into ``rest``, and the log taken as ``log|top| + log1p(rest/top)``:
     accurate also when ``rest`` is tiny (scipy's device). Where that form does not
     apply (``top == 0``, or ``rest/top <= -1`` with negative weights) ``log|top + rest|``
-    is used; for a dead row that is ``log(0) = -inf``, on purpose.
+    is used; for a dead row that is ``log(0) = -inf``, on purpose. ``row_sum`` replaces the
+    sum over ``axes`` (:func:`pairwise_sum0` for rows held as columns).
     """
     at_max = d == 0
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -75,7 +79,7 @@ def log_sum(
             e *= b
             top = np.sum(np.where(at_max, b, 0), axis=axes, keepdims=True, dtype=e.dtype)
         np.copyto(e, 0, where=at_max)
-        rest = np.sum(e, axis=axes, keepdims=True)
+        rest = np.sum(e, axis=axes, keepdims=True) if row_sum is None else row_sum(e)
         total = top + rest
         ratio = rest / top
         log_s = np.where(
@@ -124,11 +128,54 @@ def nll(
 
 
 def smoothed(
-    loss: np.ndarray, log_s: np.ndarray, d: np.ndarray, axis: int, smoothing: float
+    loss: np.ndarray, log_s: np.ndarray, d: np.ndarray, axis: int, smoothing: float,
+    row_sum: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """torch's label smoothing of the per-label ``loss`` (keepdims), from the shifted
-    logits ``d`` and their ``log_s``: ``(1 - s) loss + s (log_s - mean(d))``."""
+    logits ``d`` and their ``log_s``: ``(1 - s) loss + s (log_s - mean(d))``; ``row_sum``
+    as in :func:`log_sum` (the mean is then ``row_sum(d) / n``, as np.mean divides)."""
     if not smoothing:
         return loss
-    uniform = log_s - np.mean(d, axis=axis, keepdims=True)
+    mean = (np.mean(d, axis=axis, keepdims=True) if row_sum is None
+            else row_sum(d) / d.shape[axis])
+    uniform = log_s - mean
     return uniform if smoothing == 1.0 else (1.0 - smoothing) * loss + smoothing * uniform
+
+
+def pairwise_sum0(a: np.ndarray) -> np.ndarray:
+    """The sum of each column of ``a`` (n, r), keepdims (1, r): bit for bit
+    ``np.sum(a.T, axis=1)``, for rows held as columns (short rows, whose row-wise
+    reductions cost NumPy a loop call per row).
+
+    It repeats NumPy's pairwise summation of a contiguous row, one vector operation per
+    step across all r rows: below 8 terms in order, up to 128 in 8 interleaved partial
+    sums added as ((0+1)+(2+3))+((4+5)+(6+7)) and the remainder in order, longer rows
+    split at a multiple of 8 near the middle; the reduction starts from +0 (so a row of
+    -0.0 sums to +0.0, as NumPy's does). A test holds it to the installed NumPy's sums.
+    """
+    out = _pairwise(a)
+    out += 0  # the reduction's identity: -0.0 becomes +0.0, as in np.sum
+    return out[None, :]
+
+
+def _pairwise(a: np.ndarray) -> np.ndarray:
+    n = a.shape[0]
+    if n < 8:
+        r = a[0] + 0
+        for i in range(1, n):
+            r += a[i]
+        return r
+    if n <= 128:
+        acc = a[:8].copy()
+        whole = n - n % 8
+        for i in range(8, whole, 8):
+            acc += a[i : i + 8]
+        pairs = acc[0::2] + acc[1::2]
+        r = pairs[0::2] + pairs[1::2]
+        r = r[0] + r[1]
+        for i in range(whole, n):
+            r += a[i]
+        return r
+    half = n // 2
+    half -= half % 8
+    return _pairwise(a[:half]) + _pairwise(a[half:])

@@ -88,7 +88,9 @@ Speed and memory. When the reduced axes are the trailing axes of a C-contiguous 
 (the usual ``axis=-1``) and there is no ``where``/``b``, the rows are computed in blocks
 of about 256 KiB of accumulate dtype, so every temporary stays in the cache, and the
 blocks are shared between the cores (:mod:`flashmath.parallel`) once the input has
-2**18 elements or more; smaller inputs take no thread overhead. Each block runs, row by
+2**18 elements or more (one contiguous run of blocks per core); smaller inputs take no
+thread overhead. Rows of at most 12 entries are reduced as the columns of a transposed
+block (same bits). Each block runs, row by
 row, exactly the NumPy operations of the general path, so the results are bit for bit
 those of the general path whatever the blocks or threads. Extra memory beyond the
 output is a few blocks (about 1.5 MiB), for every dtype; narrow inputs are widened to
