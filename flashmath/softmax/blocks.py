@@ -5,7 +5,7 @@ Every block does, row by row, exactly the operations of the general path (the fu
 of :mod:`flashmath.softmax.maths` on the same row-contiguous data), so results are bit for
 bit the same whatever the blocks or threads. Rows of at most SHORT entries are held as the
 columns of a transposed block, where each reduction is a few vector operations across all
-rows instead of a loop call per row (2-4x faster for rows of 2-8 entries); their sums
+rows instead of a loop call per row (measured 1.6-4.5x faster for rows of 2-8 entries); their sums
 repeat NumPy's pairwise order (:func:`maths.pairwise_sum0`), so the bits are the same.
 Narrow inputs are widened and rounded back one block at a time
 (:func:`flashmath.rounding.cast`), so the extra memory is a few blocks, never a float32
@@ -88,9 +88,10 @@ def _load_columns(f: Flat, rows: slice) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_load` for short rows (at most SHORT entries), transposed: ``(a - shift,
     shift)`` as an (n, r) array whose columns are the block's rows and a (1, r) shift.
 
-    NumPy reduces a short row in a loop call per row (16 entries: 3 ns an entry, against
-    0.1 for an element-wise pass), so short rows are reduced as columns, one vector step
-    across all rows at a time (:func:`maths.pairwise_sum0` keeps the sums' bits)."""
+    NumPy reduces a row in a loop call per row, which short rows do not amortise, so they
+    are reduced as columns, one vector step across all rows at a time
+    (:func:`maths.pairwise_sum0` keeps the sums' bits). The two transposing copies cost
+    about as much as the reductions save at 16 entries, hence SHORT = 12."""
     xb = f.x[rows]
     if xb.dtype != f.acc:
         xb = cast(xb, f.acc)
@@ -151,7 +152,6 @@ def log_softmax_rows(f: Flat) -> np.ndarray:
 def logsumexp_rows(f: Flat) -> tuple[np.ndarray, np.ndarray]:
     lse = np.empty((f.x.shape[0], 1), f.acc)
     sign = np.empty((f.x.shape[0], 1), f.acc)
-
     short = f.x.shape[1] <= SHORT
 
     def work(rows: slice) -> None:
