@@ -207,7 +207,8 @@ def fast(ctx):
     return Result(records=[{"x": 1}])
 
 def slow(ctx):
-    time.sleep(60)
+    for _ in range(600):  # short sleeps: SIGINT acts within 0.1 s whichever thread gets it
+        time.sleep(0.1)
     return Result(records=[])
 
 mods = {n: types.SimpleNamespace(NAME=n, TITLE=n, SEEDS=(), run=f)
