@@ -18,6 +18,10 @@ vectorised passes of integer and float32 arithmetic over cache-sized blocks:
   Scaled by 2**-112, its float32 bits shifted right by 13 are the float16 bits (normal
   and subnormal alike); results >= 65520 become inf, NaN keeps the top 10 payload bits
   (never 0, so it stays NaN), the sign is copied.
+- :func:`probabilities_to_float16`: the same rounding for values in [0, 1] or NaN (a
+  softmax's probabilities), in place, without the sign, abs and overflow passes (9
+  passes, not 14; the float16 softmax measured 0.7x the time it took with the general
+  conversion).
 - :func:`float16_to_float32`: the sign-extended 16 bits shifted left by 13 are a float32
   2**112 times too small (exactly, subnormals included); inf and NaN get the all-ones
   exponent.
@@ -42,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = ["BLOCK", "bfloat16_to_float32", "cast", "float16_to_float32", "float32_to_bfloat16",
-           "float32_to_float16"]
+           "float32_to_float16", "probabilities_to_float16"]
 
 #: Elements converted per pass: the few temporaries stay in the core's cache.
 BLOCK = 1 << 17
@@ -74,6 +78,25 @@ def float32_to_float16(x: npt.ArrayLike, out: np.ndarray | None = None) -> np.nd
     src, dst = a.reshape(-1).view(np.uint32), res.reshape(-1).view(np.uint16)
     for lo in range(0, src.size, BLOCK):
         _f32_to_f16_block(src[lo : lo + BLOCK], dst[lo : lo + BLOCK])
+    return res
+
+
+def probabilities_to_float16(p: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """:func:`float32_to_float16` for values in [0, 1] or NaN (softmax probabilities), in
+    9 passes instead of 14: no sign, no overflow to handle. Internal: for flashmath's own
+    temporaries.
+
+    p : C-contiguous float32, every value in [+0, 1] or NaN (anything else, -0.0
+        included, gives wrong bits); it is the scratch space and is overwritten.
+    out : C-contiguous float16 of p's shape: the bits of ``p.astype(np.float16)``.
+    """
+    res = _out(out, p.shape, _F16)
+    if p.dtype != _F32 or not p.flags.c_contiguous:
+        raise ValueError(f"p: expected a C-contiguous float32 array, got {p.dtype}"
+                         f"{'' if p.flags.c_contiguous else ' (not contiguous)'}")
+    src, dst = p.reshape(-1).view(np.uint32), res.reshape(-1).view(np.uint16)
+    for lo in range(0, src.size, BLOCK):
+        _unit_to_f16_block(src[lo : lo + BLOCK], dst[lo : lo + BLOCK])
     return res
 
 
@@ -164,8 +187,35 @@ def _f32_to_f16_block(u: np.ndarray, h: np.ndarray) -> None:
     np.copyto(h, mag, casting="unsafe")  # the low 16 bits
     if has_nan:  # NaN: keep the payload's top 10 bits, never 0 (that would be inf)
         nan = np.isnan(u.view(np.float32))
-        payload = np.maximum(np.right_shift(u[nan], 13) & 0x3FF, 1)
-        h[nan] = (np.right_shift(u[nan], 16) & 0x8000 | 0x7C00 | payload).astype(np.uint16)
+        h[nan] = _f16_nan(u[nan])
+
+
+def _unit_to_f16_block(u: np.ndarray, h: np.ndarray) -> None:
+    """float32 bits u (uint32, values in [0, 1] or NaN, overwritten) -> float16 bits h:
+    :func:`_f32_to_f16_block`'s rounding without its abs, sign and overflow passes."""
+    nan = None
+    if np.max(u, initial=0) > 0x7F800000:  # NaN of either sign: keep its bits
+        nan = np.isnan(u.view(np.float32))
+        nan_bits = u[nan]
+    c = np.bitwise_and(u, 0x7F800000)  # 2**e
+    c += 13 << 23  # 2**(e + 13), at most 2**13 for values <= 1
+    np.maximum(c, 0x3F000000, out=c)  # >= 0.5: aligns the subnormals
+    r, cf = u.view(np.float32), c.view(np.float32)
+    with np.errstate(invalid="ignore"):  # the NaN entries, rebuilt below
+        r += cf  # rounds onto the float16 grid (float32's own ties-to-even)
+        r -= cf
+        r *= np.float32(2.0**-112)
+    u >>= 13
+    np.copyto(h, u, casting="unsafe")
+    if nan is not None:
+        h[nan] = _f16_nan(nan_bits)
+
+
+def _f16_nan(u: np.ndarray) -> np.ndarray:
+    """float16 bits of the float32 NaNs with bits u: the sign, the payload's top 10 bits,
+    never 0 (that would be inf), as NumPy's cast gives."""
+    payload = np.maximum(np.right_shift(u, 13) & 0x3FF, 1)
+    return (np.right_shift(u, 16) & 0x8000 | 0x7C00 | payload).astype(np.uint16)
 
 
 def _f16_to_f32_block(h: np.ndarray, f: np.ndarray) -> None:

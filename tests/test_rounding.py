@@ -225,3 +225,25 @@ def test_online_softmax_float16_is_its_float32_result_rounded_by_numpy() -> None
     state = SoftmaxState.empty(8, 4).update(x.astype(np.float32), v)
     out = state.finalize(dtype=np.float16)
     assert np.array_equal(out.view(np.uint16), numpy_f16(state.finalize()))
+
+
+def test_probabilities_to_float16_matches_numpy_on_the_unit_interval() -> None:
+    """Every float16 in [0, 1], its ties and their neighbours; the float32 patterns at the
+    subnormal boundary and the underflow tie; random patterns in [0, 1]; 1.0 and NaNs."""
+    from flashmath.rounding import probabilities_to_float16
+
+    x = every_float16_and_its_midpoints()
+    x = x[(x >= 0) & (x <= 1) & ~np.signbit(x)]
+    u = np.random.default_rng(2).integers(0, 0x3F800001, 2**20, dtype=np.uint64)
+    nan = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF], np.uint32)
+    edges = [np.arange(a - 2**14, a + 2**14, dtype=np.uint32)
+             for a in (F16_MIN_NORMAL, F16_MIN_SUB, F16_HALF_MIN_SUB)]
+    x = np.concatenate([x, *(e.view(np.float32) for e in edges),
+                        u.astype(np.uint32).view(np.float32), np.float32([0.0, 1.0]),
+                        nan.view(np.float32)])
+    want = numpy_f16(x)
+    out = np.empty(x.shape, np.float16)
+    probabilities_to_float16(x.copy(), out)
+    bad = np.flatnonzero(out.view(np.uint16) != want)
+    assert bad.size == 0, [(hex(int(x.view(np.uint32)[i])), hex(int(out.view(np.uint16)[i])),
+                            hex(int(want[i]))) for i in bad[:5]]

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from flashmath.parallel import cores, row_blocks, run_units
-from flashmath.rounding import cast
+from flashmath.rounding import cast, probabilities_to_float16
 from flashmath.softmax import maths
 
 __all__ = ["BLOCK_BYTES", "PARALLEL_MIN", "SHORT", "Flat", "cross_entropy_rows", "flat",
@@ -124,7 +124,12 @@ def softmax_rows(f: Flat, empty: str) -> np.ndarray:
             np.divide(e, np.maximum(s, 1), out=e)
             if empty != "zeros":
                 np.copyto(e, np.array(fill, dtype=e.dtype), where=s == 0)
-            _store(out, rows, e.T if short else e)
+            if short:
+                _store(out, rows, e.T)
+            elif out.dtype == np.float16 and e.dtype == np.float32:  # this block's own p
+                probabilities_to_float16(e, out[rows])
+            else:
+                _store(out, rows, e)
 
     _each_block(f, work)
     return out
