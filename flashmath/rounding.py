@@ -30,7 +30,10 @@ vectorised passes of integer and float32 arithmetic over cache-sized blocks:
 - :func:`float32_to_bfloat16`: round-to-nearest-even on the integer bits
   (``(u + 0x7fff + odd) >> 16``); NaN becomes the quiet NaN 0x7fc0 with the sign, as
   ml_dtypes gives (without its RuntimeWarning).
-- :func:`cast`: ``a.astype(dtype)`` through the functions above where one applies.
+- :func:`cast`: ``a.astype(dtype)`` through the float16 functions above where one
+  applies; bfloat16 through ml_dtypes' own cast, which measured 2x faster than
+  :func:`float32_to_bfloat16` and :func:`bfloat16_to_float32` (same bits, and no
+  RuntimeWarning from ml_dtypes 0.5 or 0.6).
 
 Shapes: any; the result has ``x``'s shape (C order). Dtypes: exactly the ones named;
 other input raises TypeError naming the argument. May import: nothing of flashmath (a
@@ -146,20 +149,22 @@ def float32_to_bfloat16(x: npt.ArrayLike, out: np.ndarray | None = None) -> np.n
 
 def cast(a: np.ndarray, dtype: npt.DTypeLike, out: np.ndarray | None = None) -> np.ndarray:
     """``a.astype(dtype, copy=False)``, bit for bit, through the fast exact conversions for
-    float32 <-> float16 and float32 <-> bfloat16; NumPy's (or ml_dtypes') cast otherwise.
+    float32 <-> float16; NumPy's (or ml_dtypes') cast otherwise. (float32 <-> bfloat16 takes
+    ml_dtypes' own cast: 0.5 and 0.09 ns an element here, against 1.0 and 0.19 for
+    :func:`float32_to_bfloat16` and :func:`bfloat16_to_float32`, the same bits.)
 
     With ``out`` (C-contiguous, ``a``'s shape, ``dtype``) the result is written there.
     """
     dt = np.dtype(dtype)
     a = np.asarray(a)
     fast = {(_F32, _F16): float32_to_float16, (_F16, _F32): float16_to_float32,
-            (_F32, _BF16): float32_to_bfloat16, (_BF16, _F32): bfloat16_to_float32,
             }.get((a.dtype, dt))
     if fast is not None:
         return fast(a, out)
-    if out is None:
-        return a.astype(dt, copy=False)
-    np.copyto(out, a, casting="unsafe")
+    with np.errstate(invalid="ignore"):  # (ml_dtypes: NaN to bfloat16 is not an error)
+        if out is None:
+            return a.astype(dt, copy=False)
+        np.copyto(out, a, casting="unsafe")
     return out
 
 

@@ -126,8 +126,8 @@ def gather_keys(cache: np.ndarray, table: np.ndarray, start: int, stop: int,
                 dtype: Any = None) -> np.ndarray:
     """Key positions [start, stop) of every sequence as a contiguous (B, H_kv, stop - start,
     D) array in ``dtype`` (default the cache's): a copy of the pages that hold them, then
-    cast by :func:`flashmath.rounding.cast` (float16 and bfloat16 widen 3x faster than
-    NumPy's cast, which is also slow on strided data). Pages of _LOOP_PAGE positions or
+    cast by :func:`flashmath.rounding.cast` (float16 widens 3x faster than NumPy's
+    cast, which is also slow on strided data). Pages of _LOOP_PAGE positions or
     more are copied one by one straight into place; smaller ones are gathered at once and
     copied heads first (two copies, no Python loop per page). Positions past a sequence's
     pages read page 0 (callers mask them with lengths: they are never attended)."""

@@ -44,6 +44,7 @@ from flashmath.attention.options import (
     resolve,
 )
 from flashmath.dtypes import accumulate_dtype
+from flashmath.rounding import cast
 from flashmath.softmax.rule import row_shift
 
 __all__ = ["attention_reference", "attention_reference_backward"]
@@ -225,8 +226,10 @@ class _Arith:
         self.dtype = opts.dtype
         self.compute = np.dtype(np.float64) if upcast else accumulate_dtype(opts.dtype)
         narrow = not upcast and self.dtype != self.compute
+        # (rounding.cast: NumPy's bits, without its slow path for float16 subnormals,
+        # which small probabilities and their products are)
         self.round: Callable[[np.ndarray], np.ndarray] = (
-            (lambda x: np.asarray(x).astype(self.dtype).astype(self.compute))
+            (lambda x: cast(cast(np.asarray(x), self.dtype), self.compute))
             if narrow else (lambda x: x)
         )
 
@@ -237,7 +240,7 @@ class _Arith:
         return self.round(np.matmul(a, b))
 
     def result(self, x: np.ndarray) -> np.ndarray:
-        return x if self.upcast else x.astype(self.dtype)
+        return x if self.upcast else cast(x, self.dtype)
 
 
 class _Forward:
