@@ -164,7 +164,7 @@ def cast(a: np.ndarray, dtype: npt.DTypeLike, out: np.ndarray | None = None) -> 
     with np.errstate(invalid="ignore"):  # (ml_dtypes: NaN to bfloat16 is not an error)
         if out is None:
             return a.astype(dt, copy=False)
-        np.copyto(out, a, casting="unsafe")
+        np.copyto(_out(out, a.shape, dt), a, casting="unsafe")
     return out
 
 

@@ -1121,6 +1121,17 @@ def test_fast_path_is_bit_identical_to_the_general_path(
         assert same_bits(fast, slow), (name, i)
 
 
+@pytest.mark.parametrize("accum", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("n", [3, 8, 12])
+def test_short_rows_with_any_accum_dtype_match_the_general_path(accum: str, n: int) -> None:
+    """The columns path sums like NumPy only in float32/float64 (NumPy sums float16 in
+    float32, ml_dtypes sums bfloat16 in order): other accumulate dtypes keep the rows."""
+    x = fast_inputs(np.dtype(np.float32), (400, n))
+    ones = np.ones(x.shape, bool)
+    for fn in (fm.softmax, fm.log_softmax, fm.logsumexp):
+        assert same_bits(fn(x, accum_dtype=accum), fn(x, accum_dtype=accum, where=ones)), fn
+
+
 @given(st.integers(1, 300), st.integers(1, 5), st.sampled_from(["float32", "float64"]),
        st.integers(0, 2**32 - 1))
 def test_pairwise_sum0_is_numpys_row_sum_bit_for_bit(n: int, r: int, name: str,

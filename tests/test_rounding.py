@@ -247,3 +247,11 @@ def test_probabilities_to_float16_matches_numpy_on_the_unit_interval() -> None:
     bad = np.flatnonzero(out.view(np.uint16) != want)
     assert bad.size == 0, [(hex(int(x.view(np.uint32)[i])), hex(int(out.view(np.uint16)[i])),
                             hex(int(want[i]))) for i in bad[:5]]
+
+
+@pytest.mark.parametrize("out", [np.empty((2, 3), ml_dtypes.bfloat16),
+                                 np.empty(3, np.float16),
+                                 np.empty(6, ml_dtypes.bfloat16)[::2]])
+def test_cast_checks_out_for_every_route(out: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"^out: expected a C-contiguous bfloat16 array"):
+        cast(np.zeros(3, np.float32), ml_dtypes.bfloat16, out=out)

@@ -6,7 +6,9 @@ of :mod:`flashmath.softmax.maths` on the same row-contiguous data), so results a
 bit the same whatever the blocks or threads. Rows of at most SHORT entries are held as the
 columns of a transposed block, where each reduction is a few vector operations across all
 rows instead of a loop call per row (measured 1.6-4.5x faster for rows of 2-8 entries); their sums
-repeat NumPy's pairwise order (:func:`maths.pairwise_sum0`), so the bits are the same.
+repeat NumPy's pairwise order (:func:`maths.pairwise_sum0`), so the bits are the same
+(a NaN's sign and payload aside: NumPy's row max may return the default NaN where the
+columns' max passes the input's on).
 Narrow inputs are widened and rounded back one block at a time
 (:func:`flashmath.rounding.cast`), so the extra memory is a few blocks, never a float32
 copy of the whole input.
@@ -84,6 +86,13 @@ def _load(f: Flat, rows: slice, into: np.ndarray | None) -> tuple[np.ndarray, np
     return np.subtract(xb, shift, out=into), shift
 
 
+def _short(f: Flat) -> bool:
+    """Whether f's rows take the columns path: at most SHORT entries, and an accumulate
+    dtype whose sums :func:`maths.pairwise_sum0` repeats (float32, float64: NumPy sums
+    float16 in float32, ml_dtypes sums bfloat16 and float8 in order)."""
+    return f.x.shape[1] <= SHORT and f.acc in (np.float32, np.float64)
+
+
 def _load_columns(f: Flat, rows: slice) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_load` for short rows (at most SHORT entries), transposed: ``(a - shift,
     shift)`` as an (n, r) array whose columns are the block's rows and a (1, r) shift.
@@ -111,7 +120,7 @@ def _store(out: np.ndarray, rows: slice, d: np.ndarray) -> None:
 def softmax_rows(f: Flat, empty: str) -> np.ndarray:
     out = np.empty(f.x.shape, f.x.dtype)
     fill = np.nan if empty == "nan" else 1.0 / f.x.shape[1]
-    short = f.x.shape[1] <= SHORT
+    short = _short(f)
 
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore", over="ignore"):
@@ -137,7 +146,7 @@ def softmax_rows(f: Flat, empty: str) -> np.ndarray:
 
 def log_softmax_rows(f: Flat) -> np.ndarray:
     out = np.empty(f.x.shape, f.x.dtype)
-    short = f.x.shape[1] <= SHORT
+    short = _short(f)
 
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore", over="ignore"):
@@ -157,7 +166,7 @@ def log_softmax_rows(f: Flat) -> np.ndarray:
 def logsumexp_rows(f: Flat) -> tuple[np.ndarray, np.ndarray]:
     lse = np.empty((f.x.shape[0], 1), f.acc)
     sign = np.empty((f.x.shape[0], 1), f.acc)
-    short = f.x.shape[1] <= SHORT
+    short = _short(f)
 
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore"):
@@ -182,7 +191,7 @@ def cross_entropy_rows(
     idx = (y if ignored is None else np.where(ignored, 0, y)).reshape(-1, 1)
     loss = np.empty((f.x.shape[0], 1), f.acc)
 
-    short = f.x.shape[1] <= SHORT
+    short = _short(f)
 
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore"):

@@ -27,7 +27,8 @@ def shift_of(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     ``initial=-inf`` gives a zero-length row the max -inf (shift 0) instead of an error;
     NaN propagates through the max, +inf stays +inf: both make the row NaN downstream.
     """
-    return row_shift(np.max(a, axis=axes, keepdims=True, initial=-np.inf))
+    with np.errstate(invalid="ignore"):  # ml_dtypes' max flags NaN (bfloat16, float8)
+        return row_shift(np.max(a, axis=axes, keepdims=True, initial=-np.inf))
 
 
 def shifted(
@@ -143,8 +144,8 @@ def smoothed(
 
 
 def pairwise_sum0(a: np.ndarray) -> np.ndarray:
-    """The sum of each column of ``a`` (n, r), keepdims (1, r): bit for bit
-    ``np.sum(a.T, axis=1)``, for rows held as columns (short rows, whose row-wise
+    """The sum of each column of ``a`` (n, r), float32 or float64, keepdims (1, r): bit for
+    bit ``np.sum(a.T, axis=1)``, for rows held as columns (short rows, whose row-wise
     reductions cost NumPy a loop call per row).
 
     It repeats NumPy's pairwise summation of a contiguous row, one vector operation per

@@ -91,8 +91,9 @@ blocks are shared between the cores (:mod:`flashmath.parallel`: one contiguous r
 blocks per core) once the input has 2**18 elements or more; smaller inputs take no
 thread overhead. Each block runs, row by row, exactly the NumPy operations of the
 general path, so the results are bit for bit those of the general path whatever the
-blocks or threads (rows of at most 12 entries are reduced as the columns of a
-transposed block, with the same bits). Extra memory beyond the output is a few blocks
+blocks or threads (rows of at most 12 entries, computed in float32 or float64, are
+reduced as the columns of a transposed block, with the same bits but for a NaN's
+payload). Extra memory beyond the output is a few blocks
 (about 1.5 MiB), for every dtype; narrow inputs are widened to float32 a block at a
 time and rounded back with :func:`flashmath.rounding.cast` (a float16 softmax's
 probabilities with :func:`flashmath.rounding.probabilities_to_float16`): NumPy's bits,
@@ -325,7 +326,8 @@ def logsumexp(
     # The shift is 0 for dead rows, so they come out as 0 + -inf = -inf.
     out = np.add(shift, log_s, out=log_s)
     if not return_sign:
-        out[sign < 0] = np.nan
+        with np.errstate(invalid="ignore"):  # a NaN row's sign (ml_dtypes flags NaN < 0)
+            out[sign < 0] = np.nan
     out_shape = inputs.reduced_shape(rows.a.shape, rows.axes, keepdims, rows.shape)
     result = inputs.finish(out, rows.in_dtype, out_shape)
     if return_sign:
