@@ -117,6 +117,28 @@ def _store(out: np.ndarray, rows: slice, d: np.ndarray) -> None:
         cast(d, out.dtype, out=out[rows])
 
 
+class _Block(NamedTuple):
+    """One block, shifted: d (a - shift, the rows as rows or, short, as columns), shift
+    (keepdims), the reduced axis, and the row sum to use (None: NumPy's along the axis)."""
+
+    d: np.ndarray
+    shift: np.ndarray
+    axis: int
+    row_sum: Any
+
+    @property
+    def rows(self) -> np.ndarray:
+        """d with one row per row (a view)."""
+        return self.d.T if self.axis == 0 else self.d
+
+
+def _block(f: Flat, rows: slice, short: bool, into: np.ndarray | None = None) -> _Block:
+    """:func:`_load_columns` when ``short``, else :func:`_load` (into ``into``)."""
+    if short:
+        return _Block(*_load_columns(f, rows), 0, maths.pairwise_sum0)
+    return _Block(*_load(f, rows, into), 1, None)
+
+
 def softmax_rows(f: Flat, empty: str) -> np.ndarray:
     out = np.empty(f.x.shape, f.x.dtype)
     fill = np.nan if empty == "nan" else 1.0 / f.x.shape[1]
@@ -124,21 +146,17 @@ def softmax_rows(f: Flat, empty: str) -> np.ndarray:
 
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore", over="ignore"):
-            if short:
-                d, _ = _load_columns(f, rows)
-            else:
-                d, _ = _load(f, rows, out[rows] if out.dtype == f.acc else None)
-            e = np.exp(d, out=d)
-            s = maths.pairwise_sum0(e) if short else np.sum(e, axis=1, keepdims=True)
+            blk = _block(f, rows, short, out[rows] if out.dtype == f.acc else None)
+            e = np.exp(blk.d, out=blk.d)
+            s = (np.sum(e, axis=1, keepdims=True) if blk.row_sum is None
+                 else blk.row_sum(e))
             np.divide(e, np.maximum(s, 1), out=e)
             if empty != "zeros":
                 np.copyto(e, np.array(fill, dtype=e.dtype), where=s == 0)
-            if short:
-                _store(out, rows, e.T)
-            elif out.dtype == np.float16 and e.dtype == np.float32:  # this block's own p
-                probabilities_to_float16(e, out[rows])
+            if not short and out.dtype == np.float16 and e.dtype == np.float32:
+                probabilities_to_float16(e, out[rows])  # e: this block's own p
             else:
-                _store(out, rows, e)
+                _store(out, rows, blk.rows)
 
     _each_block(f, work)
     return out
@@ -150,14 +168,10 @@ def log_softmax_rows(f: Flat) -> np.ndarray:
 
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore", over="ignore"):
-            if short:
-                d, _ = _load_columns(f, rows)
-                log_s, _ = maths.log_sum(d, (0,), row_sum=maths.pairwise_sum0)
-            else:
-                d, _ = _load(f, rows, out[rows] if out.dtype == f.acc else None)
-                log_s, _ = maths.log_sum(d, (1,))
-            d = np.subtract(d, np.maximum(log_s, 0), out=d)
-            _store(out, rows, d.T if short else d)
+            blk = _block(f, rows, short, out[rows] if out.dtype == f.acc else None)
+            log_s, _ = maths.log_sum(blk.d, (blk.axis,), row_sum=blk.row_sum)
+            np.subtract(blk.d, np.maximum(log_s, 0), out=blk.d)
+            _store(out, rows, blk.rows)
 
     _each_block(f, work)
     return out
@@ -170,15 +184,10 @@ def logsumexp_rows(f: Flat) -> tuple[np.ndarray, np.ndarray]:
 
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore"):
-            if short:
-                d, shift = _load_columns(f, rows)
-                log_s, sign_t = maths.log_sum(d, (0,), row_sum=maths.pairwise_sum0)
-                sign[rows] = sign_t.T
-                np.add(shift.T, log_s.T, out=lse[rows])
-            else:
-                d, shift = _load(f, rows, None)
-                log_s, sign[rows] = maths.log_sum(d, (1,))
-                np.add(shift, log_s, out=lse[rows])
+            blk = _block(f, rows, short)
+            log_s, sign_b = maths.log_sum(blk.d, (blk.axis,), row_sum=blk.row_sum)
+            sign[rows] = sign_b.reshape(-1, 1)
+            lse[rows] = np.add(blk.shift, log_s).reshape(-1, 1)
 
     _each_block(f, work)
     return lse, sign
@@ -190,22 +199,16 @@ def cross_entropy_rows(
     """Per-label loss as :func:`maths.nll` computes it, ``y.shape``, accumulate dtype."""
     idx = (y if ignored is None else np.where(ignored, 0, y)).reshape(-1, 1)
     loss = np.empty((f.x.shape[0], 1), f.acc)
-
     short = _short(f)
 
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore"):
-            if short:  # the rows as columns
-                d, _ = _load_columns(f, rows)
-                total = maths.pairwise_sum0
-                log_s = np.maximum(maths.log_sum(d, (0,), row_sum=total)[0], 0)
-                picked = np.take_along_axis(d, idx[rows].T, axis=0)
-                loss[rows] = maths.smoothed(log_s - picked, log_s, d, 0, smoothing, total).T
-            else:
-                d, _ = _load(f, rows, None)
-                log_s = np.maximum(maths.log_sum(d, (1,))[0], 0)
-                picked = np.take_along_axis(d, idx[rows], axis=1)
-                loss[rows] = maths.smoothed(log_s - picked, log_s, d, 1, smoothing)
+            blk = _block(f, rows, short)
+            ax = blk.axis
+            log_s = np.maximum(maths.log_sum(blk.d, (ax,), row_sum=blk.row_sum)[0], 0)
+            picked = np.take_along_axis(blk.d, idx[rows].reshape(blk.shift.shape), axis=ax)
+            loss[rows] = maths.smoothed(log_s - picked, log_s, blk.d, ax, smoothing,
+                                        blk.row_sum).reshape(-1, 1)
 
     _each_block(f, work)
     out = loss.reshape(y.shape)
