@@ -3,12 +3,11 @@ C-contiguous array, in cache-sized blocks of rows, on every core when the array 
 
 Every block does, row by row, exactly the operations of the general path (the functions
 of :mod:`flashmath.softmax.maths` on the same row-contiguous data), so results are bit for
-bit the same whatever the blocks or threads. Rows of at most SHORT entries are held as the
-columns of a transposed block, where each reduction is a few vector operations across all
-rows instead of a loop call per row (measured 1.6-4.5x faster for rows of 2-8 entries); their sums
-repeat NumPy's pairwise order (:func:`maths.pairwise_sum0`), so the bits are the same
-(a NaN's sign and payload aside: NumPy's row max may return the default NaN where the
-columns' max passes the input's on).
+bit the same whatever the blocks or threads. Rows of at most SHORT entries have their max,
+sums and counts taken column by column, one vector operation across all the block's rows
+per column, instead of NumPy's loop call per row (its row max is 5x slower at 16 entries);
+the sums repeat NumPy's pairwise order (:func:`maths.pairwise_sum0`), so the bits are the
+same.
 Narrow inputs are widened and rounded back one block at a time
 (:func:`flashmath.rounding.cast`), so the extra memory is a few blocks, never a float32
 copy of the whole input.
@@ -24,17 +23,21 @@ import numpy as np
 from flashmath.parallel import cores, row_blocks, run_units
 from flashmath.rounding import cast, probabilities_to_float16
 from flashmath.softmax import maths
+from flashmath.softmax.rule import row_shift
 
 __all__ = ["BLOCK_BYTES", "PARALLEL_MIN", "SHORT", "Flat", "cross_entropy_rows", "flat",
            "log_softmax_rows", "logsumexp_rows", "softmax_rows"]
 
 
-#: Bytes of accumulate dtype per block of rows (its temporaries stay in the cache).
-BLOCK_BYTES = 1 << 18
+#: Bytes of accumulate dtype per block of rows. Measured here (2 cores, 1 MiB L2 each):
+#: 2 MiB blocks took 0.5-0.7x the time of 256 KiB ones, whose dozen small NumPy calls per
+#: block the two threads spent waiting on each other's GIL; 4 MiB was slower again.
+BLOCK_BYTES = 1 << 21
 #: Elements from which the blocks are shared between the cores (below: no thread overhead).
 PARALLEL_MIN = 1 << 18
-#: Rows of at most this many entries are computed as columns (:func:`_load_columns`).
-SHORT = 12
+#: Rows of at most this many entries are reduced column by column (:func:`_column_max`):
+#: measured faster than NumPy's row reductions up to 24 entries, even at 32 and 48.
+SHORT = 24
 
 
 class Flat(NamedTuple):
@@ -75,68 +78,74 @@ def _each_block(f: Flat, work: Any) -> None:
     run_units(runs, run)
 
 
-def _load(f: Flat, rows: slice, into: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(a - shift, shift)`` for a block: a = the rows in the accumulate dtype, written
-    into ``into`` when given (a block of the output in that dtype), else a fresh block."""
+def _short(f: Flat) -> bool:
+    """Whether f's rows are short (at most SHORT entries) in an accumulate dtype whose
+    sums :func:`maths.pairwise_sum0` repeats (float32, float64: NumPy sums float16 in
+    float32, ml_dtypes sums bfloat16 and float8 in order): their max and sums are then
+    taken across the rows, one column at a time (:func:`_column_max`)."""
+    return f.x.shape[1] <= SHORT and f.acc in (np.float32, np.float64)
+
+
+def _column_max(a: np.ndarray) -> np.ndarray:
+    """``np.max(a, axis=1, keepdims=True, initial=-inf)`` of short rows, as one vector
+    step per column across all rows (a strided view each: no copy). NumPy reduces a row in
+    a loop call per row, 5x slower at 16 entries. The maxima are the same values (NaN's
+    payload aside), taken in column order as NumPy takes a column-wise max."""
+    m = a[:, 0].copy()
+    for j in range(1, a.shape[1]):
+        np.maximum(m, a[:, j], out=m)
+    return m[:, None]
+
+
+def _column_sum(a: np.ndarray) -> np.ndarray:
+    """``np.sum(a, axis=1, keepdims=True)`` bit for bit, for short rows: NumPy's pairwise
+    order across the rows (:func:`maths.pairwise_sum0` on the transposed view)."""
+    return maths.pairwise_sum0(a.T).T
+
+
+def _column_count(mask: np.ndarray) -> np.ndarray:
+    """``np.count_nonzero(mask, axis=1, keepdims=True)`` of short rows, column by column."""
+    m = mask.view(np.uint8)  # 0/1; at most SHORT (< 256) per row
+    c = m[:, 0].copy()
+    for j in range(1, m.shape[1]):
+        c += m[:, j]
+    return c[:, None]
+
+
+class _Block(NamedTuple):
+    """One block of rows, shifted: d = a - shift (r, n), shift (r, 1), and the row sum and
+    count to use (None: NumPy's along axis 1; the column-wise ones for short rows)."""
+
+    d: np.ndarray
+    shift: np.ndarray
+    row_sum: Any
+    row_count: Any
+
+    def log_sum(self) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`maths.log_sum` of the block's rows."""
+        return maths.log_sum(self.d, (1,), row_sum=self.row_sum, row_count=self.row_count)
+
+
+def _block(f: Flat, rows: slice, short: bool, into: np.ndarray | None = None) -> _Block:
+    """The block ``rows`` of f in the accumulate dtype, shifted by its row max: written into
+    ``into`` when given (a block of the output in that dtype), else a fresh array."""
     xb = f.x[rows]
     if xb.dtype != f.acc:
         xb = cast(xb, f.acc, out=into)
         into = xb
-    shift = maths.shift_of(xb, (1,))
-    return np.subtract(xb, shift, out=into), shift
-
-
-def _short(f: Flat) -> bool:
-    """Whether f's rows take the columns path: at most SHORT entries, and an accumulate
-    dtype whose sums :func:`maths.pairwise_sum0` repeats (float32, float64: NumPy sums
-    float16 in float32, ml_dtypes sums bfloat16 and float8 in order)."""
-    return f.x.shape[1] <= SHORT and f.acc in (np.float32, np.float64)
-
-
-def _load_columns(f: Flat, rows: slice) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_load` for short rows (at most SHORT entries), transposed: ``(a - shift,
-    shift)`` as an (n, r) array whose columns are the block's rows and a (1, r) shift.
-
-    NumPy reduces a row in a loop call per row, which short rows do not amortise, so they
-    are reduced as columns, one vector step across all rows at a time
-    (:func:`maths.pairwise_sum0` keeps the sums' bits). The two transposing copies cost
-    about as much as the reductions save at 16 entries, hence SHORT = 12."""
-    xb = f.x[rows]
-    if xb.dtype != f.acc:
-        xb = cast(xb, f.acc)
-    t = np.empty(xb.shape[::-1], f.acc)
-    np.copyto(t, xb.T)
-    shift = maths.shift_of(t, (0,))
-    return np.subtract(t, shift, out=t), shift
+    if short:
+        with np.errstate(invalid="ignore"):
+            shift = row_shift(_column_max(xb))
+    else:
+        shift = maths.shift_of(xb, (1,))
+    d = np.subtract(xb, shift, out=into)
+    return _Block(d, shift, *((_column_sum, _column_count) if short else (None, None)))
 
 
 def _store(out: np.ndarray, rows: slice, d: np.ndarray) -> None:
-    """Round a block computed apart (narrow output, or short rows as columns: ``d`` is then
-    the transposed view) into its rows of ``out``."""
+    """Round a block computed apart (narrow output) into its rows of ``out``."""
     if not np.may_share_memory(d, out):
         cast(d, out.dtype, out=out[rows])
-
-
-class _Block(NamedTuple):
-    """One block, shifted: d (a - shift, the rows as rows or, short, as columns), shift
-    (keepdims), the reduced axis, and the row sum to use (None: NumPy's along the axis)."""
-
-    d: np.ndarray
-    shift: np.ndarray
-    axis: int
-    row_sum: Any
-
-    @property
-    def rows(self) -> np.ndarray:
-        """d with one row per row (a view)."""
-        return self.d.T if self.axis == 0 else self.d
-
-
-def _block(f: Flat, rows: slice, short: bool, into: np.ndarray | None = None) -> _Block:
-    """:func:`_load_columns` when ``short``, else :func:`_load` (into ``into``)."""
-    if short:
-        return _Block(*_load_columns(f, rows), 0, maths.pairwise_sum0)
-    return _Block(*_load(f, rows, into), 1, None)
 
 
 def softmax_rows(f: Flat, empty: str) -> np.ndarray:
@@ -153,10 +162,10 @@ def softmax_rows(f: Flat, empty: str) -> np.ndarray:
             np.divide(e, np.maximum(s, 1), out=e)
             if empty != "zeros":
                 np.copyto(e, np.array(fill, dtype=e.dtype), where=s == 0)
-            if not short and out.dtype == np.float16 and e.dtype == np.float32:
+            if out.dtype == np.float16 and e.dtype == np.float32:
                 probabilities_to_float16(e, out[rows])  # e: this block's own p
             else:
-                _store(out, rows, blk.rows)
+                _store(out, rows, e)
 
     _each_block(f, work)
     return out
@@ -169,9 +178,9 @@ def log_softmax_rows(f: Flat) -> np.ndarray:
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore", over="ignore"):
             blk = _block(f, rows, short, out[rows] if out.dtype == f.acc else None)
-            log_s, _ = maths.log_sum(blk.d, (blk.axis,), row_sum=blk.row_sum)
+            log_s, _ = blk.log_sum()
             np.subtract(blk.d, np.maximum(log_s, 0), out=blk.d)
-            _store(out, rows, blk.rows)
+            _store(out, rows, blk.d)
 
     _each_block(f, work)
     return out
@@ -185,9 +194,8 @@ def logsumexp_rows(f: Flat) -> tuple[np.ndarray, np.ndarray]:
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore"):
             blk = _block(f, rows, short)
-            log_s, sign_b = maths.log_sum(blk.d, (blk.axis,), row_sum=blk.row_sum)
-            sign[rows] = sign_b.reshape(-1, 1)
-            lse[rows] = np.add(blk.shift, log_s).reshape(-1, 1)
+            log_s, sign[rows] = blk.log_sum()
+            lse[rows] = blk.shift + log_s
 
     _each_block(f, work)
     return lse, sign
@@ -204,11 +212,10 @@ def cross_entropy_rows(
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore"):
             blk = _block(f, rows, short)
-            ax = blk.axis
-            log_s = np.maximum(maths.log_sum(blk.d, (ax,), row_sum=blk.row_sum)[0], 0)
-            picked = np.take_along_axis(blk.d, idx[rows].reshape(blk.shift.shape), axis=ax)
-            loss[rows] = maths.smoothed(log_s - picked, log_s, blk.d, ax, smoothing,
-                                        blk.row_sum).reshape(-1, 1)
+            log_s = np.maximum(blk.log_sum()[0], 0)
+            picked = np.take_along_axis(blk.d, idx[rows], axis=1)
+            loss[rows] = maths.smoothed(log_s - picked, log_s, blk.d, 1, smoothing,
+                                        blk.row_sum)
 
     _each_block(f, work)
     out = loss.reshape(y.shape)

@@ -61,6 +61,7 @@ def normalized(a: np.ndarray, axes: tuple[int, ...], empty: str, *, owned: bool)
 def log_sum(
     d: np.ndarray, axes: tuple[int, ...], b: np.ndarray | None = None,
     row_sum: Callable[[np.ndarray], np.ndarray] | None = None,
+    row_count: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``log|sum(b * exp(d))|`` and the sum's sign, per row (keepdims), for shifted ``d``.
 
@@ -68,18 +69,23 @@ def log_sum(
     ``top``, the rest into ``rest``, and the log taken as ``log|top| + log1p(rest/top)``:
     accurate also when ``rest`` is tiny (scipy's device). Where that form does not
     apply (``top == 0``, or ``rest/top <= -1`` with negative weights) ``log|top + rest|``
-    is used; for a dead row that is ``log(0) = -inf``, on purpose. ``row_sum`` replaces the
-    sum over ``axes`` (:func:`pairwise_sum0` for rows held as columns).
+    is used; for a dead row that is ``log(0) = -inf``, on purpose. ``row_sum`` and
+    ``row_count`` replace the sum and the count of True over ``axes`` (keepdims; the fast
+    path's column-wise reductions of short rows).
     """
     at_max = d == 0
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         e = np.exp(d)
         if b is None:
-            top = count_per_row(at_max, axes).astype(e.dtype)
+            top = (count_per_row(at_max, axes) if row_count is None
+                   else row_count(at_max)).astype(e.dtype)
+            # e is exactly exp(0) = 1 at the max: taking the mask away leaves +0 there and
+            # e elsewhere (a masked copy is 10x slower where maxima are many: short rows)
+            np.subtract(e, at_max, out=e)
         else:
             e *= b
             top = np.sum(np.where(at_max, b, 0), axis=axes, keepdims=True, dtype=e.dtype)
-        np.copyto(e, 0, where=at_max)
+            np.copyto(e, 0, where=at_max)
         rest = np.sum(e, axis=axes, keepdims=True) if row_sum is None else row_sum(e)
         total = top + rest
         ratio = rest / top

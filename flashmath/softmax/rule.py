@@ -19,9 +19,16 @@ def row_shift(m: np.ndarray) -> np.ndarray:
 
     The running max ``m`` where it is finite, 0 where the row is still empty
     (m = -inf): an empty row then gives exp(-inf - 0) = 0, never exp(-inf + inf) = NaN.
-    +inf stays +inf and makes the row NaN (the NaN policy). Same shape and dtype as m.
+    +inf stays +inf and makes the row NaN (the NaN policy). A NaN becomes the default
+    NaN (+nan): NumPy's row max passes the input's NaN on for some row lengths and returns
+    +nan for others, so without this a NaN row's bits would depend on how its max was
+    taken. Same shape and dtype as m.
     """
-    return np.where(np.isneginf(m), np.zeros((), m.dtype), m)
+    shift = np.where(np.isneginf(m), np.zeros((), m.dtype), m)
+    nan = np.isnan(shift)
+    if nan.any():
+        shift[nan] = np.nan
+    return shift
 
 
 def rescale(m_old: np.ndarray, m_new: np.ndarray) -> np.ndarray:
