@@ -121,9 +121,10 @@ class _Block(NamedTuple):
     row_sum: Any
     row_count: Any
 
-    def log_sum(self) -> tuple[np.ndarray, np.ndarray]:
-        """:func:`maths.log_sum` of the block's rows."""
-        return maths.log_sum(self.d, (1,), row_sum=self.row_sum, row_count=self.row_count)
+    def log_sum(self, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`maths.log_sum` of the block's rows (``overwrite``: d may be overwritten)."""
+        return maths.log_sum(self.d, (1,), row_sum=self.row_sum, row_count=self.row_count,
+                             overwrite=overwrite)
 
 
 def _block(f: Flat, rows: slice, short: bool, into: np.ndarray | None = None) -> _Block:
@@ -194,7 +195,7 @@ def logsumexp_rows(f: Flat) -> tuple[np.ndarray, np.ndarray]:
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore"):
             blk = _block(f, rows, short)
-            log_s, sign[rows] = blk.log_sum()
+            log_s, sign[rows] = blk.log_sum(overwrite=True)
             lse[rows] = blk.shift + log_s
 
     _each_block(f, work)
@@ -212,8 +213,8 @@ def cross_entropy_rows(
     def work(rows: slice) -> None:
         with np.errstate(invalid="ignore"):
             blk = _block(f, rows, short)
-            log_s = np.maximum(blk.log_sum()[0], 0)
             picked = np.take_along_axis(blk.d, idx[rows], axis=1)
+            log_s = np.maximum(blk.log_sum(overwrite=not smoothing)[0], 0)
             loss[rows] = maths.smoothed(log_s - picked, log_s, blk.d, 1, smoothing,
                                         blk.row_sum)
 

@@ -61,7 +61,7 @@ def normalized(a: np.ndarray, axes: tuple[int, ...], empty: str, *, owned: bool)
 def log_sum(
     d: np.ndarray, axes: tuple[int, ...], b: np.ndarray | None = None,
     row_sum: Callable[[np.ndarray], np.ndarray] | None = None,
-    row_count: Callable[[np.ndarray], np.ndarray] | None = None,
+    row_count: Callable[[np.ndarray], np.ndarray] | None = None, *, overwrite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``log|sum(b * exp(d))|`` and the sum's sign, per row (keepdims), for shifted ``d``.
 
@@ -71,11 +71,12 @@ def log_sum(
     apply (``top == 0``, or ``rest/top <= -1`` with negative weights) ``log|top + rest|``
     is used; for a dead row that is ``log(0) = -inf``, on purpose. ``row_sum`` and
     ``row_count`` replace the sum and the count of True over ``axes`` (keepdims; the fast
-    path's column-wise reductions of short rows).
+    path's column-wise reductions of short rows). ``overwrite``: exp(d) may be written
+    over ``d`` (a caller that needs ``d`` no more saves a temporary).
     """
     at_max = d == 0
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        e = np.exp(d)
+        e = np.exp(d, out=d if overwrite else None)
         if b is None:
             top = (count_per_row(at_max, axes) if row_count is None
                    else row_count(at_max)).astype(e.dtype)
