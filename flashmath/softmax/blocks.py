@@ -89,8 +89,8 @@ def _short(f: Flat) -> bool:
 def _column_max(a: np.ndarray) -> np.ndarray:
     """``np.max(a, axis=1, keepdims=True, initial=-inf)`` of short rows, as one vector
     step per column across all rows (a strided view each: no copy). NumPy reduces a row in
-    a loop call per row, 5x slower at 16 entries. The maxima are the same values (NaN's
-    payload aside), taken in column order as NumPy takes a column-wise max."""
+    a loop call per row, 5x slower at 16 entries. The same values (a NaN's payload may
+    differ: :func:`row_shift` makes it the default NaN)."""
     m = a[:, 0].copy()
     for j in range(1, a.shape[1]):
         np.maximum(m, a[:, j], out=m)
@@ -134,11 +134,7 @@ def _block(f: Flat, rows: slice, short: bool, into: np.ndarray | None = None) ->
     if xb.dtype != f.acc:
         xb = cast(xb, f.acc, out=into)
         into = xb
-    if short:
-        with np.errstate(invalid="ignore"):
-            shift = row_shift(_column_max(xb))
-    else:
-        shift = maths.shift_of(xb, (1,))
+    shift = row_shift(_column_max(xb)) if short else maths.shift_of(xb, (1,))
     d = np.subtract(xb, shift, out=into)
     return _Block(d, shift, *((_column_sum, _column_count) if short else (None, None)))
 

@@ -152,8 +152,8 @@ def smoothed(
 
 def pairwise_sum0(a: np.ndarray) -> np.ndarray:
     """The sum of each column of ``a`` (n, r), float32 or float64, keepdims (1, r): bit for
-    bit ``np.sum(a.T, axis=1)``, for rows held as columns (short rows, whose row-wise
-    reductions cost NumPy a loop call per row).
+    bit ``np.sum(a.T, axis=1)``, for rows held as columns (short rows seen through a
+    transposed view, whose row-wise reductions cost NumPy a loop call per row).
 
     It repeats NumPy's pairwise summation of a contiguous row, one vector operation per
     step across all r rows: below 8 terms in order, up to 128 in 8 interleaved partial

@@ -86,17 +86,17 @@ float8_e5m2    0.11       0.11         0.10       0.11
 
 Speed and memory. When the reduced axes are the trailing axes of a C-contiguous input
 (the usual ``axis=-1``) and there is no ``where``/``b``, the rows are computed in blocks
-of about 256 KiB of accumulate dtype, so every temporary stays in the cache, and the
-blocks are shared between the cores (:mod:`flashmath.parallel`: one contiguous run of
-blocks per core) once the input has 2**18 elements or more; smaller inputs take no
-thread overhead. Each block runs, row by row, exactly the NumPy operations of the
-general path, so the results are bit for bit those of the general path whatever the
-blocks or threads (rows of at most 12 entries, computed in float32 or float64, are
-reduced as the columns of a transposed block, with the same bits but for a NaN's
-payload). Extra memory beyond the output is a few blocks
-(about 1.5 MiB), for every dtype; narrow inputs are widened to float32 a block at a
-time and rounded back with :func:`flashmath.rounding.cast` (a float16 softmax's
-probabilities with :func:`flashmath.rounding.probabilities_to_float16`): NumPy's bits,
+of about 2 MiB of accumulate dtype, and the blocks are shared between the cores
+(:mod:`flashmath.parallel`: one contiguous run of blocks per core) once the input has
+two blocks (and 2**18 elements) or more; smaller inputs take no thread overhead. Each
+block runs, row by row, exactly the NumPy operations of the general path, so the
+results are bit for bit those of the general path whatever the blocks or threads (rows
+of at most 24 entries, computed in float32 or float64, have their max, sums and counts
+taken column by column, with the same bits). Extra memory beyond the output is a few
+blocks (about 10 MiB; less for inputs smaller than a block), for every dtype; narrow
+inputs are widened to float32 a block at a time and rounded back with
+:func:`flashmath.rounding.cast` (a float16 softmax's probabilities with
+:func:`flashmath.rounding.probabilities_to_float16`): NumPy's bits,
 without its 25x slower path for float16 results that are subnormal, which is most of a
 softmax over a large vocabulary. Other layouts take the general path: one array in the
 accumulate dtype, then the same steps over the whole array.
