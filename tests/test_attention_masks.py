@@ -9,6 +9,8 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flashmath.attention.masks import MaskSpec, TileKind, alibi_bias, band, block_of
 
@@ -182,3 +184,30 @@ def test_band_is_the_window_with_the_causal_cap(causal, window, expected):
     assert band(causal, window) == expected
     spec = MaskSpec.create(1, 4, 4, causal=causal, window=window)
     assert (spec.lo, spec.hi) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(sq=st.integers(1, 12), sk=st.integers(1, 12), q_len=st.integers(0, 12),
+       kv_len=st.integers(0, 12), causal=st.sampled_from([None, "bottom_right", "top_left"]),
+       left=st.one_of(st.none(), st.integers(0, 6), st.just(2**40)),
+       right=st.one_of(st.none(), st.integers(0, 6), st.just(2**40)),
+       data=st.data())
+def test_cached_tile_patterns_are_the_rule_for_every_tile(sq, sk, q_len, kv_len, causal,
+                                                            left, right, data):
+    """A tile's pattern depends on local offsets only and is cached: every tile, asked for
+    twice and transposed, is still the pairwise rule, and the cached arrays are read-only."""
+    window = None if left is None and right is None else (left, right)
+    kw = {"causal": causal, "window": window, "q_len": [min(q_len, sq)],
+          "kv_len": [min(kv_len, sk)]}
+    spec = MaskSpec.create(1, sq, sk, **spec_kwargs(kw))
+    want = brute(1, sq, sk, **kw)[0]
+    i0 = data.draw(st.integers(0, sq - 1))
+    j0 = data.draw(st.integers(0, sk - 1))
+    i1 = data.draw(st.integers(i0 + 1, sq))
+    j1 = data.draw(st.integers(j0 + 1, sk))
+    for _ in range(2):
+        got = spec.block(0, 0, i0, i1, j0, j1)
+        np.testing.assert_array_equal(got, want[i0:i1, j0:j1])
+        np.testing.assert_array_equal(spec.block(0, 0, i0, i1, j0, j1, transposed=True),
+                                      want[i0:i1, j0:j1].T)
+        assert not got.flags.writeable

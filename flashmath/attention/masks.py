@@ -40,6 +40,7 @@ given in the coordinates of the arrays the backend holds; lengths and offsets ar
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -293,26 +294,70 @@ class MaskSpec:
         scalars (result (ni, nj), or (nj, ni) transposed) or (B, 1, 1) arrays (result
         (B, ni, nj)). Built from outer comparisons of index ranges, never from an (ni, nj)
         integer array."""
-        scalar = np.ndim(q_valid) == 0  # one tile: skip the tests every pair passes
-        if scalar:  # int32 comparisons run twice as fast (positions < 2^31)
+        if np.ndim(q_valid) == 0:  # one tile: its pattern depends on local offsets only
             diag, q_valid, k_valid = int(diag), int(q_valid), int(k_valid)
-        it = np.int32 if scalar and max(i1, j1) + abs(diag) < 2**30 else np.int64
-        rows = np.arange(i0, i1, dtype=it)
-        cols = np.arange(j0, j1, dtype=it)
-        rows, cols = (rows[None, :], cols[:, None]) if transposed else (rows[:, None],
-                                                                        cols[None, :])
-        tests = [rows < q_valid] if not scalar or i1 > q_valid else []
-        if not scalar or j1 > k_valid:
-            tests.append(cols < k_valid)
+            return _tile_positions(i1 - i0, j1 - j0, j0 - i0 - diag, self.lo, self.hi,
+                                   q_valid - i0 if i1 > q_valid else None,
+                                   k_valid - j0 if j1 > k_valid else None, transposed)
+        rows = np.arange(i0, i1, dtype=np.int64)[:, None]
+        cols = np.arange(j0, j1, dtype=np.int64)[None, :]
+        tests = [rows < q_valid, cols < k_valid]
         # lo <= j - i - diag  <=>  i <= j - diag - lo;   j - i - diag <= hi  <=>  i >= j - diag - hi
         if self.lo is not None:
             tests.append(rows <= cols - diag - self.lo)
         if self.hi is not None:
             tests.append(rows >= cols - diag - self.hi)
         shape = np.broadcast_shapes(rows.shape, cols.shape, np.shape(diag), np.shape(q_valid))
-        if not tests:
-            return np.ones(shape, bool)
         ok = tests[0]
         for t in tests[1:]:
             ok = ok & t
         return ok if ok.shape == shape else np.broadcast_to(ok, shape).copy()
+
+
+#: Tiles of at most this many pairs keep their pattern in :func:`_tile_positions`' cache.
+_CACHED_PAIRS = 1 << 19
+
+
+def _tile_positions(ni: int, nj: int, offset: int, lo: int | None, hi: int | None,
+                    q_cut: int | None, k_cut: int | None, transposed: bool) -> np.ndarray:
+    """Which pairs of an (ni, nj) tile may attend ((nj, ni) transposed), in local indices
+    r < ni, c < nj: r < q_cut, c < k_cut (None: no cut), lo <= c - r + offset <= hi.
+    Read-only. A causal or windowed pass meets the same few patterns tile after tile (the
+    diagonal tiles of a causal pass are all alike), so tiles of up to _CACHED_PAIRS pairs
+    are built once: building one took as long as its exp."""
+    if ni * nj <= _CACHED_PAIRS:
+        return _cached_positions(ni, nj, offset, lo, hi, q_cut, k_cut, transposed)
+    return _build_positions(ni, nj, offset, lo, hi, q_cut, k_cut, transposed)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_positions(*key: Any) -> np.ndarray:
+    ok = _build_positions(*key)
+    ok.flags.writeable = False
+    return ok
+
+
+def _build_positions(ni: int, nj: int, offset: int, lo: int | None, hi: int | None,
+                     q_cut: int | None, k_cut: int | None, transposed: bool) -> np.ndarray:
+    """:func:`_tile_positions` itself, from outer comparisons of index ranges (int32:
+    twice as fast as int64), never from an (ni, nj) integer array."""
+    consts = [offset - x for x in (lo, hi) if x is not None] + [q_cut or 0, k_cut or 0]
+    it = np.int32 if max(ni, nj) + max(map(abs, consts)) < 2**30 else np.int64
+    rows: np.ndarray = np.arange(ni, dtype=it)
+    cols: np.ndarray = np.arange(nj, dtype=it)
+    rows, cols = (rows[None, :], cols[:, None]) if transposed else (rows[:, None], cols[None, :])
+    tests = [] if q_cut is None else [rows < q_cut]
+    if k_cut is not None:
+        tests.append(cols < k_cut)
+    # lo <= c - r + offset <=> r <= c + offset - lo;  c - r + offset <= hi <=> r >= c + offset - hi
+    if lo is not None:
+        tests.append(rows <= cols + (offset - lo))
+    if hi is not None:
+        tests.append(rows >= cols + (offset - hi))
+    shape = (nj, ni) if transposed else (ni, nj)
+    if not tests:
+        return np.ones(shape, bool)
+    ok = tests[0]
+    for t in tests[1:]:
+        ok = ok & t
+    return ok if ok.shape == shape else np.broadcast_to(ok, shape).copy()
