@@ -1,5 +1,5 @@
 """The fast path of the stable softmax family: rows along the trailing axes of a
-C-contiguous array, in cache-sized blocks of rows, on every core when the array is large.
+C-contiguous array, in blocks of rows of about 2 MiB, on every core when the array is large.
 
 Every block does, row by row, exactly the operations of the general path (the functions
 of :mod:`flashmath.softmax.maths` on the same row-contiguous data), so results are bit for
@@ -7,7 +7,8 @@ bit the same whatever the blocks or threads. Rows of at most SHORT entries have 
 sums and counts taken column by column, one vector operation across all the block's rows
 per column, instead of NumPy's loop call per row (its row max is 5x slower at 16 entries);
 the sums repeat NumPy's pairwise order (:func:`maths.pairwise_sum0`), so the bits are the
-same.
+same (a NaN row is made the default NaN throughout first, :func:`maths.nan_rows`, since
+which of several NaNs a sum passes on depends on its order).
 Narrow inputs are widened and rounded back one block at a time
 (:func:`flashmath.rounding.cast`), so the extra memory is a few blocks, never a float32
 copy of the whole input.
@@ -34,6 +35,7 @@ __all__ = ["BLOCK_BYTES", "PARALLEL_MIN", "SHORT", "Flat", "cross_entropy_rows",
 #: block the two threads spent waiting on each other's GIL; 4 MiB was slower again.
 BLOCK_BYTES = 1 << 21
 #: Elements from which the blocks are shared between the cores (below: no thread overhead).
+#: At the default BLOCK_BYTES two blocks always hold more; it matters for smaller blocks.
 PARALLEL_MIN = 1 << 18
 #: Rows of at most this many entries are reduced column by column (:func:`_column_max`):
 #: measured faster than NumPy's row reductions up to 24 entries, even at 32 and 48.
@@ -89,8 +91,10 @@ def _short(f: Flat) -> bool:
 def _column_max(a: np.ndarray) -> np.ndarray:
     """``np.max(a, axis=1, keepdims=True, initial=-inf)`` of short rows, as one vector
     step per column across all rows (a strided view each: no copy). NumPy reduces a row in
-    a loop call per row, 5x slower at 16 entries. The same values (a NaN's payload may
-    differ: :func:`row_shift` makes it the default NaN)."""
+    a loop call per row, 5x slower at 16 entries. The same values, but for the sign of a
+    zero max (taken in column order: it can differ only where a row holds both +0 and -0
+    maxima, whose log-sum is then >= log 2, so no output sees it) and a NaN's payload
+    (:func:`row_shift` makes it the default NaN)."""
     m = a[:, 0].copy()
     for j in range(1, a.shape[1]):
         np.maximum(m, a[:, j], out=m)
@@ -98,8 +102,9 @@ def _column_max(a: np.ndarray) -> np.ndarray:
 
 
 def _column_sum(a: np.ndarray) -> np.ndarray:
-    """``np.sum(a, axis=1, keepdims=True)`` bit for bit, for short rows: NumPy's pairwise
-    order across the rows (:func:`maths.pairwise_sum0` on the transposed view)."""
+    """``np.sum(a, axis=1, keepdims=True)`` bit for bit (rows of NaNs of several kinds
+    aside: :func:`maths.nan_rows` leaves none), for short rows: NumPy's pairwise order
+    across the rows (:func:`maths.pairwise_sum0` on the transposed view)."""
     return maths.pairwise_sum0(a.T).T
 
 
@@ -135,7 +140,7 @@ def _block(f: Flat, rows: slice, short: bool, into: np.ndarray | None = None) ->
         xb = cast(xb, f.acc, out=into)
         into = xb
     shift = row_shift(_column_max(xb)) if short else maths.shift_of(xb, (1,))
-    d = np.subtract(xb, shift, out=into)
+    d = maths.nan_rows(np.subtract(xb, shift, out=into), shift)
     return _Block(d, shift, *((_column_sum, _column_count) if short else (None, None)))
 
 

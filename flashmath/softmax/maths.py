@@ -16,8 +16,8 @@ import numpy as np
 
 from flashmath.softmax.rule import row_shift
 
-__all__ = ["count_per_row", "log_sum", "nll", "normalized", "pairwise_sum0", "shift_of", "shifted",
-           "smoothed"]
+__all__ = ["count_per_row", "log_sum", "nan_rows", "nll", "normalized", "pairwise_sum0",
+           "shift_of", "shifted", "smoothed"]
 
 
 
@@ -38,7 +38,21 @@ def shifted(
     <= 0 and exactly 0 at each row's max; a fresh array, or ``a`` itself if ``owned``."""
     shift = shift_of(a, axes)
     with np.errstate(invalid="ignore"):  # inf - inf in a +inf row: NaN, on purpose
-        return np.subtract(a, shift, out=a if owned else None), shift
+        d = np.subtract(a, shift, out=a if owned else None)
+    return nan_rows(d, shift), shift
+
+
+def nan_rows(d: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """d with every entry of a NaN row (NaN shift) set to the default NaN, in place.
+
+    ``d - shift`` leaves the row's own NaNs where the input had them and the shift's
+    elsewhere; which of several NaNs a sum passes on depends on its order, so without this
+    a NaN row's bits would depend on how its reductions were taken (NumPy's row loops, the
+    fast path's columns). Then every output of the row is the default NaN on every path."""
+    nan = np.isnan(shift)
+    if nan.any():
+        np.copyto(d, np.array(np.nan, d.dtype), where=nan)
+    return d
 
 
 def normalized(a: np.ndarray, axes: tuple[int, ...], empty: str, *, owned: bool) -> np.ndarray:

@@ -88,11 +88,12 @@ Speed and memory. When the reduced axes are the trailing axes of a C-contiguous 
 (the usual ``axis=-1``) and there is no ``where``/``b``, the rows are computed in blocks
 of about 2 MiB of accumulate dtype, and the blocks are shared between the cores
 (:mod:`flashmath.parallel`: one contiguous run of blocks per core) once the input has
-two blocks (and 2**18 elements) or more; smaller inputs take no thread overhead. Each
-block runs, row by row, exactly the NumPy operations of the general path, so the
-results are bit for bit those of the general path whatever the blocks or threads (rows
-of at most 24 entries, computed in float32 or float64, have their max, sums and counts
-taken column by column, with the same bits). Extra memory beyond the output is a few
+two blocks or more; smaller inputs take no thread overhead. Each block runs, row by
+row, exactly the NumPy operations of the general path, so the results are bit for bit
+those of the general path whatever the blocks or threads (rows of at most 24 entries,
+computed in float32 or float64, have their max, sums and counts taken column by column,
+with the same bits; a row holding NaN gives the default NaN in every output on both
+paths). Extra memory beyond the output is a few
 blocks (about 10 MiB; less for inputs smaller than a block), for every dtype; narrow
 inputs are widened to float32 a block at a time and rounded back with
 :func:`flashmath.rounding.cast` (a float16 softmax's probabilities with
