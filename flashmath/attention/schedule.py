@@ -103,14 +103,18 @@ class Plan:
         split = 2 if parts_per_slice(opts.batch * opts.heads, cores(), 2) > 1 else 1
         acc = accumulate_dtype(opts.dtype, accum_dtype)
         fast = fast_path(opts, acc)
-        bm = None if opts.mods is None else opts.mods.block_mask
-        if bm is not None:  # tiles of the block mask's grid (or a multiple): EMPTY ones skip
-            # the fast loops: square FAST_BLOCK_Q tiles (measured at S = 4096 against 256 x
-            # 256 and 512 x 1024: the fastest for document, window and causal block masks)
+        mods = opts.mods
+        if mods is not None and (mods.block_mask is not None or mods.mask_mod is not None):
+            # tiles of the block mask's grid (or a multiple), which EMPTY tiles skip. The
+            # fast loops: square FAST_BLOCK_Q tiles (measured at S = 4096 against 256 x 256
+            # and 512 x 1024: the fastest for document, window and causal block masks, and
+            # for a causal mask_mod alone, 0.9x the time of 512 x 1024)
             top_q, top_k = ((FAST_BLOCK_Q, FAST_BLOCK_Q) if fast
                             else (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K // 4))
-            block_q = block_q or _multiple(bm.block_q, top_q // split)
-            block_k = block_k or _multiple(bm.block_k, top_k // split)
+            top_q, top_k = top_q // split, top_k // split
+            bm = mods.block_mask
+            block_q = block_q or (top_q if bm is None else _multiple(bm.block_q, top_q))
+            block_k = block_k or (top_k if bm is None else _multiple(bm.block_k, top_k))
         if accum_dtype is None and not fast and _small_float32(opts):
             acc = np.dtype(np.float64)
         return cls(
