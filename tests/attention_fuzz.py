@@ -40,6 +40,7 @@ from flashmath.attention.schedule import (
     FAST_MIN_DIM,
     FAST_MIN_KEYS,
     FAST_MIN_OUTPUTS,
+    Plan,
 )
 from flashmath.dtypes import as_dtype, dtype_name, finfo
 
@@ -74,8 +75,22 @@ def _medium_shape(rng: np.random.Generator) -> tuple[int, int, int, int, int, in
 
 def random_case(rng: np.random.Generator, dtype: str, medium: bool = False) -> dict[str, Any]:
     """One random problem: q, k, v, dout (float64 values, rounded to dtype later), the
-    options, the block sizes and whether a non-finite value was planted. medium: a shape
-    on the float32 fast path (:func:`_medium_shape`) instead of a small one."""
+    options, the block sizes and whether a non-finite value was planted. medium: a problem
+    on the float32 fast path (a shape from :func:`_medium_shape`; drawn again while a
+    window or the lengths leave too few rows that see a key for the fast path)."""
+    while True:
+        case = _draw_case(rng, dtype, medium)
+        if not medium or _on_fast_path(case):
+            return case
+
+
+def _on_fast_path(case: dict[str, Any]) -> bool:
+    q, k, v = (np.asarray(case[x], np.float32) for x in ("q", "k", "v"))
+    return Plan.build(q, k, v, block_q=case["blocks"][0], block_k=case["blocks"][1],
+                      **case["options"]).fast
+
+
+def _draw_case(rng: np.random.Generator, dtype: str, medium: bool) -> dict[str, Any]:
     if medium:
         b, h, h_kv, sq, sk, d, dv = _medium_shape(rng)
     else:

@@ -53,8 +53,16 @@ def test_which_calls_take_the_fast_path() -> None:
                  {"alibi_slopes": np.ones(2)}, {"sinks": np.zeros(2)},
                  {"score_mod": lambda s, b, h, qi, ki: s}):
         assert not Plan.build(*big, **opts).fast, opts
-    assert Plan.build(*big, causal=True, window=(100, 0), kv_lengths=np.array([300])).fast
+    four = [_f32(rng, 1, 4, 512, 64) for _ in range(3)]  # 4 heads: 300 live rows suffice
+    assert Plan.build(*four, causal=True, window=(100, 0), kv_lengths=np.array([300])).fast
+    assert not Plan.build(*big, causal=True, window=(100, 0), kv_lengths=np.array([300])).fast
     assert Plan.build(*big, mask_mod=lambda b, h, qi, ki: qi >= ki).fast
+    # a long query over a few keys with a window: most rows see no key, and the outputs
+    # counted are those of the rows that do (2 * 4096 * 64 rows are valid, 2 * 532 * 64 live)
+    q_long = _f32(rng, 1, 2, 4096, 64)
+    few = [x[:, :, :512] for x in big[1:]]
+    assert Plan.build(q_long, *few).fast
+    assert not Plan.build(q_long, *few, window=(19, 0)).fast
 
 
 def test_small_float32_calls_run_float64_tiles_and_round_once() -> None:

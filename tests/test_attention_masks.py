@@ -211,3 +211,22 @@ def test_cached_tile_patterns_are_the_rule_for_every_tile(sq, sk, q_len, kv_len,
         np.testing.assert_array_equal(spec.block(0, 0, i0, i1, j0, j1, transposed=True),
                                       want[i0:i1, j0:j1].T)
         assert not got.flags.writeable
+
+
+@pytest.mark.parametrize(("batch", "sq", "sk", "kw"), CASES)
+def test_live_rows_count_the_rows_that_see_a_key(batch, sq, sk, kw):
+    spec = MaskSpec.create(batch, sq, sk, **spec_kwargs(kw))
+    want = brute(batch, sq, sk, **kw).any(axis=2).sum(axis=1)
+    assert [spec.live_rows(b) for b in range(batch)] == want.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(sq=st.integers(1, 12), sk=st.integers(1, 12), q_len=st.integers(0, 12),
+       kv_len=st.integers(0, 12), causal=st.sampled_from([None, "bottom_right", "top_left"]),
+       left=st.one_of(st.none(), st.integers(0, 6)), right=st.one_of(st.none(), st.integers(0, 6)))
+def test_live_rows_for_any_band_and_lengths(sq, sk, q_len, kv_len, causal, left, right):
+    window = None if left is None and right is None else (left, right)
+    kw = {"causal": causal, "window": window, "q_len": [min(q_len, sq)],
+          "kv_len": [min(kv_len, sk)]}
+    spec = MaskSpec.create(1, sq, sk, **spec_kwargs(kw))
+    assert spec.live_rows(0) == int(brute(1, sq, sk, **kw)[0].any(axis=1).sum())

@@ -216,6 +216,17 @@ class MaskSpec:
             j1 = min(j1, i1 - 1 + d + self.hi + 1)
         return j0, j1
 
+    def live_rows(self, b: int) -> int:
+        """How many valid query rows of batch b the band and the lengths let see at least
+        one key (the boolean mask aside): rows i < q_valid with key_span(b, i, i + 1)
+        non-empty, i.e. -diag - hi <= i < k_valid - diag - lo."""
+        kv, d, qv = int(self.k_valid[b]), int(self.diag[b]), int(self.q_valid[b])
+        if kv <= 0:
+            return 0
+        first = 0 if self.hi is None else max(0, -d - self.hi)
+        stop = qv if self.lo is None else min(qv, kv - d - self.lo)
+        return max(0, stop - first)
+
     def query_span(self, b: int, j0: int, j1: int) -> tuple[int, int]:
         """Query rows [i0, i1) that may see any of keys [j0, j1) (i0 >= i1: none).
 
