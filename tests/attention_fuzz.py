@@ -78,10 +78,12 @@ def random_case(rng: np.random.Generator, dtype: str, medium: bool = False) -> d
     options, the block sizes and whether a non-finite value was planted. medium: a problem
     on the float32 fast path (a shape from :func:`_medium_shape`; drawn again while a
     window or the lengths leave too few rows that see a key for the fast path)."""
-    while True:
+    for _ in range(1000):
         case = _draw_case(rng, dtype, medium)
         if not medium or _on_fast_path(case):
             return case
+    raise RuntimeError("random_case: no medium case drawn took the fast path "
+                       "(is schedule.FORCE_FAST False?)")
 
 
 def _on_fast_path(case: dict[str, Any]) -> bool:

@@ -280,7 +280,9 @@ class MaskSpec:
               transposed: bool = False) -> np.ndarray:
         """Boolean (i1 - i0, j1 - j0) mask of query rows [i0, i1) x keys [j0, j1) of batch
         entry b, query head h; True = may attend. transposed: the (j1 - j0, i1 - i0) mask
-        of the same pairs, keys first (row-major in that order)."""
+        of the same pairs, keys first (row-major in that order). Read it, never write it:
+        without a boolean mask it may be a shared, read-only cached array
+        (:func:`_tile_positions`)."""
         ok = self._positions(self.diag[b], self.q_valid[b], self.k_valid[b], i0, i1, j0, j1,
                              transposed)
         if self.mask is not None:

@@ -104,7 +104,8 @@ class Plan:
         acc = accumulate_dtype(opts.dtype, accum_dtype)
         fast = fast_path(opts, acc)
         mods = opts.mods
-        if mods is not None and (mods.block_mask is not None or mods.mask_mod is not None):
+        if mods is not None and (mods.block_mask is not None
+                                 or (fast and mods.mask_mod is not None)):
             # tiles of the block mask's grid (or a multiple), which EMPTY tiles skip. The
             # fast loops: square FAST_BLOCK_Q tiles (measured at S = 4096 against 256 x 256
             # and 512 x 1024: the fastest for document, window and causal block masks, and
@@ -125,7 +126,7 @@ class Plan:
         )
 
 
-#: The fast path needs H * (valid query rows) * Dv >= FAST_MIN_OUTPUTS outputs and
+#: The fast path needs H * (rows that see a key) * Dv >= FAST_MIN_OUTPUTS outputs and
 #: Sk >= FAST_MIN_KEYS; over fewer outputs the max error is a coin toss between flashmath
 #: and the baselines when both carry float32 scores.
 FAST_MIN_OUTPUTS = 2**16
