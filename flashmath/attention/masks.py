@@ -46,7 +46,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Alignment", "MaskSpec", "TileKind", "alibi_bias", "alibi_slopes", "band", "block_of"]
+__all__ = ["Alignment", "MaskSpec", "TileKind", "alibi_bias", "alibi_slopes", "band", "block_of",
+           "tile_positions"]
 
 Alignment = Literal["bottom_right", "top_left"]
 
@@ -282,7 +283,7 @@ class MaskSpec:
         entry b, query head h; True = may attend. transposed: the (j1 - j0, i1 - i0) mask
         of the same pairs, keys first (row-major in that order). Read it, never write it:
         without a boolean mask it may be a shared, read-only cached array
-        (:func:`_tile_positions`)."""
+        (:func:`tile_positions`)."""
         ok = self._positions(self.diag[b], self.q_valid[b], self.k_valid[b], i0, i1, j0, j1,
                              transposed)
         if self.mask is not None:
@@ -309,7 +310,7 @@ class MaskSpec:
         integer array."""
         if np.ndim(q_valid) == 0:  # one tile: its pattern depends on local offsets only
             diag, q_valid, k_valid = int(diag), int(q_valid), int(k_valid)
-            return _tile_positions(i1 - i0, j1 - j0, j0 - i0 - diag, self.lo, self.hi,
+            return tile_positions(i1 - i0, j1 - j0, j0 - i0 - diag, self.lo, self.hi,
                                    q_valid - i0 if i1 > q_valid else None,
                                    k_valid - j0 if j1 > k_valid else None, transposed)
         rows = np.arange(i0, i1, dtype=np.int64)[:, None]
@@ -327,12 +328,12 @@ class MaskSpec:
         return ok if ok.shape == shape else np.broadcast_to(ok, shape).copy()
 
 
-#: Tiles of at most this many pairs keep their pattern in :func:`_tile_positions`' cache.
+#: Tiles of at most this many pairs keep their pattern in :func:`tile_positions`' cache.
 _CACHED_PAIRS = 1 << 19
 
 
-def _tile_positions(ni: int, nj: int, offset: int, lo: int | None, hi: int | None,
-                    q_cut: int | None, k_cut: int | None, transposed: bool) -> np.ndarray:
+def tile_positions(ni: int, nj: int, offset: int, lo: int | None, hi: int | None,
+                   q_cut: int | None, k_cut: int | None, transposed: bool) -> np.ndarray:
     """Which pairs of an (ni, nj) tile may attend ((nj, ni) transposed), in local indices
     r < ni, c < nj: r < q_cut, c < k_cut (None: no cut), lo <= c - r + offset <= hi.
     Read-only. A causal or windowed pass meets the same few patterns tile after tile (the
@@ -352,7 +353,7 @@ def _cached_positions(*key: Any) -> np.ndarray:
 
 def _build_positions(ni: int, nj: int, offset: int, lo: int | None, hi: int | None,
                      q_cut: int | None, k_cut: int | None, transposed: bool) -> np.ndarray:
-    """:func:`_tile_positions` itself, from outer comparisons of index ranges (int32:
+    """:func:`tile_positions` itself, from outer comparisons of index ranges (int32:
     twice as fast as int64), never from an (ni, nj) integer array."""
     consts = [offset - x for x in (lo, hi) if x is not None] + [q_cut or 0, k_cut or 0]
     it = np.int32 if max(ni, nj) + max(map(abs, consts)) < 2**30 else np.int64

@@ -73,6 +73,7 @@ def _band(lo: int | None, hi: int | None, diag: int, name: str) -> MaskMod:
 
     mod.__name__ = mod.__qualname__ = name
     mod.tile_kind = tile_kind  # type: ignore[attr-defined]
+    mod.band = (lo, hi, diag)  # type: ignore[attr-defined]  # tiles built by the mask builder
     return mod
 
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmath.attention.masks import TileKind
+from flashmath.attention.masks import TileKind, tile_positions
 
 __all__ = [
     "MaskMod",
@@ -249,6 +249,7 @@ def at_query_positions(score_mod: ScoreMod | None, mask_mod: MaskMod | None,
     def shifted(b: Any, h: Any, q_idx: np.ndarray, kv_idx: np.ndarray) -> Any:
         return user(b, h, q_idx + off[b], kv_idx)
 
+    vars(shifted).pop("band", None)  # (wraps copied it: the shift moves the band per entry)
     kinds: Any = getattr(user, "tile_kind", None)
     if block_mask is not None:
         kinds = _block_tile_kind(block_mask)
@@ -371,6 +372,10 @@ class Mods:
         mod = self.mask_mod
         assert mod is not None
         nq, nk = s.shape
+        band = getattr(mod, "band", None)
+        if band is not None:  # a library band (modlib): the mask builder's cached tiles
+            _mask_band(s, band, q0, k0)
+            return
         pieces = self._pieces(b, h, q0, q0 + nq, k0, k0 + nk)
         if pieces is None:
             np.copyto(s, -np.inf, where=~mask_tile(mod, b, h, q0, q0 + nq, k0, k0 + nk))
@@ -424,3 +429,19 @@ class Mods:
             for h in range(heads):
                 out[b, h] = mask_tile(self.mask_mod, b, h, 0, sq, 0, sk)
         return out
+
+
+def _mask_band(s: np.ndarray, band: tuple[int | None, int | None, int], q0: int,
+               k0: int) -> None:
+    """-inf where a band mod (``lo <= kv - q - diag <= hi``, :func:`modlib.causal` and its
+    kin) hides a pair of the (nq, nk) tile s at absolute positions q0, k0: the pattern of
+    :func:`~flashmath.attention.masks.tile_positions` (cached, as the built-in masks'),
+    written in s's own memory order (the fast loops hold s transposed)."""
+    lo, hi, diag = band
+    nq, nk = s.shape
+    transposed = not s.flags.c_contiguous and s.T.flags.c_contiguous
+    ok = tile_positions(nq, nk, k0 - q0 - diag, lo, hi, None, None, transposed)
+    if transposed:
+        np.copyto(s.T, -np.inf, where=~ok)
+    else:
+        np.copyto(s, -np.inf, where=~ok)
