@@ -92,11 +92,32 @@ def test_small_float32_calls_run_float64_tiles_and_round_once() -> None:
                     | (err <= 1e-13 * np.abs(ref).max())).all()
 
 
+@pytest.fixture(params=[False, True], ids=["exp", "exp2"])
+def simd_exp2(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both ways FULL tiles may run, whichever this machine's NumPy picks (fast.SIMD_EXP2)."""
+    monkeypatch.setattr(fast, "SIMD_EXP2", request.param)
+    return bool(request.param)
+
+
+def test_full_tiles_run_exp2_only_where_numpy_vectorises_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from numpy._core._multiarray_umath import __cpu_features__ as features
+
+    assert fast._simd_exp2() is bool(features.get("AVX512_SKX", False))
+    for flag, want in ((True, np.exp2), (False, np.exp)):
+        monkeypatch.setattr(fast, "SIMD_EXP2", flag)
+        assert fast._exp(fast.TileKind.FULL, 0.5)[1] is want
+        assert fast._exp(fast.TileKind.PARTIAL, 0.5) == (0.5, np.exp)
+    monkeypatch.setattr(fast, "SIMD_EXP2", True)
+    assert fast._exp(fast.TileKind.FULL, 0.5)[0] == pytest.approx(0.5 / np.log(2))
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_medium_random_cases_hold_the_rule_against_both_baselines(seed: int) -> None:
+def test_medium_random_cases_hold_the_rule_against_both_baselines(
+        seed: int, simd_exp2: bool) -> None:
     """Random problems just above the fast path's threshold (benchmarks/fuzz_attention.py
     --medium runs hundreds): within 2x (out) and 3x (gradients) of the naive float32
-    formula and of the PyTorch-style baseline."""
+    formula and of the PyTorch-style baseline, with FULL tiles on exp and on exp2."""
     pytest.importorskip("torch")
     rng = np.random.default_rng(1000 + seed)
     case = random_case(rng, "float32", medium=True)
@@ -123,7 +144,8 @@ def test_benchmark_like_shape_matches_the_oracle_as_closely_as_the_naive_formula
             assert np.abs(mine - want).max() <= factor * np.abs(base - want).max(), opts
 
 
-def test_a_later_tile_far_above_the_first_is_redone_not_overflowed(forced: None) -> None:
+def test_a_later_tile_far_above_the_first_is_redone_not_overflowed(forced: None,
+                                                                   simd_exp2: bool) -> None:
     """The first tile's row max is kept for later tiles; keys 600.. score ~200 above it
     (exp would overflow float32): that tile is redone on the exact online step."""
     rng = np.random.default_rng(2)
@@ -138,7 +160,8 @@ def test_a_later_tile_far_above_the_first_is_redone_not_overflowed(forced: None)
         np.testing.assert_allclose(mine, want, rtol=0, atol=2e-3 * max(1, np.abs(want).max()))
 
 
-def test_a_first_tile_key_the_sample_misses_is_redone_not_overflowed(forced: None) -> None:
+def test_a_first_tile_key_the_sample_misses_is_redone_not_overflowed(forced: None,
+                                                                     simd_exp2: bool) -> None:
     """The shift comes from 32 of the first tile's 128 keys (every 4th); key 5, which the
     sample misses, scores ~200 above them (exp would overflow float32): the first tile is
     redone on the exact online step."""
@@ -149,6 +172,28 @@ def test_a_first_tile_key_the_sample_misses_is_redone_not_overflowed(forced: Non
     v = _f32(rng, 1, 1, 256, 16)
     ref = _oracle(q, k, v, do)
     for mine, want in zip(_run(q, k, v, do, block_k=128), ref, strict=True):
+        assert np.isfinite(mine).all()
+        np.testing.assert_allclose(mine, want, rtol=0, atol=2e-3 * max(1, np.abs(want).max()))
+
+
+@pytest.mark.parametrize("opts", [{"window": (150, 0)}, {"causal": True},
+                                  {"window": (150, 30), "kv_lengths": np.array([250])}])
+def test_a_key_outside_the_shared_keys_far_above_them_is_redone(
+        forced: None, simd_exp2: bool, opts: dict[str, Any]) -> None:
+    """A banded block samples its shift from the keys all its rows see; a key only some
+    rows see (the band's left edge, the diagonal) scoring ~200 above them is redone on
+    the exact step, not overflowed."""
+    rng = np.random.default_rng(7)
+    q, k, v, do = (_f32(rng, 1, 1, 256, 16) for _ in range(4))
+    # keys near the edges of blocks of 64 rows, each far above the scores of one row that
+    # sees it (key 48: rows 192-198 see it; rows 199.. of their block do not, and a shift
+    # from it would underflow their every p)
+    for j, i, amp in ((48, 195, 400), (70, 80, 40), (100, 110, 40), (129, 139, 40),
+                      (200, 210, 40)):
+        k[0, 0, j] = amp * q[0, 0, i]
+    ref = _oracle(q, k, v, do, **opts)
+    got = _run(q, k, v, do, block_q=64, block_k=128, **opts)
+    for mine, want in zip(got, ref, strict=True):
         assert np.isfinite(mine).all()
         np.testing.assert_allclose(mine, want, rtol=0, atol=2e-3 * max(1, np.abs(want).max()))
 

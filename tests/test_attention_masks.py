@@ -211,6 +211,45 @@ def test_cached_tile_patterns_are_the_rule_for_every_tile(sq, sk, q_len, kv_len,
         np.testing.assert_array_equal(spec.block(0, 0, i0, i1, j0, j1, transposed=True),
                                       want[i0:i1, j0:j1].T)
         assert not got.flags.writeable
+        for transposed in (False, True):  # the complement, what the kernels mask through
+            hidden = spec.hidden(0, 0, i0, i1, j0, j1, transposed)
+            tile = ~want[i0:i1, j0:j1]
+            np.testing.assert_array_equal(hidden, tile.T if transposed else tile)
+            assert not hidden.flags.writeable
+
+
+@settings(max_examples=300, deadline=None)
+@given(sq=st.integers(1, 12), sk=st.integers(1, 12), q_len=st.integers(1, 12),
+       kv_len=st.integers(0, 12), causal=st.sampled_from([None, "bottom_right", "top_left"]),
+       left=st.one_of(st.none(), st.integers(0, 6)), right=st.one_of(st.none(), st.integers(0, 6)),
+       data=st.data())
+def test_shared_keys_are_the_keys_every_row_sees(sq, sk, q_len, kv_len, causal, left, right,
+                                                data):
+    window = None if left is None and right is None else (left, right)
+    kw = {"causal": causal, "window": window, "q_len": [min(q_len, sq)],
+          "kv_len": [min(kv_len, sk)]}
+    spec = MaskSpec.create(1, sq, sk, **spec_kwargs(kw))
+    rows = brute(1, sq, sk, **kw)[0]
+    i0 = data.draw(st.integers(0, int(spec.q_valid[0]) - 1))
+    i1 = data.draw(st.integers(i0 + 1, int(spec.q_valid[0])))
+    j0, j1 = spec.shared_keys(0, i0, i1)
+    assert np.flatnonzero(rows[i0:i1].all(axis=0)).tolist() == list(range(j0, j1))
+
+
+def test_shared_keys_are_none_with_a_boolean_mask():
+    spec = MaskSpec.create(1, 4, 4, mask=np.ones((1, 1, 4, 4), bool))
+    j0, j1 = spec.shared_keys(0, 0, 4)
+    assert j0 >= j1
+
+
+def test_hidden_with_a_boolean_mask_is_the_complement_of_block():
+    rng = np.random.default_rng(3)
+    user = rng.random((2, 3, 7, 9)) < 0.5
+    spec = MaskSpec.create(2, 7, 9, causal="bottom_right", mask=user)
+    for b, h in ((0, 0), (1, 2)):
+        for transposed in (False, True):
+            np.testing.assert_array_equal(spec.hidden(b, h, 1, 6, 2, 9, transposed),
+                                          ~spec.block(b, h, 1, 6, 2, 9, transposed))
 
 
 @pytest.mark.parametrize(("batch", "sq", "sk", "kw"), CASES)

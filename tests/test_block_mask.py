@@ -235,3 +235,80 @@ def test_a_partial_tile_is_masked_piecewise_exactly_as_whole(
     want = mask_tile(mod, 0, 0, q0, q0 + nq, k0, k0 + nk)
     assert np.array_equal(np.isneginf(tile), ~want)
     assert np.all(tile[want] == 0)
+
+
+@given(sq=st.integers(1, 40), sk=st.integers(1, 40), bq=st.integers(1, 9), bk=st.integers(1, 9),
+       which=st.integers(0, 4), use_block_mask=st.booleans(),
+       rect=st.tuples(*[st.floats(0, 1)] * 4))
+def test_key_span_hides_nothing_it_cuts_and_shared_keys_are_seen_by_every_row(
+        sq, sk, bq, bk, which, use_block_mask, rect):
+    """Mods.key_span (a block mask's live blocks, a band mod's band) cuts only keys no row
+    of the rectangle sees, keeping the first and last live block (exactly the band's
+    keys for a band mod); Mods.shared_keys are keys every row sees, all of them for a band."""
+    ids = np.sort(np.random.default_rng(sq * 41 + sk).integers(0, 4, max(sq, sk)))
+    mods = [modlib.causal(sq, sk), modlib.sliding_window(sq, sk, 3, 1), modlib.prefix_lm(5),
+            modlib.document_mask(ids[:sq], ids[:sk]), modlib.causal(sq, sk, align="top_left")]
+    mod = mods[which]
+    bm = create_block_mask(mod, None, None, sq, sk, block_q=bq, block_k=bk) \
+        if use_block_mask else None
+    m = Mods(mask_mod=mod, block_mask=bm)
+    dense = _dense(mod, 0, 0, sq, sk)
+    a, c = sorted(int(x * sq) for x in rect[:2])
+    e, g = sorted(int(x * sk) for x in rect[2:])
+    if a == c or e == g:
+        return
+    j0, j1 = m.key_span(0, 0, a, c, e, g)
+    seen = dense[a:c].any(axis=0)
+    assert not seen[e:max(e, j0)].any() and not seen[min(j1, g):g].any()
+    if seen[e:g].any():
+        first, last = e + int(np.argmax(seen[e:g])), g - 1 - int(np.argmax(seen[e:g][::-1]))
+        assert j0 <= first and last < j1
+        if bm is None and hasattr(mod, "band"):  # exact for a band
+            assert (j0, j1) == (first, last + 1)
+    shared = m.shared_keys(0, 0, a, c)
+    if hasattr(mod, "band"):
+        assert shared is not None
+        everyone = dense[a:c].all(axis=0)
+        s0, s1 = max(shared[0], 0), min(shared[1], sk)
+        assert np.flatnonzero(everyone).tolist() == list(range(s0, s1))
+    else:
+        assert shared is None
+
+
+def test_mods_without_a_mask_mod_share_every_key():
+    assert Mods().shared_keys(0, 0, 3, 9) == (0, 2**62)
+
+
+def test_narrow_windows_take_half_height_fast_tiles() -> None:
+    """A window (built-in or a library band mod) narrower than FAST_NARROW_BAND keys takes
+    FAST_BLOCK_Q / 2 query rows on the fast path; causal and dense keep FAST_BLOCK_Q."""
+    from flashmath.attention import schedule
+
+    s = 2048
+    q = np.zeros((1, 2, s, 64), np.float32)
+    half = schedule.FAST_BLOCK_Q // 2
+    assert schedule.Plan.build(q, q, q, window=(511, 0)).bq == half
+    assert schedule.Plan.build(q, q, q, window=(600, 600)).bq == schedule.FAST_BLOCK_Q
+    assert schedule.Plan.build(q, q, q, causal=True).bq == schedule.FAST_BLOCK_Q
+    win = modlib.sliding_window(s, s, 511, 0)
+    assert schedule.Plan.build(q, q, q, mask_mod=win).bq == half
+    bm = create_block_mask(win, None, None, s, s)
+    assert schedule.Plan.build(q, q, q, block_mask=bm).bq == half
+
+
+@pytest.mark.parametrize("mod", [modlib.causal(9, 12), modlib.sliding_window(9, 12, 3, 1),
+                                 modlib.sliding_window(9, 12, 0, 2),
+                                 modlib.causal(9, 12, align="top_left")],
+                         ids=["causal", "window-3-1", "window-0-2", "causal-top-left"])
+def test_a_band_mods_key_span_and_shared_keys_are_exact_for_every_row_block(mod):
+    dense = _dense(mod, 0, 0, 9, 12)
+    m = Mods(mask_mod=mod)
+    for a in range(9):
+        for c in range(a + 1, 10):
+            seen = np.flatnonzero(dense[a:c].any(axis=0))
+            j0, j1 = m.key_span(0, 0, a, c, 0, 12)
+            assert (j0, j1) == ((int(seen[0]), int(seen[-1]) + 1) if seen.size else (j0, j0)) \
+                or (not seen.size and j0 >= j1), (a, c)
+            s0, s1 = m.shared_keys(0, 0, a, c)
+            assert list(range(max(s0, 0), min(s1, 12))) == \
+                np.flatnonzero(dense[a:c].all(axis=0)).tolist(), (a, c)

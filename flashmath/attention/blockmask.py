@@ -78,6 +78,21 @@ class BlockMask:
             return TileKind(lo)
         return TileKind.PARTIAL
 
+    def live_keys(self, b: int, h: int, q0: int, q1: int, k0: int, k1: int) -> tuple[int, int]:
+        """The smallest [k0', k1') inside [k0, k1) that holds every key of the non-EMPTY
+        blocks of rows [q0, q1) (k0' >= k1': none): every key outside is hidden from every
+        one of those rows. Same rectangle rules as :meth:`kind`."""
+        if self.kind(b, h, q0, q1, k0, k1) is TileKind.EMPTY:
+            return k0, k0
+        tiles = self.kinds[b if self.kinds.shape[0] != 1 else 0,
+                           h if self.kinds.shape[1] != 1 else 0,
+                           q0 // self.block_q: -(-q1 // self.block_q),
+                           k0 // self.block_k: -(-k1 // self.block_k)]
+        live = np.flatnonzero((tiles != TileKind.EMPTY).any(axis=0))
+        first = k0 // self.block_k
+        return (max(k0, int(first + live[0]) * self.block_k),
+                min(k1, int(first + live[-1] + 1) * self.block_k))
+
     def dense(self) -> np.ndarray:
         """The whole mask, (B|1, H|1, Sq, Sk) bool, with EMPTY blocks False and FULL blocks
         True without calling the mod on them (for tests and small shapes)."""

@@ -10,14 +10,18 @@ What this path does differently, and why each step keeps the accuracy rule:
   the scale as alpha, accumulation as beta = 1, no temporaries). The row shift rides in
   the GEMM as an augmented column ([k, -1] . [q, m] = k . q - m), so the scores of every
   pass are the same bits.
-* The forward takes each row's shift from 32 keys of its first tile when no mask cuts
-  that tile (else the first tile's exact online step finds the row max) and runs no
-  row-max pass on the tiles after that: exp(s - m) may then exceed 1, which costs no
-  precision (exp's error is relative); a tile whose row sums leave (0, 2^20] (a key far
-  above the shift, inf, NaN) is redone on the exact online step, so nothing overflows.
-  FULL tiles run exp2 on scores in log2 units: NumPy's float32 exp2 is faster than exp
-  and more accurate (<= 1 ulp, against 2.4); masked (PARTIAL) tiles run exp, because
-  exp2 of -inf takes NumPy's slow path (4-6x slower on a half-masked tile).
+* The forward takes each row's shift from 32 keys that every row of its block sees (the
+  block's keys left of a causal diagonal, the middle of a window's band; else the first
+  tile's exact online step finds the row max) and runs no row-max pass on its tiles:
+  exp(s - m) may then exceed 1, which costs no precision (exp's error is relative); a tile whose
+  row sums leave (0, 2^20] (a key far above the shift, inf, NaN) is redone on the exact
+  online step, so nothing overflows.
+  Where NumPy's float32 exp2 is vectorised (:data:`SIMD_EXP2`: AVX512_SKX, through SVML),
+  FULL tiles run exp2 on scores in log2 units: there it is faster than exp and more
+  accurate (<= 1 ulp, against 2.4); masked (PARTIAL) tiles run exp, because exp2 of -inf
+  takes NumPy's slow path (4-6x slower on a half-masked tile). Elsewhere NumPy's exp2 is
+  libm's scalar exp2f (on an AVX2-only AMD EPYC: 0.19 G/s, against 0.4 G/s for NumPy's
+  AVX2 exp, half a fast forward's time), and every tile runs exp.
 * p's row sums are summed in runs of 32 keys, the runs in float64 (:func:`row_sums`): a
   float32 BLAS matrix-vector product over a tile sums in order, and that error, the
   same in every output of a row, put the output at 2-3x the baselines' (whose softmax
@@ -48,11 +52,28 @@ from flashmath.attention import tiles as tp
 from flashmath.attention.masks import TileKind
 from flashmath.attention.schedule import Block, Plan, Tile
 
-__all__ = ["PIECE", "augmented", "backward_unit", "online", "q_rows", "row_sums"]
+__all__ = ["PIECE", "SIMD_EXP2", "augmented", "backward_unit", "online", "q_rows",
+           "row_sums"]
 
 #: A tile on the stale shift is redone when a row sum exceeds this (exp(s - m) <= 2^20).
 _LIMIT = 2.0**20
 _LOG2E = 1 / math.log(2)
+
+
+def _simd_exp2() -> bool:
+    """Whether this NumPy runs float32 exp2 vectorised: its SIMD exp2 is SVML's, built for
+    and dispatched on AVX512_SKX only (numpy/_core/src/umath/loops_umath_fp.dispatch);
+    elsewhere exp2 calls libm's scalar exp2f. False where the feature table is missing."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # pragma: no cover - other NumPy layouts
+        return False
+    return bool(features.get("AVX512_SKX", False))
+
+
+#: FULL tiles run exp2 in log2 units (True) or exp (False): see the module docstring. A
+#: switch for measurements and tests; set at import from this machine's NumPy.
+SIMD_EXP2: bool = _simd_exp2()
 
 
 def augmented(x: np.ndarray, last: float) -> np.ndarray:
@@ -79,9 +100,11 @@ def _fold(plan: Plan) -> float:
 
 def _exp(kind: TileKind, c: float) -> tuple[float, np.ufunc]:
     """(alpha, exp ufunc) for a tile of scores c (qs . k - shift): exp2 on alpha = c log2 e
-    for FULL tiles; exp on alpha = c for PARTIAL ones (their -inf entries take exp2's
-    slow path)."""
-    return (c, np.exp) if kind is TileKind.PARTIAL else (c * _LOG2E, np.exp2)
+    for FULL tiles where :data:`SIMD_EXP2`; exp on alpha = c for PARTIAL ones (their -inf
+    entries take exp2's slow path) and for every tile elsewhere."""
+    if kind is TileKind.PARTIAL or not SIMD_EXP2:
+        return c, np.exp
+    return c * _LOG2E, np.exp2
 
 
 def _tile(plan: Plan, b: int, h: int, a: np.ndarray, bt: np.ndarray, i0: int, j0: int,
@@ -105,23 +128,24 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, k: np.ndarray, v: np.ndar
 
     exp runs as :func:`_exp` says (alpha = c log2 e in the GEMM for exp2, c for exp; c
     from :func:`_fold`; m is in qs . k units). Each row's shift m comes from a sample of
-    the first tile's keys when that tile is FULL (:func:`_sampled_max`), else from the
-    first tile itself (the exact online step); the tiles after it subtract m inside their
+    keys every row of the block sees (:func:`_shift_keys`, :func:`_sampled_max`), else
+    from the first tile itself (the exact online step); the tiles after it subtract m inside their
     GEMM (qa's last column) and are kept unless a row sum leaves (0, _LIMIT], in which
-    case the tile is redone on the exact step. Every tile's k . q comes from the same
-    augmented GEMM, so the scores are the same bits in every pass. p v and p's row sums
-    (:func:`_pv`) are summed over the tiles in float64."""
+    case the tile is redone on the exact step (the sums are checked before the tile's
+    p v joins o, so o needs no per-tile copy). Every tile's k . q comes from the same
+    augmented GEMM, so the scores are the same bits in every pass. p v (:func:`_pv`) and
+    p's row sums (:func:`row_sums`) are summed over the tiles in float64."""
     ni, c = qa.shape[0], _fold(plan)
     m = np.full(ni, -np.inf, np.float32)  # each row's shift
     o = np.zeros((ni, v.shape[1]), np.float64)  # sum p v
     l = np.zeros(ni, np.float64)  # sum p
-    if tiles[0][2] is TileKind.FULL:
-        m[...] = _sampled_max(qa[:, :-1], k[tiles[0][0] : tiles[0][1]])
+    j0, j1 = _shift_keys(plan, b, h, i0, i0 + ni, tiles)
+    if j0 < j1:
+        m[...] = _sampled_max(qa[:, :-1], k[j0:j1])
         if not np.isfinite(m).all():  # inf or NaN scores: the exact step sorts them out
             m[...] = -np.inf
     stale = bool(np.isfinite(m).all())  # every row's m is finite and sits in qa's last column
     qa[:, -1] = m
-    ot, lt = np.empty_like(o), np.empty_like(l)  # one stale tile's share
     for j0, j1, kind in tiles:
         ka = kbuf[: j1 - j0]
         ka[:, :-1] = k[j0:j1]
@@ -129,10 +153,9 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, k: np.ndarray, v: np.ndar
             a, exp = _exp(kind, c)
             s = _tile(plan, b, h, qa, ka, i0, j0, kind, buf, a)  # a (s - m)
             exp(s, out=s)
-            ot[...], lt[...] = 0.0, 0.0
-            _pv(s, v[j0:j1], ot, lt)  # the tile's p v and row sums
+            lt = row_sums(s.T)  # checked before p v joins o: no copy of o per tile
             if float(lt.max()) <= _LIMIT:  # False for NaN: redone below
-                o += ot
+                _pv(s, v[j0:j1], o)
                 l += lt
                 continue
         stale = _exact_step(plan, b, h, qa, ka, v[j0:j1], i0, j0, kind, buf, m, o, l)
@@ -161,19 +184,38 @@ def _exact_step(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray, v: n
     factor[np.isneginf(m)] = 0.0
     o *= factor[:, None]
     l *= factor
-    _pv(s, v, o, l)
+    _pv(s, v, o)
+    l += row_sums(s.T)
     m[...] = m_new
     qa[:, -1] = m
     return bool(np.isfinite(m).all())
 
 
-#: Keys of the first tile whose max is each row's shift (:func:`_sampled_max`).
+def _shift_keys(plan: Plan, b: int, h: int, i0: int, i1: int, tiles: list[Tile]
+                ) -> tuple[int, int]:
+    """Keys [j0, j1) that every row of the block sees, to sample the rows' shift from
+    (j0 >= j1: none, the first tile takes the exact step): the block's shared keys
+    (:meth:`MaskSpec.shared_keys`: the whole span of a FULL block, the columns left of a
+    causal block's diagonal, the middle of a window's band) ANDed with the mask_mod's
+    (:meth:`Mods.shared_keys`), or, where those are unknown (a user's mask_mod), the first
+    tile the mods leave FULL."""
+    opts = plan.opts
+    j0, j1 = opts.spec.shared_keys(b, i0, i1)
+    if opts.mods is None or (opts.mods.mask_mod is None and opts.mods.block_mask is None):
+        return j0, j1
+    mods = opts.mods.shared_keys(b, h, i0 + opts.q_offset, i1 + opts.q_offset)
+    if mods is None:
+        return next(((a, z) for a, z, kind in tiles if kind is TileKind.FULL), (0, 0))
+    return max(j0, mods[0] - opts.k_offset), min(j1, mods[1] - opts.k_offset)
+
+
+#: Keys whose max is each row's shift (:func:`_sampled_max`).
 _SAMPLE_KEYS = 32
 
 
 def _sampled_max(qs: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Each row's max of qs . k over _SAMPLE_KEYS keys spread evenly over k (nj, D), as
-    (ni,) float32: a shift at most the row's max, so its first tile's p sum to >= 1."""
+    """Each row's max of qs . k over _SAMPLE_KEYS keys spread evenly over k (nj, D), keys
+    every row sees, as (ni,) float32: a shift at most the row's max, so its p sum to >= 1."""
     step = max(1, k.shape[0] // _SAMPLE_KEYS)
     ks = k[::step][:_SAMPLE_KEYS]
     return np.matmul(qs, ks.T).max(axis=1)
@@ -185,14 +227,13 @@ def _sampled_max(qs: np.ndarray, k: np.ndarray) -> np.ndarray:
 PIECE = 512
 
 
-def _pv(p: np.ndarray, v: np.ndarray, into: np.ndarray, sums: np.ndarray) -> None:
+def _pv(p: np.ndarray, v: np.ndarray, into: np.ndarray) -> None:
     """into += p @ v ((ni, n) float64) from float32 GEMMs over PIECE keys each (p is
-    (ni, nj), v (nj, n)); sums += p's row sums ((ni,) float64, see :func:`row_sums`)."""
+    (ni, nj), v (nj, n))."""
     piece = np.empty(into.shape, np.float32)
     for c0 in range(0, p.shape[1], PIECE):
         blas.sgemm(p[:, c0 : c0 + PIECE], v[c0 : c0 + PIECE], piece)
         into += piece
-    sums += row_sums(p.T)
 
 
 #: Keys summed in float32 per run of :func:`row_sums` (the runs are summed in float64).
@@ -297,7 +338,8 @@ def _probabilities(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray,
         a, exp = _exp(kind, c)
         pt = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, pbuf[j0:], a).T
         exp(pt, out=pt)
-        _pv(pt.T, v[j0:j1], o, r)
+        _pv(pt.T, v[j0:j1], o)
+        r += row_sums(pt)
     f = np.divide(1.0, r, out=np.zeros_like(r), where=r != 0)
     return f.astype(np.float32), (o * f[:, None]).astype(np.float32)
 

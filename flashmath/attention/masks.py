@@ -262,6 +262,19 @@ class MaskSpec:
             return TileKind.FULL
         return TileKind.PARTIAL
 
+    def shared_keys(self, b: int, i0: int, i1: int) -> tuple[int, int]:
+        """Keys [j0, j1) that every query row of [i0, i1) of batch b may see (j0 >= j1:
+        none; always none with a boolean mask). Rows at or past q_valid are taken as valid
+        (clip them first)."""
+        if self.mask is not None or i0 >= i1:
+            return 0, 0
+        d = int(self.diag[b])
+        # Column j is allowed for every row i in [i0, i1) iff i1 - 1 + d + lo <= j <= i0 + d + hi.
+        j0 = 0 if self.lo is None else max(0, i1 - 1 + d + self.lo)
+        j1 = int(self.k_valid[b]) if self.hi is None else min(int(self.k_valid[b]),
+                                                             i0 + d + self.hi + 1)
+        return j0, j1
+
     def masked_columns(self, b: int, i0: int, i1: int, j0: int, j1: int) -> list[tuple[int, int]]:
         """The column ranges of a PARTIAL tile that need a mask; every pair outside them
         may attend. A causal tile needs only the columns right of its first row's diagonal
@@ -269,10 +282,8 @@ class MaskSpec:
         """
         if self.mask is not None or i1 > self.q_valid[b] or j1 > self.k_valid[b]:
             return [(j0, j1)]
-        d = int(self.diag[b])
-        # Column j is allowed for every row i in [i0, i1) iff i1 - 1 + d + lo <= j <= i0 + d + hi.
-        full0 = j0 if self.lo is None else max(j0, i1 - 1 + d + self.lo)
-        full1 = j1 if self.hi is None else min(j1, i0 + d + self.hi + 1)
+        shared0, shared1 = self.shared_keys(b, i0, i1)
+        full0, full1 = max(j0, shared0), min(j1, shared1)
         if full0 >= full1:
             return [(j0, j1)]
         return [(a, z) for a, z in ((j0, full0), (full1, j1)) if a < z]
@@ -291,6 +302,16 @@ class MaskSpec:
             ok = ok & (user.T if transposed else user)
         return ok
 
+    def hidden(self, b: int, h: int, i0: int, i1: int, j0: int, j1: int,
+               transposed: bool = False) -> np.ndarray:
+        """The complement of :meth:`block`: True where the pair may NOT attend, what a
+        kernel writes -inf through. Read it, never write it: without a boolean mask it is
+        a shared, read-only cached array (no inverted copy per tile)."""
+        if self.mask is not None:
+            return ~self.block(b, h, i0, i1, j0, j1, transposed)
+        return self._positions(self.diag[b], self.q_valid[b], self.k_valid[b], i0, i1, j0, j1,
+                               transposed, hidden=True)
+
     def dense(self) -> np.ndarray:
         """The whole boolean mask, (B, H|1, sq, sk): the head axis has size 1 unless the
         caller's mask varies by head. What the reference oracle materialises."""
@@ -302,17 +323,18 @@ class MaskSpec:
 
     def _positions(
         self, diag: Any, q_valid: Any, k_valid: Any, i0: int, i1: int, j0: int, j1: int,
-        transposed: bool = False,
+        transposed: bool = False, hidden: bool = False,
     ) -> np.ndarray:
         """Lengths and band for rows [i0, i1) x keys [j0, j1); diag, q_valid, k_valid are
-        scalars (result (ni, nj), or (nj, ni) transposed) or (B, 1, 1) arrays (result
-        (B, ni, nj)). Built from outer comparisons of index ranges, never from an (ni, nj)
-        integer array."""
+        scalars (result (ni, nj), or (nj, ni) transposed; hidden: its complement) or
+        (B, 1, 1) arrays (result (B, ni, nj)). Built from outer comparisons of index
+        ranges, never from an (ni, nj) integer array."""
         if np.ndim(q_valid) == 0:  # one tile: its pattern depends on local offsets only
             diag, q_valid, k_valid = int(diag), int(q_valid), int(k_valid)
             return tile_positions(i1 - i0, j1 - j0, j0 - i0 - diag, self.lo, self.hi,
                                    q_valid - i0 if i1 > q_valid else None,
-                                   k_valid - j0 if j1 > k_valid else None, transposed)
+                                   k_valid - j0 if j1 > k_valid else None, transposed,
+                                   hidden)
         rows = np.arange(i0, i1, dtype=np.int64)[:, None]
         cols = np.arange(j0, j1, dtype=np.int64)[None, :]
         tests = [rows < q_valid, cols < k_valid]
@@ -333,15 +355,17 @@ _CACHED_PAIRS = 1 << 19
 
 
 def tile_positions(ni: int, nj: int, offset: int, lo: int | None, hi: int | None,
-                   q_cut: int | None, k_cut: int | None, transposed: bool) -> np.ndarray:
+                   q_cut: int | None, k_cut: int | None, transposed: bool,
+                   hidden: bool = False) -> np.ndarray:
     """Which pairs of an (ni, nj) tile may attend ((nj, ni) transposed), in local indices
-    r < ni, c < nj: r < q_cut, c < k_cut (None: no cut), lo <= c - r + offset <= hi.
-    Read-only. A causal or windowed pass meets the same few patterns tile after tile (the
-    diagonal tiles of a causal pass are all alike), so tiles of up to _CACHED_PAIRS pairs
-    are built once: building one took as long as its exp."""
+    r < ni, c < nj: r < q_cut, c < k_cut (None: no cut), lo <= c - r + offset <= hi;
+    hidden: which may not (the complement, what a kernel masks through). Read-only. A
+    causal or windowed pass meets the same few patterns tile after tile (the diagonal
+    tiles of a causal pass are all alike), so tiles of up to _CACHED_PAIRS pairs are built
+    once: building one took as long as its exp."""
     if ni * nj <= _CACHED_PAIRS:
-        return _cached_positions(ni, nj, offset, lo, hi, q_cut, k_cut, transposed)
-    return _build_positions(ni, nj, offset, lo, hi, q_cut, k_cut, transposed)
+        return _cached_positions(ni, nj, offset, lo, hi, q_cut, k_cut, transposed, hidden)
+    return _build_positions(ni, nj, offset, lo, hi, q_cut, k_cut, transposed, hidden)
 
 
 @functools.lru_cache(maxsize=16)
@@ -352,7 +376,8 @@ def _cached_positions(*key: Any) -> np.ndarray:
 
 
 def _build_positions(ni: int, nj: int, offset: int, lo: int | None, hi: int | None,
-                     q_cut: int | None, k_cut: int | None, transposed: bool) -> np.ndarray:
+                     q_cut: int | None, k_cut: int | None, transposed: bool,
+                     hidden: bool = False) -> np.ndarray:
     """:func:`tile_positions` itself, from outer comparisons of index ranges (int32:
     twice as fast as int64), never from an (ni, nj) integer array."""
     consts = [offset - x for x in (lo, hi) if x is not None] + [q_cut or 0, k_cut or 0]
@@ -370,8 +395,9 @@ def _build_positions(ni: int, nj: int, offset: int, lo: int | None, hi: int | No
         tests.append(rows >= cols + (offset - hi))
     shape = (nj, ni) if transposed else (ni, nj)
     if not tests:
-        return np.ones(shape, bool)
+        return np.full(shape, not hidden)
     ok = tests[0]
     for t in tests[1:]:
         ok = ok & t
-    return ok if ok.shape == shape else np.broadcast_to(ok, shape).copy()
+    ok = ok if ok.shape == shape else np.broadcast_to(ok, shape).copy()
+    return np.logical_not(ok, out=ok) if hidden else ok

@@ -345,6 +345,32 @@ class Mods:
             return TileKind.PARTIAL
         return TileKind(int(np.asarray(tile_kind(b, h, q0, q1, k0, k1))))
 
+    def key_span(self, b: int, h: int, q0: int, q1: int, k0: int, k1: int) -> tuple[int, int]:
+        """The keys of [k0, k1) that absolute rows [q0, q1) may see under the mask_mod, as
+        far as its block mask (by blocks) and a library band mod (``.band``, exactly) tell:
+        every key outside is hidden from every row (j0 >= j1: none)."""
+        if self.block_mask is not None:
+            k0, k1 = self.block_mask.live_keys(b, h, q0, q1, k0, k1)
+        lo, hi, diag = getattr(self.mask_mod, "band", (None, None, 0))
+        if lo is not None:
+            k0 = max(k0, q0 + diag + lo)
+        if hi is not None:
+            k1 = min(k1, q1 - 1 + diag + hi + 1)
+        return k0, k1
+
+    def shared_keys(self, b: int, h: int, q0: int, q1: int) -> tuple[int, int] | None:
+        """Keys [j0, j1) that every absolute row of [q0, q1) may see under the mask_mod
+        (j0 >= j1: none), or None when that is unknown: known only for no mask_mod (every
+        key) and a library band mod (``.band``); clip to the keys that exist yourself."""
+        if self.mask_mod is None:
+            return 0, 2**62
+        band = getattr(self.mask_mod, "band", None)
+        if band is None:
+            return None
+        lo, hi, diag = band
+        return (0 if lo is None else q1 - 1 + diag + lo,
+                2**62 if hi is None else q0 + diag + hi + 1)
+
     def apply(self, s: np.ndarray, b: int, h: int, q0: int, k0: int, kind: TileKind,
               dscore: np.ndarray | None = None) -> np.ndarray:
         """What a kernel does to a tile of scores after softcap and bias: the score_mod (in
@@ -440,8 +466,5 @@ def _mask_band(s: np.ndarray, band: tuple[int | None, int | None, int], q0: int,
     lo, hi, diag = band
     nq, nk = s.shape
     transposed = not s.flags.c_contiguous and s.T.flags.c_contiguous
-    ok = tile_positions(nq, nk, k0 - q0 - diag, lo, hi, None, None, transposed)
-    if transposed:
-        np.copyto(s.T, -np.inf, where=~ok)
-    else:
-        np.copyto(s, -np.inf, where=~ok)
+    hidden = tile_positions(nq, nk, k0 - q0 - diag, lo, hi, None, None, transposed, True)
+    np.copyto(s.T if transposed else s, -np.inf, where=hidden)

@@ -36,6 +36,7 @@ __all__ = [
     "FAST_MIN_DIM",
     "FAST_MIN_KEYS",
     "FAST_MIN_OUTPUTS",
+    "FAST_NARROW_BAND",
     "FORCE_FAST",
     "SMALL_PAIRS",
     "Plan",
@@ -57,6 +58,12 @@ DEFAULT_BLOCK_K = 1024
 #: loops', which halves the row blocks (each pays a row-max pass on its first tile and a
 #: masked diagonal tile when causal); measured 10-15% faster at S = 4096.
 FAST_BLOCK_Q = 512
+
+#: ... and half that for a band (window) narrower than FAST_NARROW_BAND keys: a block's tiles
+#: span its rows plus the band (767 keys for 256 rows of a 512-key window, against 1023 for
+#: 512 rows, over the same 512 keys each row sees); measured at S = 4096, window 512, on a
+#: noisy machine: 0.21-0.32x dense with 256 rows, 0.27-0.31x with 512, 0.28-0.41x with 128.
+FAST_NARROW_BAND = 2 * FAST_BLOCK_Q
 
 #: A visited key tile: keys [j0, j1) and what it needs (FULL or PARTIAL).
 Tile = tuple[int, int, TileKind]
@@ -107,10 +114,11 @@ class Plan:
         if mods is not None and (mods.block_mask is not None
                                  or (fast and mods.mask_mod is not None)):
             # tiles of the block mask's grid (or a multiple), which EMPTY tiles skip. The
-            # fast loops: square FAST_BLOCK_Q tiles (measured at S = 4096 against 256 x 256
-            # and 512 x 1024: the fastest for document, window and causal block masks, and
-            # for a causal mask_mod alone, 0.9x the time of 512 x 1024)
-            top_q, top_k = ((FAST_BLOCK_Q, FAST_BLOCK_Q) if fast
+            # fast loops: FAST_BLOCK_Q-key tiles of _fast_block_q rows (square 512 x 512
+            # measured at S = 4096 against 256 x 256 and 512 x 1024: the fastest for
+            # document and causal block masks, and for a causal mask_mod alone, 0.9x the
+            # time of 512 x 1024; a narrow window halves the rows, see FAST_NARROW_BAND)
+            top_q, top_k = ((_fast_block_q(opts), FAST_BLOCK_Q) if fast
                             else (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K // 4))
             top_q, top_k = top_q // split, top_k // split
             bm = mods.block_mask
@@ -120,7 +128,7 @@ class Plan:
             acc = np.dtype(np.float64)
         return cls(
             q=q, k=k, v=v, opts=opts, acc=acc, fast=fast,
-            bq=max(1, min(block_q or (FAST_BLOCK_Q if fast else DEFAULT_BLOCK_Q) // split,
+            bq=max(1, min(block_q or (_fast_block_q(opts) if fast else DEFAULT_BLOCK_Q) // split,
                           opts.sq)),
             bk=max(1, min(block_k or DEFAULT_BLOCK_K // split, opts.sk)),
         )
@@ -186,6 +194,19 @@ def _small_float32(opts: AttentionOptions) -> bool:
     there)."""
     return (opts.dtype == np.float32
             and opts.batch * opts.heads * opts.sq * opts.sk <= SMALL_PAIRS)
+
+
+def _fast_block_q(opts: AttentionOptions) -> int:
+    """The fast loops' query rows per tile: FAST_BLOCK_Q, halved when the call's band (a
+    window, or a library band mask_mod's: ``modlib.sliding_window``) is narrower than
+    FAST_NARROW_BAND keys."""
+    spec = opts.spec
+    bands = [(spec.lo, spec.hi)]
+    if opts.mods is not None and opts.mods.mask_mod is not None:
+        bands.append(getattr(opts.mods.mask_mod, "band", (None, None, 0))[:2])
+    narrow = any(lo is not None and hi is not None and hi - lo + 1 < FAST_NARROW_BAND
+                 for lo, hi in bands)
+    return FAST_BLOCK_Q // 2 if narrow else FAST_BLOCK_Q
 
 
 def _multiple(block: int, at_most: int) -> int:

@@ -20,12 +20,13 @@ never computed); FULL tiles build no mask (:class:`~flashmath.attention.masks.Ma
 Two sets of loops share this shape. Large float32 problems over the whole key sequence
 (:func:`~flashmath.attention.schedule.fast_path` says which) take the fast loops of
 :mod:`flashmath.attention.fast` (transposed tiles through NumPy's own cblas_sgemm, a stale
-row max, exp2, a backward that forms each block's probabilities once); everything else
-takes the accurate loops below. Both run the (b, h) slices (cut by query blocks into parts
-when they are too few for the cores, :func:`~flashmath.attention.schedule.work_units`) on
-a thread per core (NumPy releases the GIL in BLAS and in ufunc loops; BLAS itself runs one
-thread per worker, see :mod:`flashmath.attention.threads`). Extra memory is a few tile
-buffers per thread plus per-block accumulators: linear in S.
+row max, exp2 where NumPy vectorises it, a backward that forms each block's probabilities
+once); everything else takes the accurate loops below. Both run the (b, h) slices (cut by
+query blocks into parts when they are too few for the cores,
+:func:`~flashmath.attention.schedule.work_units`) on a thread per core (NumPy releases the
+GIL in BLAS and in ufunc loops; BLAS itself runs one thread per worker, see
+:mod:`flashmath.attention.threads`). Extra memory is a few tile buffers per thread plus
+per-block accumulators: linear in S.
 
 Dtypes: float64 computes in float64; float32, float16, bfloat16 and float8 compute the
 tiles in float32 (``accum_dtype`` overrides) and return the input dtype, except that a

@@ -130,17 +130,25 @@ def has_score_mod(opts: AttentionOptions) -> bool:
 
 def mod_tiles(plan: Plan, b: int, h: int, i0: int, i1: int, tiles: list[Tile]) -> list[Tile]:
     """The tiles of rows [i0, i1) of slice (b, h) once the mask_mod / block mask has its
-    say (:meth:`Mods.kind` ANDed with the built-in mask's kind): EMPTY ones dropped."""
+    say: each clipped to the keys the mods let these rows see (:meth:`Mods.key_span`: a
+    window's band, a block mask's non-EMPTY blocks), its kind :meth:`Mods.kind` ANDed
+    with the built-in mask's; EMPTY ones dropped."""
     mods = plan.opts.mods
     if mods is None or (mods.mask_mod is None and mods.block_mask is None):
         return tiles
     qo, ko = plan.opts.q_offset, plan.opts.k_offset
     kept: list[Tile] = []
     for j0, j1, kind in tiles:
-        both = TileKind(int(and_kinds(kind, mods.kind(b, h, i0 + qo, i1 + qo, j0 + ko,
-                                                      j1 + ko))))
+        a, z = mods.key_span(b, h, i0 + qo, i1 + qo, j0 + ko, j1 + ko)
+        a, z = a - ko, z - ko
+        if a >= z:
+            continue
+        if (a, z) != (j0, j1):
+            kind = plan.opts.spec.classify(b, i0, i1, a, z)
+        both = TileKind(int(and_kinds(kind, mods.kind(b, h, i0 + qo, i1 + qo, a + ko,
+                                                      z + ko))))
         if both is not TileKind.EMPTY:
-            kept.append((j0, j1, both))
+            kept.append((a, z, both))
     return kept
 
 
@@ -208,7 +216,7 @@ def mask_tile(plan: Plan, b: int, h: int, s: np.ndarray, i0: int, j0: int, kind:
         opts.mods.apply(rows, b, h, i0 + opts.q_offset, j0 + opts.k_offset, kind, dmod)
     if kind is TileKind.PARTIAL:
         for c0, c1 in opts.spec.masked_columns(b, i0, i1, j0, j1):
-            hidden = ~opts.spec.block(b, h, i0, i1, c0, c1, transposed)
+            hidden = opts.spec.hidden(b, h, i0, i1, c0, c1, transposed)
             np.copyto(s[c0 - j0 : c1 - j0] if transposed else s[:, c0 - j0 : c1 - j0],
                       -np.inf, where=hidden)
 
