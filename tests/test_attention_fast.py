@@ -112,13 +112,15 @@ def test_full_tiles_run_exp2_only_where_numpy_vectorises_it(
     assert fast._exp(fast.TileKind.FULL, 0.5)[0] == pytest.approx(0.5 / np.log(2))
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("seed", "exp2"), [(s, False) for s in range(6)]
+                         + [(s, True) for s in range(3)])
 def test_medium_random_cases_hold_the_rule_against_both_baselines(
-        seed: int, simd_exp2: bool) -> None:
+        seed: int, exp2: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Random problems just above the fast path's threshold (benchmarks/fuzz_attention.py
     --medium runs hundreds): within 2x (out) and 3x (gradients) of the naive float32
     formula and of the PyTorch-style baseline, with FULL tiles on exp and on exp2."""
     pytest.importorskip("torch")
+    monkeypatch.setattr(fast, "SIMD_EXP2", exp2)
     rng = np.random.default_rng(1000 + seed)
     case = random_case(rng, "float32", medium=True)
     q, k, v = (np.asarray(case[x], np.float32) for x in ("q", "k", "v"))
