@@ -34,7 +34,7 @@ from flashmath.attention import schedule
 from flashmath.attention.threads import cores
 from flashmath.files import write_figure
 from flashmath.measure import cpu
-from flashmath.measure.machine import blas_name, cpu_model
+from flashmath.measure.machine import blas_name, cpu_model, simd
 
 SHAPES: dict[str, tuple[int, int, int, int]] = {  # name: (B, H, S, D)
     "main": (2, 8, 4096, 64),
@@ -53,7 +53,7 @@ def machine() -> dict[str, str]:
         tv = f"torch {torch.__version__}" + (" (MKL)" if torch.backends.mkl.is_available() else "")
     except ImportError:
         tv = "torch not installed"
-    return {"cpu": cpu_model(), "cores": str(cores()),
+    return {"cpu": f"{cpu_model()} ({simd()})", "cores": str(cores()),
             "numpy": f"NumPy {np.__version__} ({blas_name()})", "torch": tv}
 
 

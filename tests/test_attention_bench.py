@@ -4,6 +4,7 @@ return what they promise (no timing is asserted), and the original loop really i
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,16 @@ def test_python_dash_m_flashmath_is_the_command():
         done = subprocess.run([sys.executable, "-m", module, "--version"], env=env,
                               capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0 and done.stdout.strip() == f"flashmath {fm.__version__}"
+
+
+def test_the_machine_line_names_the_cpu_family_and_its_vector_unit() -> None:
+    """Two "AMD EPYC" machines read 1.0x and 2.1x torch on one benchmark: one had AVX-512
+    (NumPy's exp2 vectorised), the other AVX2 only. The line tells them apart."""
+    from flashmath.measure import machine
+
+    line = machine.describe(torch=False)
+    assert machine.simd() in line and machine.simd() in ("AVX-512", "AVX2", "NEON", "baseline")
+    assert line.startswith(machine.cpu_model())
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "cpu family" in cpuinfo.read_text():
+        assert "family" in machine.cpu_model()

@@ -13,20 +13,44 @@ from functools import cache
 
 import numpy as np
 
-__all__ = ["blas_name", "cpu_model", "describe"]
+__all__ = ["blas_name", "cpu_model", "describe", "simd"]
 
 
 @cache
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux, platform elsewhere)."""
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo gives
+    them (a virtual machine may say only "AMD EPYC": family 25 model 1 is a Zen 3 without
+    AVX-512, family 25 model 17 a Zen 4 with it); platform's name elsewhere."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return " ".join(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = " ".join(value.split())
+                if not line.strip() and fields:
+                    break  # the first processor's block is enough
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+def simd() -> str:
+    """The widest vector unit NumPy found and uses on this CPU: "AVX-512", "AVX2", "NEON"
+    or "baseline". It decides the speed of NumPy's exp (see
+    :data:`flashmath.attention.fast.SIMD_EXP2`), so it belongs with every figure."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # other NumPy layouts
+        return "baseline"
+    for key, name in (("AVX512_SKX", "AVX-512"), ("AVX2", "AVX2"), ("ASIMD", "NEON")):
+        if features.get(key):
+            return name
+    return "baseline"
 
 
 @cache
@@ -41,8 +65,10 @@ def blas_name() -> str:
 
 
 def describe(*, torch: bool = True) -> str:
-    """One line: CPU model, cores, NumPy and its BLAS, torch (when installed and asked)."""
-    parts = [f"{cpu_model()}, {os.cpu_count()} cores", f"NumPy {np.__version__} ({blas_name()})"]
+    """One line: CPU model, cores and vector unit, NumPy and its BLAS, torch (when installed
+    and asked)."""
+    parts = [f"{cpu_model()}, {os.cpu_count()} cores, {simd()}",
+             f"NumPy {np.__version__} ({blas_name()})"]
     if torch:
         try:
             import torch as _t
