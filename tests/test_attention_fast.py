@@ -12,7 +12,8 @@ import pytest
 
 import flashmath as fm
 from flashmath import blas
-from flashmath.attention import fast, schedule
+from flashmath.attention import fast, modlib, schedule
+from flashmath.attention.blockmask import create_block_mask
 from flashmath.attention.schedule import Plan
 from tests.attention_fuzz import FACTORS, judge, random_case, ulp
 
@@ -101,9 +102,14 @@ def simd_exp2(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
 def test_full_tiles_run_exp2_only_where_numpy_vectorises_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from numpy._core._multiarray_umath import __cpu_features__ as features
+    import numpy.lib.introspect as introspect
 
-    assert fast._simd_exp2() is bool(features.get("AVX512_SKX", False))
+    for current, want in (("baseline(X86_V2)", False), ("X86_V4", True), ("AVX512_SKX", True)):
+        monkeypatch.setattr(introspect, "opt_func_info", lambda current=current, **_: {
+            "exp2": {"ff": {"current": current, "available": "X86_V4 baseline(X86_V2)"}}})
+        assert fast._simd_exp2() is want
+    monkeypatch.setattr(introspect, "opt_func_info", lambda **_: {})  # NumPy says nothing
+    assert fast._simd_exp2() is False
     for flag, want in ((True, np.exp2), (False, np.exp)):
         monkeypatch.setattr(fast, "SIMD_EXP2", flag)
         assert fast._exp(fast.TileKind.FULL, 0.5)[1] is want
@@ -178,8 +184,18 @@ def test_a_first_tile_key_the_sample_misses_is_redone_not_overflowed(forced: Non
         np.testing.assert_allclose(mine, want, rtol=0, atol=2e-3 * max(1, np.abs(want).max()))
 
 
-@pytest.mark.parametrize("opts", [{"window": (150, 0)}, {"causal": True},
-                                  {"window": (150, 30), "kv_lengths": np.array([250])}])
+_BAND_MOD = modlib.sliding_window(256, 256, 150, 0)
+
+
+@pytest.mark.parametrize("opts", [
+    {"window": (150, 0)}, {"causal": True},
+    {"window": (150, 30), "kv_lengths": np.array([250])},
+    {"mask_mod": _BAND_MOD},  # the shift's keys from Mods.shared_keys
+    {"block_mask": create_block_mask(_BAND_MOD, None, None, 256, 256, block_q=64,
+                                     block_k=64)},
+    {"mask_mod": modlib.sliding_window(256, 256, 150, 30), "causal": True}],
+    ids=["window", "causal", "window-lengths", "band-mod", "band-block-mask",
+         "band-mod-and-causal"])
 def test_a_key_outside_the_shared_keys_far_above_them_is_redone(
         forced: None, simd_exp2: bool, opts: dict[str, Any]) -> None:
     """A banded block samples its shift from the keys all its rows see; a key only some
@@ -188,10 +204,10 @@ def test_a_key_outside_the_shared_keys_far_above_them_is_redone(
     rng = np.random.default_rng(7)
     q, k, v, do = (_f32(rng, 1, 1, 256, 16) for _ in range(4))
     # keys near the edges of blocks of 64 rows, each far above the scores of one row that
-    # sees it (key 48: rows 192-198 see it; rows 199.. of their block do not, and a shift
-    # from it would underflow their every p)
-    for j, i, amp in ((48, 195, 400), (70, 80, 40), (100, 110, 40), (129, 139, 40),
-                      (200, 210, 40)):
+    # sees it (keys 46, 48: rows 192-196 / 192-198 see them; rows 199.. of their block do
+    # not, and a shift from them would underflow their every p)
+    for j, i, amp in ((46, 195, 400), (48, 195, 400), (70, 80, 40), (100, 110, 40),
+                      (129, 139, 40), (200, 210, 40)):
         k[0, 0, j] = amp * q[0, 0, i]
     ref = _oracle(q, k, v, do, **opts)
     got = _run(q, k, v, do, block_q=64, block_k=128, **opts)
@@ -301,10 +317,12 @@ def test_key_shards_take_the_accurate_path_and_their_gradients_sum_to_the_whole(
     np.testing.assert_allclose(dq, whole[0], rtol=0, atol=1e-5 * np.abs(whole[0]).max())
 
 
-def test_a_mask_mod_alone_takes_square_tiles_on_the_fast_path_only() -> None:
+def test_a_mask_mod_alone_takes_square_tiles_on_the_fast_path_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A mask_mod without a block mask: the fast loops take FAST_BLOCK_Q squares (EMPTY
     tiles are skipped at that grain); the accurate loops keep the default tiles (a decode
     with a mask_mod measured 1.6x slower on 256-key tiles)."""
+    monkeypatch.setattr(schedule, "cores", lambda: 1)  # slices not cut: tiles not halved
     rng = np.random.default_rng(3)
     causal = lambda b, h, qi, ki: ki <= qi  # noqa: E731
     big = [_f32(rng, 1, 2, 1024, 64) for _ in range(3)]

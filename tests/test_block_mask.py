@@ -192,11 +192,14 @@ def test_and_kinds_on_single_tiles_agrees_with_the_array_rule() -> None:
             assert isinstance(scalar, TileKind) and int(scalar) == int(array[0]), combo
 
 
-def test_block_mask_calls_on_the_fast_path_take_square_fast_tiles() -> None:
+def test_block_mask_calls_on_the_fast_path_take_square_fast_tiles(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Block-mask calls on the fast loops tile by FAST_BLOCK_Q x FAST_BLOCK_Q multiples of
-    the mask's grid (measured fastest for document, window and causal masks); the accurate
+    the mask's grid (measured fastest for document and causal masks); the accurate
     loops keep the smaller default."""
     from flashmath.attention import schedule
+
+    monkeypatch.setattr(schedule, "cores", lambda: 1)  # slices not cut: tiles not halved
 
     s = 2048
     q = np.zeros((1, 2, s, 64), np.float32)
@@ -279,10 +282,12 @@ def test_mods_without_a_mask_mod_share_every_key():
     assert Mods().shared_keys(0, 0, 3, 9) == (0, 2**62)
 
 
-def test_narrow_windows_take_half_height_fast_tiles() -> None:
+def test_narrow_windows_take_half_height_fast_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     """A window (built-in or a library band mod) narrower than FAST_NARROW_BAND keys takes
     FAST_BLOCK_Q / 2 query rows on the fast path; causal and dense keep FAST_BLOCK_Q."""
     from flashmath.attention import schedule
+
+    monkeypatch.setattr(schedule, "cores", lambda: 1)  # slices not cut: tiles not halved
 
     s = 2048
     q = np.zeros((1, 2, s, 64), np.float32)
@@ -293,7 +298,8 @@ def test_narrow_windows_take_half_height_fast_tiles() -> None:
     win = modlib.sliding_window(s, s, 511, 0)
     assert schedule.Plan.build(q, q, q, mask_mod=win).bq == half
     bm = create_block_mask(win, None, None, s, s)
-    assert schedule.Plan.build(q, q, q, block_mask=bm).bq == half
+    plan = schedule.Plan.build(q, q, q, block_mask=bm)  # 1024-key tiles, clipped to the band
+    assert (plan.bq, plan.bk) == (half, schedule.DEFAULT_BLOCK_K)
 
 
 @pytest.mark.parametrize("mod", [modlib.causal(9, 12), modlib.sliding_window(9, 12, 3, 1),

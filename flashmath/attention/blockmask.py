@@ -82,13 +82,18 @@ class BlockMask:
         """The smallest [k0', k1') inside [k0, k1) that holds every key of the non-EMPTY
         blocks of rows [q0, q1) (k0' >= k1': none): every key outside is hidden from every
         one of those rows. Same rectangle rules as :meth:`kind`."""
-        if self.kind(b, h, q0, q1, k0, k1) is TileKind.EMPTY:
+        if not (0 <= q0 and q1 <= self.sq and 0 <= k0 and k1 <= self.sk):
+            raise ValueError(f"block_mask: rectangle [{q0}, {q1}) x [{k0}, {k1}) lies outside "
+                             f"its (Sq, Sk) = ({self.sq}, {self.sk})")
+        if q0 >= q1 or k0 >= k1:
             return k0, k0
         tiles = self.kinds[b if self.kinds.shape[0] != 1 else 0,
                            h if self.kinds.shape[1] != 1 else 0,
                            q0 // self.block_q: -(-q1 // self.block_q),
                            k0 // self.block_k: -(-k1 // self.block_k)]
-        live = np.flatnonzero((tiles != TileKind.EMPTY).any(axis=0))
+        live = np.flatnonzero(tiles.any(axis=0))  # EMPTY is 0
+        if not live.size:
+            return k0, k0
         first = k0 // self.block_k
         return (max(k0, int(first + live[0]) * self.block_k),
                 min(k1, int(first + live[-1] + 1) * self.block_k))

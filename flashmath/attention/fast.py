@@ -11,11 +11,12 @@ What this path does differently, and why each step keeps the accuracy rule:
   the GEMM as an augmented column ([k, -1] . [q, m] = k . q - m), so the scores of every
   pass are the same bits.
 * The forward takes each row's shift from 32 keys that every row of its block sees (the
-  block's keys left of a causal diagonal, the middle of a window's band; else the first
-  tile's exact online step finds the row max) and runs no row-max pass on its tiles:
-  exp(s - m) may then exceed 1, which costs no precision (exp's error is relative); a tile whose
-  row sums leave (0, 2^20] (a key far above the shift, inf, NaN) is redone on the exact
-  online step, so nothing overflows.
+  block's keys left of a causal diagonal, the middle of a window's band, the first FULL
+  tile under a user's mask_mod; with none, the first tile's exact online step finds the
+  row max) and runs no row-max pass on its tiles: exp(s - m) may then exceed 1, which
+  costs no precision (exp's error is relative); a tile whose row sums leave (0, 2^20] (a
+  key far above the shift, inf, NaN) is redone on the exact online step, so nothing
+  overflows.
   Where NumPy's float32 exp2 is vectorised (:data:`SIMD_EXP2`: AVX512_SKX, through SVML),
   FULL tiles run exp2 on scores in log2 units: there it is faster than exp and more
   accurate (<= 1 ulp, against 2.4); masked (PARTIAL) tiles run exp, because exp2 of -inf
@@ -61,14 +62,18 @@ _LOG2E = 1 / math.log(2)
 
 
 def _simd_exp2() -> bool:
-    """Whether this NumPy runs float32 exp2 vectorised: its SIMD exp2 is SVML's, built for
-    and dispatched on AVX512_SKX only (numpy/_core/src/umath/loops_umath_fp.dispatch);
-    elsewhere exp2 calls libm's scalar exp2f. False where the feature table is missing."""
+    """Whether this NumPy runs float32 exp2 vectorised, as its dispatcher reports it
+    (``numpy.lib.introspect.opt_func_info``: a target other than the baseline). NumPy's
+    SIMD exp2 is SVML's, built for AVX-512 (AVX512_SKX) only; elsewhere exp2 calls libm's
+    scalar exp2f. False where NumPy does not say."""
     try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:  # pragma: no cover - other NumPy layouts
+        from numpy.lib.introspect import opt_func_info
+
+        targets = opt_func_info(func_name="^exp2$", signature="float32")["exp2"]
+        current = str(next(iter(targets.values()))["current"])
+    except (ImportError, KeyError, StopIteration, TypeError):  # older NumPy: no report
         return False
-    return bool(features.get("AVX512_SKX", False))
+    return not current.startswith("baseline")
 
 
 #: FULL tiles run exp2 in log2 units (True) or exp (False): see the module docstring. A

@@ -347,7 +347,8 @@ class MaskSpec:
         ok = tests[0]
         for t in tests[1:]:
             ok = ok & t
-        return ok if ok.shape == shape else np.broadcast_to(ok, shape).copy()
+        ok = ok if ok.shape == shape else np.broadcast_to(ok, shape).copy()
+        return np.logical_not(ok, out=ok) if hidden else ok
 
 
 #: Tiles of at most this many pairs keep their pattern in :func:`tile_positions`' cache.

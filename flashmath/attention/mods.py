@@ -348,14 +348,15 @@ class Mods:
     def key_span(self, b: int, h: int, q0: int, q1: int, k0: int, k1: int) -> tuple[int, int]:
         """The keys of [k0, k1) that absolute rows [q0, q1) may see under the mask_mod, as
         far as its block mask (by blocks) and a library band mod (``.band``, exactly) tell:
-        every key outside is hidden from every row (j0 >= j1: none)."""
-        if self.block_mask is not None:
-            k0, k1 = self.block_mask.live_keys(b, h, q0, q1, k0, k1)
+        every key outside is hidden from every row (j0 >= j1: none). The band first: it
+        costs a few integer operations, the block mask a look at its table."""
         lo, hi, diag = getattr(self.mask_mod, "band", (None, None, 0))
         if lo is not None:
             k0 = max(k0, q0 + diag + lo)
         if hi is not None:
             k1 = min(k1, q1 - 1 + diag + hi + 1)
+        if self.block_mask is not None and k0 < k1:
+            k0, k1 = self.block_mask.live_keys(b, h, q0, q1, k0, k1)
         return k0, k1
 
     def shared_keys(self, b: int, h: int, q0: int, q1: int) -> tuple[int, int] | None:
@@ -462,9 +463,18 @@ def _mask_band(s: np.ndarray, band: tuple[int | None, int | None, int], q0: int,
     """-inf where a band mod (``lo <= kv - q - diag <= hi``, :func:`modlib.causal` and its
     kin) hides a pair of the (nq, nk) tile s at absolute positions q0, k0: the pattern of
     :func:`~flashmath.attention.masks.tile_positions` (cached, as the built-in masks'),
-    written in s's own memory order (the fast loops hold s transposed)."""
+    written in s's own memory order (the fast loops hold s transposed), on the columns
+    some row may not see only (as MaskSpec.masked_columns: a window tile's two triangles)."""
     lo, hi, diag = band
     nq, nk = s.shape
     transposed = not s.flags.c_contiguous and s.T.flags.c_contiguous
-    hidden = tile_positions(nq, nk, k0 - q0 - diag, lo, hi, None, None, transposed, True)
-    np.copyto(s.T if transposed else s, -np.inf, where=hidden)
+    # local columns every row sees: lo <= c + k0 - r - q0 - diag <= hi for all r < nq
+    full0 = 0 if lo is None else min(nk, max(0, q0 + nq - 1 + diag + lo - k0))
+    full1 = nk if hi is None else max(0, min(nk, q0 + diag + hi + 1 - k0))
+    if full0 >= full1:
+        full0 = full1 = nk  # no such column: mask the whole tile
+    for c0, c1 in ((0, full0), (full1, nk)):
+        if c0 < c1:
+            hidden = tile_positions(nq, c1 - c0, k0 + c0 - q0 - diag, lo, hi, None, None,
+                                    transposed, True)
+            np.copyto(s.T[c0:c1] if transposed else s[:, c0:c1], -np.inf, where=hidden)

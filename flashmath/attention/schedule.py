@@ -81,7 +81,8 @@ class Plan:
         so it is nearly free and removes the rounding of the running sums and rescales),
         acc itself when acc is narrower (``accum_dtype="float16"`` shows narrow sums).
     bq, bk: the tile sizes, clipped to Sq and Sk (the defaults are halved when the
-        slices are cut into parts, see :func:`work_units`; FAST_BLOCK_Q on the fast path).
+        slices are cut into parts, see :func:`work_units`; on the fast path FAST_BLOCK_Q,
+        halved for a narrow window, see :func:`_fast_block_q`).
     fast: whether the float32 fast loops run (:func:`fast_path`, :mod:`flashmath.attention.fast`).
     """
 
@@ -114,12 +115,15 @@ class Plan:
         if mods is not None and (mods.block_mask is not None
                                  or (fast and mods.mask_mod is not None)):
             # tiles of the block mask's grid (or a multiple), which EMPTY tiles skip. The
-            # fast loops: FAST_BLOCK_Q-key tiles of _fast_block_q rows (square 512 x 512
-            # measured at S = 4096 against 256 x 256 and 512 x 1024: the fastest for
-            # document and causal block masks, and for a causal mask_mod alone, 0.9x the
-            # time of 512 x 1024; a narrow window halves the rows, see FAST_NARROW_BAND)
-            top_q, top_k = ((_fast_block_q(opts), FAST_BLOCK_Q) if fast
-                            else (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K // 4))
+            # fast loops: square FAST_BLOCK_Q tiles (measured at S = 4096 against 256 x 256
+            # and 512 x 1024: the fastest for document and causal block masks, and for a
+            # causal mask_mod alone, 0.9x the time of 512 x 1024); a narrow window's
+            # half-height rows (FAST_NARROW_BAND) over 1024-key tiles, which mod_tiles
+            # clips to its band: fewer tiles (window 512: 0.30x dense against 0.33-0.37x)
+            top_q, top_k = (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K // 4)
+            if fast:
+                top_q = _fast_block_q(opts)
+                top_k = FAST_BLOCK_Q if top_q == FAST_BLOCK_Q else DEFAULT_BLOCK_K
             top_q, top_k = top_q // split, top_k // split
             bm = mods.block_mask
             block_q = block_q or (top_q if bm is None else _multiple(bm.block_q, top_q))
