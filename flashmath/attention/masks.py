@@ -47,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 __all__ = ["Alignment", "MaskSpec", "TileKind", "alibi_bias", "alibi_slopes", "band", "block_of",
-           "tile_positions"]
+           "shared_band", "tile_positions"]
 
 Alignment = Literal["bottom_right", "top_left"]
 
@@ -268,12 +268,8 @@ class MaskSpec:
         (clip them first)."""
         if self.mask is not None or i0 >= i1:
             return 0, 0
-        d = int(self.diag[b])
-        # Column j is allowed for every row i in [i0, i1) iff i1 - 1 + d + lo <= j <= i0 + d + hi.
-        j0 = 0 if self.lo is None else max(0, i1 - 1 + d + self.lo)
-        j1 = int(self.k_valid[b]) if self.hi is None else min(int(self.k_valid[b]),
-                                                             i0 + d + self.hi + 1)
-        return j0, j1
+        j0, j1 = shared_band(self.lo, self.hi, int(self.diag[b]), i0, i1, int(self.k_valid[b]))
+        return max(0, j0), j1
 
     def masked_columns(self, b: int, i0: int, i1: int, j0: int, j1: int) -> list[tuple[int, int]]:
         """The column ranges of a PARTIAL tile that need a mask; every pair outside them
@@ -349,6 +345,16 @@ class MaskSpec:
             ok = ok & t
         ok = ok if ok.shape == shape else np.broadcast_to(ok, shape).copy()
         return np.logical_not(ok, out=ok) if hidden else ok
+
+
+def shared_band(lo: int | None, hi: int | None, diag: int, i0: int, i1: int,
+                keys: int) -> tuple[int, int]:
+    """Keys [j0, j1) with j1 <= keys that every row of [i0, i1) sees under the band
+    ``lo <= j - i - diag <= hi`` (None: unbounded): row i1 - 1 bounds them below, row i0
+    above (j0 >= j1: none; j0 may be negative). The one band rule of MaskSpec.shared_keys,
+    Mods.shared_keys and the band mods' masks."""
+    return (0 if lo is None else i1 - 1 + diag + lo,
+            keys if hi is None else min(keys, i0 + diag + hi + 1))
 
 
 #: Tiles of at most this many pairs keep their pattern in :func:`tile_positions`' cache.

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmath.attention.masks import TileKind, tile_positions
+from flashmath.attention.masks import TileKind, shared_band, tile_positions
 
 __all__ = [
     "MaskMod",
@@ -369,8 +369,7 @@ class Mods:
         if band is None:
             return None
         lo, hi, diag = band
-        return (0 if lo is None else q1 - 1 + diag + lo,
-                2**62 if hi is None else q0 + diag + hi + 1)
+        return shared_band(lo, hi, diag, q0, q1, 2**62)
 
     def apply(self, s: np.ndarray, b: int, h: int, q0: int, k0: int, kind: TileKind,
               dscore: np.ndarray | None = None) -> np.ndarray:
@@ -468,9 +467,8 @@ def _mask_band(s: np.ndarray, band: tuple[int | None, int | None, int], q0: int,
     lo, hi, diag = band
     nq, nk = s.shape
     transposed = not s.flags.c_contiguous and s.T.flags.c_contiguous
-    # local columns every row sees: lo <= c + k0 - r - q0 - diag <= hi for all r < nq
-    full0 = 0 if lo is None else min(nk, max(0, q0 + nq - 1 + diag + lo - k0))
-    full1 = nk if hi is None else max(0, min(nk, q0 + diag + hi + 1 - k0))
+    j0, j1 = shared_band(lo, hi, diag, q0, q0 + nq, k0 + nk)  # keys every row sees
+    full0, full1 = min(nk, max(0, j0 - k0)), max(0, j1 - k0)
     if full0 >= full1:
         full0 = full1 = nk  # no such column: mask the whole tile
     for c0, c1 in ((0, full0), (full1, nk)):
