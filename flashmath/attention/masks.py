@@ -46,8 +46,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Alignment", "MaskSpec", "TileKind", "alibi_bias", "alibi_slopes", "band", "block_of",
-           "shared_band", "tile_positions"]
+__all__ = ["Alignment", "MaskSpec", "TileKind", "alibi_bias", "alibi_slopes", "band", "band_span",
+           "block_of", "shared_band", "tile_positions"]
 
 Alignment = Literal["bottom_right", "top_left"]
 
@@ -207,15 +207,9 @@ class MaskSpec:
         Clipped to the valid keys; the rows are taken as given (clip them to
         ``q_valid[b]`` first). Every key outside the span is masked for every row.
         """
-        j0, j1 = 0, int(self.k_valid[b])
         if i0 >= i1:
             return 0, 0
-        d = int(self.diag[b])
-        if self.lo is not None:
-            j0 = max(j0, i0 + d + self.lo)
-        if self.hi is not None:
-            j1 = min(j1, i1 - 1 + d + self.hi + 1)
-        return j0, j1
+        return band_span(self.lo, self.hi, int(self.diag[b]), i0, i1, 0, int(self.k_valid[b]))
 
     def live_rows(self, b: int) -> int:
         """How many valid query rows of batch b the band and the lengths let see at least
@@ -345,6 +339,16 @@ class MaskSpec:
             ok = ok & t
         ok = ok if ok.shape == shape else np.broadcast_to(ok, shape).copy()
         return np.logical_not(ok, out=ok) if hidden else ok
+
+
+def band_span(lo: int | None, hi: int | None, diag: int, i0: int, i1: int, j0: int,
+              j1: int) -> tuple[int, int]:
+    """Keys of [j0, j1) that some row of [i0, i1) sees under the band
+    ``lo <= j - i - diag <= hi`` (None: unbounded): row i0 bounds them below, row i1 - 1
+    above (j0 >= j1: none). The band rule of MaskSpec.key_span and Mods.key_span; its
+    twin :func:`shared_band` gives the keys every row sees."""
+    return (j0 if lo is None else max(j0, i0 + diag + lo),
+            j1 if hi is None else min(j1, i1 - 1 + diag + hi + 1))
 
 
 def shared_band(lo: int | None, hi: int | None, diag: int, i0: int, i1: int,

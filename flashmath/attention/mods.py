@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmath.attention.masks import TileKind, shared_band, tile_positions
+from flashmath.attention.masks import TileKind, band_span, shared_band, tile_positions
 
 __all__ = [
     "MaskMod",
@@ -351,10 +351,7 @@ class Mods:
         every key outside is hidden from every row (j0 >= j1: none). The band first: it
         costs a few integer operations, the block mask a look at its table."""
         lo, hi, diag = getattr(self.mask_mod, "band", (None, None, 0))
-        if lo is not None:
-            k0 = max(k0, q0 + diag + lo)
-        if hi is not None:
-            k1 = min(k1, q1 - 1 + diag + hi + 1)
+        k0, k1 = band_span(lo, hi, diag, q0, q1, k0, k1)
         if self.block_mask is not None and k0 < k1:
             k0, k1 = self.block_mask.live_keys(b, h, q0, q1, k0, k1)
         return k0, k1
