@@ -29,7 +29,7 @@ import ast
 import sys
 from pathlib import Path
 
-BOTTOM = ("dtypes", "text", "rounding", "parallel", "files", "blas")
+BOTTOM = ("dtypes", "text", "rounding", "parallel", "files", "blas", "scratch")
 PACKAGES = {
     "softmax": 1,
     "attention": 2,

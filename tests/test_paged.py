@@ -102,3 +102,29 @@ def test_unused_table_entries_are_never_checked():
 def test_bad_paged_caches_are_refused(k, v, message):
     with pytest.raises((ValueError, TypeError), match=message):
         check_paged_cache(k, v)
+
+
+@pytest.mark.parametrize("page", [4, 16, 64])
+@pytest.mark.parametrize(("start", "stop"), [(0, 64), (3, 61), (16, 20), (5, 7)])
+def test_gathered_into_out_and_from_a_strided_cache(page, start, stop):
+    """out= is written and returned; a cache that is not C-contiguous takes the page loop."""
+    rng = np.random.default_rng(page + start)
+    kc = rng.standard_normal((2, 3, 64, 5)).astype(np.float32)
+    table = _table(2, 64, page, rng)
+    pages = _paged_copy(kc, page, table, rng).astype(np.float32)
+    out = np.full((2, 3, stop - start, 5), np.nan, np.float32)
+    assert gather_keys(pages, table, start, stop, out=out) is out
+    np.testing.assert_array_equal(out, kc[:, :, start:stop])
+    strided = np.asfortranarray(pages)  # not C-contiguous
+    np.testing.assert_array_equal(gather_keys(strided, table, start, stop),
+                                  kc[:, :, start:stop])
+
+
+def test_gather_out_of_the_wrong_shape_or_dtype_is_refused():
+    rng = np.random.default_rng(0)
+    table = _table(1, 8, 4, rng)
+    pages = rng.standard_normal((int(table.max()) + 4, 2, 4, 3))
+    for out in (np.empty((1, 2, 5, 3)), np.empty((1, 2, 8, 3), np.float32),
+                np.empty((1, 2, 3, 8)).transpose(0, 1, 3, 2)):
+        with pytest.raises(ValueError, match="gather_keys: out must be a C-contiguous"):
+            gather_keys(pages, table, 0, 8, out=out)

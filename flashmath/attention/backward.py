@@ -50,12 +50,13 @@ def tiled_backward(
     dv = np.zeros((parts, opts.batch, opts.heads, opts.sk, opts.dv), plan.state)
 
     def work(unit: Unit) -> None:
-        if plan.fast:
-            fast.backward_unit(plan, unit.b, unit.h, unit.blocks, dout, lse, dq,
+        with tp.kv(plan, unit.b, unit.h) as (k, v):
+            if plan.fast:
+                fast.backward_unit(plan, unit.b, unit.h, unit.blocks, k, v, dout, lse, dq,
+                                   dk[unit.part], dv[unit.part], dlse)
+            else:
+                _backward_unit(plan, unit.b, unit.h, unit.blocks, k, v, dout, out, lse, dq,
                                dk[unit.part], dv[unit.part], dlse)
-        else:
-            _backward_unit(plan, unit.b, unit.h, unit.blocks, dout, out, lse, dq,
-                           dk[unit.part], dv[unit.part], dlse)
 
     run_units(todo, work)
     dk, dv = (x[0] if parts == 1 else x.sum(axis=0) for x in (dk, dv))
@@ -87,19 +88,19 @@ def _sink_gradient(opts: AttentionOptions, dout: np.ndarray, out: np.ndarray,
 
 
 def _backward_unit(
-    plan: Plan, b: int, h: int, blocks: list[Block], dout: np.ndarray, out: np.ndarray,
-    lse: np.ndarray, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
-    dlse: np.ndarray | None = None,
+    plan: Plan, b: int, h: int, blocks: list[Block], k: np.ndarray, v: np.ndarray,
+    dout: np.ndarray, out: np.ndarray, lse: np.ndarray, dq: np.ndarray, dk: np.ndarray,
+    dv: np.ndarray, dlse: np.ndarray | None = None,
 ) -> None:
-    """Gradients of the row blocks ``blocks`` of slice (b, h): their dq[b, h] rows, and
-    their contributions to this head's dk[b, h], dv[b, h].
+    """Gradients of the row blocks ``blocks`` of slice (b, h), whose keys and values are
+    k, v (:func:`tp.kv`): their dq[b, h] rows, and their contributions to this head's
+    dk[b, h], dv[b, h].
 
     With p = exp(s - shift) * f (f per row, see :func:`_probabilities`), the row factor f
     is folded into the small operands instead of the tile: dv += p~^T (f do),
     ds~ = p~ (dp - delta), dq = scale f (ds~ k), dk += ds~^T (f scale q).
     """
     acc, st, opts = plan.acc, plan.state, plan.opts
-    k, v = tp.kv(plan, b, h)
     buf = np.empty((plan.bq, plan.bk), acc)  # scores, then p~
     dbuf = np.empty((plan.bq, plan.bk), acc)  # dp, then ds~
     tanh_buf = None if opts.softcap is None else np.empty((plan.bq, plan.bk), acc)

@@ -35,11 +35,14 @@ float16/bfloat16 compute in float32 and round once, so the rounding dominates.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from typing import Any, Literal, overload
 
 import numpy as np
 
+from flashmath import scratch
 from flashmath.attention import threads, tiled
 from flashmath.attention.mods import at_query_positions
 from flashmath.attention.options import (
@@ -287,9 +290,9 @@ def flash_decode(
 
     def part(i: int) -> None:
         a, z = ranges[i]
-        ks, vs = cache.keys(a, z)
-        parts[i] = tiled.tiled_forward(q, ks, vs, kv_lengths=lengths, k_offset=a, k_total=sk,
-                                       causal=alignment, out_dtype=acc, **opts)
+        with cache.keys(a, z) as (ks, vs):
+            parts[i] = tiled.tiled_forward(q, ks, vs, kv_lengths=lengths, k_offset=a,
+                                           k_total=sk, causal=alignment, out_dtype=acc, **opts)
 
     # Several ranges run on the thread pool, one range per thread (the kernel inside then
     # runs inline): cores that one range would leave idle get work, and a paged cache's
@@ -379,12 +382,20 @@ class _Cache:
         return [(c, min(c + step - c % step, z)) for a, z in ranges
                 for c in _cuts(a, z, step)]
 
-    def keys(self, a: int, z: int) -> tuple[np.ndarray, np.ndarray]:
+    @contextlib.contextmanager
+    def keys(self, a: int, z: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Keys and values [a, z) of every sequence, (B, H_kv, z - a, D|Dv), in the cache's
-        dtype: views of a contiguous cache, a gathered copy of a paged one."""
+        dtype, for the ``with`` block: views of a contiguous cache; a paged one's gathered
+        into this thread's scratch arrays (:mod:`flashmath.scratch`: a fresh array per
+        range faulted its pages in afresh, 2x the decode's time in a new process)."""
         if self.table is None:
-            return self.k[:, :, a:z], self.v[:, :, a:z]
-        return (gather_keys(self.k, self.table, a, z), gather_keys(self.v, self.table, a, z))
+            yield self.k[:, :, a:z], self.v[:, :, a:z]
+            return
+        b, h = self.table.shape[0], self.kv_heads
+        with (scratch.borrow("decode.k", (b, h, z - a, self.k.shape[3]), self.k.dtype) as kb,
+              scratch.borrow("decode.v", (b, h, z - a, self.dv), self.v.dtype) as vb):
+            yield (gather_keys(self.k, self.table, a, z, out=kb),
+                   gather_keys(self.v, self.table, a, z, out=vb))
 
 
 def _cuts(a: int, z: int, step: int) -> list[int]:

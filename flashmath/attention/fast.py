@@ -257,11 +257,13 @@ def row_sums(pt: np.ndarray) -> np.ndarray:
 
 
 def backward_unit(
-    plan: Plan, b: int, h: int, blocks: list[Block], dout: np.ndarray, lse: np.ndarray,
-    dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, dlse: np.ndarray | None = None,
+    plan: Plan, b: int, h: int, blocks: list[Block], k: np.ndarray, v: np.ndarray,
+    dout: np.ndarray, lse: np.ndarray, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+    dlse: np.ndarray | None = None,
 ) -> None:
-    """Gradients of the row blocks ``blocks`` of slice (b, h), as the accurate
-    ``_backward_unit`` of :mod:`flashmath.attention.backward`, on transposed tiles.
+    """Gradients of the row blocks ``blocks`` of slice (b, h), whose keys and values are
+    k, v (float32, :func:`tp.kv`), as the accurate ``_backward_unit`` of
+    :mod:`flashmath.attention.backward`, on transposed tiles.
 
     Per block of rows, a first pass (:func:`_probabilities`) forms every tile's
     p~^T = exp(c (k qs^T - lse / c)) once (:func:`_exp`), keeps them (a (Sk, block_q)
@@ -275,7 +277,6 @@ def backward_unit(
     output's error times the row's mean key), which put dq and dk at 3-5x the baselines'
     on random problems with large keys."""
     opts, c = plan.opts, _fold(plan)
-    k, v = tp.kv(plan, b, h)
     ka, va = augmented(k, -1.0), augmented(v, -1.0)  # this slice's [k, -1], [v, -1]
     pbuf = np.empty((opts.sk, plan.bq), np.float32)  # p~^T of one block's tiles, by key
     dbuf = np.empty((plan.bk, plan.bq), np.float32)  # ds~^T

@@ -123,14 +123,16 @@ def check_block_table(block_table: Any, batch: int, num_pages: int, page_size: i
 
 
 def gather_keys(cache: np.ndarray, table: np.ndarray, start: int, stop: int,
-                dtype: Any = None) -> np.ndarray:
+                dtype: Any = None, out: np.ndarray | None = None) -> np.ndarray:
     """Key positions [start, stop) of every sequence as a contiguous (B, H_kv, stop - start,
-    D) array in ``dtype`` (default the cache's): a copy of the pages that hold them, then
-    cast by :func:`flashmath.rounding.cast` (float16 widens 3x faster than NumPy's
-    cast, which is also slow on strided data). Pages of _LOOP_PAGE positions or
-    more are copied one by one straight into place; smaller ones are gathered at once and
-    copied heads first (two copies, no Python loop per page). Positions past a sequence's
-    pages read page 0 (callers mask them with lengths: they are never attended)."""
+    D) array in ``dtype`` (default the cache's): the pages that hold them copied once,
+    straight into place, then cast by :func:`flashmath.rounding.cast` (float16 widens 3x
+    faster than NumPy's cast, which is also slow on strided data). ``out``: a C-contiguous
+    array of that shape in the cache's dtype to gather into (``dtype`` None), returned.
+    Pages of _LOOP_PAGE positions or more are copied one by one; smaller ones by one
+    ``np.take`` per sequence and head (no Python loop per page). Positions past a
+    sequence's pages read page 0 (callers mask them with lengths: they are never
+    attended)."""
     page = cache.shape[2]
     p0, p1 = start // page, -(-stop // page)
     pages = table[:, p0:p1]
@@ -138,23 +140,47 @@ def gather_keys(cache: np.ndarray, table: np.ndarray, start: int, stop: int,
     if pages.shape[1] < p1 - p0:  # the range runs past the table: padding pages
         pages = np.pad(pages, ((0, 0), (0, p1 - p0 - pages.shape[1])))
     b, h, d = table.shape[0], cache.shape[1], cache.shape[3]
-    dtype = cache.dtype if dtype is None else dtype
-    if page < _LOOP_PAGE:  # many small pages: one gather, one transposing copy
-        n = pages.shape[1]
-        heads_first = np.empty((b, h, n, page, d), cache.dtype)
-        np.copyto(heads_first, cache[pages].transpose(0, 2, 1, 3, 4))  # (B, n, H_kv, ...)
-        rows = heads_first.reshape(b, h, n * page, d)[:, :, start - p0 * page :
-                                                      stop - p0 * page]
-        return cast(np.ascontiguousarray(rows), dtype)  # a copy only at unaligned ends
-    out = np.empty((b, h, stop - start, d), cache.dtype)
-    for i in range(b):
-        for n, pg in enumerate(pages[i].tolist()):
-            lo = max(start, (p0 + n) * page)  # this page's positions within [start, stop)
-            hi = min(stop, (p0 + n + 1) * page)
-            if lo < hi:
-                out[i, :, lo - start : hi - start] = cache[pg, :, lo - (p0 + n) * page :
-                                                           hi - (p0 + n) * page]
-    return cast(out, dtype)
+    shape = (b, h, stop - start, d)
+    if out is None:
+        out = np.empty(shape, cache.dtype)
+    elif out.shape != shape or out.dtype != cache.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"gather_keys: out must be a C-contiguous {shape} {cache.dtype} "
+                         f"array, got {out.shape} {out.dtype}")
+    if page < _LOOP_PAGE and cache.flags.c_contiguous:
+        _take_pages(cache, pages, start - p0 * page, out)
+    else:
+        for i in range(b):
+            for n, pg in enumerate(pages[i].tolist()):
+                lo = max(start, (p0 + n) * page)  # this page's positions within [start, stop)
+                hi = min(stop, (p0 + n + 1) * page)
+                if lo < hi:
+                    out[i, :, lo - start : hi - start] = cache[pg, :, lo - (p0 + n) * page :
+                                                               hi - (p0 + n) * page]
+    return out if dtype is None else cast(out, dtype)
+
+
+def _take_pages(cache: np.ndarray, pages: np.ndarray, off: int, out: np.ndarray) -> None:
+    """out[i, hh] = rows [off, off + L) of sequence i's pages ``pages[i]`` of head hh,
+    laid end to end (L = out.shape[2]). The whole pages go through one np.take each, on
+    the C-contiguous cache seen as (num_pages * H_kv, page_size * D) rows (a strided
+    view would make np.take copy the whole cache first); the cut first and last pages
+    are copied apart."""
+    page, h, d = cache.shape[2], cache.shape[1], cache.shape[3]
+    rows = cache.reshape(cache.shape[0] * h, page * d)
+    end = off + out.shape[2]
+    k0, k1 = -(-off // page), end // page  # the pages that lie whole in [off, end)
+    for i in range(pages.shape[0]):
+        for hh in range(h):
+            dst = out[i, hh]
+            if k0 < k1:
+                np.take(rows, pages[i, k0:k1] * h + hh, axis=0, mode="clip",
+                        out=dst[k0 * page - off : k1 * page - off].reshape(k1 - k0, page * d))
+            if off % page:  # the cut first page
+                hi = min(page, end)
+                dst[: hi - off] = cache[pages[i, 0], hh, off:hi]
+            t = end // page
+            if end % page and t * page >= off:  # the cut last page
+                dst[t * page - off :] = cache[pages[i, t], hh, : end - t * page]
 
 
 #: Pages of at least this many positions are copied one by one (one read, one write of

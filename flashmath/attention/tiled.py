@@ -292,17 +292,17 @@ def tiled_forward(
     lse = np.full((opts.batch, opts.heads, opts.sq), -np.inf, opts.lse_dtype)
 
     def work(unit: Unit) -> None:
-        _forward_unit(plan, unit.b, unit.h, unit.blocks, out, lse)
+        with tp.kv(plan, unit.b, unit.h) as (k, v):
+            _forward_unit(plan, unit.b, unit.h, unit.blocks, k, v, out, lse)
 
     run_units(work_units(plan, cores()), work)
     return out, lse
 
 
-def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], out: np.ndarray,
-                  lse: np.ndarray) -> None:
-    """Forward of the row blocks ``blocks`` of slice (b, h): out[b, h] and lse[b, h] for
-    the rows that see any key."""
-    k, v = tp.kv(plan, b, h)
+def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], k: np.ndarray,
+                  v: np.ndarray, out: np.ndarray, lse: np.ndarray) -> None:
+    """Forward of the row blocks ``blocks`` of slice (b, h), whose keys and values are k, v
+    (:func:`tp.kv`): out[b, h] and lse[b, h] for the rows that see any key."""
     buf = np.empty((plan.bq, plan.bk), plan.acc)  # the score tile, reused
     # the fast loops' [k, -1] tile (see fast.online)
     ka = fast.augmented(np.zeros((plan.bk, plan.opts.d), np.float32), -1.0) if plan.fast \

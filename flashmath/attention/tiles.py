@@ -8,10 +8,14 @@ keys; ``qs`` a block of (scaled) query rows, ``k``/``v`` one slice's keys and va
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
+from flashmath import scratch
 from flashmath.attention.masks import TileKind
 from flashmath.attention.mods import and_kinds
 from flashmath.attention.options import AttentionOptions
@@ -117,11 +121,25 @@ def score_rows(plan: Plan, b: int, h: int, i0: int, i1: int, qs: np.ndarray) -> 
     return np.multiply(plan.q[b, h, i0:i1], plan.opts.scale, dtype=np.float64)
 
 
-def kv(plan: Plan, b: int, h: int) -> tuple[np.ndarray, np.ndarray]:
-    """k[b, kv head], v[b, kv head] in the accumulate dtype (views when no cast is needed;
-    float16 and bfloat16 widen through :func:`flashmath.rounding.cast`, 3x NumPy's cast)."""
+@contextlib.contextmanager
+def kv(plan: Plan, b: int, h: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(k[b, kv head], v[b, kv head]) in the accumulate dtype, for the ``with`` block: views
+    when no cast is needed, else widened (float16 and bfloat16 through
+    :func:`flashmath.rounding.cast`, 3x NumPy's cast) into this thread's scratch arrays
+    (:mod:`flashmath.scratch`: a decode's key ranges freed and reallocated each time
+    faulted their pages in afresh)."""
     hk = h // plan.opts.group
-    return cast(plan.k[b, hk], plan.acc), cast(plan.v[b, hk], plan.acc)
+    with contextlib.ExitStack() as stack:
+        yield (_widened(stack, "kv.k", plan.k[b, hk], plan.acc),
+               _widened(stack, "kv.v", plan.v[b, hk], plan.acc))
+
+
+def _widened(stack: contextlib.ExitStack, tag: str, x: np.ndarray,
+             dtype: np.dtype[Any]) -> np.ndarray:
+    """x itself if it has ``dtype``, else its cast into a scratch array kept by stack."""
+    if x.dtype == dtype:
+        return x
+    return cast(x, dtype, out=stack.enter_context(scratch.borrow(tag, x.shape, dtype)))
 
 
 def has_score_mod(opts: AttentionOptions) -> bool:
