@@ -51,6 +51,7 @@ def test_paged_chunks_cross_many_pages(monkeypatch):
     from flashmath.attention import decode
 
     monkeypatch.setattr(decode, "PAGED_CHUNK_KEYS", 8)
+    monkeypatch.setattr(decode, "PAGED_CHUNK_BYTES", 1)
     q, k, v, lengths = _setup(cap=64, lengths=(63, 20))
     kp, table = _page(k, 4, np.random.default_rng(1))
     vp, _ = _page(v, 4, np.random.default_rng(1))

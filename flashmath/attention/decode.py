@@ -69,7 +69,8 @@ from flashmath.attention.paged import (
 from flashmath.dtypes import accumulate_dtype, as_float_array
 from flashmath.softmax.online import merge_outputs
 
-__all__ = ["MIN_SPLIT_KEYS", "PAGED_CHUNK_KEYS", "choose_num_splits", "flash_decode"]
+__all__ = ["MIN_SPLIT_KEYS", "PAGED_CHUNK_BYTES", "PAGED_CHUNK_KEYS", "choose_num_splits",
+           "flash_decode"]
 
 #: The shortest key range worth a split of its own. Measured with benchmarks/bench_decode.py
 #: on the 2-core CI machine (shared with other jobs): no split count beat one split up to
@@ -79,13 +80,17 @@ __all__ = ["MIN_SPLIT_KEYS", "PAGED_CHUNK_KEYS", "choose_num_splits", "flash_dec
 #: measured; on machines where each core adds bandwidth (many-core servers) lower it.
 MIN_SPLIT_KEYS = 2**19
 
-#: A paged cache is read in ranges of about this many keys (whole pages) when its dtype
-#: has 4 bytes, and proportionally more for narrower ones (4096 for float16: the same
-#: bytes): each range's pages are gathered into one contiguous block (small enough to stay
-#: in cache) that the tiled kernel then reads, so paging costs one gather, not a strided
-#: kernel. Measured with benchmarks/bench_paged.py (32k keys, D=128, H_kv 2 and 8):
-#: 1024-4096 keys were within 15% of the best for float32 and 4096-8192 for float16;
-#: whole-cache ranges (no split) were 1.5-2x slower.
+#: A paged cache is read in ranges of whole pages, each about PAGED_CHUNK_BYTES of keys
+#: (B * H_kv * D * itemsize bytes a key position) and at least PAGED_CHUNK_KEYS positions:
+#: each range's pages are gathered into one contiguous block that the tiled kernel then
+#: reads, so paging costs one gather, not a strided kernel. The block is as large as
+#: :mod:`flashmath.scratch` keeps between ranges (and so is a float16 head's float32
+#: widening: half the heads, twice the bytes), because each range also costs ~0.4 ms of
+#: Python. Measured with benchmarks/bench_paged.py (32k keys, D=128, B=1, 2 threads) on a
+#: 2-core AMD EPYC (Zen 4), paged / contiguous: with 8 MiB ranges 0.68-1.04 in every case;
+#: with 4 MiB float32 H_kv=8 read 1.07-1.14 and float16 H_kv=8 1.08-1.15; with 16 MiB (not
+#: kept) float16 H_kv=8 1.10-1.24; whole-cache ranges (no split) were 1.5-2x slower.
+PAGED_CHUNK_BYTES = scratch.MAX_BYTES
 PAGED_CHUNK_KEYS = 2048
 
 def choose_num_splits(rows: int, keys: int, *, cores: int | None = None) -> int:
@@ -371,13 +376,14 @@ class _Cache:
 
     def ranges(self, span: int, n: int) -> list[tuple[int, int]]:
         """[0, span) cut into n equal ranges (empty ones dropped); a paged cache's ranges
-        are further cut at page boundaries into pieces of about PAGED_CHUNK_KEYS (scaled by
-        4 / itemsize)."""
+        are further cut at page boundaries into pieces of about PAGED_CHUNK_BYTES of keys,
+        at least PAGED_CHUNK_KEYS positions."""
         edges = np.unique(np.linspace(0, span, n + 1).round().astype(np.int64))
         ranges = [(int(a), int(z)) for a, z in itertools.pairwise(edges) if z > a]
         if self.table is None:
             return ranges
-        keys = PAGED_CHUNK_KEYS * 4 // self.k.dtype.itemsize
+        per_key = self.table.shape[0] * self.kv_heads * self.k.shape[3] * self.k.itemsize
+        keys = max(PAGED_CHUNK_KEYS, PAGED_CHUNK_BYTES // max(per_key, 1))
         step = max(self.page, keys // self.page * self.page)
         return [(c, min(c + step - c % step, z)) for a, z in ranges
                 for c in _cuts(a, z, step)]
