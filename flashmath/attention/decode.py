@@ -86,10 +86,11 @@ MIN_SPLIT_KEYS = 2**19
 #: reads, so paging costs one gather, not a strided kernel. The block is as large as
 #: :mod:`flashmath.scratch` keeps between ranges (and so is a float16 head's float32
 #: widening: half the heads, twice the bytes), because each range also costs ~0.4 ms of
-#: Python. Measured with benchmarks/bench_paged.py (32k keys, D=128, B=1, 2 threads) on a
-#: 2-core AMD EPYC (Zen 4), paged / contiguous: with 8 MiB ranges 0.68-1.04 in every case;
-#: with 4 MiB float32 H_kv=8 read 1.07-1.14 and float16 H_kv=8 1.08-1.15; with 16 MiB (not
-#: kept) float16 H_kv=8 1.10-1.24; whole-cache ranges (no split) were 1.5-2x slower.
+#: Python. Measured at 32k keys, D=128, B=1, 2 threads, on a 2-core AMD EPYC (Zen 4),
+#: paged / contiguous: 8 MiB ranges 0.68-1.04 in every case alternating in one process,
+#: 0.71-1.11 in benchmarks/bench_paged.py's fresh processes; 4 MiB ranges read 1.07-1.14
+#: (float32, H_kv=8) and 1.08-1.15 (float16, H_kv=8); 16 MiB (not kept) 1.10-1.24 (float16,
+#: H_kv=8); whole-cache ranges (no split) were 1.5-2x slower.
 PAGED_CHUNK_BYTES = scratch.MAX_BYTES
 PAGED_CHUNK_KEYS = 2048
 

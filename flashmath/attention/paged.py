@@ -169,18 +169,18 @@ def _take_pages(cache: np.ndarray, pages: np.ndarray, off: int, out: np.ndarray)
     rows = cache.reshape(cache.shape[0] * h, page * d)
     end = off + out.shape[2]
     k0, k1 = -(-off // page), end // page  # the pages that lie whole in [off, end)
+    first = min(page, end) if off % page else 0  # a cut first page: its rows [off, first)
+    last = end % page and k1 * page >= off  # a cut last page k1 (not that same first page)
     for i in range(pages.shape[0]):
         for hh in range(h):
             dst = out[i, hh]
             if k0 < k1:
                 np.take(rows, pages[i, k0:k1] * h + hh, axis=0, mode="clip",
                         out=dst[k0 * page - off : k1 * page - off].reshape(k1 - k0, page * d))
-            if off % page:  # the cut first page
-                hi = min(page, end)
-                dst[: hi - off] = cache[pages[i, 0], hh, off:hi]
-            t = end // page
-            if end % page and t * page >= off:  # the cut last page
-                dst[t * page - off :] = cache[pages[i, t], hh, : end - t * page]
+            if first:
+                dst[: first - off] = cache[pages[i, 0], hh, off:first]
+            if last:
+                dst[k1 * page - off :] = cache[pages[i, k1], hh, : end - k1 * page]
 
 
 #: Pages of at least this many positions are copied one by one (one read, one write of
