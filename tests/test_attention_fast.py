@@ -239,13 +239,29 @@ def test_nan_policy(forced: None) -> None:
     rng = np.random.default_rng(4)
     q, k, v = (_f32(rng, 1, 1, 96, 8) for _ in range(3))
     q[0, 0, 5, 2] = np.nan
-    k[0, 0, 70, 1] = np.inf
+    k[0, 0, 70, 1] = np.inf  # hidden from rows 64-69 inside a PARTIAL tile: zeroed after exp
     out = fm.flash_attention(q, k, v, causal=True, block_q=32, block_k=32)
     s = np.einsum("id,jd->ij", q[0, 0].astype(np.float64), k[0, 0].astype(np.float64))
     seen = np.tril(np.ones((96, 96), bool))
     bad = np.isnan(q[0, 0]).any(axis=1) | (seen & ~np.isfinite(s) & ~np.isneginf(s)).any(axis=1)
     assert np.isnan(out[0, 0][bad]).all()
     assert np.isfinite(out[0, 0][~bad]).all()
+
+
+
+def test_a_huge_hidden_score_is_zeroed_after_exp(forced: None) -> None:
+    """A key whose scores overflow exp (inf after exp2) is hidden from rows 64-69 inside a
+    PARTIAL tile: those rows are as if it were absent, forward and backward."""
+    rng = np.random.default_rng(5)
+    q, k, v, do = (_f32(rng, 1, 1, 96, 8) for _ in range(4))
+    k[0, 0, 70] = 1e6 * np.sign(q[0, 0, 75])  # row 75 puts all its weight on key 70
+    opts: dict[str, Any] = {"causal": True, "block_q": 32, "block_k": 32}
+    got = _run(q, k, v, do, **opts)
+    want = _oracle(q, k, v, do, causal=True)
+    assert all(np.isfinite(x).all() for x in got)
+    for mine, ref in zip(got[:2], want[:2], strict=True):  # out, dq: rows up to 69
+        np.testing.assert_allclose(mine[0, 0, :70], ref[0, 0, :70], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[0][0, 0, 75], v[0, 0, 70], rtol=0, atol=1e-6)
 
 
 def test_dlse_matches_the_accurate_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -298,8 +298,14 @@ def test_narrow_windows_take_half_height_fast_tiles(monkeypatch: pytest.MonkeyPa
     win = modlib.sliding_window(s, s, 511, 0)
     assert schedule.Plan.build(q, q, q, mask_mod=win).bq == half
     bm = create_block_mask(win, None, None, s, s)
-    plan = schedule.Plan.build(q, q, q, block_mask=bm)  # 1024-key tiles, clipped to the band
-    assert (plan.bq, plan.bk) == (half, schedule.DEFAULT_BLOCK_K)
+    plan = schedule.Plan.build(q, q, q, block_mask=bm)  # one key tile per row block's span
+    assert (plan.bq, plan.bk) == (half, s)
+    from flashmath.attention import tiles as tp
+
+    blocks = tp.visible_blocks(plan, 0, 0, list(schedule.schedule(plan.opts.spec, 0,
+                                                                  plan.bq, plan.bk)))
+    assert all(len(tiles) == 1 for _, _, tiles in blocks)
+    assert schedule.widest(blocks) == 511 + half  # the band's span, not the whole key length
 
 
 @pytest.mark.parametrize("mod", [modlib.causal(9, 12), modlib.sliding_window(9, 12, 3, 1),

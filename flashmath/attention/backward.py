@@ -111,8 +111,7 @@ def _backward_unit(
     dp64 = None if v64 is None else np.empty((plan.bq, plan.bk), np.float64)
     v_max = float(np.max(np.abs(v), initial=0.0)) if opts.all_keys else 0.0
     dmod_buf = np.empty((plan.bq, plan.bk), acc) if tp.has_score_mod(opts) else None
-    for i0, i1, tiles in blocks:
-        tiles = tp.mod_tiles(plan, b, h, i0, i1, tiles)
+    for i0, i1, tiles in tp.visible_blocks(plan, b, h, blocks):
         if not tiles:
             continue
         ni = i1 - i0

@@ -18,11 +18,15 @@ What this path does differently, and why each step keeps the accuracy rule:
   key far above the shift, inf, NaN) is redone on the exact online step, so nothing
   overflows.
   Where NumPy's float32 exp2 is vectorised (:data:`SIMD_EXP2`: AVX512_SKX, through SVML),
-  FULL tiles run exp2 on scores in log2 units: there it is faster than exp and more
-  accurate (<= 1 ulp, against 2.4); masked (PARTIAL) tiles run exp, because exp2 of -inf
-  takes NumPy's slow path (4-6x slower on a half-masked tile). Elsewhere NumPy's exp2 is
-  libm's scalar exp2f (on an AVX2-only AMD EPYC: 0.19 G/s, against 0.4 G/s for NumPy's
-  AVX2 exp, half a fast forward's time), and every tile runs exp.
+  tiles run exp2 on scores in log2 units: there it is faster than exp and more accurate
+  (<= 1 ulp, against 2.4). A masked (PARTIAL) tile is masked after exp, with 0, not
+  before it with -inf, because exp2 of -inf takes NumPy's slow path (4-6x slower on a
+  half-masked tile; measured at S = 4096, window 512, where every tile is PARTIAL:
+  exp2 then 0 was 5-10% faster than -inf then exp). Only the exact online step, rare,
+  still masks with -inf (its row max must not see hidden pairs) and runs exp there.
+  Elsewhere NumPy's exp2 is libm's scalar exp2f (on an AVX2-only AMD EPYC: 0.19 G/s,
+  against 0.4 G/s for NumPy's AVX2 exp, half a fast forward's time), and every tile
+  runs exp.
 * p's row sums are summed in runs of 32 keys, the runs in float64 (:func:`row_sums`): a
   float32 BLAS matrix-vector product over a tile sums in order, and that error, the
   same in every output of a row, put the output at 2-3x the baselines' (whose softmax
@@ -51,7 +55,7 @@ import numpy as np
 from flashmath import blas
 from flashmath.attention import tiles as tp
 from flashmath.attention.masks import TileKind
-from flashmath.attention.schedule import Block, Plan, Tile
+from flashmath.attention.schedule import Block, Plan, Tile, widest
 
 __all__ = ["PIECE", "SIMD_EXP2", "augmented", "backward_unit", "online", "q_rows",
            "row_sums"]
@@ -76,7 +80,7 @@ def _simd_exp2() -> bool:
     return not current.startswith("baseline")
 
 
-#: FULL tiles run exp2 in log2 units (True) or exp (False): see the module docstring. A
+#: Tiles run exp2 in log2 units (True) or exp (False): see the module docstring. A
 #: switch for measurements and tests; set at import from this machine's NumPy.
 SIMD_EXP2: bool = _simd_exp2()
 
@@ -104,9 +108,10 @@ def _fold(plan: Plan) -> float:
 
 
 def _exp(kind: TileKind, c: float) -> tuple[float, np.ufunc]:
-    """(alpha, exp ufunc) for a tile of scores c (qs . k - shift): exp2 on alpha = c log2 e
-    for FULL tiles where :data:`SIMD_EXP2`; exp on alpha = c for PARTIAL ones (their -inf
-    entries take exp2's slow path) and for every tile elsewhere."""
+    """(alpha, exp ufunc) for the exact step's tile of scores c (qs . k - shift), masked
+    with -inf: exp2 on alpha = c log2 e for FULL tiles where :data:`SIMD_EXP2`; exp on
+    alpha = c for PARTIAL ones (their -inf entries take exp2's slow path) and for every
+    tile elsewhere."""
     if kind is TileKind.PARTIAL or not SIMD_EXP2:
         return c, np.exp
     return c * _LOG2E, np.exp2
@@ -122,6 +127,21 @@ def _tile(plan: Plan, b: int, h: int, a: np.ndarray, bt: np.ndarray, i0: int, j0
     return st.T
 
 
+def _exp_tile(plan: Plan, b: int, h: int, a: np.ndarray, bt: np.ndarray, i0: int, j0: int,
+              kind: TileKind, buf: np.ndarray, c: float) -> np.ndarray:
+    """p~ = exp(c (bt a^T)) in buf (nj, ni), 0 where the mask hides a pair, as its (ni, nj)
+    view: exp2 on scores in log2 units where :data:`SIMD_EXP2`, else exp. The mask is
+    written after exp, as 0, not before it as -inf: exp2 of -inf takes NumPy's slow path
+    (4-6x slower on a half-masked tile), and a hidden pair's inf or NaN is overwritten
+    like any other value. The fast loops have no score_mod, which would have to come first."""
+    alpha, exp = (c * _LOG2E, np.exp2) if SIMD_EXP2 else (c, np.exp)
+    st = buf[: bt.shape[0], : a.shape[0]]
+    blas.sgemm(bt, a.T, st, alpha=alpha)
+    exp(st, out=st)
+    tp.mask_tile(plan, b, h, st, i0, j0, kind, transposed=True, fill=0.0)
+    return st.T
+
+
 def online(plan: Plan, b: int, h: int, qa: np.ndarray, k: np.ndarray, v: np.ndarray,
            i0: int, tiles: list[Tile], buf: np.ndarray, kbuf: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray]:
@@ -131,8 +151,8 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, k: np.ndarray, v: np.ndar
     [k, -1] is copied (a tile at a time: an augmented copy of all of k cost 1 MiB at
     S = 4096, a third of the forward's scratch).
 
-    exp runs as :func:`_exp` says (alpha = c log2 e in the GEMM for exp2, c for exp; c
-    from :func:`_fold`; m is in qs . k units). Each row's shift m comes from a sample of
+    exp runs as :func:`_exp_tile` says (alpha = c log2 e in the GEMM for exp2, c for
+    exp; c from :func:`_fold`; m is in qs . k units). Each row's shift m comes from a sample of
     keys every row of the block sees (:func:`_shift_keys`, :func:`_sampled_max`), else
     from the first tile itself (the exact online step); the tiles after it subtract m inside their
     GEMM (qa's last column) and are kept unless a row sum leaves (0, _LIMIT], in which
@@ -155,9 +175,7 @@ def online(plan: Plan, b: int, h: int, qa: np.ndarray, k: np.ndarray, v: np.ndar
         ka = kbuf[: j1 - j0]
         ka[:, :-1] = k[j0:j1]
         if stale:
-            a, exp = _exp(kind, c)
-            s = _tile(plan, b, h, qa, ka, i0, j0, kind, buf, a)  # a (s - m)
-            exp(s, out=s)
+            s = _exp_tile(plan, b, h, qa, ka, i0, j0, kind, buf, c)  # exp(c (s - m))
             lt = row_sums(s.T)  # checked before p v joins o: no copy of o per tile
             if float(lt.max()) <= _LIMIT:  # False for NaN: redone below
                 _pv(s, v[j0:j1], o)
@@ -266,7 +284,7 @@ def backward_unit(
     :mod:`flashmath.attention.backward`, on transposed tiles.
 
     Per block of rows, a first pass (:func:`_probabilities`) forms every tile's
-    p~^T = exp(c (k qs^T - lse / c)) once (:func:`_exp`), keeps them (a (Sk, block_q)
+    p~^T = exp(c (k qs^T - lse / c)) once (:func:`_exp_tile`), keeps them (a (Sk, block_q)
     float32 buffer per thread: linear in S) and sums p~ v and p~ in float64, giving each row's
     normaliser f = 1 / sum p~ and its output o f; delta = rowsum(do * o f) then comes
     from these very probabilities. The second pass, per tile: dp^T - delta = [v, -1]
@@ -279,14 +297,14 @@ def backward_unit(
     opts, c = plan.opts, _fold(plan)
     ka, va = augmented(k, -1.0), augmented(v, -1.0)  # this slice's [k, -1], [v, -1]
     pbuf = np.empty((opts.sk, plan.bq), np.float32)  # p~^T of one block's tiles, by key
-    dbuf = np.empty((plan.bk, plan.bq), np.float32)  # ds~^T
+    blocks = tp.visible_blocks(plan, b, h, blocks)
+    dbuf = np.empty((widest(blocks), plan.bq), np.float32)  # ds~^T
     dk_h, dv_h = dk[b, h], dv[b, h]
     dk32, dv32 = np.zeros(dk_h.shape, np.float32), np.zeros(dv_h.shape, np.float32)
     for n, (i0, i1, tiles) in enumerate(blocks):
         if n and n % _FLUSH == 0:
             _flush(dk32, dk_h)
             _flush(dv32, dv_h)
-        tiles = tp.mod_tiles(plan, b, h, i0, i1, tiles)
         if not tiles:
             continue
         ni = i1 - i0
@@ -341,9 +359,7 @@ def _probabilities(plan: Plan, b: int, h: int, qa: np.ndarray, ka: np.ndarray,
     r = np.zeros(qa.shape[0], np.float64)  # sum p~
     c = _fold(plan)
     for j0, j1, kind in tiles:
-        a, exp = _exp(kind, c)
-        pt = _tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, pbuf[j0:], a).T
-        exp(pt, out=pt)
+        pt = _exp_tile(plan, b, h, qa, ka[j0:j1], i0, j0, kind, pbuf[j0:], c).T
         _pv(pt.T, v[j0:j1], o)
         r += row_sums(pt)
     f = np.divide(1.0, r, out=np.zeros_like(r), where=r != 0)

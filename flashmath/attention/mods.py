@@ -369,9 +369,10 @@ class Mods:
         return shared_band(lo, hi, diag, q0, q1, 2**62)
 
     def apply(self, s: np.ndarray, b: int, h: int, q0: int, k0: int, kind: TileKind,
-              dscore: np.ndarray | None = None) -> np.ndarray:
+              dscore: np.ndarray | None = None, fill: float = -np.inf) -> np.ndarray:
         """What a kernel does to a tile of scores after softcap and bias: the score_mod (in
-        place), then, on a PARTIAL tile, -inf where the mask_mod says no. ``s`` (nq, nk) sits
+        place), then, on a PARTIAL tile, ``fill`` (-inf; 0 on a tile of probabilities)
+        where the mask_mod says no. ``s`` (nq, nk) sits
         at absolute positions q0, k0; ``kind`` is the tile's combined kind (and_kinds of
         MaskSpec.classify and :meth:`kind`). With ``dscore`` (an (nq, nk) buffer, for the
         backward), d score_mod / d s at the pre-mod scores is written there first (1 with
@@ -384,11 +385,11 @@ class Mods:
         if self.score_mod is not None:
             s = apply_score_mod(self.score_mod, s, b, h, q0, k0)
         if self.mask_mod is not None and kind == TileKind.PARTIAL:
-            self._mask(s, b, h, q0, k0)
+            self._mask(s, b, h, q0, k0, fill)
         return s
 
-    def _mask(self, s: np.ndarray, b: int, h: int, q0: int, k0: int) -> None:
-        """-inf where the mask_mod says no, on the PARTIAL tile s. Where the pieces of the
+    def _mask(self, s: np.ndarray, b: int, h: int, q0: int, k0: int, fill: float) -> None:
+        """``fill`` where the mask_mod says no, on the PARTIAL tile s. Where the pieces of the
         tile can be classified (:meth:`_pieces`), FULL pieces are left alone, EMPTY ones
         filled, and the mod is called on the PARTIAL ones only (on a causal diagonal tile
         of 512 x 512 that is 4 of 16 pieces): the same mask, a fraction of the work."""
@@ -397,11 +398,11 @@ class Mods:
         nq, nk = s.shape
         band = getattr(mod, "band", None)
         if band is not None:  # a library band (modlib): the mask builder's cached tiles
-            _mask_band(s, band, q0, k0)
+            _mask_band(s, band, q0, k0, fill)
             return
         pieces = self._pieces(b, h, q0, q0 + nq, k0, k0 + nk)
         if pieces is None:
-            np.copyto(s, -np.inf, where=~mask_tile(mod, b, h, q0, q0 + nq, k0, k0 + nk))
+            np.copyto(s, fill, where=~mask_tile(mod, b, h, q0, q0 + nq, k0, k0 + nk))
             return
         rows, cols, kinds = pieces
         empty = int(TileKind.EMPTY)
@@ -409,9 +410,9 @@ class Mods:
             r0, r1, c0, c1 = rows[i], rows[i + 1], cols[j], cols[j + 1]
             sub = s[r0 - q0 : r1 - q0, c0 - k0 : c1 - k0]
             if kinds[i, j] == empty:
-                sub[...] = -np.inf
+                sub[...] = fill
             else:
-                np.copyto(sub, -np.inf, where=~mask_tile(mod, b, h, r0, r1, c0, c1))
+                np.copyto(sub, fill, where=~mask_tile(mod, b, h, r0, r1, c0, c1))
 
     def _pieces(self, b: int, h: int, q0: int, q1: int, k0: int, k1: int
                 ) -> tuple[list[int], list[int], np.ndarray] | None:
@@ -455,8 +456,8 @@ class Mods:
 
 
 def _mask_band(s: np.ndarray, band: tuple[int | None, int | None, int], q0: int,
-               k0: int) -> None:
-    """-inf where a band mod (``lo <= kv - q - diag <= hi``, :func:`modlib.causal` and its
+               k0: int, fill: float) -> None:
+    """``fill`` where a band mod (``lo <= kv - q - diag <= hi``, :func:`modlib.causal` and its
     kin) hides a pair of the (nq, nk) tile s at absolute positions q0, k0: the pattern of
     :func:`~flashmath.attention.masks.tile_positions` (cached, as the built-in masks'),
     written in s's own memory order (the fast loops hold s transposed), on the columns
@@ -472,4 +473,4 @@ def _mask_band(s: np.ndarray, band: tuple[int | None, int | None, int], q0: int,
         if c0 < c1:
             hidden = tile_positions(nq, c1 - c0, k0 + c0 - q0 - diag, lo, hi, None, None,
                                     transposed, True)
-            np.copyto(s.T[c0:c1] if transposed else s[:, c0:c1], -np.inf, where=hidden)
+            np.copyto(s.T[c0:c1] if transposed else s[:, c0:c1], fill, where=hidden)

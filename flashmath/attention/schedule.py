@@ -46,6 +46,7 @@ __all__ = [
     "parts_per_slice",
     "schedule",
     "units",
+    "widest",
     "work_units",
 ]
 
@@ -63,6 +64,9 @@ FAST_BLOCK_Q = 512
 #: span its rows plus the band (767 keys for 256 rows of a 512-key window, against 1023 for
 #: 512 rows, over the same 512 keys each row sees); measured at S = 4096, window 512, on a
 #: noisy machine: 0.21-0.32x dense with 256 rows, 0.27-0.31x with 512, 0.28-0.41x with 128.
+#: Such a band's key tiles default to the whole key length, so that each row block's span
+#: is one tile (on a 1024-key grid half the blocks' spans were cut in two: 6-8% slower);
+#: the loops size their buffers by the widest tile they visit (:func:`widest`).
 FAST_NARROW_BAND = 2 * FAST_BLOCK_Q
 
 #: A visited key tile: keys [j0, j1) and what it needs (FULL or PARTIAL).
@@ -112,6 +116,8 @@ class Plan:
         acc = accumulate_dtype(opts.dtype, accum_dtype)
         fast = fast_path(opts, acc)
         fast_q = _fast_block_q(opts) if fast else FAST_BLOCK_Q
+        # a narrow band's keys in one tile per row block (see FAST_NARROW_BAND)
+        wide_k = opts.sk if fast_q != FAST_BLOCK_Q else DEFAULT_BLOCK_K
         mods = opts.mods
         if mods is not None and (mods.block_mask is not None
                                  or (fast and mods.mask_mod is not None)):
@@ -119,12 +125,13 @@ class Plan:
             # fast loops: square FAST_BLOCK_Q tiles (measured at S = 4096 against 256 x 256
             # and 512 x 1024: the fastest for document and causal block masks, and for a
             # causal mask_mod alone, 0.9x the time of 512 x 1024); a narrow window's
-            # half-height rows (FAST_NARROW_BAND) over 1024-key tiles, which mod_tiles
-            # clips to its band: fewer tiles (window 512: 0.30x dense against 0.33-0.37x)
+            # half-height rows (FAST_NARROW_BAND) over tiles as wide as the keys, which
+            # mod_tiles clips to its band: one tile per row block (1024-key tiles, clipped,
+            # measured window 512 at 0.30x dense against 0.33-0.37x for square tiles)
             top_q, top_k = (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K // 4)
             if fast:
                 top_q = fast_q
-                top_k = FAST_BLOCK_Q if fast_q == FAST_BLOCK_Q else DEFAULT_BLOCK_K
+                top_k = FAST_BLOCK_Q if fast_q == FAST_BLOCK_Q else wide_k
             top_q, top_k = top_q // split, top_k // split
             bm = mods.block_mask
             block_q = block_q or (top_q if bm is None else _multiple(bm.block_q, top_q))
@@ -135,7 +142,7 @@ class Plan:
             q=q, k=k, v=v, opts=opts, acc=acc, fast=fast,
             bq=max(1, min(block_q or (fast_q if fast else DEFAULT_BLOCK_Q) // split,
                           opts.sq)),
-            bk=max(1, min(block_k or DEFAULT_BLOCK_K // split, opts.sk)),
+            bk=max(1, min(block_k or wide_k // split, opts.sk)),
         )
 
 
@@ -239,6 +246,12 @@ def schedule(spec: MaskSpec, b: int, block_q: int, block_k: int
             if kind is not TileKind.EMPTY:
                 tiles.append((j0, j1, kind))
         yield i0, i1, tiles
+
+
+def widest(blocks: list[Block]) -> int:
+    """The most keys of any tile of ``blocks`` (at least 1): what a unit's tile buffers
+    need, at most block_k (a narrow band's block_k is the whole key length)."""
+    return max((j1 - j0 for _, _, tiles in blocks for j0, j1, _ in tiles), default=1)
 
 
 def units(opts: AttentionOptions) -> list[tuple[int, int]]:

@@ -83,6 +83,7 @@ from flashmath.attention.schedule import (
     Block,
     Plan,
     Unit,
+    widest,
     work_units,
 )
 from flashmath.attention.threads import cores, run_units
@@ -303,15 +304,16 @@ def _forward_unit(plan: Plan, b: int, h: int, blocks: list[Block], k: np.ndarray
                   v: np.ndarray, out: np.ndarray, lse: np.ndarray) -> None:
     """Forward of the row blocks ``blocks`` of slice (b, h), whose keys and values are k, v
     (:func:`tp.kv`): out[b, h] and lse[b, h] for the rows that see any key."""
-    buf = np.empty((plan.bq, plan.bk), plan.acc)  # the score tile, reused
+    blocks = tp.visible_blocks(plan, b, h, blocks)
+    width = widest(blocks)
+    buf = np.empty((plan.bq, width), plan.acc)  # the score tile, reused
     # the fast loops' [k, -1] tile (see fast.online)
-    ka = fast.augmented(np.zeros((plan.bk, plan.opts.d), np.float32), -1.0) if plan.fast \
+    ka = fast.augmented(np.zeros((width, plan.opts.d), np.float32), -1.0) if plan.fast \
         else None
-    buf_t = buf.reshape(plan.bk, plan.bq)  # fast.online's transposed tiles
+    buf_t = buf.reshape(width, plan.bq)  # fast.online's transposed tiles
     lo_buf = tp.lo_buffer(plan) if ka is None else None
     sink = None if plan.opts.sinks is None or not plan.opts.all_keys else plan.opts.sinks[h]
     for i0, i1, tiles in blocks:
-        tiles = tp.mod_tiles(plan, b, h, i0, i1, tiles)
         if not tiles:  # nothing visible: out stays 0, lse -inf (the sink's, with a sink)
             if sink is not None:
                 lse[b, h, i0:i1] = sink

@@ -19,7 +19,7 @@ from flashmath import scratch
 from flashmath.attention.masks import TileKind
 from flashmath.attention.mods import and_kinds
 from flashmath.attention.options import AttentionOptions
-from flashmath.attention.schedule import Plan, Tile
+from flashmath.attention.schedule import Block, Plan, Tile
 from flashmath.rounding import cast
 from flashmath.softmax.rule import rescale, row_shift
 
@@ -39,6 +39,7 @@ __all__ = [
     "score_rows",
     "scores",
     "shift_scores",
+    "visible_blocks",
     "wide_float32",
 ]
 def wide_float32(plan: Plan) -> bool:
@@ -170,6 +171,12 @@ def mod_tiles(plan: Plan, b: int, h: int, i0: int, i1: int, tiles: list[Tile]) -
     return kept
 
 
+def visible_blocks(plan: Plan, b: int, h: int, blocks: list[Block]) -> list[Block]:
+    """``blocks`` of slice (b, h) with each block's tiles through :func:`mod_tiles`: what
+    the loops visit, and what their buffers are sized by (:func:`schedule.widest`)."""
+    return [(i0, i1, mod_tiles(plan, b, h, i0, i1, tiles)) for i0, i1, tiles in blocks]
+
+
 def scores(
     plan: Plan, b: int, h: int, qs: np.ndarray, k: np.ndarray, i0: int, i1: int,
     j0: int, j1: int, kind: TileKind, buf: np.ndarray, tanh_buf: np.ndarray | None = None,
@@ -221,22 +228,25 @@ def scores(
 
 
 def mask_tile(plan: Plan, b: int, h: int, s: np.ndarray, i0: int, j0: int, kind: TileKind,
-              dmod: np.ndarray | None = None, transposed: bool = False) -> None:
-    """The score_mod (and its derivative into dmod), then -inf where the mask_mod or the
-    built-in mask hides a pair of a PARTIAL tile, in place on the (ni, nj) tile s of rows
-    i0.. and keys j0.. (FULL tiles build no mask). transposed: s is the (nj, ni) tile
+              dmod: np.ndarray | None = None, transposed: bool = False,
+              fill: float = -np.inf) -> None:
+    """The score_mod (and its derivative into dmod), then ``fill`` (-inf) where the mask_mod
+    or the built-in mask hides a pair of a PARTIAL tile, in place on the (ni, nj) tile s of
+    rows i0.. and keys j0.. (FULL tiles build no mask). transposed: s is the (nj, ni) tile
     (keys first, row-major, as the fast loops hold it); the built-in mask is then written
-    in that order (into the transposed view it took 12% of a causal forward)."""
+    in that order (into the transposed view it took 12% of a causal forward). ``fill=0``
+    masks a tile of probabilities, after exp (the fast loops, which have no score_mod)."""
     opts = plan.opts
     rows = s.T if transposed else s  # (ni, nj)
     i1, j1 = i0 + rows.shape[0], j0 + rows.shape[1]
     if opts.mods is not None:
-        opts.mods.apply(rows, b, h, i0 + opts.q_offset, j0 + opts.k_offset, kind, dmod)
+        opts.mods.apply(rows, b, h, i0 + opts.q_offset, j0 + opts.k_offset, kind, dmod,
+                        fill=fill)
     if kind is TileKind.PARTIAL:
         for c0, c1 in opts.spec.masked_columns(b, i0, i1, j0, j1):
             hidden = opts.spec.hidden(b, h, i0, i1, c0, c1, transposed)
             np.copyto(s[c0 - j0 : c1 - j0] if transposed else s[:, c0 - j0 : c1 - j0],
-                      -np.inf, where=hidden)
+                      fill, where=hidden)
 
 
 
