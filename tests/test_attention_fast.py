@@ -248,7 +248,6 @@ def test_nan_policy(forced: None) -> None:
     assert np.isfinite(out[0, 0][~bad]).all()
 
 
-
 def test_a_huge_hidden_score_is_zeroed_after_exp(forced: None) -> None:
     """A key whose scores overflow exp (inf after exp2) is hidden from rows 64-69 inside a
     PARTIAL tile: those rows are as if it were absent, forward and backward."""

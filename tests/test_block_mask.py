@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashmath.attention import modlib
+from flashmath.attention import tiles as tp
 from flashmath.attention.blockmask import BlockMask, create_block_mask
 from flashmath.attention.masks import MaskSpec, TileKind
 from flashmath.attention.mods import Mods, mask_tile
@@ -300,8 +301,6 @@ def test_narrow_windows_take_half_height_fast_tiles(monkeypatch: pytest.MonkeyPa
     bm = create_block_mask(win, None, None, s, s)
     plan = schedule.Plan.build(q, q, q, block_mask=bm)  # one key tile per row block's span
     assert (plan.bq, plan.bk) == (half, s)
-    from flashmath.attention import tiles as tp
-
     blocks = tp.visible_blocks(plan, 0, 0, list(schedule.schedule(plan.opts.spec, 0,
                                                                   plan.bq, plan.bk)))
     assert all(len(tiles) == 1 for _, _, tiles in blocks)
