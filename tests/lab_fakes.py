@@ -9,6 +9,8 @@ only such modules): one module, its behaviour chosen by the experiment's name.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -34,3 +36,23 @@ def run(ctx: Context) -> Result:
                             "elapsed_s": time.perf_counter()}],
                   summary={"headline": f"{ctx.name} measured {ctx.seed}"},
                   figures={"line": fig}, readme=f"# {ctx.name}\n\nIt measured things.\n")
+
+
+#: Put first in a child lab script: SIGUSR1 then dumps every thread's stack to stderr.
+DUMPABLE = "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+
+
+def interrupt(proc: subprocess.Popen[str], timeout: float = 60.0) -> str:
+    """Ctrl-C (SIGINT) to the child lab ``proc``; its stderr once it has exited. A child
+    still running ``timeout`` s later fails the test with its threads' stacks (its script
+    began with :data:`DUMPABLE`) and is killed, so that no child outlives its test."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        proc.kill()
+        err = proc.communicate()[1]
+        message = f"still running {timeout:.0f} s after SIGINT; stderr:\n{err}"
+        raise AssertionError(message) from None

@@ -11,7 +11,6 @@ import errno
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -121,7 +120,7 @@ def test_a_full_disk_in_the_helper_ends_the_run_like_one_here(
     assert info.value.errno == errno.ENOSPC
 
 
-SIGINT_SCRIPT = """
+SIGINT_SCRIPT = lab_fakes.DUMPABLE + """
 import sys
 from flashmath import cli
 from flashmath.lab import registry
@@ -145,8 +144,7 @@ def test_ctrl_c_stops_the_helper_and_keeps_what_finished(tmp_path: Path) -> None
     while time.monotonic() < deadline and len(list(pids.glob("*.pid"))) < 2:
         time.sleep(0.05)  # both sleepers are running: one in the helper, one here
     assert len(list(pids.glob("*.pid"))) == 2
-    proc.send_signal(signal.SIGINT)
-    _out, err = proc.communicate(timeout=60)
+    err = lab_fakes.interrupt(proc)
     assert proc.returncode == 130, err
     (run_dir,) = out.iterdir()
     m = json.loads((run_dir / "manifest.json").read_text())

@@ -21,6 +21,7 @@ import pytest
 from flashmath import cli
 from flashmath.lab import experiment, plotting, registry, runner
 from flashmath.lab.experiment import Context, Result, Skipped, strip_volatile
+from tests import lab_fakes
 
 # --------------------------------------------------------------------------- fakes
 
@@ -197,7 +198,7 @@ def test_ctrl_c_keeps_finished_and_marks_the_rest(
     assert "interrupted" in capsys.readouterr().err
 
 
-SIGINT_SCRIPT = """
+SIGINT_SCRIPT = lab_fakes.DUMPABLE + """
 import sys, time, types
 from flashmath import cli
 from flashmath.lab import registry
@@ -220,8 +221,6 @@ sys.exit(cli.main(["lab", "--out", sys.argv[1], "--no-progress"]))
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_real_sigint_exits_130_and_keeps_what_finished(tmp_path: Path) -> None:
-    import signal
-
     proc = subprocess.Popen([sys.executable, "-c", SIGINT_SCRIPT, str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -230,8 +229,7 @@ def test_a_real_sigint_exits_130_and_keeps_what_finished(tmp_path: Path) -> None
         if manifests and read(manifests[0])["experiments"][1]["status"] == "running":
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _out, err = proc.communicate(timeout=60)
+    err = lab_fakes.interrupt(proc)
     assert proc.returncode == 130, err
     m = read(only_run(tmp_path) / "manifest.json")
     assert m["status"] == "interrupted"
