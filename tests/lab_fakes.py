@@ -38,8 +38,16 @@ def run(ctx: Context) -> Result:
                   figures={"line": fig}, readme=f"# {ctx.name}\n\nIt measured things.\n")
 
 
-#: Put first in a child lab script: SIGUSR1 then dumps every thread's stack to stderr.
-DUMPABLE = "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+#: Put first in a child lab script: Ctrl-C raises KeyboardInterrupt there as in a terminal
+#: (a child inherits an ignored or blocked SIGINT: under concurrent load the suite's
+#: children sometimes ran 60 s past SIGINT, in the middle of their experiment, as if
+#: never sent), and SIGUSR1 dumps every thread's stack to stderr.
+DUMPABLE = (
+    "import faulthandler, signal\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])\n"
+    "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+)
 
 
 def interrupt(proc: subprocess.Popen[str], timeout: float = 60.0) -> str:
