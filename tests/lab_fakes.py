@@ -42,7 +42,7 @@ def run(ctx: Context) -> Result:
 #: (a child inherits an ignored or blocked SIGINT: under concurrent load the suite's
 #: children sometimes ran 60 s past SIGINT, in the middle of their experiment, as if
 #: never sent), and SIGUSR1 dumps every thread's stack to stderr.
-DUMPABLE = (
+CTRL_C_PRELUDE = (
     "import faulthandler, signal\n"
     "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])\n"
@@ -53,7 +53,7 @@ DUMPABLE = (
 def interrupt(proc: subprocess.Popen[str], timeout: float = 60.0) -> str:
     """Ctrl-C (SIGINT) to the child lab ``proc``; its stderr once it has exited. A child
     still running ``timeout`` s later fails the test with its threads' stacks (its script
-    began with :data:`DUMPABLE`) and is killed, so that no child outlives its test."""
+    began with :data:`CTRL_C_PRELUDE`) and is killed, so that no child outlives its test."""
     proc.send_signal(signal.SIGINT)
     try:
         return proc.communicate(timeout=timeout)[1]

@@ -120,7 +120,7 @@ def test_a_full_disk_in_the_helper_ends_the_run_like_one_here(
     assert info.value.errno == errno.ENOSPC
 
 
-SIGINT_SCRIPT = lab_fakes.DUMPABLE + """
+SIGINT_SCRIPT = lab_fakes.CTRL_C_PRELUDE + """
 import sys
 from flashmath import cli
 from flashmath.lab import registry

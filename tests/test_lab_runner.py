@@ -198,7 +198,7 @@ def test_ctrl_c_keeps_finished_and_marks_the_rest(
     assert "interrupted" in capsys.readouterr().err
 
 
-SIGINT_SCRIPT = lab_fakes.DUMPABLE + """
+SIGINT_SCRIPT = lab_fakes.CTRL_C_PRELUDE + """
 import sys, time, types
 from flashmath import cli
 from flashmath.lab import registry

@@ -19,23 +19,15 @@ import pytest
 
 import flashmath as fm
 from flashmath.dtypes import as_dtype
-from tests.attention_fuzz import torch_baseline
+from tests.attention_fuzz import _err, torch_baseline
 from tests.test_decode_cache import _page
+from tests.test_varlen import _unpad
 
 pytest.importorskip("torch")
 
 #: flash-attention's (seqlen_q, seqlen_k) pairs, the entries under 300 keys.
 SEQLENS = [(1, 147), (113, 203), (108, 256)]
 HEADS = {"mha": 9, "gqa": 3, "mqa": 1}
-
-
-def _max_err(x: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.max(np.abs(np.asarray(x, np.float64) - ref), initial=0.0))
-
-
-def _packed(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """(B, H, S, D) padded -> (total, H, D) packed, the valid rows of each entry."""
-    return np.concatenate([x[i, :, :n].transpose(1, 0, 2) for i, n in enumerate(lengths)])
 
 
 def _cu(lengths: np.ndarray) -> np.ndarray:
@@ -63,7 +55,7 @@ def test_flash_attn_varlen_output(dtype, mha_type, causal, local):
             left, right = (int(x) for x in rng.integers(0, sk, 2))
             opts["window"] = (left, 0 if causal else right)
         cu_q, cu_k = _cu(lq), _cu(lk)
-        pq, pk, pv, pdo = (_packed(x, n_) for x, n_ in ((q, lq), (k, lk), (v, lk), (do, lq)))
+        pq, pk, pv, pdo = (_unpad(x, cu) for x, cu in ((q, cu_q), (k, cu_k), (v, cu_k), (do, cu_q)))
         out, lse = fm.flash_attention_varlen(pq, pk, pv, cu_q, cu_k, return_lse=True, **opts)
         grads = fm.flash_attention_varlen_backward(pdo, pq, pk, pv, out, lse, cu_q, cu_k,
                                                    **opts)
@@ -73,10 +65,10 @@ def test_flash_attn_varlen_output(dtype, mha_type, causal, local):
         pt = torch_baseline(q, k, v, do, **lengths, **opts)
         mine = (out, *grads)
         oracle = (ref, *ref_g)
-        for name, x, want, base, ls in zip(("out", "dq", "dk", "dv"), mine, oracle, pt,
-                                           (lq, lq, lk, lk), strict=True):
-            want_p, base_p = _packed(want, ls), _packed(base, ls)
-            err, base_err = _max_err(x, want_p), _max_err(base_p, want_p)
+        for name, x, want, base, cu in zip(("out", "dq", "dk", "dv"), mine, oracle, pt,
+                                           (cu_q, cu_q, cu_k, cu_k), strict=True):
+            want_p, base_p = _unpad(want, cu), _unpad(base, cu)
+            err, base_err = _err(x, want_p), _err(base_p, want_p)
             assert err <= 2 * base_err + 1e-6, (name, sq, sk, d, err, base_err)
 
 
@@ -88,8 +80,8 @@ def test_flash_attn_kvcache(dtype, mha_type, paged, new_kv):
     """test_flash_attn_kvcache: random cache_seqlens, optionally new keys appended at each
     sequence's length (seqlen_new = seqlen_q), causal and local, contiguous or paged
     (page_block_size 256, flash-attention's, in shuffled pages; FlashInfer's case below
-    takes 1, 8 and 16); out within 2x the PyTorch-style error,
-    and the cache after the append equal to the keys written at those positions."""
+    takes 1, 8 and 16); out within 2x the PyTorch-style error, and the cache after the
+    append equal to the keys written at those positions."""
     dt = as_dtype(dtype)
     for n, (sq, sk, causal, local) in enumerate([(1, 128, False, False), (1, 339, True, False),
                                                  (3, 799, True, True), (64, 256, True, False),
@@ -121,7 +113,7 @@ def test_flash_attn_kvcache(dtype, mha_type, paged, new_kv):
         total = lengths + s_new
         ref = fm.attention_reference(q, dense_k, dense_v, kv_lengths=total, **opts)
         base = torch_baseline(q, dense_k, dense_v, q, kv_lengths=total, **opts)[0]
-        err, base_err = _max_err(out, ref), _max_err(base, ref)
+        err, base_err = _err(out, ref), _err(base, ref)
         assert err <= 2 * base_err + 1e-6, (sq, sk, d, err, base_err)
         if new_kv:  # the append landed where each sequence's keys end
             got_k = caches[0] if table is None else _unpage(caches[0], table, sk)
